@@ -1,0 +1,158 @@
+"""The training-job spec: what a user POSTs, what the worker trains, what a checkpoint records.
+
+Pure Pydantic (no torch, no SQL) so the API validates it and the ML core consumes it. Every
+field has a default, so ``{}`` is a valid spec: the ``tiny`` U-Net on the ``digits`` data set.
+Presets fill the model fields a user leaves out; the resolved spec (every field concrete) is
+what the API returns and what each checkpoint carries in its metadata.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DatasetKind = Literal["digits", "folder"]
+ModelPreset = Literal["tiny", "ddpm-cifar10", "custom"]
+BetaSchedule = Literal["linear", "cosine"]
+Prediction = Literal["x0", "eps", "v"]
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelt field is an error, not a silently ignored default.
+    # strict=True: "10" is not an int. allow_inf_nan=False: NaN/inf are refused.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class DatasetSpec(_Section):
+    kind: DatasetKind = Field("digits", description="`digits` (8x8 scikit-learn digits, offline) or `folder`.")
+    path: str | None = Field(
+        None, max_length=4096, description="`folder` only: a directory of PNG/JPEG images on the worker."
+    )
+    image_size: int = Field(
+        16, ge=4, le=1024, description="Images are resized (shorter side) and centre-cropped to this square size."
+    )
+    channels: Literal[1, 3] = Field(1, description="1 (grayscale) or 3 (RGB).")
+
+    @model_validator(mode="after")
+    def _path_matches_kind(self) -> DatasetSpec:
+        if self.kind == "folder" and not self.path:
+            raise ValueError("dataset.path is required when dataset.kind is 'folder'")
+        if self.kind == "digits" and self.path is not None:
+            raise ValueError("dataset.path is only valid when dataset.kind is 'folder'")
+        return self
+
+
+class ModelSpec(_Section):
+    """diffusers ``UNet2DModel`` hyperparameters; fields left out come from ``preset``."""
+
+    preset: ModelPreset = Field(
+        "tiny",
+        description="`tiny` (CPU demos), `ddpm-cifar10` (Ho et al. 2020, 35.7M params) or `custom`.",
+    )
+    channels: list[int] | None = Field(
+        None, min_length=1, max_length=6, description="Output channels per U-Net level (block_out_channels)."
+    )
+    layers_per_block: int | None = Field(None, ge=1, le=8, description="Residual blocks per level.")
+    attention_resolutions: list[int] | None = Field(
+        None, max_length=6, description="Feature-map sizes (pixels) whose levels use self-attention."
+    )
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="Dropout in the residual blocks.")
+    norm_groups: int | None = Field(None, ge=1, le=64, description="GroupNorm groups; divides every level's channels.")
+
+    @model_validator(mode="after")
+    def _fill_from_preset(self) -> ModelSpec:
+        if self.preset == "custom" and self.channels is None:
+            raise ValueError("model.channels is required when model.preset is 'custom'")
+        base = MODEL_PRESETS["tiny" if self.preset == "custom" else self.preset]
+        for name, value in base.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        for c in self.channels or ():
+            if not 1 <= c <= 4096:
+                raise ValueError(f"model.channels: each entry must be in 1..4096, got {c}")
+            if c % self.norm_groups:
+                raise ValueError(f"model.channels: {c} is not divisible by model.norm_groups={self.norm_groups}")
+        return self
+
+
+# The values each preset resolves to. `ddpm-cifar10` is the Ho et al. 2020 CIFAR-10 network
+# (channels 128, multipliers 1,2,2,2, 2 res blocks, attention at 16x16, dropout 0.1).
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "channels": [32, 64],
+        "layers_per_block": 1,
+        "attention_resolutions": [],
+        "dropout": 0.0,
+        "norm_groups": 8,
+    },
+    "ddpm-cifar10": {
+        "channels": [128, 256, 256, 256],
+        "layers_per_block": 2,
+        "attention_resolutions": [16],
+        "dropout": 0.1,
+        "norm_groups": 32,
+    },
+}
+
+
+class DiffusionSpec(_Section):
+    timesteps: int = Field(1000, ge=2, le=100_000, description="T, the length of the forward chain.")
+    beta_schedule: BetaSchedule = Field(
+        "linear", description="`linear` (Ho et al. 2020) or `cosine` (Nichol & Dhariwal 2021)."
+    )
+    beta_start: float = Field(1e-4, gt=0.0, lt=1.0, description="First beta of the linear schedule.")
+    beta_end: float = Field(0.02, gt=0.0, lt=1.0, description="Last beta of the linear schedule.")
+    prediction: Prediction = Field("x0", description="What the U-Net predicts: `x0` (clean image), `eps` or `v`.")
+
+    @model_validator(mode="after")
+    def _betas_increase(self) -> DiffusionSpec:
+        if self.beta_end <= self.beta_start:
+            raise ValueError(
+                f"diffusion.beta_end ({self.beta_end}) must be greater than diffusion.beta_start ({self.beta_start})"
+            )
+        return self
+
+
+class TrainingSpec(_Section):
+    steps: int = Field(2000, ge=1, le=10_000_000, description="Optimizer steps to train for.")
+    batch_size: int = Field(64, ge=1, le=4096, description="Images per step.")
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="AdamW peak learning rate.")
+    warmup_steps: int = Field(100, ge=0, le=10_000_000, description="Linear warm-up from 0 to learning_rate.")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW decoupled weight decay.")
+    grad_clip: float = Field(1.0, gt=0.0, le=1e6, description="Maximum global gradient norm.")
+    ema_decay: float = Field(
+        0.999, ge=0.0, lt=1.0, description="EMA decay of the served weights (warmed up over early steps)."
+    )
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Seeds weights, batches, timesteps and noise.")
+    log_every: int = Field(10, ge=1, le=1_000_000, description="Steps between metric points (mean loss).")
+    checkpoint_every: int = Field(
+        500, ge=1, le=10_000_000, description="Steps between checkpoints; the last step always saves one."
+    )
+    keep_checkpoints: int = Field(3, ge=1, le=1000, description="How many of the newest checkpoints to keep.")
+
+
+class JobSpec(_Section):
+    name: str | None = Field(None, max_length=200, description="A label for people; not unique.")
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+
+    @model_validator(mode="after")
+    def _image_fits_network(self) -> JobSpec:
+        assert self.model.channels is not None  # filled from the preset
+        halvings = len(self.model.channels) - 1
+        if self.dataset.image_size % (2**halvings):
+            raise ValueError(
+                f"dataset.image_size ({self.dataset.image_size}) must be divisible by {2**halvings}: "
+                f"model.channels has {halvings + 1} levels and each level after the first halves the image"
+            )
+        levels = [self.dataset.image_size // 2**i for i in range(halvings + 1)]
+        for r in self.model.attention_resolutions or ():
+            if r not in levels:
+                raise ValueError(
+                    f"model.attention_resolutions: {r} is not the size of any level "
+                    f"(the levels are {levels} pixels for dataset.image_size={self.dataset.image_size})"
+                )
+        return self
