@@ -1,0 +1,52 @@
+"""Checkpoint listing and downloads. Files are found by job and step in the database, never by
+a path from the request; downloads carry the sha256 as ETag and honour Range."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import FileResponse
+
+from app.checkpoints.repository import CheckpointRepository
+from app.checkpoints.schemas import CheckpointOut
+from app.checkpoints.store import CheckpointFileError, CheckpointStore
+from app.deps import SessionDep
+from app.jobs import service
+from app.models import Checkpoint
+
+router = APIRouter(prefix="/v1/jobs", tags=["checkpoints"])
+
+
+@router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut])
+def list_checkpoints(job_id: uuid.UUID, session: SessionDep) -> list[CheckpointOut]:
+    service.get_job(session, job_id)
+    return [CheckpointOut.model_validate(c) for c in CheckpointRepository(session).list(job_id)]
+
+
+def _download(request: Request, job_id: uuid.UUID, checkpoint: Checkpoint | None, what: str) -> FileResponse:
+    if checkpoint is None:
+        raise HTTPException(404, detail=f"job {job_id} has no {what}")
+    store: CheckpointStore = request.app.state.checkpoint_store
+    try:
+        path = store.verified_path(checkpoint.path, checkpoint.size_bytes, checkpoint.sha256)
+    except CheckpointFileError as exc:
+        raise HTTPException(410, detail=str(exc)) from exc
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"{job_id}-step-{checkpoint.step:08d}.safetensors",
+        headers={"ETag": f'"{checkpoint.sha256}"', "X-Checksum-SHA256": checkpoint.sha256},
+    )
+
+
+@router.get("/{job_id}/checkpoints/latest", response_class=FileResponse)
+def download_latest(job_id: uuid.UUID, request: Request, session: SessionDep) -> FileResponse:
+    service.get_job(session, job_id)
+    return _download(request, job_id, CheckpointRepository(session).latest(job_id), "checkpoint yet")
+
+
+@router.get("/{job_id}/checkpoints/{step}", response_class=FileResponse)
+def download_step(job_id: uuid.UUID, step: int, request: Request, session: SessionDep) -> FileResponse:
+    service.get_job(session, job_id)
+    return _download(request, job_id, CheckpointRepository(session).get(job_id, step), f"checkpoint at step {step}")

@@ -1,0 +1,128 @@
+"""Every query on the jobs table. Nothing here commits: the caller's unit of work does."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.models import Job, JobStatus, MetricPoint, utcnow
+
+
+class InvalidCursor(ValueError):
+    pass
+
+
+def encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), str(job.id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, job_id = json.loads(raw)
+        return datetime.fromisoformat(created), uuid.UUID(job_id)
+    except (ValueError, TypeError) as exc:
+        raise InvalidCursor("cursor is not one this API returned") from exc
+
+
+class JobRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    # --- the API's side -------------------------------------------------------------------
+    def add(self, job: Job) -> Job:
+        self.session.add(job)
+        self.session.flush()
+        return job
+
+    def get(self, job_id: uuid.UUID, *, for_update: bool = False) -> Job | None:
+        stmt = select(Job).where(Job.id == job_id)
+        if for_update:
+            stmt = stmt.with_for_update()
+        return self.session.scalars(stmt).one_or_none()
+
+    def list_page(self, *, limit: int, status: JobStatus | None, cursor: str | None) -> tuple[list[Job], str | None]:
+        """Newest first; the cursor is the last job of the previous page."""
+        stmt = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+        if status is not None:
+            stmt = stmt.where(Job.status == status)
+        if cursor is not None:
+            created, job_id = decode_cursor(cursor)
+            stmt = stmt.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
+        jobs = list(self.session.scalars(stmt))
+        if len(jobs) > limit:
+            return jobs[:limit], encode_cursor(jobs[limit - 1])
+        return jobs, None
+
+    def mark_dispatched(self, job_id: uuid.UUID) -> None:
+        self.session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
+
+    def queued_needing_dispatch(self, older_than: datetime, limit: int = 100) -> list[uuid.UUID]:
+        """Queued jobs never sent, or sent long ago and still not claimed (message lost)."""
+        stmt = (
+            select(Job.id)
+            .where(Job.status == JobStatus.queued)
+            .where(or_(Job.dispatched_at.is_(None), Job.dispatched_at < older_than))
+            .where(Job.created_at < older_than)
+            .order_by(Job.created_at)
+            .limit(limit)
+        )
+        return list(self.session.scalars(stmt))
+
+    # --- the worker's side: every write is fenced by the attempt number -------------------
+    def claim(self, job_id: uuid.UUID, worker: str) -> int | None:
+        """queued -> running with a new attempt number; None if the job is not queued.
+
+        A conditional update, so two deliveries of one task cannot both win.
+        """
+        now = utcnow()
+        result = self.session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.queued)
+            .values(
+                status=JobStatus.running,
+                attempt=Job.attempt + 1,
+                worker=worker,
+                heartbeat_at=now,
+                started_at=now,
+                error=None,
+            )
+            .returning(Job.attempt)
+        )
+        return result.scalar_one_or_none()
+
+    def fenced_update(self, job_id: uuid.UUID, attempt: int, **values: Any) -> bool:
+        """Write to a running job only while `attempt` is current; False when fenced off."""
+        result = self.session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.running)
+            .values(**values)
+        )
+        return result.rowcount == 1
+
+    def is_cancel_requested(self, job_id: uuid.UUID) -> bool:
+        return bool(self.session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+    def add_metric_points(self, points: list[MetricPoint]) -> None:
+        self.session.add_all(points)
+
+    def drop_metrics_after(self, job_id: uuid.UUID, step: int) -> None:
+        """A resumed attempt re-does the steps after its checkpoint: drop their old points."""
+        self.session.execute(delete(MetricPoint).where(MetricPoint.job_id == job_id, MetricPoint.step > step))
+
+    def requeue_expired(self, expired_before: datetime) -> list[uuid.UUID]:
+        """running jobs whose lease ran out -> queued (a new attempt will resume them)."""
+        result = self.session.execute(
+            update(Job)
+            .where(Job.status == JobStatus.running, Job.heartbeat_at < expired_before)
+            .values(status=JobStatus.queued, dispatched_at=None, worker=None)
+            .returning(Job.id)
+        )
+        return list(result.scalars())

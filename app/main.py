@@ -1,0 +1,60 @@
+"""create_app: the FastAPI application. Never imports torch, diffusers or the worker."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from app import health
+from app.checkpoints import endpoints as checkpoint_endpoints
+from app.checkpoints.store import CheckpointStore
+from app.config import Settings, get_settings
+from app.db import make_engine, make_sessionmaker
+from app.jobs import endpoints as job_endpoints
+from app.jobs.service import InvalidTransition, JobNotFound
+from app.metrics import endpoints as metric_endpoints
+from app.queue import Dispatcher
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="ddpm-jobs",
+        version="0.1.0",
+        summary="Train denoising diffusion models (DDPM) on request.",
+    )
+    engine = make_engine(settings)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = make_sessionmaker(engine)
+    app.state.dispatcher = Dispatcher(settings)
+    app.state.checkpoint_store = CheckpointStore(settings.checkpoint_root)
+
+    app.include_router(health.router)
+    app.include_router(job_endpoints.router)
+    app.include_router(metric_endpoints.router)
+    app.include_router(checkpoint_endpoints.router)
+
+    @app.exception_handler(JobNotFound)
+    def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(InvalidTransition)
+    def _conflict(_: Request, exc: InvalidTransition) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(DBAPIError)
+    def _database_down(_: Request, exc: DBAPIError) -> JSONResponse:
+        # A connection-level failure is the database being away, not the client's fault.
+        if isinstance(exc, OperationalError) or exc.connection_invalidated:
+            log.warning("database unavailable: %s", exc.orig)
+            return JSONResponse({"detail": "database unavailable; retry shortly"}, status_code=503)
+        raise exc
+
+    return app

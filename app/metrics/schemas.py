@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict
+
+
+class MetricPointOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    step: int
+    loss: float
+    lr: float
+    images_per_s: float
+    created_at: datetime
+
+
+class MetricPage(BaseModel):
+    items: list[MetricPointOut]
+    # Pass as `after_step` to get the next page; None when this page reached the end.
+    next_after_step: int | None

@@ -1,0 +1,67 @@
+"""The Celery configuration both sides share, and the API's way of sending work.
+
+The API sends tasks by name with the job id only (invariant 2); it never imports the worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from app.config import Settings
+
+TRAIN_TASK = "jobs.train"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "broker_url": settings.broker_url,
+        "task_default_queue": settings.queue,
+        "task_ignore_result": True,  # the database holds every result
+        # Acknowledge after the task returns: a worker that dies mid-job leaves its message for
+        # another. A re-delivery of a job that is running or finished does nothing (the claim
+        # in worker/runner.py is conditional), so Celery may deliver more than once.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "broker_transport_options": {},
+    }
+    if settings.broker_url.startswith("filesystem://"):
+        folder = settings.broker_folder
+        (folder / "processed").mkdir(parents=True, exist_ok=True)
+        config["broker_transport_options"] = {
+            "data_folder_in": str(folder),
+            "data_folder_out": str(folder),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    else:
+        # Fail fast in the API when the broker is down instead of retrying for minutes.
+        config["broker_transport_options"] = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2}
+        config["broker_connection_timeout"] = 3
+    return config
+
+
+def make_celery(settings: Settings) -> Celery:
+    celery = Celery("ddpm-jobs")
+    celery.config_from_object(celery_config(settings))
+    return celery
+
+
+class Dispatcher:
+    """Sends training tasks to the broker for jobs that are already committed."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._celery = make_celery(settings)
+
+    def send_train(self, job_id: str) -> None:
+        """Raises an error from kombu/redis when the broker is unreachable."""
+        self._celery.send_task(TRAIN_TASK, args=[job_id], queue=self._settings.queue, retry=False)
+
+    def ping(self) -> None:
+        with self._celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=3)
