@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -19,6 +23,17 @@ from app.metrics import endpoints as metric_endpoints
 from app.queue import Dispatcher
 
 log = logging.getLogger(__name__)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinity are not JSON: echo them back to the client as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -39,6 +54,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(job_endpoints.router)
     app.include_router(metric_endpoints.router)
     app.include_router(checkpoint_endpoints.router)
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
     @app.exception_handler(JobNotFound)
     def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:

@@ -1,0 +1,85 @@
+"""Shared fixtures: a fresh PostgreSQL database per test session (built with `alembic upgrade
+head`, so every run tests the migrations), the real Redis, and a unique Celery queue so runs on
+one machine never consume each other's tasks. Everything started here is stopped here."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from sqlalchemy import text
+
+from app.config import Settings
+from app.db import make_engine, upgrade_database
+
+PG_ADMIN_URL = os.environ.get("DDPM_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("DDPM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    name = f"ddpm_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    yield f"{base}/{name}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    redis.Redis.from_url(REDIS_URL).ping()
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def service_settings(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    data = tmp_path_factory.mktemp("ddpm-data")
+    settings = Settings(
+        database_url=pg_url,
+        broker_url=redis_url,
+        queue=f"ddpm-test-{uuid.uuid4().hex[:8]}",
+        data_dir=data,
+        checkpoint_dir=data / "checkpoints",
+        heartbeat_interval_s=1.0,
+        lease_timeout_s=30.0,
+        resend_after_s=5.0,
+    )
+    upgrade_database(settings)
+    return settings
+
+
+@pytest.fixture
+def clean_db(service_settings: Settings) -> Iterator[Settings]:
+    engine = make_engine(service_settings)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE jobs, metric_points, checkpoints CASCADE"))
+    engine.dispose()
+    yield service_settings
+
+
+@pytest.fixture
+def settings_env(service_settings: Settings) -> dict[str, str]:
+    """The environment a subprocess (API, worker) needs to join this test's service."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DDPM_")}
+    env.update(
+        DDPM_DATABASE_URL=service_settings.database_url,
+        DDPM_BROKER_URL=service_settings.broker_url,
+        DDPM_QUEUE=service_settings.queue,
+        DDPM_DATA_DIR=str(service_settings.data_dir),
+        DDPM_CHECKPOINT_DIR=str(service_settings.checkpoint_root),
+        DDPM_HEARTBEAT_INTERVAL_S="1",
+        DDPM_LEASE_TIMEOUT_S="30",
+        DDPM_RESEND_AFTER_S="5",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+ARTIFACTS = Path(os.environ.get("DDPM_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))

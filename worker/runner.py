@@ -1,0 +1,265 @@
+"""The runner ties one job's database row to the ML core's training loop.
+
+run(job_id):
+  claim the row (queued -> running, attempt + 1; a conditional update, so one runner wins)
+  -> resume from the latest committed checkpoint, if any
+  -> train, with a sink that writes metric points, checkpoint rows and heartbeats, each fenced
+     by the attempt number (a newer attempt stops this one without another write)
+  -> final status: succeeded, cancelled (cancel requested) or failed (with the reason).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.checkpoints.repository import CheckpointRepository
+from app.checkpoints.store import CheckpointStore
+from app.config import Settings, get_settings
+from app.db import make_engine, make_sessionmaker, session_scope
+from app.jobs.repository import JobRepository
+from app.models import Checkpoint, JobStatus, MetricPoint, utcnow
+from app.spec import JobSpec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Fenced(Exception):
+    """A newer attempt owns the job: this runner must stop and write nothing more."""
+
+
+@dataclass
+class _Lease:
+    """Shared between the training thread and the heartbeat thread."""
+
+    renewed_at: float = field(default_factory=time.monotonic)
+    fenced: bool = False
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+class DatabaseSink:
+    """The ML core's TrainingSink, writing under one attempt number."""
+
+    def __init__(self, runner: JobRunner, job_id: uuid.UUID, attempt: int, lease: _Lease, keep: int) -> None:
+        self.runner = runner
+        self.job_id = job_id
+        self.attempt = attempt
+        self.lease = lease
+        self.keep = keep
+        self.cancel_requested = False
+        # Points not yet written (the database was briefly away); written with the next batch.
+        self._pending: list = []
+
+    def _check_lease(self) -> None:
+        from worker.ddpm.trainer import StopTraining
+
+        if self.lease.fenced:
+            raise StopTraining("a newer attempt owns this job")
+        if time.monotonic() - self.lease.renewed_at > self.runner.settings.lease_timeout_s * 0.8:
+            # Stop before the lease expires rather than train on unrecorded.
+            raise StopTraining("could not renew the lease")
+
+    def on_log(self, point) -> None:  # point: worker.ddpm.trainer.MetricPoint
+        from worker.ddpm.trainer import StopTraining
+
+        self._pending.append(point)
+        try:
+            with session_scope(self.runner.sessionmaker) as session:
+                repo = JobRepository(session)
+                if not repo.fenced_update(
+                    self.job_id, self.attempt, step=point.step, loss=point.loss, heartbeat_at=utcnow()
+                ):
+                    self.lease.fenced = True
+                    raise StopTraining("a newer attempt owns this job")
+                repo.add_metric_points(
+                    [
+                        MetricPoint(job_id=self.job_id, step=p.step, loss=p.loss, lr=p.lr, images_per_s=p.images_per_s)
+                        for p in self._pending
+                    ]
+                )
+                self.cancel_requested = repo.is_cancel_requested(self.job_id)
+            self._pending = []
+            self.lease.renewed_at = time.monotonic()
+        except DBAPIError as exc:
+            # Kept in _pending and written with the next point; if the database stays away,
+            # _check_lease stops training before the lease runs out.
+            log.warning("job %s: metrics at step %d not written yet (%s)", self.job_id, point.step, exc.orig)
+        if self.cancel_requested:
+            raise StopTraining("cancel requested")
+        self._check_lease()
+
+    def on_checkpoint(self, saved) -> None:  # saved: worker.ddpm.trainer.SavedCheckpoint
+        from worker.ddpm.trainer import StopTraining
+
+        store = self.runner.store
+        with session_scope(self.runner.sessionmaker) as session:
+            # The fenced update takes the row lock, so a concurrent claim cannot slip between
+            # the check and the insert; the committed row is the checkpoint's commit point.
+            if not JobRepository(session).fenced_update(self.job_id, self.attempt, heartbeat_at=utcnow()):
+                self.lease.fenced = True
+                raise StopTraining("a newer attempt owns this job")
+            repo = CheckpointRepository(session)
+            repo.add(
+                Checkpoint(
+                    job_id=self.job_id,
+                    step=saved.step,
+                    path=store.relative(saved.path),
+                    size_bytes=saved.size_bytes,
+                    sha256=saved.sha256,
+                    state_path=store.relative(saved.state_path),
+                )
+            )
+            session.flush()
+            removed = repo.remove_older_than_newest(self.job_id, self.keep)
+        # Files go only after their rows are gone (committed above).
+        for old in removed:
+            store.delete(old.path)
+            store.delete(old.state_path)
+        self.lease.renewed_at = time.monotonic()
+
+
+class JobRunner:
+    def __init__(self, settings: Settings, factory: sessionmaker[Session] | None = None) -> None:
+        self.settings = settings
+        self.sessionmaker = factory or make_sessionmaker(make_engine(settings))
+        self.store = CheckpointStore(settings.checkpoint_root)
+        self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
+
+    # --- the whole life of one attempt ----------------------------------------------------
+    def run(self, job_id: uuid.UUID) -> str:
+        claimed = self._retry_db(lambda: self._claim(job_id))
+        if claimed is None:
+            return "skipped"
+        attempt, spec, resume_from, cancel_requested = claimed
+        log.info("job %s: attempt %d claimed by %s (resume from %s)", job_id, attempt, self.worker_name, resume_from)
+        if cancel_requested:
+            self._finish(job_id, attempt, status=JobStatus.cancelled)
+            return "cancelled"
+
+        lease = _Lease()
+        sink = DatabaseSink(self, job_id, attempt, lease, keep=spec.training.keep_checkpoints)
+        heartbeat = threading.Thread(target=self._heartbeat, args=(job_id, attempt, lease), daemon=True)
+        heartbeat.start()
+        try:
+            return self._train(job_id, attempt, spec, resume_from, sink, lease)
+        finally:
+            lease.stop.set()
+            heartbeat.join(timeout=5)
+
+    def _train(
+        self,
+        job_id: uuid.UUID,
+        attempt: int,
+        spec: JobSpec,
+        resume_from: Path | None,
+        sink: DatabaseSink,
+        lease: _Lease,
+    ) -> str:
+        from worker.ddpm.trainer import train
+
+        job_dir = self.settings.checkpoint_root / str(job_id)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        device = None if self.settings.device == "auto" else self.settings.device
+        try:
+            result = train(spec, job_dir, sink, resume_from=resume_from, device=device)
+        except Exception as exc:
+            reason = describe_failure(exc, spec)
+            log.exception("job %s: attempt %d failed: %s", job_id, attempt, reason)
+            self._finish(job_id, attempt, status=JobStatus.failed, error=reason)
+            return "failed"
+        if result.stopped:
+            if lease.fenced:
+                log.warning("job %s: attempt %d fenced off by a newer attempt; stopped", job_id, attempt)
+                return "fenced"
+            if sink.cancel_requested:
+                self._finish(job_id, attempt, status=JobStatus.cancelled)
+                return "cancelled"
+            log.warning("job %s: attempt %d lost its lease; the job will be resumed", job_id, attempt)
+            return "lease-lost"
+        self._finish(job_id, attempt, status=JobStatus.succeeded, step=result.final_step, loss=result.last_loss)
+        return "succeeded"
+
+    # --- database steps -------------------------------------------------------------------
+    def _claim(self, job_id: uuid.UUID) -> tuple[int, JobSpec, Path | None, bool] | None:
+        with session_scope(self.sessionmaker) as session:
+            repo = JobRepository(session)
+            attempt = repo.claim(job_id, self.worker_name)
+            if attempt is None:
+                job = repo.get(job_id)
+                state = job.status if job else "missing"
+                log.info("job %s is %s, not queued: nothing to do for this delivery", job_id, state)
+                return None
+            job = repo.get(job_id)
+            assert job is not None
+            latest = CheckpointRepository(session).latest(job_id)
+            resume_step = latest.step if latest else 0
+            # The steps after the checkpoint are re-done by this attempt: their old points go.
+            repo.drop_metrics_after(job_id, resume_step)
+            repo.fenced_update(job_id, attempt, step=resume_step)
+            resume_from = self.store.resolve(latest.path) if latest else None
+            return attempt, JobSpec.model_validate(job.spec), resume_from, job.cancel_requested
+
+    def _finish(self, job_id: uuid.UUID, attempt: int, *, status: JobStatus, **values: object) -> None:
+        def write() -> None:
+            with session_scope(self.sessionmaker) as session:
+                if not JobRepository(session).fenced_update(
+                    job_id, attempt, status=status, finished_at=utcnow(), heartbeat_at=utcnow(), **values
+                ):
+                    log.warning("job %s: attempt %d fenced off; final status %s not written", job_id, attempt, status)
+
+        self._retry_db(write)
+        log.info("job %s: attempt %d ended %s", job_id, attempt, status.value)
+
+    def _heartbeat(self, job_id: uuid.UUID, attempt: int, lease: _Lease) -> None:
+        """Renew the lease between log points (a slow step must not look like a dead worker)."""
+        while not lease.stop.wait(self.settings.heartbeat_interval_s):
+            try:
+                with session_scope(self.sessionmaker) as session:
+                    if not JobRepository(session).fenced_update(job_id, attempt, heartbeat_at=utcnow()):
+                        lease.fenced = True
+                        return
+                lease.renewed_at = time.monotonic()
+            except DBAPIError as exc:
+                log.warning("job %s: heartbeat failed (%s)", job_id, exc.orig)
+
+    def _retry_db(self, fn: Callable[[], T]) -> T:
+        """Retry a short database step while the database is away, up to the lease timeout."""
+        deadline = time.monotonic() + self.settings.lease_timeout_s
+        delay = 0.5
+        while True:
+            try:
+                return fn()
+            except DBAPIError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("database unavailable (%s); retrying in %.1fs", exc.orig, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+
+def describe_failure(exc: BaseException, spec: JobSpec) -> str:
+    """A reason a user can act on, stored in the job's `error`."""
+    if "out of memory" in str(exc).lower():
+        return (
+            f"out of GPU memory with batch_size={spec.training.batch_size} and "
+            f"image_size={spec.dataset.image_size}: lower training.batch_size or use a smaller model"
+        )
+    return f"{type(exc).__name__}: {exc}"
+
+
+@lru_cache
+def get_runner() -> JobRunner:
+    return JobRunner(get_settings())
