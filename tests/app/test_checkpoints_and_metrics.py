@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import hashlib
+import uuid
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.db import make_engine, make_sessionmaker, session_scope
+from app.models import Checkpoint, MetricPoint
+
+
+def _add_checkpoint(settings: Settings, job_id: str, step: int, payload: bytes) -> Path:
+    job_dir = settings.checkpoint_root / job_id
+    job_dir.mkdir(parents=True, exist_ok=True)
+    path = job_dir / f"step-{step:08d}.safetensors"
+    path.write_bytes(payload)
+    with session_scope(make_sessionmaker(make_engine(settings))) as s:
+        s.add(
+            Checkpoint(
+                job_id=uuid.UUID(job_id),
+                step=step,
+                path=f"{job_id}/{path.name}",
+                size_bytes=len(payload),
+                sha256=hashlib.sha256(payload).hexdigest(),
+                state_path=f"{job_id}/step-{step:08d}.state.safetensors",
+            )
+        )
+    return path
+
+
+@pytest.fixture
+def job_id(client: TestClient) -> str:
+    return client.post("/v1/jobs", json={}).json()["id"]
+
+
+class TestCheckpoints:
+    def test_list_in_step_order_with_sha256(self, client: TestClient, clean_db: Settings, job_id: str) -> None:
+        _add_checkpoint(clean_db, job_id, 200, b"b" * 20)
+        _add_checkpoint(clean_db, job_id, 100, b"a" * 10)
+        listed = client.get(f"/v1/jobs/{job_id}/checkpoints").json()
+        assert [(c["step"], c["size_bytes"], c["sha256"]) for c in listed] == [
+            (100, 10, hashlib.sha256(b"a" * 10).hexdigest()),
+            (200, 20, hashlib.sha256(b"b" * 20).hexdigest()),
+        ]
+
+    def test_download_by_step_and_latest_carry_the_sha256(
+        self, client: TestClient, clean_db: Settings, job_id: str
+    ) -> None:
+        _add_checkpoint(clean_db, job_id, 100, b"old weights")
+        _add_checkpoint(clean_db, job_id, 200, b"new weights")
+        r = client.get(f"/v1/jobs/{job_id}/checkpoints/100")
+        assert r.status_code == 200
+        assert r.content == b"old weights"
+        latest = client.get(f"/v1/jobs/{job_id}/checkpoints/latest")
+        sha = hashlib.sha256(b"new weights").hexdigest()
+        assert latest.content == b"new weights"
+        assert latest.headers["etag"] == f'"{sha}"'
+        assert latest.headers["x-checksum-sha256"] == sha
+        assert "step-00000200.safetensors" in latest.headers["content-disposition"]
+
+    def test_range_requests_return_the_asked_bytes(self, client: TestClient, clean_db: Settings, job_id: str) -> None:
+        payload = bytes(range(256)) * 8
+        _add_checkpoint(clean_db, job_id, 10, payload)
+        r = client.get(f"/v1/jobs/{job_id}/checkpoints/10", headers={"Range": "bytes=100-199"})
+        assert r.status_code == 206
+        assert r.content == payload[100:200]
+        assert r.headers["content-range"] == f"bytes 100-199/{len(payload)}"
+
+    def test_damaged_or_missing_file_is_reported_not_served(
+        self, client: TestClient, clean_db: Settings, job_id: str
+    ) -> None:
+        path = _add_checkpoint(clean_db, job_id, 10, b"0123456789")
+        path.write_bytes(b"0123456780")  # same size, different bytes
+        r = client.get(f"/v1/jobs/{job_id}/checkpoints/10")
+        assert r.status_code == 410
+        assert "sha256" in r.json()["detail"]
+        path.unlink()
+        r = client.get(f"/v1/jobs/{job_id}/checkpoints/latest")
+        assert r.status_code == 410
+        assert "missing" in r.json()["detail"]
+
+    def test_no_checkpoint_and_unknown_job_are_404(self, client: TestClient, job_id: str) -> None:
+        assert client.get(f"/v1/jobs/{job_id}/checkpoints").json() == []
+        assert client.get(f"/v1/jobs/{job_id}/checkpoints/latest").status_code == 404
+        assert client.get(f"/v1/jobs/{job_id}/checkpoints/5").status_code == 404
+        assert client.get(f"/v1/jobs/{uuid.uuid4()}/checkpoints").status_code == 404
+        assert client.get(f"/v1/jobs/{uuid.uuid4()}/checkpoints/latest").status_code == 404
+
+    def test_a_row_pointing_outside_the_root_is_refused(
+        self, client: TestClient, clean_db: Settings, job_id: str
+    ) -> None:
+        with session_scope(make_sessionmaker(make_engine(clean_db))) as s:
+            s.add(
+                Checkpoint(
+                    job_id=uuid.UUID(job_id),
+                    step=1,
+                    path="../../etc/passwd",
+                    size_bytes=1,
+                    sha256="0" * 64,
+                    state_path="x",
+                )
+            )
+        r = client.get(f"/v1/jobs/{job_id}/checkpoints/1")
+        assert r.status_code == 410
+        assert "root" in r.json()["detail"]
+
+
+class TestMetrics:
+    def test_pages_in_step_order(self, client: TestClient, clean_db: Settings, job_id: str) -> None:
+        with session_scope(make_sessionmaker(make_engine(clean_db))) as s:
+            for step in (30, 10, 20, 40, 50):
+                s.add(MetricPoint(job_id=uuid.UUID(job_id), step=step, loss=1.0 / step, lr=1e-4, images_per_s=99.0))
+        first = client.get(f"/v1/jobs/{job_id}/metrics", params={"limit": 2}).json()
+        assert [p["step"] for p in first["items"]] == [10, 20]
+        assert first["items"][0]["loss"] == pytest.approx(0.1)
+        assert first["next_after_step"] == 20
+        rest = client.get(f"/v1/jobs/{job_id}/metrics", params={"after_step": 20, "limit": 3}).json()
+        assert [p["step"] for p in rest["items"]] == [30, 40, 50]
+        assert rest["next_after_step"] is None
+
+    def test_unknown_job_is_404(self, client: TestClient) -> None:
+        assert client.get(f"/v1/jobs/{uuid.uuid4()}/metrics").status_code == 404

@@ -1,0 +1,181 @@
+"""The runner against the real PostgreSQL, with the real (tiny) training loop in-process."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from app.config import Settings
+from app.db import make_engine, make_sessionmaker, session_scope
+from app.jobs.repository import JobRepository
+from app.jobs.service import cancel_job, create_job
+from app.models import Checkpoint, Job, MetricPoint, utcnow
+from app.spec import JobSpec
+from worker import runner as runner_module
+from worker.runner import JobRunner
+from worker.sweeper import sweep_once
+
+TINY = {
+    "dataset": {"image_size": 8},
+    "training": {"steps": 40, "batch_size": 16, "log_every": 10, "checkpoint_every": 20, "keep_checkpoints": 5},
+}
+
+
+@pytest.fixture
+def factory(clean_db: Settings):
+    return make_sessionmaker(make_engine(clean_db))
+
+
+@pytest.fixture
+def runner(clean_db: Settings, factory) -> JobRunner:
+    return JobRunner(clean_db, factory)
+
+
+def submit(factory, spec: dict) -> uuid.UUID:
+    with session_scope(factory) as s:
+        return create_job(s, JobSpec.model_validate(spec)).id
+
+
+def load(factory, job_id: uuid.UUID) -> tuple[Job, list[MetricPoint], list[Checkpoint]]:
+    with session_scope(factory) as s:
+        job = s.get(Job, job_id)
+        points = list(s.scalars(select(MetricPoint).where(MetricPoint.job_id == job_id).order_by(MetricPoint.step)))
+        ckpts = list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
+        s.expunge_all()
+        return job, points, ckpts
+
+
+class TestRun:
+    def test_a_queued_job_trains_to_success(self, runner: JobRunner, factory, clean_db: Settings) -> None:
+        job_id = submit(factory, TINY)
+        assert runner.run(job_id) == "succeeded"
+        job, points, ckpts = load(factory, job_id)
+        assert (job.status, job.step, job.attempt) == ("succeeded", 40, 1)
+        assert job.finished_at is not None and job.error is None
+        assert [p.step for p in points] == [10, 20, 30, 40]
+        assert job.loss == points[-1].loss
+        assert [c.step for c in ckpts] == [20, 40]
+        for c in ckpts:
+            data = (clean_db.checkpoint_root / c.path).read_bytes()
+            assert (len(data), hashlib.sha256(data).hexdigest()) == (c.size_bytes, c.sha256)
+
+    def test_a_second_delivery_does_nothing(self, runner: JobRunner, factory) -> None:
+        job_id = submit(factory, TINY)
+        runner.run(job_id)
+        before = load(factory, job_id)
+        assert runner.run(job_id) == "skipped"
+        after = load(factory, job_id)
+        assert (after[0].attempt, after[0].updated_at, len(after[1])) == (1, before[0].updated_at, len(before[1]))
+
+    def test_old_checkpoints_are_pruned_rows_first(self, runner: JobRunner, factory, clean_db: Settings) -> None:
+        spec = TINY | {"training": TINY["training"] | {"checkpoint_every": 10, "keep_checkpoints": 2}}
+        job_id = submit(factory, spec)
+        runner.run(job_id)
+        _, _, ckpts = load(factory, job_id)
+        assert [c.step for c in ckpts] == [30, 40]
+        on_disk = sorted(p.name for p in (clean_db.checkpoint_root / str(job_id)).glob("*.safetensors"))
+        assert on_disk == [
+            "step-00000030.safetensors",
+            "step-00000030.state.safetensors",
+            "step-00000040.safetensors",
+            "step-00000040.state.safetensors",
+        ]
+
+    def test_a_dataset_error_fails_the_job_with_the_path(self, runner: JobRunner, factory, tmp_path) -> None:
+        missing = tmp_path / "no-such-folder"
+        job_id = submit(factory, TINY | {"dataset": {"kind": "folder", "path": str(missing), "image_size": 8}})
+        assert runner.run(job_id) == "failed"
+        job, points, _ = load(factory, job_id)
+        assert job.status == "failed"
+        assert str(missing) in job.error
+        assert points == []
+
+
+class TestStopping:
+    def test_cancel_stops_a_running_job_at_a_log_boundary(self, runner: JobRunner, factory) -> None:
+        job_id = submit(factory, TINY | {"training": TINY["training"] | {"steps": 100_000, "checkpoint_every": 10}})
+        thread = threading.Thread(target=runner.run, args=(job_id,))
+        thread.start()
+        deadline = time.monotonic() + 60
+        while load(factory, job_id)[0].step < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with session_scope(factory) as s:
+            cancel_job(s, job_id)
+        thread.join(timeout=60)
+        job, points, ckpts = load(factory, job_id)
+        assert job.status == "cancelled"
+        assert 20 <= job.step < 100_000
+        assert ckpts, "a cancelled job keeps its checkpoints"
+        assert points[-1].step == job.step
+
+    def test_a_fenced_runner_stops_and_writes_nothing_more(self, runner: JobRunner, factory, monkeypatch) -> None:
+        job_id = submit(factory, TINY | {"training": TINY["training"] | {"steps": 100}})
+        original = runner_module.DatabaseSink.on_log
+
+        def on_log_then_lose_the_lease(self, point) -> None:
+            original(self, point)
+            if point.step == 20:
+                # What the sweeper does when this worker's lease expires: the job goes back to
+                # the queue, and this attempt is no longer current.
+                with session_scope(factory) as s:
+                    assert JobRepository(s).requeue_expired(utcnow() + timedelta(hours=1)) == [job_id]
+
+        monkeypatch.setattr(runner_module.DatabaseSink, "on_log", on_log_then_lose_the_lease)
+        assert runner.run(job_id) == "fenced"
+        job, points, ckpts = load(factory, job_id)
+        assert (job.status, job.step) == ("queued", 20)
+        assert [p.step for p in points] == [10, 20]
+        assert [c.step for c in ckpts] == [20]
+
+    def test_a_resumed_attempt_continues_the_same_loss_history(self, runner: JobRunner, factory, monkeypatch) -> None:
+        spec = TINY | {"training": TINY["training"] | {"steps": 60, "checkpoint_every": 20}}
+        straight = submit(factory, spec)
+        runner.run(straight)
+        _, straight_points, _ = load(factory, straight)
+
+        interrupted = submit(factory, spec)
+        original = runner_module.DatabaseSink.on_log
+
+        def lose_lease_after_step_30(self, point) -> None:
+            original(self, point)
+            if point.step == 30 and self.attempt == 1:
+                with session_scope(factory) as s:
+                    JobRepository(s).requeue_expired(utcnow() + timedelta(hours=1))
+
+        monkeypatch.setattr(runner_module.DatabaseSink, "on_log", lose_lease_after_step_30)
+        assert runner.run(interrupted) == "fenced"
+        assert load(factory, interrupted)[0].status == "queued"
+        assert runner.run(interrupted) == "succeeded"
+        job, points, _ = load(factory, interrupted)
+        assert job.attempt == 2
+        assert [(p.step, p.loss) for p in points] == [(p.step, p.loss) for p in straight_points]
+
+
+class TestSweeper:
+    def test_requeues_expired_leases_and_resends_unsent_jobs(self, clean_db: Settings, factory) -> None:
+        job_id = submit(factory, TINY)
+        sent: list[str] = []
+
+        class Recorder:
+            def send_train(self, job: str) -> None:
+                sent.append(job)
+
+        with session_scope(factory) as s:
+            job = s.get(Job, job_id)
+            job.created_at = utcnow() - timedelta(hours=1)
+        assert sweep_once(clean_db, factory, Recorder()) == (0, 1)
+        assert sent == [str(job_id)]
+        # Sent just now: not sent again on the next pass.
+        assert sweep_once(clean_db, factory, Recorder()) == (0, 0)
+
+        with session_scope(factory) as s:
+            JobRepository(s).claim(job_id, "dead-worker")
+            s.get(Job, job_id).heartbeat_at = utcnow() - timedelta(hours=1)
+        assert sweep_once(clean_db, factory, Recorder()) == (1, 1)
+        assert load(factory, job_id)[0].status == "queued"
