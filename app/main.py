@@ -18,7 +18,7 @@ from app.checkpoints.store import CheckpointStore
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker
 from app.jobs import endpoints as job_endpoints
-from app.jobs.service import InvalidTransition, JobNotFound
+from app.jobs.service import IdempotencyConflict, InvalidTransition, JobNotFound
 from app.metrics import endpoints as metric_endpoints
 from app.queue import Dispatcher
 
@@ -63,8 +63,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
 
+    @app.exception_handler(IdempotencyConflict)
     @app.exception_handler(InvalidTransition)
-    def _conflict(_: Request, exc: InvalidTransition) -> JSONResponse:
+    def _conflict(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
     @app.exception_handler(OperationalError)

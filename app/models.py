@@ -101,6 +101,10 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # When the training task was last handed to the broker (None: not yet, or sending failed).
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Idempotent submit: a repeated Idempotency-Key returns this job; the request hash tells a
+    # repeat (same body) from a conflicting reuse of the key (another body).
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    request_sha256: Mapped[str | None] = mapped_column(String(64))
 
     checkpoints: Mapped[list[Checkpoint]] = relationship(
         back_populates="job", lazy="raise", order_by="Checkpoint.step", passive_deletes=True

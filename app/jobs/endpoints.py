@@ -6,7 +6,7 @@ import logging
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Body, HTTPException, Query, status
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Response, status
 
 from app.deps import DispatcherDep, SessionDep
 from app.jobs import service
@@ -19,9 +19,25 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
-def create_job(spec: Annotated[JobSpec, Body()], session: SessionDep, dispatcher: DispatcherDep) -> JobOut:
-    job = service.create_job(session, spec)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobOut,
+    responses={200: {"model": JobOut, "description": "A repeat of an earlier request with the same Idempotency-Key"}},
+)
+def create_job(
+    spec: Annotated[JobSpec, Body()],
+    session: SessionDep,
+    dispatcher: DispatcherDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
+) -> JobOut:
+    """Queue a training job. `{}` trains the `tiny` model on `digits`. With an `Idempotency-Key`
+    header, repeating the request returns the same job (200); the same key with another body is 409."""
+    job, created = service.create_job(session, spec, idempotency_key)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+        return JobOut.model_validate(job)
     # Invariant 2: the task is sent only once the row is committed, so a worker always finds it.
     session.commit()
     try:

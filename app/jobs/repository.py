@@ -48,6 +48,9 @@ class JobRepository:
             stmt = stmt.with_for_update()
         return self.session.scalars(stmt).one_or_none()
 
+    def get_by_idempotency_key(self, key: str) -> Job | None:
+        return self.session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
+
     def list_page(self, *, limit: int, status: JobStatus | None, cursor: str | None) -> tuple[list[Job], str | None]:
         """Newest first; the cursor is the last job of the previous page."""
         stmt = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.jobs.repository import JobRepository
@@ -20,15 +22,49 @@ class InvalidTransition(Exception):
     """A state change the job's current status does not allow (invariant 5)."""
 
 
-def create_job(session: Session, spec: JobSpec) -> Job:
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key reused with a different request body."""
+
+
+def request_sha256(spec: JobSpec) -> str:
+    """Two bodies that resolve to the same spec are the same request."""
+    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+
+
+def create_job(session: Session, spec: JobSpec, idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Store a queued job; returns (job, created). With an idempotency key, a repeat of the same
+    request returns the first job (created=False), even when the repeats race each other."""
+    repo = JobRepository(session)
+    digest = request_sha256(spec)
+    if idempotency_key is not None:
+        existing = repo.get_by_idempotency_key(idempotency_key)
+        if existing is not None:
+            return _replay(existing, digest, idempotency_key), False
     job = Job(
         name=spec.name,
         status=JobStatus.queued,
         spec=spec.model_dump(mode="json"),
         total_steps=spec.training.steps,
         step=0,
+        idempotency_key=idempotency_key,
+        request_sha256=digest,
     )
-    return JobRepository(session).add(job)
+    try:
+        with session.begin_nested():
+            repo.add(job)
+    except IntegrityError:
+        # A concurrent request with the same key committed first: answer with its job.
+        existing = repo.get_by_idempotency_key(idempotency_key) if idempotency_key else None
+        if existing is None:
+            raise
+        return _replay(existing, digest, idempotency_key), False
+    return job, True
+
+
+def _replay(job: Job, digest: str, key: str) -> Job:
+    if job.request_sha256 != digest:
+        raise IdempotencyConflict(f"Idempotency-Key {key!r} was already used with a different request body")
+    return job
 
 
 def get_job(session: Session, job_id: uuid.UUID) -> Job:

@@ -39,6 +39,9 @@ def upgrade() -> None:
         sa.Column("finished_at", app.models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("heartbeat_at", app.models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("dispatched_at", app.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("idempotency_key", sa.String(length=255), nullable=True),
+        sa.Column("request_sha256", sa.String(length=64), nullable=True),
+        sa.UniqueConstraint("idempotency_key", name=op.f("uq_jobs_idempotency_key")),
         sa.CheckConstraint(
             "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name=op.f("ck_jobs_status_valid")
         ),

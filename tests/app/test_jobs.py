@@ -216,3 +216,33 @@ def test_the_api_never_imports_torch() -> None:
         env={"DDPM_DATA_DIR": "/tmp/ddpm-import-check", "PATH": "/usr/bin:/bin"},
     )
     assert out.stdout.strip() == "[]"
+
+
+class TestIdempotentSubmit:
+    def test_a_repeat_returns_the_same_job_with_200(self, client: TestClient) -> None:
+        headers = {"Idempotency-Key": "abc-1"}
+        first = client.post("/v1/jobs", json={"name": "x"}, headers=headers)
+        again = client.post("/v1/jobs", json={"name": "x"}, headers=headers)
+        assert (first.status_code, again.status_code) == (201, 200)
+        assert again.json() == first.json()
+        assert len(client.get("/v1/jobs").json()["items"]) == 1
+
+    def test_the_same_key_with_another_body_is_409(self, client: TestClient) -> None:
+        client.post("/v1/jobs", json={"name": "x"}, headers={"Idempotency-Key": "abc-2"})
+        r = client.post("/v1/jobs", json={"name": "y"}, headers={"Idempotency-Key": "abc-2"})
+        assert r.status_code == 409
+        assert "abc-2" in r.json()["detail"]
+
+    def test_concurrent_repeats_create_one_job_per_key(self, client: TestClient) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def submit(i: int) -> tuple[int, str]:
+            r = client.post("/v1/jobs", json={"name": f"k{i % 5}"}, headers={"Idempotency-Key": f"key-{i % 5}"})
+            return r.status_code, r.json()["id"]
+
+        with ThreadPoolExecutor(max_workers=10) as pool:
+            results = list(pool.map(submit, range(40)))
+        assert {code for code, _ in results} <= {200, 201}
+        assert sum(code == 201 for code, _ in results) == 5
+        assert len({job for _, job in results}) == 5
+        assert len(client.get("/v1/jobs").json()["items"]) == 5
