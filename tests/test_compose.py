@@ -1,0 +1,274 @@
+"""docker-compose.yml and the two Dockerfiles, checked without Docker: the services, their
+commands against the real entrypoints, the settings they pass against `Settings`, secrets, the
+GPU reservation, start-up order, and that the API image installs without torch."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from app.cli import WORKER_COMMAND, cli
+from app.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+API_DOCKERFILE = ROOT / "docker" / "api.Dockerfile"
+WORKER_DOCKERFILE = ROOT / "docker" / "worker.Dockerfile"
+
+# The forms of interpolation this file may use (compose also knows others; we keep to these).
+INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|:\?)(?P<arg>[^}$]*))?\}")
+SECRET_VARS = {"POSTGRES_PASSWORD"}
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's interpolation for the forms above; `$$` is a literal `$`."""
+
+    def one(match: re.Match[str]) -> str:
+        name, op, arg = match.group("name", "op", "arg")
+        if name in env and (env[name] or op is None):
+            return env[name]
+        if op == ":?":
+            raise KeyError(f"{name}: {arg}")
+        return arg if op == ":-" else ""
+
+    return INTERPOLATION.sub(one, text.replace("$$", "\0")).replace("\0", "$")
+
+
+@pytest.fixture(scope="module")
+def raw() -> str:
+    return COMPOSE_FILE.read_text()
+
+
+@pytest.fixture(scope="module")
+def compose(raw: str) -> dict[str, Any]:
+    return yaml.safe_load(raw)
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return compose["services"]
+
+
+def command_of(service: dict[str, Any]) -> list[str]:
+    command = service["command"]
+    return shlex.split(command) if isinstance(command, str) else list(command)
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    pairs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            pairs.append((keyword.upper(), rest.strip()))
+    return pairs
+
+
+def copy_sources(path: Path) -> list[str]:
+    return [src for kw, args in dockerfile_instructions(path) if kw == "COPY" for src in args.split()[:-1]]
+
+
+# --- the compose file ------------------------------------------------------------------------
+
+
+def test_services_and_volumes(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
+    assert "version" not in compose
+    assert set(services) == {"postgres", "redis", "migrate", "api", "worker"}
+    assert set(compose["volumes"]) == {"pgdata", "redisdata", "checkpoints"}
+    assert services["postgres"]["image"].startswith("postgres:16")
+    assert services["redis"]["image"].startswith("redis:7")
+    assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
+    assert services["redis"]["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+    assert command_of(services["redis"])[-2:] == ["--appendonly", "yes"]
+    assert "redisdata:/data" in services["redis"]["volumes"]
+    assert "pgdata:/var/lib/postgresql/data" in services["postgres"]["volumes"]
+
+
+def test_commands_are_the_real_entrypoints(services: dict[str, dict[str, Any]]) -> None:
+    assert command_of(services["migrate"]) == ["ddpm-jobs", "migrate"]
+    assert command_of(services["api"]) == ["ddpm-jobs", "api"]
+    assert command_of(services["worker"]) == WORKER_COMMAND
+    assert services["migrate"]["restart"] == "no"  # a string: YAML would read a bare no as False
+
+
+def test_ddpm_jobs_console_script_has_the_commands() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["ddpm-jobs"] == "app.cli:main"
+    assert {"migrate", "api", "serve"} <= set(get_command(cli).commands)  # type: ignore[attr-defined]
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0, result.output
+    for name in ("migrate", "api", "serve"):
+        assert re.search(rf"\b{name}\b", result.output), result.output
+
+
+def test_every_ddpm_setting_is_a_settings_field(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
+    envs = [compose["x-ddpm-env"]] + [svc.get("environment", {}) for svc in services.values()]
+    keys = {key for env in envs for key in env if key.startswith("DDPM_")}
+    assert {"DDPM_ENV", "DDPM_DATABASE_URL", "DDPM_BROKER_URL", "DDPM_CHECKPOINT_DIR", "DDPM_DATA_DIR"} <= keys
+    unknown = {key for key in keys if key.removeprefix("DDPM_").lower() not in Settings.model_fields}
+    assert not unknown, f"not fields of app.config.Settings: {sorted(unknown)}"
+    # The shared block reaches every service built from this project (YAML merge key).
+    for name in ("migrate", "api", "worker"):
+        assert compose["x-ddpm-env"].items() <= services[name]["environment"].items(), name
+
+
+def test_settings_accept_the_values(raw: str) -> None:
+    compose = yaml.safe_load(interpolate(raw, {"POSTGRES_PASSWORD": "pw"}))
+    for name in ("migrate", "api", "worker"):
+        env = {k.removeprefix("DDPM_").lower(): v for k, v in compose["services"][name]["environment"].items()}
+        settings = Settings(**{k: v for k, v in env.items() if k in Settings.model_fields})
+        assert settings.env == "production"
+        assert settings.database_url == "postgresql+psycopg://ddpm:pw@postgres:5432/ddpm"
+        assert settings.broker_url == "redis://redis:6379/0"
+        assert settings.checkpoint_root == Path("/data/checkpoints")
+
+
+def test_interpolations_are_well_formed(raw: str) -> None:
+    stripped = INTERPOLATION.sub("", raw.replace("$$", ""))
+    assert "$" not in stripped, [line for line in stripped.splitlines() if "$" in line]
+
+
+def test_secrets_are_required_and_never_literal(raw: str, compose: dict[str, Any]) -> None:
+    for match in INTERPOLATION.finditer(raw):
+        if match["name"] in SECRET_VARS:
+            assert match["op"] == ":?", match.group(0)
+    with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
+        interpolate(raw, {})
+    with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
+        interpolate(raw, {"POSTGRES_PASSWORD": ""})  # `:?` also refuses an empty value
+
+    required = re.compile(r"^\$\{[A-Z_][A-Z0-9_]*:\?[^}]*\}$")
+    envs = [compose["x-ddpm-env"]] + [svc.get("environment", {}) for svc in compose["services"].values()]
+    for env in envs:
+        for key, value in env.items():
+            if re.search("PASSWORD|SECRET|TOKEN", key):
+                assert required.match(str(value)), f"{key} must be ${{VAR:?message}}, not {value!r}"
+            for userinfo in re.findall(r"://([^@/\s]+)@", str(value)):
+                _, _, password = userinfo.partition(":")
+                assert required.match(password), f"{key} carries a literal password"
+
+
+def test_worker_has_one_nvidia_gpu_and_time_to_checkpoint(services: dict[str, dict[str, Any]]) -> None:
+    worker = services["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert worker["environment"]["CUDA_VISIBLE_DEVICES"] == "${CUDA_VISIBLE_DEVICES:-0}"
+    assert worker["stop_grace_period"] == "2m"
+    assert "checkpoints:/data/checkpoints" in worker["volumes"]
+    assert "checkpoints:/data/checkpoints:ro" in services["api"]["volumes"]
+
+
+def test_start_order(services: dict[str, dict[str, Any]]) -> None:
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("api", "worker"):
+        depends = services[name]["depends_on"]
+        assert depends["migrate"]["condition"] == "service_completed_successfully", name
+        assert depends["redis"]["condition"] == "service_healthy", name
+
+
+def test_api_port_and_healthcheck(services: dict[str, dict[str, Any]]) -> None:
+    from app.health import router
+
+    api = services["api"]
+    assert api["environment"]["DDPM_HOST"] == "0.0.0.0"
+    assert api["ports"] == ["${DDPM_PORT:-8000}:8000"]
+    test = api["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    url = re.search(r"http://127\.0\.0\.1:(\d+)(/\w+)", test[3])
+    assert url and url[1] == "8000" and url[2] in {route.path for route in router.routes}
+    compile(test[3], "healthcheck", "exec")
+
+
+# --- the Dockerfiles -------------------------------------------------------------------------
+
+
+def test_every_build_has_its_dockerfile_and_sources(services: dict[str, dict[str, Any]]) -> None:
+    built = {name: svc["build"] for name, svc in services.items() if "build" in svc}
+    assert set(built) == {"migrate", "api", "worker"}
+    for name, build in built.items():
+        context = ROOT / build["context"]
+        dockerfile = context / build["dockerfile"]
+        assert dockerfile.is_file(), f"{name}: {dockerfile} missing"
+        for src in copy_sources(dockerfile):
+            assert (context / src).exists(), f"{dockerfile.name} copies {src}, which is missing"
+    assert built["migrate"] == built["api"] and built["api"]["dockerfile"] == "docker/api.Dockerfile"
+    assert built["worker"]["dockerfile"] == "docker/worker.Dockerfile"
+
+
+def test_api_dockerfile_has_no_torch() -> None:
+    text = API_DOCKERFILE.read_text().lower()
+    instructions = dockerfile_instructions(API_DOCKERFILE)
+    runs = " ".join(args for kw, args in instructions if kw == "RUN")
+    assert "pip install" in runs and "[worker]" not in runs and "torch" not in runs
+    assert not any(src.startswith("worker") for src in copy_sources(API_DOCKERFILE))
+    assert "pytorch" not in text and "cuda" not in text
+    assert ("USER", "ddpm") in instructions
+    assert json.loads(dict(instructions)["CMD"]) == ["ddpm-jobs", "api"]
+
+
+def test_worker_dockerfile() -> None:
+    instructions = dockerfile_instructions(WORKER_DOCKERFILE)
+    base = dict(instructions)["FROM"]
+    tag = re.fullmatch(r"pytorch/pytorch:(\d+)\.(\d+)\.\d+-cuda[\d.]+-cudnn\d+-runtime", base)
+    assert tag and (int(tag[1]), int(tag[2])) >= (2, 10), base  # pyproject: torch>=2.10
+    runs = " ".join(args for kw, args in instructions if kw == "RUN")
+    assert '".[worker]"' in runs
+    assert ("USER", "ddpm") in instructions
+    assert json.loads(dict(instructions)["CMD"]) == WORKER_COMMAND
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    entries = set((ROOT / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "var", "test-artifacts", "**/__pycache__"} <= entries
+
+
+def test_api_image_installs_without_torch(tmp_path: Path) -> None:
+    """Build the wheel from what api.Dockerfile copies (no worker/): torch only under the extra."""
+    src = tmp_path / "src"
+    src.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in copy_sources(API_DOCKERFILE):
+        path = ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=ignore)
+        elif path.exists():  # a missing file is test_every_build_has_its_dockerfile_and_sources's to report
+            shutil.copy2(path, src / name)
+    assert not (src / "worker").exists()
+    out = tmp_path / "wheel"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    (wheel,) = out.glob("ddpm_jobs-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        entry_points = zf.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+
+    requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    ml = [r for r in requires if re.match(r"(torch|diffusers|safetensors)\b", r, re.I)]
+    assert ml, "the worker extra's requirements are missing from METADATA"
+    for req in ml:
+        assert re.search(r"""extra\s*==\s*["']worker["']""", req), f"{req} is not confined to the worker extra"
+    assert re.search(r"^ddpm-jobs\s*=\s*app\.cli:main$", entry_points, re.M)
+    # `ddpm-jobs migrate` finds the Alembic scripts next to the installed `app` package.
+    assert "app/cli.py" in names and "migrations/env.py" in names
+    assert any(re.fullmatch(r"migrations/versions/\w+\.py", n) for n in names)
+    assert not any(n.startswith("worker/") for n in names)
