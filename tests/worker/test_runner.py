@@ -39,7 +39,7 @@ def runner(clean_db: Settings, factory) -> JobRunner:
 
 def submit(factory, spec: dict) -> uuid.UUID:
     with session_scope(factory) as s:
-        return create_job(s, JobSpec.model_validate(spec)).id
+        return create_job(s, JobSpec.model_validate(spec))[0].id
 
 
 def load(factory, job_id: uuid.UUID) -> tuple[Job, list[MetricPoint], list[Checkpoint]]:
@@ -120,7 +120,7 @@ class TestStopping:
 
         def on_log_then_lose_the_lease(self, point) -> None:
             original(self, point)
-            if point.step == 20:
+            if point.step == 30:
                 # What the sweeper does when this worker's lease expires: the job goes back to
                 # the queue, and this attempt is no longer current.
                 with session_scope(factory) as s:
@@ -129,8 +129,8 @@ class TestStopping:
         monkeypatch.setattr(runner_module.DatabaseSink, "on_log", on_log_then_lose_the_lease)
         assert runner.run(job_id) == "fenced"
         job, points, ckpts = load(factory, job_id)
-        assert (job.status, job.step) == ("queued", 20)
-        assert [p.step for p in points] == [10, 20]
+        assert (job.status, job.step) == ("queued", 30)
+        assert [p.step for p in points] == [10, 20, 30]
         assert [c.step for c in ckpts] == [20]
 
     def test_a_resumed_attempt_continues_the_same_loss_history(self, runner: JobRunner, factory, monkeypatch) -> None:
