@@ -1,0 +1,179 @@
+"""The training loop: cadence, reproducibility, exact resume, stopping, non-finite losses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from app.spec import JobSpec
+from worker.ddpm import trainer
+from worker.ddpm.checkpoint import load_state
+from worker.ddpm.trainer import MetricPoint, NonFiniteLossError, TrainResult, learning_rate, train
+
+SpecFactory = Callable[..., JobSpec]
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+class TestCadence:
+    def test_points_and_checkpoints(self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any) -> None:
+        sink = make_sink()
+        spec = tiny_spec(training={"steps": 7, "log_every": 2, "checkpoint_every": 3})
+        result = train(spec, tmp_path, sink, device="cpu")
+        assert [p.step for p in sink.points] == [2, 4, 6, 7]
+        assert [c.step for c in sink.checkpoints] == [3, 6, 7]
+        assert result == TrainResult(final_step=7, last_loss=sink.points[-1].loss, stopped=False)
+        assert _files(tmp_path) == [f"step-{s:08d}{suffix}.safetensors" for s in (3, 6, 7) for suffix in ("", ".state")]
+        assert all(p.images_per_s > 0 for p in sink.points)
+
+    def test_loss_is_mean_over_window_and_lr_warms_up(
+        self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any
+    ) -> None:
+        every, pairs = make_sink(), make_sink()
+        train(tiny_spec(training={"steps": 4, "log_every": 1}), tmp_path / "a", every, device="cpu")
+        train(tiny_spec(training={"steps": 4, "log_every": 2}), tmp_path / "b", pairs, device="cpu")
+        losses = [p.loss for p in every.points]
+        assert [p.loss for p in pairs.points] == pytest.approx([sum(losses[:2]) / 2, sum(losses[2:]) / 2], rel=1e-6)
+        assert [p.lr for p in every.points] == pytest.approx([1e-4, 2e-4, 2e-4, 2e-4])  # warmup_steps=2
+
+    def test_learning_rate_without_warmup(self, tiny_spec: SpecFactory) -> None:
+        cfg = tiny_spec(training={"warmup_steps": 0}).training
+        assert learning_rate(1, cfg) == cfg.learning_rate
+
+
+class TestReproducibility:
+    def test_same_seed_same_losses(self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any) -> None:
+        a, b, c = make_sink(), make_sink(), make_sink()
+        spec = tiny_spec(model={"dropout": 0.1})
+        train(spec, tmp_path / "a", a, device="cpu")
+        train(spec, tmp_path / "b", b, device="cpu")
+        train(tiny_spec(model={"dropout": 0.1}, training={"seed": 1}), tmp_path / "c", c, device="cpu")
+        assert [p.loss for p in a.points] == [p.loss for p in b.points]
+        assert [p.loss for p in a.points] != [p.loss for p in c.points]
+        assert load_file(a.checkpoints[-1].path).keys() == load_file(b.checkpoints[-1].path).keys()
+
+
+def _no_rate(point: MetricPoint) -> tuple[int, float, float]:
+    """A metric point without its wall-clock throughput."""
+    return (point.step, point.loss, point.lr)
+
+
+def _assert_same_tensors(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> None:
+    assert left.keys() == right.keys()
+    different = [k for k in left if not torch.equal(left[k], right[k])]
+    assert different == []
+
+
+class TestExactResume:
+    """N steps in one go == N/2 steps, stop, resume from the N/2 checkpoint: bit for bit."""
+
+    @pytest.mark.parametrize("log_every", [1, 2])  # 2: the resume point falls inside a metric window
+    @pytest.mark.parametrize("prediction", ["x0", "v"])
+    def test_bit_identical(
+        self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any, log_every: int, prediction: str
+    ) -> None:
+        spec = tiny_spec(
+            model={"dropout": 0.1},  # exercises the global RNG state
+            diffusion={"prediction": prediction},
+            training={"steps": 6, "checkpoint_every": 3, "log_every": log_every, "warmup_steps": 4},
+        )
+        whole = make_sink()
+        train(spec, tmp_path / "whole", whole, device="cpu")
+
+        first = make_sink(stop_on_checkpoint_at=3)
+        assert train(spec, tmp_path / "split", first, device="cpu").stopped
+        second = make_sink()
+        result = train(spec, tmp_path / "split", second, device="cpu", resume_from=first.checkpoints[-1].path)
+
+        assert result.final_step == 6 and not result.stopped
+        assert [c.step for c in second.checkpoints] == [6]
+        # Identical loss points (step, loss, lr) after the resume point; only the wall-clock rate differs.
+        assert [_no_rate(p) for p in first.points + second.points] == [_no_rate(p) for p in whole.points]
+        end_whole, end_split = whole.checkpoints[-1], second.checkpoints[-1]
+        _assert_same_tensors(load_file(end_whole.path), load_file(end_split.path))  # EMA (served)
+        state_whole, state_split = load_state(end_whole.state_path), load_state(end_split.state_path)
+        _assert_same_tensors(state_whole.model, state_split.model)  # raw weights
+        assert end_whole.sha256 == end_split.sha256  # whole files, metadata included
+        assert state_whole.ema["optimization_step"] == state_split.ema["optimization_step"] == 6
+
+    def test_extending_a_finished_run(self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any) -> None:
+        whole, short, rest = make_sink(), make_sink(), make_sink()
+        long_spec = tiny_spec(training={"steps": 6, "checkpoint_every": 100})
+        train(long_spec, tmp_path / "whole", whole, device="cpu")
+        train(tiny_spec(training={"steps": 3, "checkpoint_every": 100}), tmp_path / "split", short, device="cpu")
+        train(long_spec, tmp_path / "split", rest, device="cpu", resume_from=short.checkpoints[-1].path)
+        assert [_no_rate(p) for p in rest.points] == [_no_rate(p) for p in whole.points if p.step > 3]
+        _assert_same_tensors(load_file(whole.checkpoints[-1].path), load_file(rest.checkpoints[-1].path))
+
+    def test_nothing_left_to_do(self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any) -> None:
+        done, again = make_sink(), make_sink()
+        spec = tiny_spec(training={"steps": 2})
+        train(spec, tmp_path, done, device="cpu")
+        result = train(spec, tmp_path, again, device="cpu", resume_from=done.checkpoints[-1].path)
+        assert result == TrainResult(final_step=2, last_loss=None, stopped=False)
+        assert again.points == [] and again.checkpoints == []
+
+    def test_refuses_a_different_spec(self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any) -> None:
+        sink = make_sink()
+        train(tiny_spec(training={"steps": 2}), tmp_path, sink, device="cpu")
+        other = tiny_spec(training={"steps": 4, "learning_rate": 1e-3}, diffusion={"prediction": "eps"})
+        with pytest.raises(ValueError, match=r"differs in diffusion\.prediction, training\.learning_rate"):
+            train(other, tmp_path, make_sink(), device="cpu", resume_from=sink.checkpoints[-1].path)
+
+
+class TestStopping:
+    def test_stop_on_log_saves_nothing_more(self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any) -> None:
+        sink = make_sink(stop_on_log_at=3)
+        result = train(tiny_spec(), tmp_path, sink, device="cpu")
+        assert result == TrainResult(final_step=3, last_loss=sink.points[-1].loss, stopped=True)
+        assert sink.checkpoints == [] and list(tmp_path.iterdir()) == []
+
+    def test_stop_on_checkpoint(self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any) -> None:
+        sink = make_sink(stop_on_checkpoint_at=3)
+        result = train(tiny_spec(), tmp_path, sink, device="cpu")
+        assert result.stopped and result.final_step == 3
+        assert [p.step for p in sink.points] == [1, 2, 3]
+        assert _files(tmp_path) == ["step-00000003.safetensors", "step-00000003.state.safetensors"]
+
+
+class _NaNOnSteps:
+    """Stands in for `to_model_range`: the batches of the given 1-based steps come out NaN."""
+
+    def __init__(self, steps: set[int] | None) -> None:
+        self.steps, self.calls = steps, 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        x = images.float() / 127.5 - 1.0
+        return torch.full_like(x, float("nan")) if self.steps is None or self.calls in self.steps else x
+
+
+class TestNonFinite:
+    def test_skipped_steps_leave_weights_clean(
+        self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(trainer, "to_model_range", _NaNOnSteps({2, 3}))
+        sink = make_sink()
+        result = train(tiny_spec(training={"steps": 6}), tmp_path, sink, device="cpu")
+        assert result.final_step == 6
+        losses = {p.step: p.loss for p in sink.points}
+        assert all(losses[s] != losses[s] for s in (2, 3))  # NaN: no finite step in those windows
+        assert all(losses[s] == losses[s] for s in (1, 4, 5, 6))
+        state = load_state(sink.checkpoints[-1].state_path)
+        assert all(torch.isfinite(t).all() for t in state.model.values())
+        assert state.ema["optimization_step"] == 4 and state.optimizer["state"][0]["step"].item() == 4
+        assert state.values["nonfinite_total"] == 2
+
+    def test_too_many_in_a_row(
+        self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(trainer, "to_model_range", _NaNOnSteps(None))
+        with pytest.raises(NonFiniteLossError, match="^non-finite loss at step 3 "):
+            train(tiny_spec(), tmp_path, make_sink(), device="cpu", max_nonfinite=3)
