@@ -175,5 +175,5 @@ class TestNonFinite:
         self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         monkeypatch.setattr(trainer, "to_model_range", _NaNOnSteps(None))
-        with pytest.raises(NonFiniteLossError, match="^non-finite loss at step 3 "):
+        with pytest.raises(NonFiniteLossError, match=r"^non-finite loss at step 3 "):
             train(tiny_spec(), tmp_path, make_sink(), device="cpu", max_nonfinite=3)
