@@ -1,0 +1,86 @@
+"""The local `ddpm-train` command."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from worker.ddpm.checkpoint import sha256_file
+from worker.ddpm.cli import app, main
+
+SPEC = {
+    "dataset": {"image_size": 8},
+    "model": {"preset": "custom", "channels": [16, 32], "norm_groups": 8},
+    "diffusion": {"timesteps": 10},
+    "training": {"steps": 4, "batch_size": 8, "log_every": 2, "checkpoint_every": 1, "keep_checkpoints": 2},
+}
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+class TestTrainCommand:
+    def test_json_spec(self, tmp_path: Path, runner: CliRunner) -> None:
+        spec_file = tmp_path / "spec.json"
+        spec_file.write_text(json.dumps(SPEC))
+        out = tmp_path / "out"
+        result = runner.invoke(app, [str(spec_file), "--out", str(out), "--device", "cpu", "--samples", "4"])
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        assert [int(m.group(1)) for line in lines if (m := re.match(r"step +(\d+) +loss [\d.]+ +lr ", line))] == [2, 4]
+        checkpoints = [line.split() for line in lines if line.startswith("checkpoint ")]
+        assert [Path(c[1]).name for c in checkpoints] == [f"step-{s:08d}.safetensors" for s in (1, 2, 3, 4)]
+        assert checkpoints[-1][3] == sha256_file(checkpoints[-1][1])
+        # keep_checkpoints=2: older pairs pruned
+        assert sorted(p.name for p in out.iterdir()) == [
+            "samples.png",
+            "step-00000003.safetensors",
+            "step-00000003.state.safetensors",
+            "step-00000004.safetensors",
+            "step-00000004.state.safetensors",
+        ]
+        with Image.open(out / "samples.png") as grid:
+            assert grid.size == (19, 19)
+
+    def test_yaml_spec_and_resume(self, tmp_path: Path, runner: CliRunner) -> None:
+        spec_file = tmp_path / "spec.yaml"
+        spec_file.write_text(yaml.safe_dump(SPEC | {"training": SPEC["training"] | {"steps": 2}}))
+        out = tmp_path / "out"
+        first = runner.invoke(app, [str(spec_file), "--out", str(out), "--device", "cpu", "--samples", "0"])
+        assert first.exit_code == 0, first.output
+        assert not (out / "samples.png").exists()
+
+        spec_file.write_text(yaml.safe_dump(SPEC))
+        resume = out / "step-00000002.safetensors"
+        args = [str(spec_file), "--out", str(out), "--resume", str(resume), "--device", "cpu", "--samples", "1"]
+        second = runner.invoke(app, args)
+        assert second.exit_code == 0, second.output
+        assert "step        4" in second.output and "step        2" not in second.output
+        assert (out / "samples.png").exists()
+
+    def test_bad_dataset_is_a_clean_error(self, tmp_path: Path, runner: CliRunner) -> None:
+        spec_file = tmp_path / "spec.json"
+        spec_file.write_text(json.dumps({"dataset": {"kind": "folder", "path": str(tmp_path / "missing")}}))
+        result = runner.invoke(app, [str(spec_file), "--out", str(tmp_path / "out")])
+        assert result.exit_code == 1
+        assert "missing does not exist" in result.output
+
+    def test_invalid_spec_is_a_clean_error(self, tmp_path: Path, runner: CliRunner) -> None:
+        spec_file = tmp_path / "spec.json"
+        spec_file.write_text(json.dumps({"training": {"stepz": 3}}))
+        result = runner.invoke(app, [str(spec_file), "--out", str(tmp_path / "out")])
+        assert result.exit_code == 1 and "stepz" in result.output
+
+    def test_main_help(self, capsys: pytest.CaptureFixture[str]) -> None:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--help"])
+        assert exit_info.value.code == 0
+        assert "--resume" in capsys.readouterr().out
