@@ -268,18 +268,22 @@ def _save(
     )
 
 
-# Spec fields that may change between a checkpoint and its resume: they do not affect the
-# numbers computed up to and including the resumed step's successors.
-_RESUMABLE_CHANGES = {"name", "training.steps", "training.log_every", "training.checkpoint_every",
-                      "training.keep_checkpoints"}  # fmt: skip
+# Spec fields that may change between a checkpoint and its resume: none of them changes what
+# the next step computes (more steps extend a run; logging and checkpoint cadence are reporting).
+_RESUMABLE_CHANGES = frozenset(
+    {"name", "training.steps", "training.log_every", "training.checkpoint_every", "training.keep_checkpoints"}
+)
 
 
 def _flatten(spec: JobSpec) -> dict[str, Any]:
-    return {
-        f"{section}.{key}" if isinstance(values, dict) else section: value
-        for section, values in spec.model_dump().items()
-        for key, value in (values.items() if isinstance(values, dict) else [(None, values)])
-    }
+    """{"training.steps": 2000, "name": None, ...}: one entry per leaf field."""
+    flat: dict[str, Any] = {}
+    for section, values in spec.model_dump().items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
+        else:
+            flat[section] = values
+    return flat
 
 
 def _restore(
