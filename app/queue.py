@@ -31,12 +31,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     if settings.broker_url.startswith("filesystem://"):
         folder = settings.broker_folder
-        (folder / "processed").mkdir(parents=True, exist_ok=True)
+        for sub in ("processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
         config["broker_transport_options"] = {
             "data_folder_in": str(folder),
             "data_folder_out": str(folder),
             "processed_folder": str(folder / "processed"),
             "store_processed": False,
+            # Exchange bindings; kombu's default is ./control, relative to the working directory.
+            "control_folder": str(folder / "control"),
         }
     else:
         # Fail fast in the API when the broker is down instead of retrying for minutes.

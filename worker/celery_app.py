@@ -31,7 +31,10 @@ def _start_sweeper(**_: object) -> None:
 
 
 @worker_shutting_down.connect
-def _stop_sweeper(**_: object) -> None:
+def _shut_down(**_: object) -> None:
+    """SIGTERM: the running job checkpoints at its next log point and is re-queued."""
+    from worker.runner import request_shutdown
     from worker.sweeper import stop_sweeper
 
+    request_shutdown()
     stop_sweeper()

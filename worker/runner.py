@@ -11,6 +11,7 @@ run(job_id):
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -31,14 +32,25 @@ from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs.repository import JobRepository
 from app.models import Checkpoint, JobStatus, MetricPoint, utcnow
+from app.queue import Dispatcher
 from app.spec import JobSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class Fenced(Exception):
-    """A newer attempt owns the job: this runner must stop and write nothing more."""
+# Set when the worker receives SIGTERM (celery's worker_shutting_down): the running job saves a
+# checkpoint at its next log point and goes back to the queue, inside the stop grace period.
+_SHUTDOWN = threading.Event()
+
+
+def request_shutdown() -> None:
+    _SHUTDOWN.set()
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    """A window in which every step was skipped has a NaN mean: stored as null (JSON has no NaN)."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 @dataclass
@@ -60,6 +72,7 @@ class DatabaseSink:
         self.lease = lease
         self.keep = keep
         self.cancel_requested = False
+        self.shutting_down = False
         # Points not yet written (the database was briefly away); written with the next batch.
         self._pending: list = []
 
@@ -80,13 +93,19 @@ class DatabaseSink:
             with session_scope(self.runner.sessionmaker) as session:
                 repo = JobRepository(session)
                 if not repo.fenced_update(
-                    self.job_id, self.attempt, step=point.step, loss=point.loss, heartbeat_at=utcnow()
+                    self.job_id, self.attempt, step=point.step, loss=_finite_or_none(point.loss), heartbeat_at=utcnow()
                 ):
                     self.lease.fenced = True
                     raise StopTraining("a newer attempt owns this job")
                 repo.add_metric_points(
                     [
-                        MetricPoint(job_id=self.job_id, step=p.step, loss=p.loss, lr=p.lr, images_per_s=p.images_per_s)
+                        MetricPoint(
+                            job_id=self.job_id,
+                            step=p.step,
+                            loss=_finite_or_none(p.loss),
+                            lr=p.lr,
+                            images_per_s=p.images_per_s,
+                        )
                         for p in self._pending
                     ]
                 )
@@ -100,6 +119,9 @@ class DatabaseSink:
         if self.cancel_requested:
             raise StopTraining("cancel requested")
         self._check_lease()
+        if _SHUTDOWN.is_set():
+            self.shutting_down = True
+            raise StopTraining("worker shutting down", checkpoint=True)
 
     def on_checkpoint(self, saved) -> None:  # saved: worker.ddpm.trainer.SavedCheckpoint
         from worker.ddpm.trainer import StopTraining
@@ -187,9 +209,14 @@ class JobRunner:
             if sink.cancel_requested:
                 self._finish(job_id, attempt, status=JobStatus.cancelled)
                 return "cancelled"
+            if sink.shutting_down:
+                self._requeue(job_id, attempt)
+                return "requeued"
             log.warning("job %s: attempt %d lost its lease; the job will be resumed", job_id, attempt)
             return "lease-lost"
-        self._finish(job_id, attempt, status=JobStatus.succeeded, step=result.final_step, loss=result.last_loss)
+        self._finish(
+            job_id, attempt, status=JobStatus.succeeded, step=result.final_step, loss=_finite_or_none(result.last_loss)
+        )
         return "succeeded"
 
     # --- database steps -------------------------------------------------------------------
@@ -222,6 +249,27 @@ class JobRunner:
 
         self._retry_db(write)
         log.info("job %s: attempt %d ended %s", job_id, attempt, status.value)
+
+    def _requeue(self, job_id: uuid.UUID, attempt: int) -> None:
+        """running -> queued after a graceful stop, and sent again so another worker resumes it
+        (if the broker is away, the sweeper sends it later)."""
+
+        def write() -> bool:
+            with session_scope(self.sessionmaker) as session:
+                return JobRepository(session).fenced_update(
+                    job_id, attempt, status=JobStatus.queued, worker=None, dispatched_at=None
+                )
+
+        if not self._retry_db(write):
+            return
+        log.info("job %s: attempt %d checkpointed and re-queued for shutdown", job_id, attempt)
+        try:
+            Dispatcher(self.settings).send_train(str(job_id))
+        except Exception as exc:  # the sweeper re-sends jobs that were never sent
+            log.warning("job %s: not re-sent now (%s); the sweeper will send it", job_id, exc)
+            return
+        with session_scope(self.sessionmaker) as session:
+            JobRepository(session).mark_dispatched(job_id)
 
     def _heartbeat(self, job_id: uuid.UUID, attempt: int, lease: _Lease) -> None:
         """Renew the lease between log points (a slow step must not look like a dead worker)."""

@@ -9,7 +9,7 @@ class MetricPointOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     step: int
-    loss: float
+    loss: float | None  # null: every step since the previous point had a non-finite loss
     lr: float
     images_per_s: float
     created_at: datetime

@@ -67,7 +67,7 @@ def upgrade() -> None:
         "metric_points",
         sa.Column("job_id", sa.Uuid(), nullable=False),
         sa.Column("step", sa.Integer(), nullable=False),
-        sa.Column("loss", sa.Float(), nullable=False),
+        sa.Column("loss", sa.Float(), nullable=True),
         sa.Column("lr", sa.Float(), nullable=False),
         sa.Column("images_per_s", sa.Float(), nullable=False),
         sa.Column("created_at", app.models.UTCDateTime(timezone=True), nullable=False),

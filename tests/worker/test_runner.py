@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 import uuid
 from datetime import timedelta
 
 import pytest
+import redis
 from sqlalchemy import select
 
 from app.config import Settings
@@ -155,6 +157,36 @@ class TestStopping:
         job, points, _ = load(factory, interrupted)
         assert job.attempt == 2
         assert [(p.step, p.loss) for p in points] == [(p.step, p.loss) for p in straight_points]
+
+
+    def test_shutdown_checkpoints_the_current_step_and_requeues(
+        self, runner: JobRunner, factory, monkeypatch, clean_db: Settings
+    ) -> None:
+        job_id = submit(factory, TINY | {"training": TINY["training"] | {"steps": 100}})
+        original = runner_module.DatabaseSink.on_log
+
+        def sigterm_at_step_30(self, point) -> None:
+            if point.step == 30:
+                runner_module.request_shutdown()  # what celery's worker_shutting_down calls
+            original(self, point)
+
+        monkeypatch.setattr(runner_module.DatabaseSink, "on_log", sigterm_at_step_30)
+        try:
+            assert runner.run(job_id) == "requeued"
+        finally:
+            runner_module._SHUTDOWN.clear()
+        job, points, ckpts = load(factory, job_id)
+        assert (job.status, job.step, job.worker) == ("queued", 30, None)
+        assert job.dispatched_at is not None
+        assert [c.step for c in ckpts] == [20, 30]
+        messages = redis.Redis.from_url(clean_db.broker_url).lrange(clean_db.queue, 0, -1)
+        assert any(json.loads(m)["headers"]["argsrepr"] == repr([str(job_id)]) for m in messages)
+        # The next attempt resumes at step 30 and finishes.
+        monkeypatch.setattr(runner_module.DatabaseSink, "on_log", original)
+        assert runner.run(job_id) == "succeeded"
+        job, points, _ = load(factory, job_id)
+        assert (job.attempt, job.step) == (2, 100)
+        assert [p.step for p in points] == list(range(10, 101, 10))
 
 
 class TestSweeper:

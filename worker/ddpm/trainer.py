@@ -51,7 +51,15 @@ class SavedCheckpoint:
 
 
 class StopTraining(Exception):
-    """Raised by a sink to stop the loop (cancel, lost lease)."""
+    """Raised by a sink to stop the loop (cancel, lost lease, worker shutdown).
+
+    With `checkpoint=True` (a graceful shutdown) the loop first saves a checkpoint of the step
+    it stopped at, so the next attempt resumes there; otherwise nothing more is saved.
+    """
+
+    def __init__(self, reason: str = "", *, checkpoint: bool = False) -> None:
+        super().__init__(reason)
+        self.checkpoint = checkpoint
 
 
 class NonFiniteLossError(RuntimeError):
@@ -200,7 +208,11 @@ def train(
             last_loss = mean
             try:
                 sink.on_log(point)
-            except StopTraining:
+            except StopTraining as stop:
+                if stop.checkpoint:
+                    saved = _save(checkpoint_dir, spec, step, unet, optimizer, ema, noise, window, dev)
+                    with contextlib.suppress(StopTraining):
+                        sink.on_checkpoint(saved)
                 return TrainResult(final_step=step, last_loss=last_loss, stopped=True)
 
         # Checkpoint.

@@ -135,6 +135,24 @@ class TestStopping:
         assert result == TrainResult(final_step=3, last_loss=sink.points[-1].loss, stopped=True)
         assert sink.checkpoints == [] and list(tmp_path.iterdir()) == []
 
+    def test_graceful_stop_saves_the_step_it_stopped_at_and_resumes_exactly(
+        self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any
+    ) -> None:
+        spec = tiny_spec()  # 6 steps, checkpoints at 3 and 6
+        straight = make_sink()
+        train(spec, tmp_path / "straight", straight, device="cpu")
+
+        stopped = make_sink(stop_on_log_at=2, checkpoint_on_stop=True)
+        result = train(spec, tmp_path / "stopped", stopped, device="cpu")
+        assert result.stopped and result.final_step == 2
+        assert [c.step for c in stopped.checkpoints] == [2]
+        resumed = make_sink()
+        train(spec, tmp_path / "stopped", resumed, device="cpu", resume_from=stopped.checkpoints[0].path)
+        assert [(p.step, p.loss) for p in stopped.points + resumed.points] == [
+            (p.step, p.loss) for p in straight.points
+        ]
+        assert resumed.checkpoints[-1].sha256 == straight.checkpoints[-1].sha256
+
     def test_stop_on_checkpoint(self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any) -> None:
         sink = make_sink(stop_on_checkpoint_at=3)
         result = train(tiny_spec(), tmp_path, sink, device="cpu")
