@@ -158,7 +158,6 @@ class TestStopping:
         assert job.attempt == 2
         assert [(p.step, p.loss) for p in points] == [(p.step, p.loss) for p in straight_points]
 
-
     def test_shutdown_checkpoints_the_current_step_and_requeues(
         self, runner: JobRunner, factory, monkeypatch, clean_db: Settings
     ) -> None:
