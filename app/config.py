@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     # How often a running job's worker renews its lease, and when the lease counts as lost.
     heartbeat_interval_s: float = Field(10.0, gt=0)
     lease_timeout_s: float = Field(120.0, gt=0)
+    # A job whose worker is lost this many times (lease expired) fails instead of resuming again.
+    max_attempts: int = Field(5, ge=1)
     # How long a queued job may wait before the worker's sweeper sends its task again
     # (a message lost while the broker was down, or a job queued before a restart).
     resend_after_s: float = Field(60.0, gt=0)

@@ -28,7 +28,9 @@ def sweep_once(settings: Settings, factory, dispatcher: Dispatcher) -> tuple[int
     """One pass; returns (jobs re-queued after a lost lease, jobs (re-)sent)."""
     now = utcnow()
     with session_scope(factory) as session:
-        requeued = JobRepository(session).requeue_expired(now - timedelta(seconds=settings.lease_timeout_s))
+        requeued = JobRepository(session).requeue_expired(
+            now - timedelta(seconds=settings.lease_timeout_s), settings.max_attempts
+        )
     for job_id in requeued:
         log.warning("job %s: lease expired; re-queued to resume from its latest checkpoint", job_id)
     with session_scope(factory) as session:

@@ -120,12 +120,28 @@ class JobRepository:
         """A resumed attempt re-does the steps after its checkpoint: drop their old points."""
         self.session.execute(delete(MetricPoint).where(MetricPoint.job_id == job_id, MetricPoint.step > step))
 
-    def requeue_expired(self, expired_before: datetime) -> list[uuid.UUID]:
-        """running jobs whose lease ran out -> queued (a new attempt will resume them)."""
-        result = self.session.execute(
-            update(Job)
+    def requeue_expired(self, expired_before: datetime, max_attempts: int = 1_000_000) -> list[uuid.UUID]:
+        """Running jobs whose lease ran out: back to the queue (a new attempt resumes them from
+        the latest checkpoint), cancelled if a cancel was asked for, or failed once they have
+        used `max_attempts` attempts. Returns the ids of the re-queued jobs."""
+        stmt = (
+            select(Job)
             .where(Job.status == JobStatus.running, Job.heartbeat_at < expired_before)
-            .values(status=JobStatus.queued, dispatched_at=None, worker=None)
-            .returning(Job.id)
+            .with_for_update(skip_locked=True)
         )
-        return list(result.scalars())
+        requeued = []
+        now = utcnow()
+        for job in self.session.scalars(stmt):
+            if job.cancel_requested:
+                job.status, job.finished_at = JobStatus.cancelled, now
+            elif job.attempt >= max_attempts:
+                job.status, job.finished_at = JobStatus.failed, now
+                job.error = (
+                    f"gave up after {job.attempt} attempts: the worker running attempt {job.attempt} "
+                    f"({job.worker}) stopped renewing its lease at step {job.step}"
+                )
+            else:
+                job.status, job.dispatched_at, job.worker = JobStatus.queued, None, None
+                requeued.append(job.id)
+        self.session.flush()
+        return requeued

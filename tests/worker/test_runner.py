@@ -210,3 +210,35 @@ class TestSweeper:
             s.get(Job, job_id).heartbeat_at = utcnow() - timedelta(hours=1)
         assert sweep_once(clean_db, factory, Recorder()) == (1, 1)
         assert load(factory, job_id)[0].status == "queued"
+
+    def test_a_job_that_keeps_losing_its_worker_fails_with_the_reason(self, clean_db: Settings, factory) -> None:
+        job_id = submit(factory, TINY)
+        settings = clean_db.model_copy(update={"max_attempts": 2})
+
+        class Recorder:
+            def send_train(self, job: str) -> None:
+                pass
+
+        for attempt in (1, 2):
+            with session_scope(factory) as s:
+                assert JobRepository(s).claim(job_id, f"worker-{attempt}") == attempt
+                s.get(Job, job_id).heartbeat_at = utcnow() - timedelta(hours=1)
+            requeued, _ = sweep_once(settings, factory, Recorder())
+            assert requeued == (1 if attempt == 1 else 0)
+        job = load(factory, job_id)[0]
+        assert job.status == "failed"
+        assert job.error.startswith("gave up after 2 attempts") and "worker-2" in job.error
+
+    def test_a_lost_job_with_a_cancel_request_ends_cancelled(self, clean_db: Settings, factory) -> None:
+        job_id = submit(factory, TINY)
+        with session_scope(factory) as s:
+            JobRepository(s).claim(job_id, "w")
+            job = s.get(Job, job_id)
+            job.heartbeat_at, job.cancel_requested = utcnow() - timedelta(hours=1), True
+
+        class Recorder:
+            def send_train(self, job: str) -> None:
+                raise AssertionError("a cancelled job is not sent again")
+
+        assert sweep_once(clean_db, factory, Recorder()) == (0, 0)
+        assert load(factory, job_id)[0].status == "cancelled"
