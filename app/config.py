@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     # How long a queued job may wait before the worker's sweeper sends its task again
     # (a message lost while the broker was down, or a job queued before a restart).
     resend_after_s: float = Field(60.0, gt=0)
+    # Redis re-delivers a task not acknowledged within this time (the claim makes that harmless).
+    broker_visibility_timeout_s: float = Field(3600.0, gt=0)
     # Device the worker trains on: "auto" = CUDA when available, else CPU.
     device: str = "auto"
 

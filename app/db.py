@@ -32,7 +32,16 @@ def make_engine(settings: Settings) -> Engine:
 
         return engine
     # pre_ping: a connection dropped by a database restart is replaced, not handed out.
-    return create_engine(settings.database_url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    # idle_in_transaction_session_timeout: a process frozen mid-transaction (SIGSTOP, a hung
+    # GPU) cannot hold a job's row lock for ever and block the sweeper's take-over.
+    timeout_ms = int(settings.lease_timeout_s * 1000)
+    return create_engine(
+        settings.database_url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=10,
+        connect_args={"options": f"-c idle_in_transaction_session_timeout={timeout_ms}"},
+    )
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

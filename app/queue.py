@@ -43,8 +43,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         }
     else:
         # Fail fast in the API when the broker is down instead of retrying for minutes.
-        config["broker_transport_options"] = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2}
         config["broker_connection_timeout"] = 3
+        # How long Redis waits for an acknowledgement before re-delivering a task. Training
+        # outlasts any sane value; a re-delivered job that is already running does nothing.
+        config["broker_transport_options"] = {"visibility_timeout": settings.broker_visibility_timeout_s}
     return config
 
 

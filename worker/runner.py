@@ -192,7 +192,9 @@ class JobRunner:
     ) -> str:
         from worker.ddpm.trainer import train
 
-        job_dir = self.settings.checkpoint_root / str(job_id)
+        # One folder per attempt: a stale attempt that has not yet noticed it was fenced off can
+        # never replace a file that a newer attempt committed under the same step.
+        job_dir = self.settings.checkpoint_root / str(job_id) / f"attempt-{attempt}"
         job_dir.mkdir(parents=True, exist_ok=True)
         device = None if self.settings.device == "auto" else self.settings.device
         try:

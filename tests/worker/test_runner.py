@@ -81,7 +81,7 @@ class TestRun:
         runner.run(job_id)
         _, _, ckpts = load(factory, job_id)
         assert [c.step for c in ckpts] == [30, 40]
-        on_disk = sorted(p.name for p in (clean_db.checkpoint_root / str(job_id)).glob("*.safetensors"))
+        on_disk = sorted(p.name for p in (clean_db.checkpoint_root / str(job_id)).rglob("*.safetensors"))
         assert on_disk == [
             "step-00000030.safetensors",
             "step-00000030.state.safetensors",
