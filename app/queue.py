@@ -46,7 +46,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         config["broker_connection_timeout"] = 3
         # How long Redis waits for an acknowledgement before re-delivering a task. Training
         # outlasts any sane value; a re-delivered job that is already running does nothing.
-        config["broker_transport_options"] = {"visibility_timeout": settings.broker_visibility_timeout_s}
+        visibility = settings.broker_visibility_timeout_s
+        config["broker_transport_options"] = {"visibility_timeout": visibility, "socket_connect_timeout": 3}
+        if visibility < 600:
+            # A short visibility timeout (a chaos drill) only bites if idle workers sweep for
+            # unacknowledged messages often; kombu's default sweep is every ~100 s.
+            config["broker_transport_options"] |= {"unacked_restore_interval": 1, "unacked_restore_throttle": 1}
     return config
 
 
