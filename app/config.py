@@ -7,12 +7,20 @@ Deployments set `DDPM_DATABASE_URL` (PostgreSQL) and `DDPM_BROKER_URL` (Redis).
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+from app.auth.keys import KEY_PATTERN
+
+# Allowed only in development: outside it, Settings refuses to start with these.
+DEV_SECRET_KEY = "dev-insecure-secret"
+DEFAULT_DB_PASSWORDS = frozenset({"postgres", "password", "change-me", "changeme", "ddpm", "secret"})
 
 
 class Settings(BaseSettings):
@@ -41,6 +49,44 @@ class Settings(BaseSettings):
     # Device the worker trains on: "auto" = CUDA when available, else CPU.
     device: str = "auto"
 
+    # --- keys ---------------------------------------------------------------------------------
+    # API keys are stored as HMAC-SHA256(secret_key, key): a leaked table alone opens nothing.
+    secret_key: str = Field(DEV_SECRET_KEY, description="HMAC key for API-key hashes; required outside development.")
+    # Applied at API start: this key (made by `ddpm-jobs keys generate`) exists as an admin key.
+    bootstrap_api_key: str | None = Field(None, description="An admin API key the API ensures exists at start.")
+
+    # --- limits: what one request or one user may ask of the service ----------------------------
+    max_queued_jobs_per_user: int = Field(10, ge=1, description="Queued + running jobs one user may have.")
+    max_steps: int = Field(1_000_000, ge=1, description="Largest training.steps accepted.")
+    max_batch_size: int = Field(1024, ge=1, description="Largest training.batch_size accepted.")
+    max_image_size: int = Field(512, ge=4, description="Largest dataset.image_size accepted.")
+    max_channels: int = Field(1024, ge=1, description="Largest entry of model.channels (per U-Net level).")
+    max_timesteps: int = Field(10_000, ge=2, description="Largest diffusion.timesteps accepted.")
+    max_parameters: int = Field(200_000_000, ge=1, description="Largest U-Net parameter count accepted.")
+    gpu_memory_gb: float = Field(80.0, gt=0, description="A worker's GPU memory; a job's estimate must fit.")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="Request bodies above this are refused with 413.")
+    # `folder` data sets must lie under one of these (after following symlinks); a relative
+    # dataset.path is relative to the first. Default: [data_dir/datasets]. Env: JSON list or
+    # comma-separated paths.
+    data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+
+    @field_validator("bootstrap_api_key")
+    @classmethod
+    def _well_formed_key(cls, value: str | None) -> str | None:
+        if value and not KEY_PATTERN.match(value):
+            raise ValueError("DDPM_BOOTSTRAP_API_KEY must be a key as `ddpm-jobs keys generate` prints it")
+        return value or None
+
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                return json.loads(value)
+            return [part for part in value.split(",") if part.strip()]
+        return value
+
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
         if not self.database_url:
@@ -50,6 +96,26 @@ class Settings(BaseSettings):
         if self.checkpoint_dir is None:
             self.checkpoint_dir = self.data_dir / "checkpoints"
         self.checkpoint_dir = self.checkpoint_dir.resolve()
+        if not self.data_roots:
+            self.data_roots = [self.data_dir / "datasets"]
+        self.data_roots = [root.resolve() for root in self.data_roots]
+        return self
+
+    @model_validator(mode="after")
+    def _no_default_secrets_outside_development(self) -> Settings:
+        if self.env == "development":
+            return self
+        if self.secret_key == DEV_SECRET_KEY or len(self.secret_key) < 32:
+            raise ValueError(
+                f"DDPM_SECRET_KEY must be set to a random value of at least 32 characters when DDPM_ENV={self.env} "
+                "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+            )
+        url = make_url(self.database_url)
+        if url.password is not None and url.password.lower() in DEFAULT_DB_PASSWORDS:
+            raise ValueError(
+                f"DDPM_DATABASE_URL uses a default password ({url.password!r}); "
+                f"set a random one when DDPM_ENV={self.env}"
+            )
         return self
 
     @property

@@ -5,11 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from app.auth.service import InvalidApiKey, authenticate
 from app.config import Settings
+from app.db import session_scope
+from app.models import User
 from app.queue import Dispatcher
+
+# Declares the scheme in the OpenAPI document; the check itself is `current_user`.
+bearer_scheme = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer ddpm_…`.")
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -36,3 +43,31 @@ def get_dispatcher(request: Request) -> Dispatcher:
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
+
+
+def current_user(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+) -> User:
+    """The owner of the request's API key; 401 when the key is missing, malformed, unknown or revoked.
+
+    Checked in its own short transaction, so the key's use is recorded whatever the route does.
+    """
+    if credentials is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            detail="missing API key: send Authorization: Bearer <key>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    settings: Settings = request.app.state.settings
+    try:
+        with session_scope(request.app.state.sessionmaker) as session:
+            return authenticate(session, settings.secret_key, credentials.credentials)
+    except InvalidApiKey as exc:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            detail=f"{exc}: send Authorization: Bearer <key>",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        ) from exc
+
+
+CurrentUser = Annotated[User, Depends(current_user)]

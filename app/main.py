@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from fastapi.routing import APIRoute
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from app import health
+from app.auth.service import ensure_bootstrap_key
 from app.checkpoints import endpoints as checkpoint_endpoints
 from app.checkpoints.store import CheckpointStore
 from app.config import Settings, get_settings
-from app.db import make_engine, make_sessionmaker
+from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs import endpoints as job_endpoints
-from app.jobs.service import IdempotencyConflict, InvalidTransition, JobNotFound
+from app.jobs.limits import SpecRefused
+from app.jobs.service import IdempotencyConflict, InvalidTransition, JobNotFound, QuotaExceeded
 from app.metrics import endpoints as metric_endpoints
 from app.queue import Dispatcher
 
@@ -36,12 +41,44 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _operation_id(route: APIRoute) -> str:
+    """Operation ids are the route functions' names (`create_job`, `get_job`, ...)."""
+    return route.name
+
+
+def apply_bootstrap_key(settings: Settings, app: FastAPI) -> None:
+    """DDPM_BOOTSTRAP_API_KEY: make sure that key exists as an admin key (compose, scripts)."""
+    if not settings.bootstrap_api_key:
+        return
+    try:
+        with session_scope(app.state.sessionmaker) as session:
+            created = ensure_bootstrap_key(session, settings.secret_key, settings.bootstrap_api_key)
+    except IntegrityError:
+        # Another API replica stored it first; make sure it is the same key.
+        with session_scope(app.state.sessionmaker) as session:
+            created = ensure_bootstrap_key(session, settings.secret_key, settings.bootstrap_api_key)
+    if created:
+        log.info("stored DDPM_BOOTSTRAP_API_KEY as an admin key")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        apply_bootstrap_key(settings, app)
+        yield
+
     app = FastAPI(
         title="ddpm-jobs",
         version="0.1.0",
         summary="Train denoising diffusion models (DDPM) on request.",
+        description="Every route but `/healthz` and `/readyz` needs `Authorization: Bearer <API key>`.",
+        lifespan=lifespan,
+        generate_unique_id_function=_operation_id,
+        # Bodies over the limit are 413 before they are parsed: a Content-Length over it is
+        # refused before the body is read, a body without one as soon as it passes it.
+        max_body_size=settings.max_request_bytes,
     )
     engine = make_engine(settings)
     app.state.settings = settings
@@ -62,6 +99,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(JobNotFound)
     def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(SpecRefused)
+    def _over_limit(_: Request, exc: SpecRefused) -> JSONResponse:
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors))}, status_code=422)
+
+    @app.exception_handler(QuotaExceeded)
+    def _quota(_: Request, exc: QuotaExceeded) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=429)
 
     @app.exception_handler(IdempotencyConflict)
     @app.exception_handler(InvalidTransition)

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models: jobs, their metric points and their checkpoints.
+"""SQLAlchemy 2 models: users and their API keys, jobs, their metric points and checkpoints.
 
 The jobs table is the source of truth for a job's state (ARCHITECTURE.md invariant 1). A worker
 writes to a job only while its `attempt` is the current one.
@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     Uuid,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -62,6 +63,33 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class User(Base):
+    """Whoever owns jobs. An admin sees and manages every user's jobs."""
+
+    __tablename__ = "users"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key, stored only as HMAC-SHA256(secret_key, key); `prefix` finds it and shows it."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    user: Mapped[User] = relationship(lazy="raise")
+
+
 class JobStatus(enum.StrEnum):
     queued = "queued"
     running = "running"
@@ -80,9 +108,14 @@ _STATUS_VALUES = ", ".join(f"'{s.value}'" for s in JobStatus)
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (CheckConstraint(f"status IN ({_STATUS_VALUES})", name="status_valid"),)
+    __table_args__ = (
+        CheckConstraint(f"status IN ({_STATUS_VALUES})", name="status_valid"),
+        # An Idempotency-Key belongs to its user: another user's key never finds this job.
+        UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_id_idempotency_key"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), index=True)
     name: Mapped[str | None] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), index=True, default=JobStatus.queued)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -103,7 +136,7 @@ class Job(Base):
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Idempotent submit: a repeated Idempotency-Key returns this job; the request hash tells a
     # repeat (same body) from a conflicting reuse of the key (another body).
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_sha256: Mapped[str | None] = mapped_column(String(64))
 
     checkpoints: Mapped[list[Checkpoint]] = relationship(

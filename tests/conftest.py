@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -14,8 +15,10 @@ import pytest
 import redis
 from sqlalchemy import text
 
+from app.auth.service import create_key
 from app.config import Settings
-from app.db import make_engine, upgrade_database
+from app.db import make_engine, make_sessionmaker, session_scope, upgrade_database
+from app.models import User
 
 PG_ADMIN_URL = os.environ.get("DDPM_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("DDPM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -59,9 +62,46 @@ def service_settings(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempP
 def clean_db(service_settings: Settings) -> Iterator[Settings]:
     engine = make_engine(service_settings)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE jobs, metric_points, checkpoints CASCADE"))
+        conn.execute(text("TRUNCATE jobs, metric_points, checkpoints, api_keys, users CASCADE"))
     engine.dispose()
     yield service_settings
+
+
+@dataclass(frozen=True)
+class ApiUser:
+    """A user with one API key, as the tests use them."""
+
+    user: User
+    key: str
+    prefix: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+MakeUser = Callable[..., ApiUser]
+
+
+@pytest.fixture
+def make_user(clean_db: Settings) -> Iterator[MakeUser]:
+    """`make_user("alice", admin=False)`: a user (created if new) and a fresh API key."""
+    engine = make_engine(clean_db)
+    factory = make_sessionmaker(engine)
+
+    def make(name: str | None = None, *, admin: bool = False) -> ApiUser:
+        with session_scope(factory) as s:
+            created = create_key(s, clean_db.secret_key, name or f"user-{uuid.uuid4().hex[:8]}", admin=admin)
+        return ApiUser(user=created.user, key=created.key, prefix=created.prefix)
+
+    yield make
+    engine.dispose()
+
+
+@pytest.fixture
+def owner(make_user: MakeUser) -> User:
+    """A user to own jobs created through the service functions."""
+    return make_user("owner").user
 
 
 @pytest.fixture

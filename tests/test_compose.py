@@ -30,7 +30,12 @@ WORKER_DOCKERFILE = ROOT / "docker" / "worker.Dockerfile"
 
 # The forms of interpolation this file may use (compose also knows others; we keep to these).
 INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|:\?)(?P<arg>[^}$]*))?\}")
-SECRET_VARS = {"POSTGRES_PASSWORD"}
+SECRET_VARS = {"POSTGRES_PASSWORD", "DDPM_SECRET_KEY", "DDPM_BOOTSTRAP_API_KEY"}
+SECRETS = {
+    "POSTGRES_PASSWORD": "pw",
+    "DDPM_SECRET_KEY": "s" * 40,
+    "DDPM_BOOTSTRAP_API_KEY": "ddpm_0123abcd_" + "k" * 43,
+}
 
 
 def interpolate(text: str, env: dict[str, str]) -> str:
@@ -128,7 +133,7 @@ def test_every_ddpm_setting_is_a_settings_field(compose: dict[str, Any], service
 
 
 def test_settings_accept_the_values(raw: str) -> None:
-    compose = yaml.safe_load(interpolate(raw, {"POSTGRES_PASSWORD": "pw"}))
+    compose = yaml.safe_load(interpolate(raw, SECRETS))
     for name in ("migrate", "api", "worker"):
         env = {k.removeprefix("DDPM_").lower(): v for k, v in compose["services"][name]["environment"].items()}
         settings = Settings(**{k: v for k, v in env.items() if k in Settings.model_fields})
@@ -136,6 +141,10 @@ def test_settings_accept_the_values(raw: str) -> None:
         assert settings.database_url == "postgresql+psycopg://ddpm:pw@postgres:5432/ddpm"
         assert settings.broker_url == "redis://redis:6379/0"
         assert settings.checkpoint_root == Path("/data/checkpoints")
+        assert settings.secret_key == SECRETS["DDPM_SECRET_KEY"]
+    api = compose["services"]["api"]["environment"]
+    assert api["DDPM_BOOTSTRAP_API_KEY"] == SECRETS["DDPM_BOOTSTRAP_API_KEY"]
+    assert "DDPM_BOOTSTRAP_API_KEY" not in compose["services"]["worker"]["environment"]
 
 
 def test_interpolations_are_well_formed(raw: str) -> None:
@@ -147,10 +156,12 @@ def test_secrets_are_required_and_never_literal(raw: str, compose: dict[str, Any
     for match in INTERPOLATION.finditer(raw):
         if match["name"] in SECRET_VARS:
             assert match["op"] == ":?", match.group(0)
-    with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
-        interpolate(raw, {})
-    with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
-        interpolate(raw, {"POSTGRES_PASSWORD": ""})  # `:?` also refuses an empty value
+    for name in SECRET_VARS:
+        others = {k: v for k, v in SECRETS.items() if k != name}
+        with pytest.raises(KeyError, match=name):
+            interpolate(raw, others)
+        with pytest.raises(KeyError, match=name):
+            interpolate(raw, others | {name: ""})  # `:?` also refuses an empty value
 
     required = re.compile(r"^\$\{[A-Z_][A-Z0-9_]*:\?[^}]*\}$")
     envs = [compose["x-ddpm-env"]] + [svc.get("environment", {}) for svc in compose["services"].values()]

@@ -4,23 +4,33 @@ a path from the request; downloads carry the sha256 as ETag and honour Range."""
 from __future__ import annotations
 
 import uuid
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Path, Request
 from fastapi.responses import FileResponse
 
 from app.checkpoints.repository import CheckpointRepository
 from app.checkpoints.schemas import CheckpointOut
 from app.checkpoints.store import CheckpointFileError, CheckpointStore
-from app.deps import SessionDep
+from app.deps import CurrentUser, SessionDep
 from app.jobs import service
 from app.models import Checkpoint
+from app.openapi import AUTHENTICATED, error_responses
 
-router = APIRouter(prefix="/v1/jobs", tags=["checkpoints"])
+router = APIRouter(prefix="/v1/jobs", tags=["checkpoints"], responses=AUTHENTICATED)
+
+_FILE = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The safetensors file; ETag and X-Checksum-SHA256 carry its sha256", "content": _FILE},
+    206: {"description": "The bytes a Range header asked for", "content": _FILE},
+    416: {"description": "The Range lies outside the file"},
+    **error_responses(404, 410, 422),
+}
 
 
-@router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut])
-def list_checkpoints(job_id: uuid.UUID, session: SessionDep) -> list[CheckpointOut]:
-    service.get_job(session, job_id)
+@router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut], responses=error_responses(404, 422))
+def list_checkpoints(job_id: uuid.UUID, user: CurrentUser, session: SessionDep) -> list[CheckpointOut]:
+    service.get_job(session, job_id, user)
     return [CheckpointOut.model_validate(c) for c in CheckpointRepository(session).list(job_id)]
 
 
@@ -40,13 +50,19 @@ def _download(request: Request, job_id: uuid.UUID, checkpoint: Checkpoint | None
     )
 
 
-@router.get("/{job_id}/checkpoints/latest", response_class=FileResponse)
-def download_latest(job_id: uuid.UUID, request: Request, session: SessionDep) -> FileResponse:
-    service.get_job(session, job_id)
+@router.get("/{job_id}/checkpoints/latest", response_class=FileResponse, responses=DOWNLOAD_RESPONSES)
+def download_latest(job_id: uuid.UUID, user: CurrentUser, request: Request, session: SessionDep) -> FileResponse:
+    service.get_job(session, job_id, user)
     return _download(request, job_id, CheckpointRepository(session).latest(job_id), "checkpoint yet")
 
 
-@router.get("/{job_id}/checkpoints/{step}", response_class=FileResponse)
-def download_step(job_id: uuid.UUID, step: int, request: Request, session: SessionDep) -> FileResponse:
-    service.get_job(session, job_id)
+@router.get("/{job_id}/checkpoints/{step}", response_class=FileResponse, responses=DOWNLOAD_RESPONSES)
+def download_step(
+    job_id: uuid.UUID,
+    step: Annotated[int, Path(ge=0, le=2**31 - 1)],
+    user: CurrentUser,
+    request: Request,
+    session: SessionDep,
+) -> FileResponse:
+    service.get_job(session, job_id, user)
     return _download(request, job_id, CheckpointRepository(session).get(job_id, step), f"checkpoint at step {step}")

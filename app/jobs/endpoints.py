@@ -8,33 +8,50 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Response, status
 
-from app.deps import DispatcherDep, SessionDep
+from app.deps import CurrentUser, DispatcherDep, SessionDep, SettingsDep
 from app.jobs import service
 from app.jobs.repository import InvalidCursor, JobRepository
 from app.jobs.schemas import JobOut, JobPage
 from app.models import JobStatus
+from app.openapi import AUTHENTICATED, error_responses
 from app.spec import JobSpec
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=AUTHENTICATED)
+
+# OpenAPI links: what a client (and schemathesis' stateful tests) can do with a created job.
+_JOB_ID = {"job_id": "$response.body#/id"}
+CREATED_JOB_LINKS = {
+    "GetJob": {"operationId": "get_job", "parameters": _JOB_ID, "description": "The job's status"},
+    "CancelJob": {"operationId": "cancel_job", "parameters": _JOB_ID, "description": "Cancel the job"},
+    "ListMetrics": {"operationId": "list_metrics", "parameters": _JOB_ID, "description": "Its loss history"},
+    "ListCheckpoints": {"operationId": "list_checkpoints", "parameters": _JOB_ID, "description": "Its checkpoints"},
+}
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=JobOut,
-    responses={200: {"model": JobOut, "description": "A repeat of an earlier request with the same Idempotency-Key"}},
+    responses={
+        200: {"model": JobOut, "description": "A repeat of an earlier request with the same Idempotency-Key"},
+        201: {"description": "The job, queued", "links": CREATED_JOB_LINKS},
+        **error_responses(409, 413, 422, 429),
+    },
 )
 def create_job(
     spec: Annotated[JobSpec, Body()],
+    user: CurrentUser,
     session: SessionDep,
+    settings: SettingsDep,
     dispatcher: DispatcherDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> JobOut:
-    """Queue a training job. `{}` trains the `tiny` model on `digits`. With an `Idempotency-Key`
-    header, repeating the request returns the same job (200); the same key with another body is 409."""
-    job, created = service.create_job(session, spec, idempotency_key)
+    """Queue a training job, owned by the key's user. `{}` trains the `tiny` model on `digits`.
+    With an `Idempotency-Key` header, repeating the request returns the same job (200); the same
+    key with another body is 409. Over a limit: 422 naming the field; too many jobs: 429."""
+    job, created = service.create_job(session, spec, owner=user, settings=settings, idempotency_key=idempotency_key)
     if not created:
         response.status_code = status.HTTP_200_OK
         return JobOut.model_validate(job)
@@ -51,25 +68,26 @@ def create_job(
     return JobOut.model_validate(job)
 
 
-@router.get("", response_model=JobPage)
+@router.get("", response_model=JobPage, responses=error_responses(422))
 def list_jobs(
+    user: CurrentUser,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     status: JobStatus | None = None,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> JobPage:
     try:
-        jobs, next_cursor = JobRepository(session).list_page(limit=limit, status=status, cursor=cursor)
+        jobs, next_cursor = service.list_jobs(session, user, limit=limit, status=status, cursor=cursor)
     except InvalidCursor as exc:
         raise HTTPException(422, detail=[{"loc": ["query", "cursor"], "msg": str(exc), "type": "value_error"}]) from exc
     return JobPage(items=[JobOut.model_validate(j) for j in jobs], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: uuid.UUID, session: SessionDep) -> JobOut:
-    return JobOut.model_validate(service.get_job(session, job_id))
+@router.get("/{job_id}", response_model=JobOut, responses=error_responses(404, 422))
+def get_job(job_id: uuid.UUID, user: CurrentUser, session: SessionDep) -> JobOut:
+    return JobOut.model_validate(service.get_job(session, job_id, user))
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: uuid.UUID, session: SessionDep) -> JobOut:
-    return JobOut.model_validate(service.cancel_job(session, job_id))
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409, 422))
+def cancel_job(job_id: uuid.UUID, user: CurrentUser, session: SessionDep) -> JobOut:
+    return JobOut.model_validate(service.cancel_job(session, job_id, user))

@@ -8,7 +8,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.models import Job, JobStatus, MetricPoint, utcnow
@@ -27,7 +27,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, job_id = json.loads(raw)
-        return datetime.fromisoformat(created), uuid.UUID(job_id)
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is None:
+            raise ValueError("naive timestamp")
+        return when, uuid.UUID(job_id)
     except (ValueError, TypeError) as exc:
         raise InvalidCursor("cursor is not one this API returned") from exc
 
@@ -36,24 +39,38 @@ class JobRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    # --- the API's side -------------------------------------------------------------------
+    # --- the API's side: `owner_id` scopes a query to one user's jobs (None: every user's) ------
     def add(self, job: Job) -> Job:
         self.session.add(job)
         self.session.flush()
         return job
 
-    def get(self, job_id: uuid.UUID, *, for_update: bool = False) -> Job | None:
+    def get(self, job_id: uuid.UUID, *, owner_id: uuid.UUID | None = None, for_update: bool = False) -> Job | None:
         stmt = select(Job).where(Job.id == job_id)
+        if owner_id is not None:
+            stmt = stmt.where(Job.owner_id == owner_id)
         if for_update:
             stmt = stmt.with_for_update()
         return self.session.scalars(stmt).one_or_none()
 
-    def get_by_idempotency_key(self, key: str) -> Job | None:
-        return self.session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
+    def get_by_idempotency_key(self, owner_id: uuid.UUID, key: str) -> Job | None:
+        stmt = select(Job).where(Job.owner_id == owner_id, Job.idempotency_key == key)
+        return self.session.scalars(stmt).one_or_none()
 
-    def list_page(self, *, limit: int, status: JobStatus | None, cursor: str | None) -> tuple[list[Job], str | None]:
+    def count_active(self, owner_id: uuid.UUID) -> int:
+        """The user's queued and running jobs."""
+        stmt = select(func.count()).where(
+            Job.owner_id == owner_id, Job.status.in_([JobStatus.queued, JobStatus.running])
+        )
+        return self.session.scalar(stmt) or 0
+
+    def list_page(
+        self, *, owner_id: uuid.UUID | None, limit: int, status: JobStatus | None, cursor: str | None
+    ) -> tuple[list[Job], str | None]:
         """Newest first; the cursor is the last job of the previous page."""
         stmt = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+        if owner_id is not None:
+            stmt = stmt.where(Job.owner_id == owner_id)
         if status is not None:
             stmt = stmt.where(Job.status == status)
         if cursor is not None:

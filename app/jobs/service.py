@@ -1,4 +1,6 @@
-"""The rules for jobs: creation, legal state transitions, cancellation. Services never commit."""
+"""The rules for jobs: creation (limits, quota), legal state transitions, cancellation, and who
+may see a job: its owner, or an admin. Another user's job does not exist (JobNotFound, a 404).
+Services never commit."""
 
 from __future__ import annotations
 
@@ -8,8 +10,11 @@ import uuid
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.auth.repository import UserRepository
+from app.config import Settings
+from app.jobs.limits import check_spec
 from app.jobs.repository import JobRepository
-from app.models import Job, JobStatus, utcnow
+from app.models import Job, JobStatus, User, utcnow
 from app.spec import JobSpec
 
 
@@ -26,21 +31,45 @@ class IdempotencyConflict(Exception):
     """An Idempotency-Key reused with a different request body."""
 
 
+class QuotaExceeded(Exception):
+    """The user already has as many queued and running jobs as the service allows."""
+
+
+def visible_owner(user: User) -> uuid.UUID | None:
+    """The owner a user's queries are scoped to; None (everyone's) for an admin."""
+    return None if user.is_admin else user.id
+
+
 def request_sha256(spec: JobSpec) -> str:
     """Two bodies that resolve to the same spec are the same request."""
     return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
 
 
-def create_job(session: Session, spec: JobSpec, idempotency_key: str | None = None) -> tuple[Job, bool]:
-    """Store a queued job; returns (job, created). With an idempotency key, a repeat of the same
-    request returns the first job (created=False), even when the repeats race each other."""
+def create_job(
+    session: Session, spec: JobSpec, *, owner: User, settings: Settings, idempotency_key: str | None = None
+) -> tuple[Job, bool]:
+    """Store a queued job for `owner`; returns (job, created). With an idempotency key, a repeat
+    of the same request returns the first job (created=False), even when the repeats race each
+    other. SpecRefused (422) when the spec exceeds the service's limits, QuotaExceeded (429) when
+    the owner has too many queued and running jobs."""
     repo = JobRepository(session)
     digest = request_sha256(spec)
+    # One submission per user at a time (PostgreSQL): the quota count and the insert agree.
+    UserRepository(session).lock(owner.id)
     if idempotency_key is not None:
-        existing = repo.get_by_idempotency_key(idempotency_key)
+        existing = repo.get_by_idempotency_key(owner.id, idempotency_key)
         if existing is not None:
             return _replay(existing, digest, idempotency_key), False
+    check_spec(spec, settings)
+    active = repo.count_active(owner.id)
+    if active >= settings.max_queued_jobs_per_user:
+        raise QuotaExceeded(
+            f"you have {active} queued or running jobs, the most this service allows per user "
+            f"(DDPM_MAX_QUEUED_JOBS_PER_USER={settings.max_queued_jobs_per_user}); "
+            "wait for one to finish or cancel one"
+        )
     job = Job(
+        owner_id=owner.id,
         name=spec.name,
         status=JobStatus.queued,
         spec=spec.model_dump(mode="json"),
@@ -54,7 +83,7 @@ def create_job(session: Session, spec: JobSpec, idempotency_key: str | None = No
             repo.add(job)
     except IntegrityError:
         # A concurrent request with the same key committed first: answer with its job.
-        existing = repo.get_by_idempotency_key(idempotency_key) if idempotency_key else None
+        existing = repo.get_by_idempotency_key(owner.id, idempotency_key) if idempotency_key else None
         if existing is None:
             raise
         return _replay(existing, digest, idempotency_key), False
@@ -67,18 +96,25 @@ def _replay(job: Job, digest: str, key: str) -> Job:
     return job
 
 
-def get_job(session: Session, job_id: uuid.UUID) -> Job:
-    job = JobRepository(session).get(job_id)
+def get_job(session: Session, job_id: uuid.UUID, user: User) -> Job:
+    job = JobRepository(session).get(job_id, owner_id=visible_owner(user))
     if job is None:
         raise JobNotFound(job_id)
     return job
 
 
-def cancel_job(session: Session, job_id: uuid.UUID) -> Job:
+def list_jobs(
+    session: Session, user: User, *, limit: int, status: JobStatus | None, cursor: str | None
+) -> tuple[list[Job], str | None]:
+    """The user's jobs (an admin's: everyone's), newest first. InvalidCursor for a bad cursor."""
+    return JobRepository(session).list_page(owner_id=visible_owner(user), limit=limit, status=status, cursor=cursor)
+
+
+def cancel_job(session: Session, job_id: uuid.UUID, user: User) -> Job:
     """queued -> cancelled at once; running -> cancel requested (the worker stops at its next
     log boundary, keeps its checkpoints and ends `cancelled`). Repeating a cancel is harmless;
     cancelling a job that already succeeded or failed is refused."""
-    job = JobRepository(session).get(job_id, for_update=True)
+    job = JobRepository(session).get(job_id, owner_id=visible_owner(user), for_update=True)
     if job is None:
         raise JobNotFound(job_id)
     status = JobStatus(job.status)

@@ -5,23 +5,27 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from app.deps import SessionDep
+from app.deps import CurrentUser, SessionDep
 from app.jobs import service
 from app.metrics.repository import MetricRepository
 from app.metrics.schemas import MetricPage, MetricPointOut
+from app.openapi import AUTHENTICATED, error_responses
 
-router = APIRouter(prefix="/v1/jobs", tags=["metrics"])
+router = APIRouter(prefix="/v1/jobs", tags=["metrics"], responses=AUTHENTICATED)
+
+MAX_STEP = 2**31 - 1  # steps are 32-bit integers in the database
 
 
-@router.get("/{job_id}/metrics", response_model=MetricPage)
+@router.get("/{job_id}/metrics", response_model=MetricPage, responses=error_responses(404, 422))
 def list_metrics(
     job_id: uuid.UUID,
+    user: CurrentUser,
     session: SessionDep,
-    after_step: Annotated[int, Query(ge=-1)] = -1,
+    after_step: Annotated[int, Query(ge=-1, le=MAX_STEP)] = -1,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> MetricPage:
     """The loss history in step order: points with step > after_step, at most `limit`."""
-    service.get_job(session, job_id)
+    service.get_job(session, job_id, user)
     points = MetricRepository(session).page(job_id, after_step=after_step, limit=limit + 1)
     more = len(points) > limit
     points = points[:limit]

@@ -15,6 +15,7 @@ from app.db import make_engine, make_sessionmaker, session_scope
 from app.main import create_app
 from app.models import Job, JobStatus
 from app.spec import JobSpec
+from tests.conftest import ApiUser
 
 
 def _set_status(settings: Settings, job_id: str, status: JobStatus) -> None:
@@ -59,9 +60,9 @@ class TestCreate:
             "norm_groups": 32,
         }
 
-    def test_broker_down_still_stores_the_job_for_the_sweeper(self, clean_db: Settings) -> None:
+    def test_broker_down_still_stores_the_job_for_the_sweeper(self, clean_db: Settings, alice: ApiUser) -> None:
         down = clean_db.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
-        with TestClient(create_app(down)) as c:
+        with TestClient(create_app(down), headers=alice.headers) as c:
             r = c.post("/v1/jobs", json={})
         assert r.status_code == 201
         with session_scope(make_sessionmaker(make_engine(clean_db))) as s:
@@ -185,9 +186,9 @@ class TestDependencies:
         assert client.get("/healthz").json() == {"status": "ok"}
         assert client.get("/readyz").json() == {"status": "ok"}
 
-    def test_database_down_is_503_not_500(self, clean_db: Settings) -> None:
+    def test_database_down_is_503_not_500(self, clean_db: Settings, alice: ApiUser) -> None:
         down = clean_db.model_copy(update={"database_url": "postgresql+psycopg://postgres@127.0.0.1:1/nope"})
-        with TestClient(create_app(down), raise_server_exceptions=False) as c:
+        with TestClient(create_app(down), raise_server_exceptions=False, headers=alice.headers) as c:
             assert c.get("/v1/jobs").status_code == 503
             assert c.post("/v1/jobs", json={}).status_code == 503
             ready = c.get("/readyz")

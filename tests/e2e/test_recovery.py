@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
+from tests.conftest import MakeUser
 from tests.e2e.conftest import process, wait_for_status, worker_argv
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -37,9 +38,9 @@ def wait_step(client: TestClient, job_id: str, at_least: int, timeout: float, lo
 
 
 def test_sigterm_checkpoints_requeues_and_another_worker_resumes(
-    clean_db: Settings, settings_env: dict[str, str], tmp_path: Path
+    clean_db: Settings, settings_env: dict[str, str], tmp_path: Path, make_user: MakeUser
 ) -> None:
-    with TestClient(create_app(clean_db)) as client:
+    with TestClient(create_app(clean_db), headers=make_user().headers) as client:
         job_id = client.post("/v1/jobs", json=spec(steps=100_000, checkpoint_every=10_000)).json()["id"]
         log = tmp_path / "worker-1.log"
         with process(worker_argv(), settings_env, log) as worker:
@@ -63,10 +64,10 @@ def test_sigterm_checkpoints_requeues_and_another_worker_resumes(
 
 
 def test_kill_9_loses_the_lease_and_the_job_resumes_from_its_checkpoint(
-    clean_db: Settings, settings_env: dict[str, str], tmp_path: Path
+    clean_db: Settings, settings_env: dict[str, str], tmp_path: Path, make_user: MakeUser
 ) -> None:
     env = settings_env | {"DDPM_LEASE_TIMEOUT_S": "4", "DDPM_HEARTBEAT_INTERVAL_S": "0.5", "DDPM_RESEND_AFTER_S": "2"}
-    with TestClient(create_app(clean_db)) as client:
+    with TestClient(create_app(clean_db), headers=make_user().headers) as client:
         job_id = client.post("/v1/jobs", json=spec(steps=300, checkpoint_every=50)).json()["id"]
         log = tmp_path / "worker-1.log"
         with process(worker_argv(), env, log) as worker:

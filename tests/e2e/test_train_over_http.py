@@ -17,6 +17,7 @@ from diffusers import UNet2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from app.auth.keys import generate_key
 from app.spec import JobSpec
 from tests.e2e.conftest import (
     BIN,
@@ -87,12 +88,14 @@ def check_full_flow(client: httpx.Client, logs: list[Path], tmp_path: Path) -> d
 
 def test_postgres_redis_api_and_celery_worker(settings_env: dict[str, str], clean_db, tmp_path: Path) -> None:
     port = free_port()
-    env = settings_env | {"DDPM_PORT": str(port)}
+    key = generate_key().key  # as compose passes DDPM_BOOTSTRAP_API_KEY to the API
+    env = settings_env | {"DDPM_PORT": str(port), "DDPM_BOOTSTRAP_API_KEY": key}
     api_log, worker_log = tmp_path / "api.log", tmp_path / "worker.log"
     with process(api_argv(), env, api_log) as api, process(worker_argv(), env, worker_log):
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, api, api_log)
-        with httpx.Client(base_url=base, timeout=30) as client:
+        assert httpx.get(f"{base}/v1/jobs").status_code == 401
+        with httpx.Client(base_url=base, timeout=30, headers={"Authorization": f"Bearer {key}"}) as client:
             assert client.get("/readyz").json() == {"status": "ok"}
             check_full_flow(client, [api_log, worker_log], tmp_path)
 
@@ -105,11 +108,19 @@ def test_embedded_default_serve(tmp_path: Path) -> None:
     with process([str(BIN / "ddpm-jobs"), "serve"], env, log) as serve:
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, serve, log, timeout=90)
-        with httpx.Client(base_url=base, timeout=30) as client:
+        # The first start made an admin key and saved it where README's curl examples read it.
+        key_file = tmp_path / "var" / "api-key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        key = key_file.read_text().strip()
+        assert key in log.read_text()
+        headers = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(f"{base}/v1/jobs").status_code == 401
+        with httpx.Client(base_url=base, timeout=30, headers=headers) as client:
             job = check_full_flow(client, [log], tmp_path)
     assert (tmp_path / "var" / "ddpm.db").exists()
-    # Restarted, the embedded service still has the job.
+    # Restarted, the embedded service still has the job, and the same key (no new one is made).
     with process([str(BIN / "ddpm-jobs"), "serve"], env, tmp_path / "serve2.log") as serve:
         wait_ready(base, serve, tmp_path / "serve2.log", timeout=90)
-        again = httpx.get(f"{base}/v1/jobs/{job['id']}").json()
+        again = httpx.get(f"{base}/v1/jobs/{job['id']}", headers=headers).json()
     assert again["status"] == "succeeded" and again["step"] == 60
+    assert key_file.read_text().strip() == key

@@ -13,6 +13,7 @@ import pytest
 import redis
 from sqlalchemy import select
 
+from app.auth.service import get_or_create_user
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs.repository import JobRepository
@@ -39,9 +40,14 @@ def runner(clean_db: Settings, factory) -> JobRunner:
     return JobRunner(clean_db, factory)
 
 
+# The runner's tests submit folder data sets from tmp_path: any path is inside this root.
+SUBMIT_SETTINGS = Settings(data_roots=["/"])
+
+
 def submit(factory, spec: dict) -> uuid.UUID:
     with session_scope(factory) as s:
-        return create_job(s, JobSpec.model_validate(spec))[0].id
+        owner = get_or_create_user(s, "owner")
+        return create_job(s, JobSpec.model_validate(spec), owner=owner, settings=SUBMIT_SETTINGS)[0].id
 
 
 def load(factory, job_id: uuid.UUID) -> tuple[Job, list[MetricPoint], list[Checkpoint]]:
@@ -108,7 +114,7 @@ class TestStopping:
         while load(factory, job_id)[0].step < 20 and time.monotonic() < deadline:
             time.sleep(0.05)
         with session_scope(factory) as s:
-            cancel_job(s, job_id)
+            cancel_job(s, job_id, get_or_create_user(s, "owner"))
         thread.join(timeout=60)
         job, points, ckpts = load(factory, job_id)
         assert job.status == "cancelled"

@@ -1,0 +1,152 @@
+"""Every route x {no key, malformed key, unknown key, revoked key, another tenant's key}: 401 for
+the first four, 404 (never 403) for another tenant's objects, and no byte of the other tenant's
+data in any response. The routes are read from the app's OpenAPI document, so a new route is
+covered when it is added."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import update
+
+from app.config import Settings
+from app.db import make_engine, make_sessionmaker, session_scope
+from app.main import create_app
+from app.models import ApiKey, Checkpoint, MetricPoint, utcnow
+from tests.conftest import MakeUser
+
+PUBLIC = {"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+SECRET_NAME = f"alice-secret-{uuid.uuid4().hex}"
+PAYLOAD = b"alice's weights " + uuid.uuid4().bytes
+
+
+class World:
+    """Alice's job with metrics and a checkpoint; keys of every kind."""
+
+    def __init__(self, settings: Settings, make_user: MakeUser) -> None:
+        self.settings = settings
+        self.alice = make_user("alice")
+        self.bob = make_user("bob")
+        self.admin = make_user("root", admin=True)
+        revoked = make_user("alice")  # a second key of alice's, revoked
+        self.app = create_app(settings)
+        with TestClient(self.app, headers=self.alice.headers) as c:
+            r = c.post("/v1/jobs", json={"name": SECRET_NAME}, headers={"Idempotency-Key": "shared-key"})
+            assert r.status_code == 201, r.text
+            self.job = r.json()
+        job_id = self.job["id"]
+        (settings.checkpoint_root / job_id).mkdir(parents=True, exist_ok=True)
+        (settings.checkpoint_root / job_id / "step-00000010.safetensors").write_bytes(PAYLOAD)
+        self.sha256 = hashlib.sha256(PAYLOAD).hexdigest()
+        with session_scope(make_sessionmaker(make_engine(settings))) as s:
+            s.add(MetricPoint(job_id=uuid.UUID(job_id), step=10, loss=0.123456789, lr=1e-4, images_per_s=1.0))
+            s.add(
+                Checkpoint(
+                    job_id=uuid.UUID(job_id),
+                    step=10,
+                    path=f"{job_id}/step-00000010.safetensors",
+                    size_bytes=len(PAYLOAD),
+                    sha256=self.sha256,
+                    state_path=f"{job_id}/step-00000010.state.safetensors",
+                )
+            )
+            s.execute(update(ApiKey).where(ApiKey.prefix == revoked.prefix).values(revoked_at=utcnow()))
+        self.credentials: dict[str, dict[str, str]] = {
+            "no key": {},
+            "malformed key": {"Authorization": "Bearer ddpm_nope"},
+            "unknown key": {"Authorization": f"Bearer ddpm_{'0' * 8}_{'A' * 43}"},
+            "revoked key": revoked.headers,
+            "other tenant": self.bob.headers,
+        }
+        self.fingerprints = [job_id, SECRET_NAME, self.sha256, "0.123456789", PAYLOAD.decode(errors="replace")]
+
+    def routes(self) -> list[tuple[str, str]]:
+        paths = self.app.openapi()["paths"]
+        return [(m.upper(), path) for path, ops in paths.items() if path not in PUBLIC for m in ops]
+
+    def url(self, path: str, job_id: str | None = None) -> str:
+        return path.replace("{job_id}", job_id or self.job["id"]).replace("{step}", "10")
+
+
+@pytest.fixture
+def world(clean_db: Settings, make_user: MakeUser) -> World:
+    return World(clean_db, make_user)
+
+
+def test_the_matrix_covers_every_route(world: World) -> None:
+    assert set(world.routes()) == {
+        ("POST", "/v1/jobs"),
+        ("GET", "/v1/jobs"),
+        ("GET", "/v1/jobs/{job_id}"),
+        ("POST", "/v1/jobs/{job_id}/cancel"),
+        ("GET", "/v1/jobs/{job_id}/metrics"),
+        ("GET", "/v1/jobs/{job_id}/checkpoints"),
+        ("GET", "/v1/jobs/{job_id}/checkpoints/latest"),
+        ("GET", "/v1/jobs/{job_id}/checkpoints/{step}"),
+    }
+    paths = world.app.openapi()["paths"]
+    for method, path in world.routes():
+        assert not re.search(r"\{(?!job_id\}|step\})", path), f"{method} {path}: teach this test its parameters"
+        assert paths[path][method.lower()]["security"] == [{"HTTPBearer": []}], (method, path)
+    assert {p for p in paths if p in PUBLIC} == {"/healthz", "/readyz"}
+    assert all("security" not in op for p in ("/healthz", "/readyz") for op in paths[p].values())
+
+
+@pytest.mark.parametrize("credential", ["no key", "malformed key", "unknown key", "revoked key"])
+def test_every_route_refuses_a_missing_bad_or_revoked_key_with_401(world: World, credential: str) -> None:
+    wrong = []
+    with TestClient(world.app) as c:
+        for method, path in world.routes():
+            r = c.request(method, world.url(path), headers=world.credentials[credential], json={})
+            if r.status_code != 401 or any(f in r.text for f in world.fingerprints):
+                wrong.append((method, path, r.status_code, r.text[:200]))
+    assert wrong == []
+
+
+def test_another_tenant_gets_404_on_every_job_route_and_sees_nothing(world: World) -> None:
+    """Exactly the answer for a job that does not exist (the id bob sent is all it repeats)."""
+    wrong, unknown = [], str(uuid.uuid4())
+    with TestClient(world.app, headers=world.bob.headers) as c:
+        for method, path in world.routes():
+            if "{job_id}" not in path:
+                continue
+            r = c.request(method, world.url(path))
+            nobody = c.request(method, world.url(path, unknown))
+            same = r.text.replace(world.job["id"], unknown) == nobody.text
+            if r.status_code != 404 or not same or any(f in r.text for f in world.fingerprints[1:]):
+                wrong.append((method, path, r.status_code, r.text[:200]))
+        # Lists show only one's own; another's Idempotency-Key finds nothing of alice's.
+        assert c.get("/v1/jobs").json() == {"items": [], "next_cursor": None}
+        r = c.post("/v1/jobs", json={"name": SECRET_NAME}, headers={"Idempotency-Key": "shared-key"})
+        assert r.status_code == 201 and r.json()["id"] != world.job["id"]
+        listed = c.get("/v1/jobs").json()["items"]
+        assert [j["id"] for j in listed] == [r.json()["id"]]
+    assert wrong == []
+    with TestClient(world.app, headers=world.alice.headers) as c:
+        mine = c.get(f"/v1/jobs/{world.job['id']}").json()
+        assert (mine["status"], mine["cancel_requested"]) == ("queued", False), "bob's cancel did nothing"
+        assert [j["id"] for j in c.get("/v1/jobs").json()["items"]] == [world.job["id"]]
+
+
+def test_the_owner_and_an_admin_see_the_job(world: World) -> None:
+    for who in (world.alice, world.admin):
+        with TestClient(world.app, headers=who.headers) as c:
+            for method, path in world.routes():
+                if method == "GET" and "{job_id}" in path:
+                    r = c.get(world.url(path))
+                    assert r.status_code == 200, (who.user.name, path, r.text)
+            assert world.job["id"] in [j["id"] for j in c.get("/v1/jobs").json()["items"]]
+            assert c.get(world.url("/v1/jobs/{job_id}/checkpoints/latest")).content == PAYLOAD
+    with TestClient(world.app, headers=world.admin.headers) as c:
+        assert c.post(world.url("/v1/jobs/{job_id}/cancel")).json()["status"] == "cancelled"
+
+
+def test_public_routes_need_no_key(world: World) -> None:
+    with TestClient(world.app) as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/readyz").status_code == 200
+        assert c.get("/openapi.json").status_code == 200
