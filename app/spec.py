@@ -130,6 +130,11 @@ class TrainingSpec(_Section):
         500, ge=1, le=10_000_000, description="Steps between checkpoints; the last step always saves one."
     )
     keep_checkpoints: int = Field(3, ge=1, le=1000, description="How many of the newest checkpoints to keep.")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="torch.compile the forward pass and loss: `auto` = on for CUDA, off for CPU (compiling takes "
+        "minutes there); if compilation fails the job trains without it.",
+    )
 
 
 class JobSpec(_Section):

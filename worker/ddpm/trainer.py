@@ -5,14 +5,20 @@ backward -> clip -> optimizer step -> zero_grad -> EMA update -> (every log_ever
 -> (every checkpoint_every, and at the end) checkpoint. Progress leaves through a `TrainingSink`,
 so this module knows nothing about databases or queues.
 
-Every CPU-GPU synchronisation is marked with ``# SYNC``: they decide the speed on a GPU.
+Every CPU-GPU synchronisation is marked with ``# SYNC``: they decide the speed on a GPU. A step
+has none: the loss is summed on the device and read once per metric point, a NaN/inf step is
+skipped by masking (fused AdamW's `found_inf`, a zero EMA weight) rather than by a host branch, and
+checkpoint files are serialised and fsynced on a background thread. On CUDA the forward pass runs
+in bf16 autocast with TF32 matmuls, channels_last and `torch.compile` (`training.compile`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +32,8 @@ from worker.ddpm.checkpoint import TrainingState, load_state, state_path_for, wr
 from worker.ddpm.data import BatchIndexer, load_images, to_model_range
 from worker.ddpm.model import build_unet, unet_config
 from worker.ddpm.schedule import NoiseSchedule
+
+log = logging.getLogger(__name__)
 
 # EMA warm-up (diffusers EMAModel, use_ema_warmup): decay_k = min(ema_decay, 1 - (1 + k)^-power).
 # power 3/4 suits runs of up to ~100k steps (0.999 reached at 10k steps); it is what diffusers'
@@ -99,14 +107,92 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-@dataclass
 class _Window:
-    """What the loop accumulates between metric points (saved with the state, for exact resume)."""
+    """What the loop accumulates between metric points, kept on the device so that a step never
+    waits for the host; read once per metric point or checkpoint (and saved with the state, for
+    exact resume)."""
 
-    loss_sum: torch.Tensor  # 0-d, on the device: summing there avoids a sync per step
-    loss_count: int = 0
-    nonfinite_streak: int = 0
-    nonfinite_total: int = 0
+    def __init__(self, dev: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=dev)  # sum of the finite losses since the last point
+        self.loss_count = torch.zeros((), dtype=torch.int64, device=dev)  # finite steps since the last point
+        self.nonfinite_streak = torch.zeros((), dtype=torch.int64, device=dev)  # consecutive skipped steps
+        self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=dev)
+        self.failed_at = torch.zeros((), dtype=torch.int64, device=dev)  # step the streak hit the limit; 0: never
+
+    def add(self, step: int, loss: torch.Tensor, finite: torch.Tensor, max_nonfinite: int) -> None:
+        """Count one step; `finite` (0-d bool) says whether its update was applied."""
+        self.loss_sum.add_(torch.where(finite, loss, 0.0))
+        self.loss_count.add_(finite)
+        self.nonfinite_streak.add_(1).mul_(finite.logical_not())
+        self.nonfinite_total.add_(finite.logical_not())
+        self.failed_at.masked_fill_((self.nonfinite_streak >= max_nonfinite) & (self.failed_at == 0), step)
+
+    def read(self) -> _WindowValues:
+        # SYNC: one host read of the window's accumulators (waits for the device to finish the window).
+        mean = self.loss_sum / self.loss_count  # NaN when every step of the window was skipped
+        counters = (self.loss_count, self.nonfinite_streak, self.nonfinite_total, self.failed_at)
+        mean_value, *rest = torch.stack([mean.double(), *(c.double() for c in counters)]).tolist()
+        count, streak, total, failed_at = (int(v) for v in rest)
+        return _WindowValues(mean_value, count, streak, total, failed_at)
+
+    def start_next(self) -> None:
+        self.loss_sum.zero_()
+        self.loss_count.zero_()
+
+    def restore(self, loss_sum: torch.Tensor, values: dict[str, int]) -> None:
+        self.loss_sum.copy_(loss_sum)
+        self.loss_count.fill_(values["loss_count"])
+        self.nonfinite_streak.fill_(values["nonfinite_streak"])
+        self.nonfinite_total.fill_(values["nonfinite_total"])
+
+
+@dataclass(frozen=True)
+class _WindowValues:
+    mean_loss: float
+    loss_count: int
+    nonfinite_streak: int
+    nonfinite_total: int
+    failed_at: int  # 0 unless the streak of skipped steps reached max_nonfinite
+
+
+class _DeviceEMA:
+    """diffusers' `EMAModel` update, with the update count on the device.
+
+    A skipped (non-finite) step must not advance the EMA; keeping the count on the device lets the
+    update be masked (weight 0) instead of branched on with a host read. The decay follows
+    EMAModel.get_decay with use_ema_warmup: 0 for the first update, then min(ema_decay,
+    1 - k^-power) for the k-th. `ema` stays the state's container, so checkpoints keep EMAModel's
+    state_dict format.
+    """
+
+    def __init__(self, ema: EMAModel, params: list[torch.nn.Parameter], decay: float, dev: torch.device) -> None:
+        self.ema, self.params, self.decay = ema, params, decay
+        self.updates = torch.full((), float(ema.optimization_step), dtype=torch.float64, device=dev)
+
+    @torch.no_grad()
+    def step(self, finite: torch.Tensor) -> None:
+        self.updates.add_(finite)  # k, this update included when it applies
+        warm = self.updates - 1  # EMAModel: step = optimization_step - 1
+        decay = torch.where(warm > 0, (1 - (1 + warm) ** -EMA_POWER).clamp(max=self.decay), 0.0)
+        weight = ((1 - decay) * finite).float()  # 0 for a skipped step: the shadow stays exactly as it was
+        delta = torch._foreach_sub(self.params, self.ema.shadow_params)  # p - s
+        torch._foreach_mul_(delta, weight)
+        torch._foreach_add_(self.ema.shadow_params, delta)  # s + w (p - s)
+
+    def sync_to_host(self) -> None:
+        # SYNC: the update count, for EMAModel's state_dict (checkpoints only).
+        self.ema.optimization_step = int(self.updates.item())
+
+
+def _use_compile(cfg: TrainingSpec, dev: torch.device) -> bool:
+    if cfg.compile == "auto":
+        return dev.type == "cuda"
+    return cfg.compile == "on"
+
+
+def _memory_format(dev: torch.device) -> torch.memory_format:
+    """channels_last on CUDA (tensor-core convolutions want NHWC); on CPU it measured no faster here."""
+    return torch.channels_last if dev.type == "cuda" else torch.contiguous_format
 
 
 def train(
@@ -133,99 +219,184 @@ def train(
     cfg = spec.training
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    layout = _memory_format(dev)
 
     # Data: the whole set on the device as uint8; a batch is an index gather, no host copy.
     images = load_images(spec.dataset).to(dev)  # (N, C, H, W) uint8
     batches = BatchIndexer(len(images), cfg.batch_size, derive_seed(cfg.seed, "batches"), dev)
     schedule = NoiseSchedule(spec.diffusion).to(dev)
 
-    # Model, optimizer, EMA, noise generator.
+    # Model, optimizer, EMA, noise generator. Fused AdamW (CPU and CUDA): one kernel per step, and
+    # its `found_inf` input skips a non-finite step on the device (see the update below).
     torch.manual_seed(cfg.seed)
-    unet = build_unet(spec).to(dev).train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=on_cuda)
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=EMA_POWER, foreach=True)
+    unet = build_unet(spec).to(dev, memory_format=layout).train()
+    params = list(unet.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
+    skip = torch.zeros((), device=dev)  # 1.0 while the current step's loss or gradient is NaN/inf
+    optimizer.found_inf = skip  # read by AdamW.step(): the fused kernel leaves everything as it was
+    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=EMA_POWER, foreach=True)
     noise = torch.Generator(dev).manual_seed(derive_seed(cfg.seed, "noise"))  # draws t and eps
-    window = _Window(loss_sum=torch.zeros((), device=dev))
+    window = _Window(dev)
     step = 0  # optimizer steps done so far
     if resume_from is not None:
         step = _restore(Path(resume_from), spec, unet, optimizer, ema, noise, window, dev)
+    ema_update = _DeviceEMA(ema, params, cfg.ema_decay, dev)
 
     # bf16 autocast for the forward pass on CUDA; the loss is computed in fp32. CPU stays fp32.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
-    last_loss: float | None = None
-    window_start, window_images = time.perf_counter(), 0
 
-    while step < cfg.steps:
-        step += 1
-
-        # Learning rate for this step.
-        lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        # Batch: clean images, a timestep per image, Gaussian noise; x_t by eq. 4 of Ho et al. 2020.
-        x0 = to_model_range(images[batches.indices(step - 1)])  # (B, C, H, W) in [-1, 1]
-        t = torch.randint(0, spec.diffusion.timesteps, (x0.shape[0],), generator=noise, device=dev)  # (B,)
-        eps = torch.randn(x0.shape, generator=noise, device=dev)  # (B, C, H, W)
-        x_t = schedule.add_noise(x0, eps, t)  # (B, C, H, W)
-
-        # Forward / backward.
+    def forward_loss(x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with autocast:
             prediction = unet(x_t, t).sample  # (B, C, H, W)
-        loss = F.mse_loss(prediction.float(), schedule.target(x0, eps, t))
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        return F.mse_loss(prediction.float(), target)
 
-        # Update, unless the loss or gradient is NaN/inf: skipping keeps weights, optimizer moments
-        # and EMA clean. SYNC: one host read per step; the only way to skip AdamW's update exactly
-        # (zeroed gradients would still move the weights through the moments).
-        if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+    loss_of = torch.compile(forward_loss) if _use_compile(cfg, dev) else forward_loss
+    compile_checked = loss_of is forward_loss
+
+    writer = _CheckpointWriter(checkpoint_dir, unet_config(spec))
+    last_loss: float | None = None
+    window_start, window_images = time.perf_counter(), 0
+    try:
+        while step < cfg.steps:
+            step += 1
+
+            # Learning rate for this step.
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # Batch: clean images, a timestep per image, Gaussian noise; x_t by eq. 4 of Ho et al. 2020.
+            x0 = to_model_range(images[batches.indices(step - 1)])  # (B, C, H, W) in [-1, 1]
+            t = torch.randint(0, spec.diffusion.timesteps, (x0.shape[0],), generator=noise, device=dev)  # (B,)
+            eps = torch.randn(x0.shape, generator=noise, device=dev)  # (B, C, H, W)
+            x_t = schedule.add_noise(x0, eps, t).contiguous(memory_format=layout)  # (B, C, H, W)
+            target = schedule.target(x0, eps, t)  # (B, C, H, W)
+
+            # Forward / backward (compiled on CUDA; the first call compiles, and falls back to eager if that fails).
+            if compile_checked:
+                loss = loss_of(x_t, t, target)
+                loss.backward()
+            else:
+                try:
+                    loss = loss_of(x_t, t, target)
+                    loss.backward()
+                except Exception as exc:
+                    log.warning("torch.compile failed (%s: %s); training without compilation", type(exc).__name__, exc)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_of = forward_loss
+                    loss = loss_of(x_t, t, target)
+                    loss.backward()
+                compile_checked = True
+            loss = loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+
+            # Update, unless the loss or gradient is NaN/inf: skipping keeps weights, optimizer moments
+            # and EMA clean. No host read: the fused AdamW kernel skips itself when `found_inf` is 1
+            # (and undoes its step count), the EMA update gets weight 0, and the streak of skipped
+            # steps is checked at the next metric point or checkpoint.
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)  # 0-d bool, on the device
+            skip.copy_(finite.logical_not())
             optimizer.step()
-            ema.step(unet.parameters())
-            window.loss_sum += loss.detach()
-            window.loss_count += 1
-            window.nonfinite_streak = 0
-        else:
-            window.nonfinite_streak += 1
-            window.nonfinite_total += 1
-            if window.nonfinite_streak >= max_nonfinite:
+            ema_update.step(finite)
+            window.add(step, loss, finite, max_nonfinite)
+            optimizer.zero_grad(set_to_none=True)
+            window_images += x0.shape[0]
+
+            log_now = step % cfg.log_every == 0 or step == cfg.steps
+            checkpoint_now = step % cfg.checkpoint_every == 0 or step == cfg.steps
+            if not (log_now or checkpoint_now):
+                continue
+            values = window.read()  # SYNC (see _Window.read)
+            if values.failed_at:
                 raise NonFiniteLossError(
-                    f"non-finite loss at step {step} ({window.nonfinite_streak} consecutive steps skipped; "
+                    f"non-finite loss at step {values.failed_at} ({max_nonfinite} consecutive steps skipped; "
                     "lower training.learning_rate or training.grad_clip, or check the data)"
                 )
-        optimizer.zero_grad(set_to_none=True)
-        window_images += x0.shape[0]
+            # The previous checkpoint is committed (its files are whole by now) before anything newer
+            # is reported. A stop there ends the run at that checkpoint's step.
+            wait_start = time.perf_counter()
+            previous = writer.take()
+            window_start += time.perf_counter() - wait_start  # keep checkpoint writes out of images/s
+            if previous is not None:
+                try:
+                    sink.on_checkpoint(previous)
+                except StopTraining:
+                    return TrainResult(final_step=previous.step, last_loss=last_loss, stopped=True)
 
-        # Metric point.
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            # SYNC: reading the accumulated loss waits for the device to finish the window.
-            mean = (window.loss_sum / window.loss_count).item() if window.loss_count else float("nan")
-            now = time.perf_counter()
-            point = MetricPoint(step=step, loss=mean, lr=lr, images_per_s=window_images / (now - window_start))
-            window.loss_sum.zero_()
-            window.loss_count = 0
-            window_start, window_images = now, 0
-            last_loss = mean
-            try:
-                sink.on_log(point)
-            except StopTraining as stop:
-                if stop.checkpoint:
-                    saved = _save(checkpoint_dir, spec, step, unet, optimizer, ema, noise, window, dev)
-                    with contextlib.suppress(StopTraining):
+            # Metric point.
+            if log_now:
+                now = time.perf_counter()
+                point = MetricPoint(
+                    step=step, loss=values.mean_loss, lr=lr, images_per_s=window_images / (now - window_start)
+                )
+                window.start_next()
+                values = _WindowValues(float("nan"), 0, values.nonfinite_streak, values.nonfinite_total, 0)
+                window_start, window_images = now, 0
+                last_loss = point.loss
+                try:
+                    sink.on_log(point)
+                except StopTraining as stop:
+                    if stop.checkpoint:
+                        writer.submit(_snapshot(spec, step, unet, optimizer, ema_update, noise, window, values, dev))
+                        saved = writer.take()
+                        assert saved is not None
+                        with contextlib.suppress(StopTraining):
+                            sink.on_checkpoint(saved)
+                    return TrainResult(final_step=step, last_loss=last_loss, stopped=True)
+
+            # Checkpoint: tensors copied here, files written in the background; the sink hears of it
+            # at the next metric point or checkpoint, or below when this is the last step.
+            if checkpoint_now:
+                save_start = time.perf_counter()
+                writer.submit(_snapshot(spec, step, unet, optimizer, ema_update, noise, window, values, dev))
+                if step == cfg.steps:
+                    saved = writer.take()
+                    assert saved is not None
+                    try:
                         sink.on_checkpoint(saved)
-                return TrainResult(final_step=step, last_loss=last_loss, stopped=True)
-
-        # Checkpoint.
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_start = time.perf_counter()
-            saved = _save(checkpoint_dir, spec, step, unet, optimizer, ema, noise, window, dev)
-            window_start += time.perf_counter() - save_start  # keep saving out of images/s
-            try:
-                sink.on_checkpoint(saved)
-            except StopTraining:
-                return TrainResult(final_step=step, last_loss=last_loss, stopped=True)
+                    except StopTraining:
+                        return TrainResult(final_step=step, last_loss=last_loss, stopped=True)
+                window_start += time.perf_counter() - save_start  # keep saving out of images/s
+    finally:
+        writer.close()
 
     return TrainResult(final_step=step, last_loss=last_loss, stopped=False)
+
+
+class _CheckpointWriter:
+    """Serialises and writes one checkpoint at a time on a background thread.
+
+    The training thread hands over host copies of the tensors (`_snapshot`) and goes on training;
+    `take()` waits for the write and returns what was written (re-raising a failed write), so the
+    caller tells the sink only about whole files. A second `submit` waits for the first to be taken.
+    """
+
+    def __init__(self, checkpoint_dir: Path, config: dict[str, Any]) -> None:
+        self.checkpoint_dir, self.config = checkpoint_dir, config
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending: Future[SavedCheckpoint] | None = None
+
+    def submit(self, snapshot: tuple[dict[str, torch.Tensor], TrainingState]) -> None:
+        assert self._pending is None, "take() the previous checkpoint first"
+        self._pending = self._pool.submit(self._write, *snapshot)
+
+    def take(self) -> SavedCheckpoint | None:
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else None
+
+    def close(self) -> None:
+        """Wait for a write still running (so no file appears after `train` returns)."""
+        self._pool.shutdown(wait=True)
+
+    def _write(self, served: dict[str, torch.Tensor], state: TrainingState) -> SavedCheckpoint:
+        written = write_checkpoint(self.checkpoint_dir, served_weights=served, unet_config=self.config, state=state)
+        return SavedCheckpoint(
+            step=state.step,
+            path=written.path,
+            sha256=written.sha256,
+            size_bytes=written.size_bytes,
+            state_path=written.state_path,
+        )
 
 
 def ema_state_dict(unet: torch.nn.Module, ema: EMAModel) -> dict[str, torch.Tensor]:
@@ -242,48 +413,59 @@ def _rng_states(noise: torch.Generator, dev: torch.device) -> dict[str, torch.Te
     return rng
 
 
-def _save(
-    checkpoint_dir: Path,
+def _host_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies on the host that training can no longer change (on CPU, `.to("cpu")` alone would alias)."""
+    return {name: t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for name, t in tensors.items()}
+
+
+def _snapshot(
     spec: JobSpec,
     step: int,
     unet: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    ema: EMAModel,
+    ema_update: _DeviceEMA,
     noise: torch.Generator,
     window: _Window,
+    values: _WindowValues,
     dev: torch.device,
-) -> SavedCheckpoint:
-    # SYNC: copying the weights and optimizer state to the host.
+) -> tuple[dict[str, torch.Tensor], TrainingState]:
+    """What a checkpoint writes (served EMA weights, training state), copied to the host."""
+    # SYNC: copying the weights, optimizer moments and EMA to the host (and the EMA's update count).
+    ema_update.sync_to_host()
+    ema = ema_update.ema
+    optimizer_state = optimizer.state_dict()  # references to the live moments: copied below
+    ema_state = ema.state_dict()
     state = TrainingState(
         step=step,
         spec_json=spec.model_dump_json(),
-        model=unet.state_dict(),
-        optimizer=optimizer.state_dict(),
-        ema=ema.state_dict(),
+        model=_host_copy(unet.state_dict()),
+        optimizer={
+            "state": {index: _host_copy(s) for index, s in optimizer_state["state"].items()},
+            "param_groups": optimizer_state["param_groups"],
+        },
+        ema=ema_state | {"shadow_params": list(_host_copy(dict(enumerate(ema_state["shadow_params"]))).values())},
         rng=_rng_states(noise, dev),
-        tensors={"loss_sum": window.loss_sum},
+        tensors=_host_copy({"loss_sum": window.loss_sum}),
         values={
-            "loss_count": window.loss_count,
-            "nonfinite_streak": window.nonfinite_streak,
-            "nonfinite_total": window.nonfinite_total,
+            "loss_count": values.loss_count,
+            "nonfinite_streak": values.nonfinite_streak,
+            "nonfinite_total": values.nonfinite_total,
         },
     )
-    written = write_checkpoint(
-        checkpoint_dir, served_weights=ema_state_dict(unet, ema), unet_config=unet_config(spec), state=state
-    )
-    return SavedCheckpoint(
-        step=step,
-        path=written.path,
-        sha256=written.sha256,
-        size_bytes=written.size_bytes,
-        state_path=written.state_path,
-    )
+    return _host_copy(ema_state_dict(unet, ema)), state
 
 
 # Spec fields that may change between a checkpoint and its resume: none of them changes what
 # the next step computes (more steps extend a run; logging and checkpoint cadence are reporting).
 _RESUMABLE_CHANGES = frozenset(
-    {"name", "training.steps", "training.log_every", "training.checkpoint_every", "training.keep_checkpoints"}
+    {
+        "name",
+        "training.steps",
+        "training.log_every",
+        "training.checkpoint_every",
+        "training.keep_checkpoints",
+        "training.compile",  # the same computation, compiled or not
+    }
 )
 
 
@@ -326,14 +508,21 @@ def _restore(
     optimizer.load_state_dict({"state": state.optimizer["state"], "param_groups": groups})  # moves state to dev
     ema.load_state_dict(state.ema)
     ema.to(dev)
+    params = list(unet.parameters())
+    ema.shadow_params = [_like(shadow, param) for shadow, param in zip(ema.shadow_params, params, strict=True)]
+    for param in params:  # fused AdamW wants the moments in the parameters' memory format
+        moments = optimizer.state[param]
+        moments.update({k: _like(v, param) for k, v in moments.items() if k != "step"})
 
     torch.set_rng_state(state.rng["torch"])
     if dev.type == "cuda" and "cuda" in state.rng:
         torch.cuda.set_rng_state(state.rng["cuda"], dev)
     noise.set_state(state.rng["noise"])
 
-    window.loss_sum.copy_(state.tensors["loss_sum"])
-    window.loss_count = state.values["loss_count"]
-    window.nonfinite_streak = state.values["nonfinite_streak"]
-    window.nonfinite_total = state.values["nonfinite_total"]
+    window.restore(state.tensors["loss_sum"], state.values)
     return state.step
+
+
+def _like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`tensor` (loaded contiguous) in `param`'s memory format (channels_last on CUDA)."""
+    return torch.empty_like(param).copy_(tensor)

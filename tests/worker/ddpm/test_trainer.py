@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,11 +10,12 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from app.spec import JobSpec
 from worker.ddpm import trainer
 from worker.ddpm.checkpoint import load_state
-from worker.ddpm.trainer import MetricPoint, NonFiniteLossError, TrainResult, learning_rate, train
+from worker.ddpm.trainer import MetricPoint, NonFiniteLossError, SavedCheckpoint, TrainResult, learning_rate, train
 
 SpecFactory = Callable[..., JobSpec]
 
@@ -195,3 +197,143 @@ class TestNonFinite:
         monkeypatch.setattr(trainer, "to_model_range", _NaNOnSteps(None))
         with pytest.raises(NonFiniteLossError, match=r"^non-finite loss at step 3 "):
             train(tiny_spec(), tmp_path, make_sink(), device="cpu", max_nonfinite=3)
+
+    def test_a_streak_is_caught_at_the_next_metric_point_naming_the_step_it_reached_the_limit(
+        self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(trainer, "to_model_range", _NaNOnSteps({2, 3, 4}))
+        sink = make_sink()
+        spec = tiny_spec(training={"steps": 12, "log_every": 5, "checkpoint_every": 100})
+        with pytest.raises(NonFiniteLossError, match=r"^non-finite loss at step 4 \(3 consecutive"):
+            train(spec, tmp_path, sink, device="cpu", max_nonfinite=3)
+        assert sink.points == [] and sink.checkpoints == []  # found at step 5, before its point
+
+    def test_a_streak_is_caught_before_a_checkpoint_is_saved(
+        self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(trainer, "to_model_range", _NaNOnSteps({1, 2}))
+        sink = make_sink()
+        spec = tiny_spec(training={"steps": 12, "log_every": 10, "checkpoint_every": 3})
+        with pytest.raises(NonFiniteLossError, match=r"^non-finite loss at step 2 "):
+            train(spec, tmp_path, sink, device="cpu", max_nonfinite=2)
+        assert list(tmp_path.iterdir()) == []
+
+    def test_a_broken_streak_resets(
+        self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(trainer, "to_model_range", _NaNOnSteps({1, 2, 4, 5}))
+        sink = make_sink()
+        result = train(tiny_spec(training={"steps": 6, "log_every": 6}), tmp_path, sink, device="cpu", max_nonfinite=3)
+        assert result.final_step == 6 and sink.points[0].loss == sink.points[0].loss  # steps 3 and 6 counted
+        assert load_state(sink.checkpoints[-1].state_path).values["nonfinite_total"] == 4
+
+
+class _CountHostReads(TorchDispatchMode):
+    """Counts `aten._local_scalar_dense`: what `.item()`, `bool(tensor)` and `float(tensor)` run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+class TestFastPath:
+    def test_no_host_read_per_step(self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any) -> None:
+        spec = tiny_spec(training={"steps": 8, "log_every": 8, "checkpoint_every": 8})
+        with _CountHostReads() as counter:
+            train(spec, tmp_path, make_sink(), device="cpu")
+        assert counter.reads == 1  # the EMA's update count, for the one checkpoint (the window is read by .tolist())
+
+    def test_a_failed_compile_falls_back_to_eager_with_the_same_losses(
+        self,
+        tmp_path: Path,
+        tiny_spec: SpecFactory,
+        make_sink: Any,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        eager, compiled = make_sink(), make_sink()
+        train(tiny_spec(training={"compile": "off"}), tmp_path / "eager", eager, device="cpu")
+
+        def broken_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*args: Any) -> Any:
+                raise RuntimeError("inductor: no C++ compiler")
+
+            return call
+
+        monkeypatch.setattr(torch, "compile", broken_compile)
+        train(tiny_spec(training={"compile": "on"}), tmp_path / "compiled", compiled, device="cpu")
+        assert [_no_rate(p) for p in compiled.points] == [_no_rate(p) for p in eager.points]
+        assert "torch.compile failed (RuntimeError: inductor: no C++ compiler); training without compilation" in (
+            caplog.text
+        )
+
+    def test_compile_auto_is_off_on_cpu(self, tiny_spec: SpecFactory) -> None:
+        cfg = tiny_spec().training
+        assert cfg.compile == "auto"
+        assert not trainer._use_compile(cfg, torch.device("cpu"))
+        assert trainer._use_compile(cfg, torch.device("cuda"))
+        assert trainer._use_compile(tiny_spec(training={"compile": "on"}).training, torch.device("cpu"))
+
+    def test_channels_last_resumes_exactly(
+        self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The CUDA layout, exercised on CPU: resumed moments and EMA take the parameters' layout."""
+        monkeypatch.setattr(trainer, "_memory_format", lambda dev: torch.channels_last)
+        spec = tiny_spec(training={"steps": 6, "checkpoint_every": 3})
+        whole, first, second = make_sink(), make_sink(stop_on_checkpoint_at=3), make_sink()
+        train(spec, tmp_path / "whole", whole, device="cpu")
+        train(spec, tmp_path / "split", first, device="cpu")
+        train(spec, tmp_path / "split", second, device="cpu", resume_from=first.checkpoints[-1].path)
+        assert [_no_rate(p) for p in first.points + second.points] == [_no_rate(p) for p in whole.points]
+        assert second.checkpoints[-1].sha256 == whole.checkpoints[-1].sha256
+
+
+class _CheckingSink:
+    """Records, at the moment the trainer reports a checkpoint, whether its files are whole."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, bool]] = []
+
+    def on_log(self, point: MetricPoint) -> None:
+        pass
+
+    def on_checkpoint(self, saved: SavedCheckpoint) -> None:
+        data = saved.path.read_bytes()
+        whole = hashlib.sha256(data).hexdigest() == saved.sha256 and len(data) == saved.size_bytes
+        self.seen.append((saved.step, whole and load_state(saved.state_path).step == saved.step))
+
+
+class TestBackgroundCheckpoints:
+    def test_reported_only_once_the_files_are_whole(self, tmp_path: Path, tiny_spec: SpecFactory) -> None:
+        sink = _CheckingSink()
+        train(tiny_spec(training={"steps": 9, "log_every": 4, "checkpoint_every": 2}), tmp_path, sink, device="cpu")
+        assert sink.seen == [(2, True), (4, True), (6, True), (8, True), (9, True)]
+
+    def test_the_saved_state_is_the_state_of_its_step(
+        self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any
+    ) -> None:
+        """Training goes on while the writer serialises: the files must still hold step 3's tensors."""
+        spec = tiny_spec(training={"steps": 6, "log_every": 3, "checkpoint_every": 3})
+        longer, shorter = make_sink(), make_sink()
+        train(spec, tmp_path / "longer", longer, device="cpu")
+        train(tiny_spec(training={"steps": 3, "log_every": 3}), tmp_path / "shorter", shorter, device="cpu")
+        at_3, alone = longer.checkpoints[0], shorter.checkpoints[-1]  # the files' spec metadata differ (steps)
+        _assert_same_tensors(load_file(at_3.path), load_file(alone.path))
+        _assert_same_tensors(load_state(at_3.state_path).model, load_state(alone.state_path).model)
+
+    def test_a_failed_write_fails_training(
+        self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        def disk_full(*args: Any, **kwargs: Any) -> Any:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(trainer, "write_checkpoint", disk_full)
+        sink = make_sink()
+        with pytest.raises(OSError, match="No space left on device"):
+            train(tiny_spec(), tmp_path, sink, device="cpu")
+        assert sink.checkpoints == []
