@@ -24,11 +24,11 @@ FLOAT_BYTES = 4  # training runs in float32
 BYTES_PER_PARAMETER = 5 * FLOAT_BYTES
 # Activations kept for the backward pass, in feature maps of the block's size (C x H x W), per
 # image. Rough counts for diffusers' blocks: a ResnetBlock2D keeps about 8 (two GroupNorms,
-# two SiLUs, two convolutions, dropout, the residual sum); a single-head attention block about 6
-# (norm, q, k, v, output, residual) plus 2 maps of (H*W)^2 (scores and softmax).
+# two SiLUs, two convolutions, dropout, the residual sum); an attention block about 6 (norm, q,
+# k, v, output, residual). Its (H*W)^2 score matrix is not counted: diffusers' attention runs
+# through torch's scaled_dot_product_attention, whose fused CUDA kernels never store it.
 RESNET_MAPS = 8
 ATTENTION_MAPS = 6
-ATTENTION_SCORE_MAPS = 2
 
 
 @dataclass
@@ -151,7 +151,7 @@ def unet_parameter_count(spec: JobSpec) -> int:
 
 def activation_bytes_per_image(spec: JobSpec) -> int:
     """A rough estimate (within a factor of about 2) of the activation memory one training image
-    takes: every block's saved feature maps, and each attention level's (H*W)^2 score maps."""
+    takes on the GPU: the feature maps every block keeps for the backward pass."""
     m, d = spec.model, spec.dataset
     assert m.channels is not None and m.layers_per_block is not None and m.attention_resolutions is not None
     n, floats = m.layers_per_block, 0
@@ -162,7 +162,7 @@ def activation_bytes_per_image(spec: JobSpec) -> int:
         resnets = 2 * n + 1 + (2 if mid else 0)  # down n, up n + 1
         attentions = (2 * n + 1 if size in m.attention_resolutions else 0) + (1 if mid else 0)
         floats += resnets * RESNET_MAPS * c * pixels
-        floats += attentions * (ATTENTION_MAPS * c * pixels + ATTENTION_SCORE_MAPS * pixels * pixels)
+        floats += attentions * ATTENTION_MAPS * c * pixels
     return floats * FLOAT_BYTES
 
 
