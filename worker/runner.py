@@ -165,8 +165,9 @@ class JobRunner:
         claimed = self._retry_db(lambda: self._claim(job_id))
         if claimed is None:
             return "skipped"
-        attempt, spec, resume_from, cancel_requested = claimed
+        attempt, spec, resume_from, cancel_requested, committed = claimed
         log.info("job %s: attempt %d claimed by %s (resume from %s)", job_id, attempt, self.worker_name, resume_from)
+        self._collect_garbage(job_id, committed)
         if cancel_requested:
             self._finish(job_id, attempt, status=JobStatus.cancelled)
             return "cancelled"
@@ -222,7 +223,7 @@ class JobRunner:
         return "succeeded"
 
     # --- database steps -------------------------------------------------------------------
-    def _claim(self, job_id: uuid.UUID) -> tuple[int, JobSpec, Path | None, bool] | None:
+    def _claim(self, job_id: uuid.UUID) -> tuple[int, JobSpec, Path | None, bool, set[str]] | None:
         with session_scope(self.sessionmaker) as session:
             repo = JobRepository(session)
             attempt = repo.claim(job_id, self.worker_name)
@@ -233,13 +234,27 @@ class JobRunner:
                 return None
             job = repo.get(job_id)
             assert job is not None
-            latest = CheckpointRepository(session).latest(job_id)
+            rows = CheckpointRepository(session).list(job_id)
+            latest = rows[-1] if rows else None
             resume_step = latest.step if latest else 0
             # The steps after the checkpoint are re-done by this attempt: their old points go.
             repo.drop_metrics_after(job_id, resume_step)
             repo.fenced_update(job_id, attempt, step=resume_step)
             resume_from = self.store.resolve(latest.path) if latest else None
-            return attempt, JobSpec.model_validate(job.spec), resume_from, job.cancel_requested
+            committed = {path for row in rows for path in (row.path, row.state_path)}
+            return attempt, JobSpec.model_validate(job.spec), resume_from, job.cancel_requested, committed
+
+    def _collect_garbage(self, job_id: uuid.UUID, committed: set[str]) -> None:
+        """Files of earlier attempts that no row points at (a write cut short by a crash, a
+        checkpoint whose row never committed) are garbage (invariant 3): delete them. Claimed
+        attempts are fenced, so no live writer can still need them."""
+        job_root = self.settings.checkpoint_root / str(job_id)
+        if not job_root.is_dir():
+            return
+        for path in job_root.rglob("*"):
+            if path.is_file() and self.store.relative(path) not in committed:
+                log.info("job %s: removing %s (no checkpoint row points at it)", job_id, path.name)
+                path.unlink(missing_ok=True)
 
     def _finish(self, job_id: uuid.UUID, attempt: int, *, status: JobStatus, **values: object) -> None:
         def write() -> None:
