@@ -193,7 +193,7 @@ def test_kill_in_the_middle_of_a_checkpoint_write(
     log = tmp_path / "worker.log"
     job_dir = clean_db.checkpoint_root / job_id / "attempt-1"
     with process(worker_argv(), chaos_env, log) as worker:
-        wait_until(api, job_id, lambda j: j["step"] >= 2 and any(True for _ in job_dir.glob("step-*")), 300, [log])
+        wait_until(api, job_id, lambda j: last_checkpoint_step(api, job_id) >= 2, 300, [log])
         deadline = time.monotonic() + 300
         while not any(job_dir.glob(".step-*.tmp")):
             assert time.monotonic() < deadline, log.read_text()[-3000:]
