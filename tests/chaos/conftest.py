@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
-from tests.conftest import ARTIFACTS, PG_ADMIN_URL, REDIS_URL
+from tests.conftest import ARTIFACTS, PG_ADMIN_URL, REDIS_URL, MakeUser
 
 REPORT: dict[str, list[dict]] = {}
 
@@ -53,8 +53,8 @@ def chaos_env(settings_env: dict[str, str]) -> dict[str, str]:
 
 
 @pytest.fixture
-def api(clean_db: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(clean_db)) as client:
+def api(clean_db: Settings, make_user: MakeUser) -> Iterator[TestClient]:
+    with TestClient(create_app(clean_db), headers=make_user("chaos").headers) as client:
         yield client
 
 

@@ -25,6 +25,7 @@ from tests.chaos.conftest import (
     start_redis,
     wait_until,
 )
+from tests.conftest import MakeUser
 from tests.e2e.conftest import api_argv, free_port, process, wait_ready, worker_argv
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
@@ -187,7 +188,7 @@ def test_kill_in_the_middle_of_a_checkpoint_write(
     body = {
         "dataset": {"image_size": 32, "channels": 3},
         "model": {"preset": "ddpm-cifar10"},
-        "training": {"steps": 20, "batch_size": 2, "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 5},
+        "training": {"steps": 6, "batch_size": 2, "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 5},
     }
     job_id = submit(api, body)
     log = tmp_path / "worker.log"
@@ -208,16 +209,26 @@ def test_kill_in_the_middle_of_a_checkpoint_write(
         r = api.get(f"/v1/jobs/{job_id}/checkpoints/{row['step']}")
         assert r.status_code == 200
         assert hashlib.sha256(r.content).hexdigest() == row["sha256"]
-    record("kill -9 during a checkpoint write", partial_files=len(partial), rows_intact=len(rows), finished=0)
+    # The next attempt resumes from the intact checkpoint, removes the partial file, finishes.
+    log2 = tmp_path / "worker-2.log"
+    with process(worker_argv(), chaos_env, log2):
+        job = wait_until(api, job_id, lambda j: j["status"] in FINISHED, 600, [log2])
+    assert (job["status"], job["attempt"], job["step"]) == ("succeeded", 2, 6)
+    assert not any(p.exists() for p in partial), "garbage from the killed write was left behind"
+    assert_history_is_whole(api, job_id, clean_db, total=6, every=1)
+    record("kill -9 during a checkpoint write", partial_files=len(partial), rows_intact=len(rows), finished=1)
 
 
-def test_100_concurrent_posts_with_20_keys_create_20_jobs(settings_env: dict[str, str], clean_db, tmp_path) -> None:
+def test_100_concurrent_posts_with_20_keys_create_20_jobs(
+    settings_env: dict[str, str], clean_db: Settings, make_user: MakeUser, tmp_path: Path
+) -> None:
     port = free_port()
     log = tmp_path / "api.log"
-    with process(api_argv(), settings_env | {"DDPM_PORT": str(port)}, log) as proc:
+    env = settings_env | {"DDPM_PORT": str(port), "DDPM_MAX_QUEUED_JOBS_PER_USER": "20"}
+    with process(api_argv(), env, log) as proc:
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, proc, log)
-        with httpx.Client(base_url=base, timeout=60) as client:
+        with httpx.Client(base_url=base, timeout=60, headers=make_user("submitter").headers) as client:
 
             def post(i: int) -> tuple[int, str]:
                 key = f"chaos-{i % 20}"
