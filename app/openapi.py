@@ -26,6 +26,7 @@ class ValidationErrorOut(BaseModel):
 
 
 _DESCRIPTIONS = {
+    400: "The body is not JSON text (e.g. not UTF-8)",
     401: "Missing, malformed, unknown or revoked API key",
     404: "No such job, or not one of yours",
     409: "Conflicts with the job's state or an earlier request",

@@ -36,7 +36,7 @@ CREATED_JOB_LINKS = {
     responses={
         200: {"model": JobOut, "description": "A repeat of an earlier request with the same Idempotency-Key"},
         201: {"description": "The job, queued", "links": CREATED_JOB_LINKS},
-        **error_responses(409, 413, 422, 429),
+        **error_responses(400, 409, 413, 422, 429),
     },
 )
 def create_job(
