@@ -127,25 +127,33 @@ class DatabaseSink:
         from worker.ddpm.trainer import StopTraining
 
         store = self.runner.store
-        with session_scope(self.runner.sessionmaker) as session:
-            # The fenced update takes the row lock, so a concurrent claim cannot slip between
-            # the check and the insert; the committed row is the checkpoint's commit point.
-            if not JobRepository(session).fenced_update(self.job_id, self.attempt, heartbeat_at=utcnow()):
-                self.lease.fenced = True
-                raise StopTraining("a newer attempt owns this job")
-            repo = CheckpointRepository(session)
-            repo.add(
-                Checkpoint(
-                    job_id=self.job_id,
-                    step=saved.step,
-                    path=store.relative(saved.path),
-                    size_bytes=saved.size_bytes,
-                    sha256=saved.sha256,
-                    state_path=store.relative(saved.state_path),
+        try:
+            with session_scope(self.runner.sessionmaker) as session:
+                # The fenced update takes the row lock, so a concurrent claim cannot slip between
+                # the check and the insert; the committed row is the checkpoint's commit point.
+                if not JobRepository(session).fenced_update(self.job_id, self.attempt, heartbeat_at=utcnow()):
+                    self.lease.fenced = True
+                    raise StopTraining("a newer attempt owns this job")
+                repo = CheckpointRepository(session)
+                repo.add(
+                    Checkpoint(
+                        job_id=self.job_id,
+                        step=saved.step,
+                        path=store.relative(saved.path),
+                        size_bytes=saved.size_bytes,
+                        sha256=saved.sha256,
+                        state_path=store.relative(saved.state_path),
+                    )
                 )
-            )
-            session.flush()
-            removed = repo.remove_older_than_newest(self.job_id, self.keep)
+                session.flush()
+                removed = repo.remove_older_than_newest(self.job_id, self.keep)
+        except DBAPIError as exc:
+            # Not committed, so not a checkpoint: its files are garbage that the next attempt
+            # removes. Training goes on; the next checkpoint is recorded if the database is back,
+            # and the lease check stops us before the lease runs out if it is not.
+            log.warning("job %s: checkpoint at step %d not recorded (%s)", self.job_id, saved.step, exc.orig)
+            self._check_lease()
+            return
         # Files go only after their rows are gone (committed above).
         for old in removed:
             store.delete(old.path)

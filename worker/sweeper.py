@@ -14,6 +14,8 @@ import logging
 import threading
 from datetime import timedelta
 
+from sqlalchemy.exc import DBAPIError
+
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs.repository import JobRepository
@@ -55,7 +57,9 @@ def _loop(settings: Settings) -> None:
     while True:
         try:
             sweep_once(settings, factory, dispatcher)
-        except Exception:  # the database may be away; the next pass tries again
+        except DBAPIError as exc:  # the database is away; the next pass tries again
+            log.warning("sweep skipped, database unavailable (%s); retrying in %.0fs", exc.orig, interval)
+        except Exception:
             log.exception("sweep failed; retrying in %.0fs", interval)
         if _stop.wait(interval):
             return

@@ -69,11 +69,17 @@ def start_redis() -> None:
     _wait(_redis_up, 30, "redis to start")
 
 
+def postgres(action: str) -> None:
+    """pg_ctlcluster start|stop|restart, as this machine's environment documents it."""
+    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[0]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action], check=True)
+    if action != "stop":
+        _wait(_postgres_up, 60, "postgres to start")
+
+
 def restart_postgres() -> float:
     start = time.monotonic()
-    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[0]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True)
-    _wait(_postgres_up, 60, "postgres to start")
+    postgres("restart")
     return time.monotonic() - start
 
 

@@ -20,6 +20,7 @@ from app.config import Settings
 from tests.chaos.conftest import (
     assert_history_is_whole,
     get_job,
+    postgres,
     record,
     restart_postgres,
     start_redis,
@@ -160,6 +161,43 @@ def test_postgres_restart_during_a_running_job(
     assert job["status"] == "succeeded", job
     assert_history_is_whole(api, job_id, clean_db, total=500, every=10)
     record("PostgreSQL restart while running", seconds_down=round(down, 1), attempts=job["attempt"], finished=1)
+
+
+def test_postgres_down_past_the_lease_api_503_worker_stops_then_both_recover(
+    clean_db: Settings, chaos_env: dict[str, str], make_user: MakeUser, tmp_path: Path
+) -> None:
+    port = free_port()
+    api_log, worker_log = tmp_path / "api.log", tmp_path / "worker.log"
+    with process(api_argv(), chaos_env | {"DDPM_PORT": str(port)}, api_log) as api_proc:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, api_proc, api_log)
+        with (
+            httpx.Client(base_url=base, timeout=30, headers=make_user("pg").headers) as client,
+            process(worker_argv(), chaos_env, worker_log),
+        ):
+            job_id = submit(client, spec(steps=100_000, checkpoint_every=50))
+            wait_until(client, job_id, lambda j: j["step"] >= 60, 180, [worker_log])
+            postgres("stop")
+            try:
+                during = client.get(f"/v1/jobs/{job_id}")
+                ready = client.get("/readyz")
+                time.sleep(6)  # past the 4 s lease: the worker must stop on its own
+            finally:
+                postgres("start")
+            after = client.get(f"/v1/jobs/{job_id}")  # pool pre-ping: no restart of the API needed
+            resumed = wait_until(client, job_id, lambda j: j["attempt"] == 2 and j["status"] == "running", 120,
+                                 [worker_log])  # fmt: skip
+            client.post(f"/v1/jobs/{job_id}/cancel")
+            final = wait_until(client, job_id, lambda j: j["status"] in FINISHED, 120, [worker_log])
+            points = client.get(f"/v1/jobs/{job_id}/metrics", params={"limit": 10_000}).json()["items"]
+    assert (during.status_code, ready.status_code, after.status_code) == (503, 503, 200)
+    assert "database" in ready.json()["detail"]
+    assert "attempt 1 lost its lease" in worker_log.read_text()
+    assert "attempt 1 failed" not in worker_log.read_text()
+    assert final["status"] == "cancelled"
+    assert [p["step"] for p in points] == list(range(10, final["step"] + 1, 10))
+    record("PostgreSQL stopped past the lease", api_status_while_down=during.status_code,
+           resumed_from_step=resumed["step"], attempts=final["attempt"], finished=1)  # fmt: skip
 
 
 def test_redelivery_after_a_short_visibility_timeout_runs_one_runner(
