@@ -26,6 +26,7 @@ from app.jobs.limits import SpecRefused
 from app.jobs.service import IdempotencyConflict, InvalidTransition, JobNotFound, QuotaExceeded
 from app.metrics import endpoints as metric_endpoints
 from app.queue import Dispatcher
+from app.web import mount_dashboard
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(job_endpoints.router)
     app.include_router(metric_endpoints.router)
     app.include_router(checkpoint_endpoints.router)
+    mount_dashboard(app)
 
     @app.exception_handler(RequestValidationError)
     def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
