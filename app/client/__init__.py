@@ -1,0 +1,5 @@
+"""A Python client for the ddpm-jobs API (`DdpmClient`) and the `ddpm` command built on it."""
+
+from app.client.api import ApiError, ChecksumMismatch, DdpmClient, DdpmError, Event, ServerUnreachable
+
+__all__ = ["ApiError", "ChecksumMismatch", "DdpmClient", "DdpmError", "Event", "ServerUnreachable"]

@@ -1,0 +1,425 @@
+"""`DdpmClient`: the ddpm-jobs HTTP API from Python, the layer under the `ddpm` CLI.
+
+    from app.client import DdpmClient
+    client = DdpmClient()                              # server and key from the environment
+    job = client.submit({"training": {"steps": 500}})
+    for event in client.events(job["id"]):             # live: metric, checkpoint, sample, status
+        print(event.event, event.data)
+    client.download(job["id"], Path("."))              # the newest checkpoint, sha256 checked
+
+Every method raises `ApiError` (the server's status code and detail) for an error answer and
+`ServerUnreachable` when no answer came. Server and key: explicit arguments, then
+`DDPM_SERVER` / `DDPM_API_KEY`, then the embedded default's address (`DDPM_HOST`, `DDPM_PORT`)
+and its key file (`$DDPM_DATA_DIR/api-key`, written by `ddpm-jobs serve`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from httpx_sse import SSEError, connect_sse
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+# Events stream over a connection that may stay quiet for a while: the server sends keep-alive
+# comments when idle, so a read that waits this long means the connection is gone.
+STREAM_READ_TIMEOUT_S = 90.0
+CHUNK_BYTES = 1 << 20
+
+
+class DdpmError(Exception):
+    """Anything the client could not do; `str()` says what and why."""
+
+
+class ApiError(DdpmError):
+    """The server answered with an error: its status code and its `detail`, as sent."""
+
+    def __init__(self, status_code: int, detail: Any) -> None:
+        self.status_code = status_code
+        self.detail = detail
+        super().__init__(f"{status_code}: {format_detail(detail)}")
+
+
+class ServerUnreachable(DdpmError):
+    """No answer: the server is down, the address is wrong, or the connection broke."""
+
+
+class ChecksumMismatch(DdpmError):
+    """A downloaded file's sha256 is not the one the server recorded; the file was removed."""
+
+
+def format_detail(detail: Any) -> str:
+    """FastAPI's detail as one readable line: validation errors become `field.path: message`."""
+    if isinstance(detail, list):
+        parts = []
+        for error in detail:
+            if isinstance(error, dict) and "msg" in error:
+                loc = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path")]
+                parts.append(f"{'.'.join(loc)}: {error['msg']}" if loc else str(error["msg"]))
+            else:
+                parts.append(str(error))
+        return "; ".join(parts)
+    return str(detail)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One Server-Sent Event of a job's stream. `data` is the decoded JSON.
+
+    `event` is `metric`, `checkpoint`, `sample` or `status`; `id` is `<step>.<n>` for the first
+    three and None for status events (a snapshot of the whole job)."""
+
+    event: str
+    id: str | None
+    data: Any
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.event == "status" and isinstance(self.data, dict) and self.data.get("status") in TERMINAL_STATUSES
+
+
+def resolve_server(server: str | None = None) -> str:
+    """`server`, else DDPM_SERVER, else the embedded default's address (DDPM_HOST, DDPM_PORT)."""
+    if server:
+        return server.rstrip("/")
+    if os.environ.get("DDPM_SERVER"):
+        return os.environ["DDPM_SERVER"].rstrip("/")
+    host = os.environ.get("DDPM_HOST") or DEFAULT_HOST
+    if host in ("0.0.0.0", "::"):  # a bind-all address: the service is reachable locally
+        host = DEFAULT_HOST
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{os.environ.get('DDPM_PORT') or DEFAULT_PORT}"
+
+
+def resolve_api_key(api_key: str | None = None) -> str | None:
+    """`api_key`, else DDPM_API_KEY, else the key file `ddpm-jobs serve` writes; None if none."""
+    if api_key:
+        return api_key
+    if os.environ.get("DDPM_API_KEY"):
+        return os.environ["DDPM_API_KEY"].strip()
+    path = embedded_key_file()
+    if path is not None and path.is_file():
+        with contextlib.suppress(OSError):
+            return path.read_text().strip() or None
+    return None
+
+
+def embedded_key_file() -> Path | None:
+    """Where the embedded default saved its admin key, by the service's own rule (app/cli.py)."""
+    # Imported here: the service's settings and CLI are only needed when no key was given.
+    from pydantic import ValidationError
+
+    from app.cli import api_key_file
+    from app.config import Settings
+
+    try:
+        # Only data_dir is read; development mode skips the server-side secret checks, which
+        # are about the service's configuration, not about finding a key file.
+        return api_key_file(Settings(env="development"))
+    except ValidationError:
+        return None
+
+
+class DdpmClient:
+    """A connection to one ddpm-jobs server with one API key. Use as a context manager, or
+    call `close()`. `transport` replaces the network (tests pass an `httpx.MockTransport`)."""
+
+    def __init__(
+        self,
+        server: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30,
+        transport: httpx.BaseTransport | None = None,
+        reconnect_delay: float = 0.5,
+        max_reconnect_delay: float = 15.0,
+        max_reconnects: int | None = 20,
+    ) -> None:
+        self.server = resolve_server(server)
+        self.api_key = resolve_api_key(api_key)
+        # The event stream reconnects after a drop: first after `reconnect_delay`, doubling up
+        # to `max_reconnect_delay`; it gives up after `max_reconnects` failures in a row
+        # (None: never). A connection that delivered an event resets the count.
+        self.reconnect_delay = reconnect_delay
+        self.max_reconnect_delay = max_reconnect_delay
+        self.max_reconnects = max_reconnects
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> DdpmClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # --- jobs ---------------------------------------------------------------------------------
+    def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        """Queue a training job; the created job (or, repeating an Idempotency-Key, the earlier one)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._request("POST", "/v1/jobs", json=spec, headers=headers).json()
+
+    def list_jobs(self, status: str | None = None, limit: int = 50) -> Iterator[dict[str, Any]]:
+        """Every job the key may see, newest first, fetched `limit` at a time (cursor pages)."""
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        while True:
+            page = self._request("GET", "/v1/jobs", params=params).json()
+            yield from page["items"]
+            if not page.get("next_cursor"):
+                return
+            params["cursor"] = page["next_cursor"]
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/jobs/{job_id}").json()
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Queued: cancelled at once; running: at its next log point. 409 once it has finished."""
+        return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
+
+    def metrics(self, job_id: str, page_size: int = 1000) -> Iterator[dict[str, Any]]:
+        """The loss history in step order, every page."""
+        params: dict[str, Any] = {"limit": page_size}
+        while True:
+            page = self._request("GET", f"/v1/jobs/{job_id}/metrics", params=params).json()
+            yield from page["items"]
+            if page.get("next_after_step") is None:
+                return
+            params["after_step"] = page["next_after_step"]
+
+    # --- samples ------------------------------------------------------------------------------
+    def samples(self, job_id: str) -> list[dict[str, Any]]:
+        """The sample grids drawn during training: `[{"step", "url", "created_at"}]`."""
+        return self._request("GET", f"/v1/jobs/{job_id}/samples").json()
+
+    def sample(self, job_id: str, **request: Any) -> dict[str, Any]:
+        """Ask a worker for new samples (count, seed, sampler, steps, checkpoint_step); None
+        values are left for the server to choose."""
+        body = {k: v for k, v in request.items() if v is not None}
+        return self._request("POST", f"/v1/jobs/{job_id}/sample", json=body).json()
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        """`[{"step", "size_bytes", "sha256", "created_at"}]`, oldest first."""
+        return self._request("GET", f"/v1/jobs/{job_id}/checkpoints").json()
+
+    def download(
+        self,
+        job_id: str,
+        dest: Path,
+        step: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Path:
+        """Download a checkpoint (the newest when `step` is None) to `dest`, a file or a folder.
+
+        The body goes to a temporary file beside the destination and is renamed into place only
+        when its sha256 matches both the download's ETag / X-Checksum-SHA256 and the job's
+        checkpoint list; otherwise the temporary file is removed and ChecksumMismatch raised.
+        `progress(bytes_done, bytes_total)` is called as the bytes arrive."""
+        listed = {c["step"]: c for c in self.checkpoints(job_id)}
+        if step is None and listed:
+            step = max(listed)  # asked for by step, so a newer checkpoint cannot slip in between
+        path = f"/v1/jobs/{job_id}/checkpoints/{'latest' if step is None else step}"
+        with self._stream("GET", path) as response:
+            header_sha = _header_sha256(response)
+            if step is None:  # none was listed a moment ago; one may have been written since
+                step = _step_from_disposition(response) or 0
+                listed = {c["step"]: c for c in self.checkpoints(job_id)}
+            entry = listed.get(step)
+            if entry is None:
+                raise ApiError(404, f"job {job_id} lists no checkpoint at step {step}")
+            if header_sha is not None and header_sha != entry["sha256"]:
+                raise ChecksumMismatch(
+                    f"the server sent checkpoint {step} with sha256 {header_sha}, but lists {entry['sha256']}"
+                )
+            target = dest / f"{job_id}-step-{step:08d}.safetensors" if dest.is_dir() else dest
+            total = int(response.headers.get("content-length") or entry["size_bytes"])
+            _stream_to_file(response, target, entry["sha256"], total, progress)
+        return target
+
+    # --- the live event stream ----------------------------------------------------------------
+    def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[Event]:
+        """The job's events as they happen, until (and including) its terminal status event.
+
+        A dropped connection (a network error, a 5xx, or a stream that ends before the job
+        has) is reopened with `Last-Event-ID`, after a growing delay, so each metric, checkpoint
+        and sample event is yielded once. A status event comes on every connect; one that
+        repeats the previous status and attempt is not yielded again."""
+        url = f"/v1/jobs/{job_id}/events"
+        timeout = httpx.Timeout(self._http.timeout.connect, read=STREAM_READ_TIMEOUT_S)
+        last_seen = _event_order(last_event_id)
+        last_status: tuple[Any, Any] | None = None
+        failures = 0
+        base_delay = delay = self.reconnect_delay
+        while True:
+            headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+            reason = "the stream ended before the job did"
+            try:
+                with connect_sse(self._http, "GET", url, headers=headers, timeout=timeout) as source:
+                    _raise_for_status(source.response, hint_key=self.api_key is None, allow_retry=True)
+                    for sse in source.iter_sse():
+                        if sse.retry is not None:  # the server's own reconnection time
+                            base_delay = sse.retry / 1000
+                        event = _decode_event(sse.event, sse.id, sse.data)
+                        if event is None:
+                            continue
+                        failures, delay = 0, base_delay
+                        if event.event == "status":
+                            status = (event.data.get("status"), event.data.get("attempt"))
+                            if status == last_status and not event.is_terminal:
+                                continue
+                            last_status = status
+                            yield event
+                            if event.is_terminal:
+                                return
+                            continue
+                        order = _event_order(event.id)
+                        if order is not None and last_seen is not None and order <= last_seen:
+                            continue  # already yielded before a reconnect
+                        if order is not None:
+                            last_seen, last_event_id = order, event.id
+                        yield event
+            except _Retryable as exc:
+                reason = str(exc)
+            except httpx.TransportError as exc:
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except SSEError as exc:
+                raise ApiError(406, f"{url} did not answer with an event stream: {exc}") from exc
+            failures += 1
+            if self.max_reconnects is not None and failures > self.max_reconnects:
+                raise ServerUnreachable(f"lost the event stream of job {job_id} {failures} times: {reason}")
+            time.sleep(delay)
+            delay = min(delay * 2, max(self.max_reconnect_delay, base_delay))
+
+    # --- plumbing -----------------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach {self.server}: {exc}") from exc
+        _raise_for_status(response, hint_key=self.api_key is None)
+        return response
+
+    @contextlib.contextmanager
+    def _stream(self, method: str, path: str) -> Iterator[httpx.Response]:
+        try:
+            with self._http.stream(method, path) as response:
+                if response.is_error:
+                    response.read()
+                _raise_for_status(response, hint_key=self.api_key is None)
+                yield response
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach {self.server}: {exc}") from exc
+
+
+class _Retryable(Exception):
+    """A stream answer worth retrying: the server or a proxy is briefly unavailable."""
+
+
+def _raise_for_status(response: httpx.Response, *, hint_key: bool = False, allow_retry: bool = False) -> None:
+    if not response.is_error:
+        return
+    if allow_retry and response.status_code in (502, 503, 504):
+        raise _Retryable(f"HTTP {response.status_code}")
+    if not response.is_closed:
+        response.read()
+    try:
+        detail = response.json()["detail"]
+    except (ValueError, KeyError, TypeError):
+        detail = response.text or response.reason_phrase
+    if response.status_code == 401 and hint_key:
+        detail = f"{format_detail(detail)} (no API key found: pass --key, set DDPM_API_KEY, or run `ddpm-jobs serve`)"
+    raise ApiError(response.status_code, detail)
+
+
+def _decode_event(name: str, event_id: str, data: str) -> Event | None:
+    """An Event from the parsed SSE fields; None for a block with no data."""
+    if not data:
+        return None
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        payload = data
+    # The SSE last-event-id buffer carries over to events without an `id:` line (status ones);
+    # only events that have their own step-based id keep it.
+    return Event(event=name, id=None if name == "status" else (event_id or None), data=payload)
+
+
+def _event_order(event_id: str | None) -> tuple[int, ...] | None:
+    """`"120.1"` -> (120, 1): event ids order by step, then by kind. None if not of that form."""
+    if not event_id:
+        return None
+    try:
+        return tuple(int(part) for part in event_id.split("."))
+    except ValueError:
+        return None
+
+
+def _header_sha256(response: httpx.Response) -> str | None:
+    values = {
+        v.strip().strip('"').lower()
+        for v in (response.headers.get("x-checksum-sha256"), response.headers.get("etag"))
+        if v and not v.startswith("W/")
+    }
+    if len(values) > 1:
+        raise ChecksumMismatch(f"the download's ETag and X-Checksum-SHA256 disagree: {sorted(values)}")
+    return values.pop() if values else None
+
+
+def _step_from_disposition(response: httpx.Response) -> int | None:
+    """The step in the file name the server suggests: `<job>-step-00000120.safetensors`."""
+    disposition = response.headers.get("content-disposition", "")
+    marker = "-step-"
+    if marker not in disposition:
+        return None
+    digits = disposition.split(marker, 1)[1].split(".", 1)[0]
+    return int(digits) if digits.isdigit() else None
+
+
+def _stream_to_file(
+    response: httpx.Response,
+    target: Path,
+    sha256: str,
+    total: int,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Write the body to a temporary file beside `target`; rename it into place only if its
+    sha256 is `sha256`. Whatever goes wrong, the temporary file does not stay behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    done = 0
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in response.iter_bytes(CHUNK_BYTES):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+            out.flush()
+            os.fsync(out.fileno())
+        if digest.hexdigest() != sha256:
+            raise ChecksumMismatch(
+                f"downloaded {done} bytes with sha256 {digest.hexdigest()}, expected {sha256}; nothing was saved"
+            )
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,435 @@
+"""`ddpm`: submit, watch and fetch training jobs from the terminal.
+
+    ddpm submit spec.yaml           prints the new job's id (`-` reads the spec from stdin)
+    ddpm watch ID                   a live progress bar until the job ends; exit 0 if it succeeded
+    ddpm list / status / cancel / metrics [--csv] / download [--step] / sample
+
+The server and key come from --server / --key, else DDPM_SERVER / DDPM_API_KEY, else the
+embedded default (`ddpm-jobs serve`: http://127.0.0.1:8000 and the key it saved in var/api-key).
+An error prints the server's detail in red and exits 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from enum import StrEnum
+from itertools import islice
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+import yaml
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from app.client.api import ApiError, DdpmClient, DdpmError, Event, format_detail
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Drive ddpm-jobs training jobs.")
+out = Console()
+err = Console(stderr=True)
+
+STATUS_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "magenta"}
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class Sampler(StrEnum):
+    ddpm = "ddpm"
+    ddim = "ddim"
+
+
+@app.callback()
+def connection(
+    ctx: typer.Context,
+    server: Annotated[str | None, typer.Option("--server", help="API address (env DDPM_SERVER)")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="API key (env DDPM_API_KEY)")] = None,
+) -> None:
+    ctx.obj = {"server": server, "key": key}
+
+
+@contextmanager
+def client_for(ctx: typer.Context) -> Iterator[DdpmClient]:
+    obj = ctx.find_root().obj or {}
+    with DdpmClient(obj.get("server"), obj.get("key")) as client:
+        yield client
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_errors(command: F) -> F:
+    """Print a client error's message in red and exit 1, never a traceback."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except DdpmError as exc:
+            message = format_detail(exc.detail) if isinstance(exc, ApiError) else str(exc)
+            prefix = f"error ({exc.status_code})" if isinstance(exc, ApiError) else "error"
+            err.print(f"[bold red]{prefix}:[/] [red]{_escape(message)}[/]")
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+    return run  # type: ignore[return-value]
+
+
+# --- submit ------------------------------------------------------------------------------------
+class SpecLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `2e-4` as a string (its floats need a dot); specs mean a number."""
+
+
+SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_spec(text: str, source: str) -> dict[str, Any]:
+    """A spec from JSON or YAML text (JSON is read as YAML's flow style)."""
+    try:
+        spec = yaml.load(text, Loader=SpecLoader)  # a SafeLoader subclass: plain data only
+    except yaml.YAMLError as exc:
+        raise DdpmError(f"{source} is neither JSON nor YAML: {exc}") from exc
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, dict):
+        raise DdpmError(f"{source} must hold a mapping (the job spec), not {type(spec).__name__}")
+    return spec
+
+
+@app.command()
+@reports_errors
+def submit(
+    ctx: typer.Context,
+    spec_file: Annotated[str, typer.Argument(metavar="SPEC", help="A JSON or YAML job spec; `-` reads stdin.")],
+    name: Annotated[str | None, typer.Option("--name", help="Set the job's name (overrides the spec's).")] = None,
+    idempotency_key: str | None = typer.Option(
+        None, "--idempotency-key", help="Submitting again with the same key returns the same job."
+    ),
+) -> None:
+    """Queue a training job and print its id."""
+    if spec_file == "-":
+        text, source = sys.stdin.read(), "stdin"
+    else:
+        try:
+            text, source = Path(spec_file).read_text(), spec_file
+        except OSError as exc:
+            raise DdpmError(f"cannot read {spec_file}: {exc.strerror}") from exc
+    spec = load_spec(text, source)
+    if name is not None:
+        spec["name"] = name
+    with client_for(ctx) as client:
+        job = client.submit(spec, idempotency_key=idempotency_key)
+    typer.echo(job["id"])
+    err.print(f"{_status(job['status'])} {job['total_steps']} steps; follow it with: ddpm watch {job['id']}")
+
+
+# --- list, status, cancel ----------------------------------------------------------------------
+@app.command("list")
+@reports_errors
+def list_(
+    ctx: typer.Context,
+    status: Annotated[JobStatus | None, typer.Option("--status", help="Only jobs in this state.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Show at most this many (newest first).")] = 50,
+) -> None:
+    """The jobs this key may see, newest first."""
+    with client_for(ctx) as client:
+        jobs = list(islice(client.list_jobs(status.value if status else None, limit=min(limit, 500)), limit))
+    table = Table("id", "name", "status", "step", "loss", "created", box=None, header_style="bold")
+    for job in jobs:
+        table.add_row(
+            job["id"],
+            job.get("name") or "",
+            _status(job["status"]),
+            f"{job['step']}/{job['total_steps']}",
+            _loss(job.get("loss")),
+            _when(job.get("created_at")),
+        )
+    if jobs:
+        out.print(table)
+    else:
+        err.print("no jobs" + (f" with status {status.value}" if status else ""))
+
+
+@app.command()
+@reports_errors
+def status(ctx: typer.Context, job_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """A job's state, progress and timings."""
+    with client_for(ctx) as client:
+        job = client.get(job_id)
+    out.print(job_panel(job))
+
+
+def job_panel(job: dict[str, Any]) -> Panel:
+    spec = job.get("spec") or {}
+    rows = Table.grid(padding=(0, 2))
+    rows.add_column(style="bold")
+    rows.add_column()
+    rows.add_row("status", _status(job["status"]) + (" (cancel requested)" if job.get("cancel_requested") else ""))
+    rows.add_row("progress", f"{job['step']}/{job['total_steps']} steps ({_percent(job)})")
+    rows.add_row("loss", _loss(job.get("loss")))
+    rows.add_row("attempt", str(job.get("attempt", "")))
+    dataset, model = spec.get("dataset") or {}, spec.get("model") or {}
+    if dataset or model:
+        rows.add_row(
+            "model",
+            f"{model.get('preset', '?')} on {dataset.get('kind', '?')} {dataset.get('image_size', '?')}px, "
+            f"batch {(spec.get('training') or {}).get('batch_size', '?')}",
+        )
+    for field in ("created_at", "started_at", "finished_at", "heartbeat_at"):
+        if job.get(field):
+            rows.add_row(field.removesuffix("_at"), _when(job[field]))
+    if job.get("error"):
+        rows.add_row("error", f"[red]{_escape(job['error'])}[/]")
+    title = f"job {job['id']}" + (f" · {_escape(job['name'])}" if job.get("name") else "")
+    return Panel(rows, title=title, title_align="left", expand=False)
+
+
+@app.command()
+@reports_errors
+def cancel(ctx: typer.Context, job_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """Cancel a job: a queued one at once, a running one at its next log point."""
+    with client_for(ctx) as client:
+        job = client.cancel(job_id)
+    if job["status"] == "cancelled":
+        out.print(f"job {job_id} {_status('cancelled')}")
+    else:
+        out.print(f"job {job_id} is {_status(job['status'])}; it stops at its next log point")
+
+
+# --- metrics -----------------------------------------------------------------------------------
+METRIC_FIELDS = ("step", "loss", "lr", "images_per_s", "created_at")
+
+
+@app.command()
+@reports_errors
+def metrics(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    as_csv: Annotated[bool, typer.Option("--csv", help="Write CSV to stdout (every point, no table).")] = False,
+) -> None:
+    """The job's loss history."""
+    with client_for(ctx) as client:
+        if as_csv:
+            writer = csv.writer(sys.stdout, lineterminator="\n")
+            writer.writerow(METRIC_FIELDS)
+            for point in client.metrics(job_id):
+                writer.writerow(["" if point.get(f) is None else point[f] for f in METRIC_FIELDS])
+            return
+        points = list(client.metrics(job_id))
+    if not points:
+        err.print(f"job {job_id} has no metrics yet")
+        return
+    table = Table("step", "loss", "lr", "images/s", "at", box=None, header_style="bold")
+    for point in points:
+        table.add_row(
+            str(point["step"]),
+            _loss(point.get("loss")),
+            f"{point['lr']:.3g}",
+            f"{point['images_per_s']:.1f}",
+            _when(point.get("created_at")),
+        )
+    out.print(table)
+
+
+# --- download ----------------------------------------------------------------------------------
+@app.command()
+@reports_errors
+def download(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    step: Annotated[int | None, typer.Option("--step", help="This step's checkpoint (default: newest).")] = None,
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="A file name, or a folder to save it in.")] = Path("."),
+) -> None:
+    """Download a checkpoint (safetensors), checking its sha256."""
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with client_for(ctx) as client, Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(f"checkpoint {'newest' if step is None else step}", total=None)
+        path = client.download(
+            job_id, out_path, step=step, progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
+    typer.echo(str(path))
+    err.print(f"[green]sha256 verified[/] ({path.stat().st_size:,} bytes)")
+
+
+# --- sample ------------------------------------------------------------------------------------
+@app.command()
+@reports_errors
+def sample(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    count: Annotated[int | None, typer.Option("--count", min=1, help="Images to draw.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed (same seed, same images).")] = None,
+    sampler: Annotated[Sampler | None, typer.Option("--sampler", help="ddpm: full chain; ddim: --steps.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Denoising steps (ddim).")] = None,
+    checkpoint_step: Annotated[int | None, typer.Option("--checkpoint-step", help="Default: the newest.")] = None,
+) -> None:
+    """Ask a worker to draw samples from a job's checkpoint."""
+    with client_for(ctx) as client:
+        try:
+            result = client.sample(
+                job_id,
+                count=count,
+                seed=seed,
+                sampler=sampler.value if sampler else None,
+                steps=steps,
+                checkpoint_step=checkpoint_step,
+            )
+        except ApiError as exc:
+            # A route the server does not have: FastAPI's plain "Not Found", or 405.
+            if exc.status_code == 405 or (exc.status_code == 404 and exc.detail == "Not Found"):
+                raise DdpmError(
+                    f"{client.server} does not offer on-demand sampling (POST /v1/jobs/{{id}}/sample); "
+                    "upgrade the server, or see the grids drawn during training: GET /v1/jobs/{id}/samples"
+                ) from exc
+            raise
+    out.print_json(json.dumps(result))
+
+
+# --- watch -------------------------------------------------------------------------------------
+@app.command()
+@reports_errors
+def watch(ctx: typer.Context, job_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """Follow a job live until it ends; exit 0 if it succeeded, 1 otherwise."""
+    with client_for(ctx) as client:
+        final = follow(client, job_id, out)
+    if final is None:
+        raise typer.Exit(1)
+    out.print(f"job {job_id} {_status(final['status'])} at step {final['step']}/{final['total_steps']}")
+    if final.get("error"):
+        out.print(f"[red]{_escape(final['error'])}[/]")
+    raise typer.Exit(0 if final["status"] == "succeeded" else 1)
+
+
+class WatchView:
+    """The progress bar's state, updated from the events (never from wall-clock guesses)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[speed]}"),
+            TextColumn("ETA {task.fields[eta]}"),
+            console=console,
+            refresh_per_second=4,
+        )
+        self.task = self.bar.add_task("queued", total=None, loss="-", speed="- img/s", eta="-")
+        self.batch_size: int | None = None
+        self.total = 0
+
+    def on_event(self, event: Event) -> None:
+        data = event.data
+        if event.event == "status":
+            self.total = data.get("total_steps") or self.total
+            self.batch_size = ((data.get("spec") or {}).get("training") or {}).get("batch_size")
+            description = _status(data["status"]) + (
+                f" (attempt {data['attempt']})" if data.get("attempt", 1) > 1 else ""
+            )
+            fields: dict[str, Any] = {"description": description, "total": self.total, "completed": data.get("step", 0)}
+            if data.get("loss") is not None:
+                fields["loss"] = _loss(data["loss"])
+            self.bar.update(self.task, **fields)
+            self.note(f"status {_status(data['status'])} at step {data.get('step', 0)}")
+        elif event.event == "metric":
+            speed = data.get("images_per_s")
+            self.bar.update(
+                self.task,
+                completed=data["step"],
+                loss=_loss(data.get("loss")),
+                speed=f"{speed:,.0f} img/s" if speed else "- img/s",
+                eta=self.eta(data["step"], speed),
+            )
+            if not self.console.is_terminal:  # a log file gets one line per point instead of a bar
+                self.console.print(
+                    f"step {data['step']}/{self.total}  loss {_loss(data.get('loss'))}  "
+                    f"{speed or 0:,.0f} img/s  ETA {self.eta(data['step'], speed)}",
+                    highlight=False,
+                )
+        elif event.event == "checkpoint":
+            size, sha = data.get("size_bytes") or 0, data.get("sha256") or ""
+            self.note(f"checkpoint at step {data['step']} ({size:,} bytes, sha256 {sha[:12]}…)")
+        elif event.event == "sample":
+            self.note(f"samples at step {data['step']}: {data.get('url', '')}")
+
+    def eta(self, step: int, images_per_s: float | None) -> str:
+        if not images_per_s or not self.batch_size or not self.total:
+            return "-"
+        seconds = max(self.total - step, 0) * self.batch_size / images_per_s
+        return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 86400:.1f} d"
+
+    def note(self, text: str) -> None:
+        self.bar.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {text}", highlight=False)
+
+
+def follow(client: DdpmClient, job_id: str, console: Console) -> dict[str, Any] | None:
+    """Show `job_id`'s events until its terminal status; that status's job, or None."""
+    view = WatchView(console)
+    final = None
+    with view.bar:
+        for event in client.events(job_id):
+            view.on_event(event)
+            if event.is_terminal:
+                final = event.data
+    return final
+
+
+# --- formatting --------------------------------------------------------------------------------
+def _status(value: str) -> str:
+    return f"[{STATUS_STYLE.get(value, 'white')}]{value}[/]"
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _percent(job: dict[str, Any]) -> str:
+    return f"{100 * job['step'] / job['total_steps']:.0f}%" if job.get("total_steps") else "-"
+
+
+def _when(value: str | None) -> str:
+    if not value:
+        return "-"
+    try:
+        return datetime.fromisoformat(value).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return value
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def main() -> None:
+    app(prog_name="ddpm")
