@@ -262,12 +262,11 @@ class DdpmClient:
         repeats the previous status and attempt is not yielded again."""
         url = f"/v1/jobs/{job_id}/events"
         timeout = httpx.Timeout(self._http.timeout.connect, read=STREAM_READ_TIMEOUT_S)
-        last_seen = _event_order(last_event_id)
-        last_status: tuple[Any, Any] | None = None
+        position = _StreamPosition(last_event_id)
         failures = 0
         base_delay = delay = self.reconnect_delay
         while True:
-            headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+            headers = {"Last-Event-ID": position.last_event_id} if position.last_event_id else {}
             reason = "the stream ended before the job did"
             try:
                 with connect_sse(self._http, "GET", url, headers=headers, timeout=timeout) as source:
@@ -276,24 +275,12 @@ class DdpmClient:
                         if sse.retry is not None:  # the server's own reconnection time
                             base_delay = sse.retry / 1000
                         event = _decode_event(sse.event, sse.id, sse.data)
-                        if event is None:
+                        if event is None or not position.advance(event):
                             continue
-                        failures, delay = 0, base_delay
-                        if event.event == "status":
-                            status = (event.data.get("status"), event.data.get("attempt"))
-                            if status == last_status and not event.is_terminal:
-                                continue
-                            last_status = status
-                            yield event
-                            if event.is_terminal:
-                                return
-                            continue
-                        order = _event_order(event.id)
-                        if order is not None and last_seen is not None and order <= last_seen:
-                            continue  # already yielded before a reconnect
-                        if order is not None:
-                            last_seen, last_event_id = order, event.id
+                        failures, delay = 0, base_delay  # progress: the next drop starts afresh
                         yield event
+                        if event.is_terminal:
+                            return
             except _Retryable as exc:
                 reason = str(exc)
             except httpx.TransportError as exc:
@@ -325,6 +312,31 @@ class DdpmClient:
                 yield response
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"cannot reach {self.server}: {exc}") from exc
+
+
+class _StreamPosition:
+    """How far a consumer of one job's events has got, across reconnects."""
+
+    def __init__(self, last_event_id: str | None) -> None:
+        self.last_event_id = last_event_id
+        self._order = _event_order(last_event_id)
+        self._status: tuple[Any, Any] | None = None
+
+    def advance(self, event: Event) -> bool:
+        """Whether `event` is new to the consumer (and if so, move past it)."""
+        if event.event == "status":
+            status = (event.data.get("status"), event.data.get("attempt"))
+            if status == self._status and not event.is_terminal:
+                return False  # the snapshot every connect starts with, unchanged
+            self._status = status
+            return True
+        order = _event_order(event.id)
+        if order is None:
+            return True
+        if self._order is not None and order <= self._order:
+            return False  # yielded before the reconnect
+        self._order, self.last_event_id = order, event.id
+        return True
 
 
 class _Retryable(Exception):
