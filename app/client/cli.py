@@ -161,7 +161,10 @@ def list_(
     """The jobs this key may see, newest first."""
     with client_for(ctx) as client:
         jobs = list(islice(client.list_jobs(status.value if status else None, limit=min(limit, 500)), limit))
-    table = Table("id", "name", "status", "step", "loss", "created", box=None, header_style="bold")
+    table = Table(box=None, header_style="bold")
+    table.add_column("id", no_wrap=True, min_width=36)  # whole: it is what the other commands take
+    for column in ("name", "status", "step", "loss", "created"):
+        table.add_column(column, overflow="fold")
     for job in jobs:
         table.add_row(
             job["id"],
@@ -336,14 +339,14 @@ class WatchView:
             TextColumn("{task.description}"),
             BarColumn(),
             TaskProgressColumn(),
-            TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+            TextColumn("step {task.fields[steps]}"),
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[speed]}"),
             TextColumn("ETA {task.fields[eta]}"),
             console=console,
             refresh_per_second=4,
         )
-        self.task = self.bar.add_task("queued", total=None, loss="-", speed="- img/s", eta="-")
+        self.task = self.bar.add_task("connecting", total=None, steps="-", loss="-", speed="- img/s", eta="-")
         self.batch_size: int | None = None
         self.total = 0
 
@@ -352,27 +355,22 @@ class WatchView:
         if event.event == "status":
             self.total = data.get("total_steps") or self.total
             self.batch_size = ((data.get("spec") or {}).get("training") or {}).get("batch_size")
-            description = _status(data["status"]) + (
-                f" (attempt {data['attempt']})" if data.get("attempt", 1) > 1 else ""
-            )
-            fields: dict[str, Any] = {"description": description, "total": self.total, "completed": data.get("step", 0)}
+            attempt = data.get("attempt") or 1
+            description = _status(data["status"]) + (f" (attempt {attempt})" if attempt > 1 else "")
+            self.move(data.get("step", 0), description=description)
             if data.get("loss") is not None:
-                fields["loss"] = _loss(data["loss"])
-            self.bar.update(self.task, **fields)
+                self.bar.update(self.task, loss=_loss(data["loss"]))
+            if event.is_terminal:
+                self.bar.update(self.task, eta="-")
             self.note(f"status {_status(data['status'])} at step {data.get('step', 0)}")
         elif event.event == "metric":
             speed = data.get("images_per_s")
-            self.bar.update(
-                self.task,
-                completed=data["step"],
-                loss=_loss(data.get("loss")),
-                speed=f"{speed:,.0f} img/s" if speed else "- img/s",
-                eta=self.eta(data["step"], speed),
-            )
+            eta = self.eta(data["step"], speed)
+            speed_text = f"{speed:,.0f} img/s" if speed else "- img/s"
+            self.move(data["step"], loss=_loss(data.get("loss")), speed=speed_text, eta=eta)
             if not self.console.is_terminal:  # a log file gets one line per point instead of a bar
                 self.console.print(
-                    f"step {data['step']}/{self.total}  loss {_loss(data.get('loss'))}  "
-                    f"{speed or 0:,.0f} img/s  ETA {self.eta(data['step'], speed)}",
+                    f"step {data['step']}/{self.total}  loss {_loss(data.get('loss'))}  {speed_text}  ETA {eta}",
                     highlight=False,
                 )
         elif event.event == "checkpoint":
@@ -380,6 +378,11 @@ class WatchView:
             self.note(f"checkpoint at step {data['step']} ({size:,} bytes, sha256 {sha[:12]}…)")
         elif event.event == "sample":
             self.note(f"samples at step {data['step']}: {data.get('url', '')}")
+
+    def move(self, step: int, **fields: Any) -> None:
+        self.bar.update(
+            self.task, completed=step, total=self.total or None, steps=f"{step}/{self.total or '?'}", **fields
+        )
 
     def eta(self, step: int, images_per_s: float | None) -> str:
         if not images_per_s or not self.batch_size or not self.total:

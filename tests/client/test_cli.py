@@ -1,0 +1,218 @@
+"""The `ddpm` command through typer's CliRunner: against the real API process for submit, list,
+status, cancel, metrics and download; against mock transports for sample (a server without the
+route) and watch (exit codes by final status)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import uuid
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from app.client import DdpmClient
+from app.client import cli as cli_module
+from app.client.cli import app, load_spec
+from tests.client.conftest import RunningApi, TrainedJob
+from tests.client.sse_server import sse
+
+runner = CliRunner()
+
+
+def ddpm(api: RunningApi | None, key: str | None, *args: str, stdin: str | None = None):
+    options = [*(["--server", api.base] if api else []), *(["--key", key] if key else [])]
+    return runner.invoke(app, [*options, *args], input=stdin)
+
+
+def assert_clean_error(result, *fragments: str) -> None:
+    """Exit 1, the message in stderr, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in " ".join(result.stderr.split()), result.stderr
+
+
+class TestSpecFiles:
+    def test_yaml_scientific_notation_is_a_float(self) -> None:
+        spec = load_spec("training:\n  learning_rate: 2e-4\n  beta: 1.5E+3\n  steps: 10\nname: '1e3'\n", "s.yaml")
+        assert spec == {"training": {"learning_rate": 2e-4, "beta": 1500.0, "steps": 10}, "name": "1e3"}
+
+    def test_json_and_empty(self) -> None:
+        assert load_spec('{"training": {"learning_rate": 2e-4}}', "s.json") == {"training": {"learning_rate": 2e-4}}
+        assert load_spec("", "empty.yaml") == {}
+
+    def test_not_a_mapping(self) -> None:
+        result = ddpm(None, "k", "submit", "-", stdin="- a\n- b\n")
+        assert_clean_error(result, "stdin must hold a mapping (the job spec), not list")
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        assert_clean_error(ddpm(None, "k", "submit", str(tmp_path / "nope.yaml")), "cannot read", "nope.yaml")
+
+
+@pytest.mark.e2e
+class TestAgainstTheApi:
+    @pytest.fixture
+    def key(self, new_key: Callable[[], str]) -> str:
+        return new_key()
+
+    def test_submit_yaml_then_list_status_cancel(self, api: RunningApi, key: str, tmp_path: Path) -> None:
+        spec = tmp_path / "spec.yaml"
+        spec.write_text("name: from yaml\ntraining:\n  steps: 5\n  learning_rate: 2e-4\n")
+        submitted = ddpm(api, key, "submit", str(spec))
+        assert submitted.exit_code == 0, submitted.output
+        job_id = submitted.stdout.strip()
+        assert uuid.UUID(job_id) and "ddpm watch " + job_id in submitted.stderr
+        with DdpmClient(api.base, key) as client:
+            job = client.get(job_id)
+        assert job["spec"]["training"]["learning_rate"] == 2e-4 and job["name"] == "from yaml"
+
+        listed = ddpm(api, key, "list")
+        assert listed.exit_code == 0, listed.output
+        assert job_id in listed.stdout and "queued" in listed.stdout and "0/5" in listed.stdout
+
+        shown = ddpm(api, key, "status", job_id)
+        assert shown.exit_code == 0, shown.output
+        assert all(s in shown.stdout for s in (job_id, "from yaml", "queued", "0/5 steps", "tiny on digits"))
+
+        cancelled = ddpm(api, key, "cancel", job_id)
+        assert cancelled.exit_code == 0 and f"job {job_id} cancelled" in cancelled.stdout
+        assert job_id in ddpm(api, key, "list", "--status", "cancelled").stdout
+        assert "no jobs with status queued" in ddpm(api, key, "list", "--status", "queued").stderr
+
+    def test_submit_json_from_stdin_with_a_name(self, api: RunningApi, key: str) -> None:
+        result = ddpm(api, key, "submit", "-", "--name", "piped", stdin='{"training": {"steps": 3}}')
+        assert result.exit_code == 0, result.output
+        with DdpmClient(api.base, key) as client:
+            job = client.get(result.stdout.strip())
+            client.cancel(job["id"])
+        assert (job["name"], job["total_steps"]) == ("piped", 3)
+
+    def test_errors_print_the_detail_and_exit_1(self, api: RunningApi, key: str) -> None:
+        missing = str(uuid.uuid4())
+        assert_clean_error(ddpm(api, key, "status", missing), "error (404)", missing)
+        assert_clean_error(ddpm(api, key, "submit", "-", stdin="training: {steps: 0}"), "training.steps")
+        assert_clean_error(ddpm(api, "ddpm_wrong", "list"), "error (401)")
+        assert_clean_error(ddpm(api, key, "metrics", "not-a-uuid"), "error (422)", "job_id")
+        assert_clean_error(ddpm(None, key, "--server", "http://127.0.0.1:9", "list"), "cannot reach")
+
+    def test_status_of_a_finished_job_and_cancel_refused(self, api: RunningApi, trained: TrainedJob) -> None:
+        job_id = trained.job["id"]
+        shown = ddpm(api, trained.key, "status", job_id)
+        assert "succeeded" in shown.stdout and "30/30 steps (100%)" in shown.stdout
+        assert_clean_error(ddpm(api, trained.key, "cancel", job_id), "error (409)", "already succeeded")
+
+    def test_metrics_csv(self, api: RunningApi, trained: TrainedJob) -> None:
+        result = ddpm(api, trained.key, "metrics", trained.job["id"], "--csv")
+        assert result.exit_code == 0, result.output
+        with DdpmClient(api.base, trained.key) as client:
+            points = list(client.metrics(trained.job["id"]))
+        rows = list(csv.reader(io.StringIO(result.stdout)))
+        assert rows[0] == ["step", "loss", "lr", "images_per_s", "created_at"]
+        assert rows[1:] == [[str(p[f]) for f in rows[0]] for p in points]
+        assert [r[0] for r in rows[1:]] == ["10", "20", "30"]
+
+    def test_metrics_table(self, api: RunningApi, trained: TrainedJob) -> None:
+        result = ddpm(api, trained.key, "metrics", trained.job["id"])
+        assert result.exit_code == 0, result.output
+        assert result.stdout.split()[:5] == ["step", "loss", "lr", "images/s", "at"]
+        assert f"{trained.job['loss']:.4f}" in result.stdout
+
+    def test_download(self, api: RunningApi, trained: TrainedJob, tmp_path: Path) -> None:
+        result = ddpm(api, trained.key, "download", trained.job["id"], "--step", "20", "--out", str(tmp_path))
+        assert result.exit_code == 0, result.output
+        path = Path(result.stdout.strip())
+        assert path == tmp_path / f"{trained.job['id']}-step-00000020.safetensors"
+        with DdpmClient(api.base, trained.key) as client:
+            listed = {c["step"]: c["sha256"] for c in client.checkpoints(trained.job["id"])}
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == listed[20]
+        assert "sha256 verified" in result.stderr
+        assert_clean_error(ddpm(api, trained.key, "download", trained.job["id"], "--step", "7"), "error (404)")
+
+
+def use_transport(monkeypatch: pytest.MonkeyPatch, handler: Callable[[httpx.Request], httpx.Response]) -> None:
+    """Make the CLI's client talk to `handler` instead of the network."""
+    patched = partial(DdpmClient, transport=httpx.MockTransport(handler), reconnect_delay=0.01)
+    monkeypatch.setattr(cli_module, "DdpmClient", patched)
+
+
+class TestSample:
+    def test_a_server_without_the_route_says_so(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        use_transport(monkeypatch, lambda r: httpx.Response(404, json={"detail": "Not Found"}))
+        result = ddpm(None, "k", "sample", "j1", "--count", "4")
+        assert_clean_error(result, "does not offer on-demand sampling")
+
+    def test_405_too(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        use_transport(monkeypatch, lambda r: httpx.Response(405, json={"detail": "Method Not Allowed"}))
+        assert_clean_error(ddpm(None, "k", "sample", "j1"), "does not offer on-demand sampling")
+
+    def test_an_unknown_job_is_the_servers_404(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        use_transport(monkeypatch, lambda r: httpx.Response(404, json={"detail": "job j1 not found"}))
+        assert_clean_error(ddpm(None, "k", "sample", "j1"), "error (404)", "job j1 not found")
+
+    def test_sends_the_options(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        seen: list[dict] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(json.loads(request.content))
+            return httpx.Response(202, json={"id": "s1", "status": "queued"})
+
+        use_transport(monkeypatch, handler)
+        args = ["--count", "4", "--seed", "7", "--sampler", "ddim", "--steps", "50", "--checkpoint-step", "20"]
+        result = ddpm(None, "k", "sample", "j1", *args)
+        assert result.exit_code == 0, result.output
+        assert seen == [{"count": 4, "seed": 7, "sampler": "ddim", "steps": 50, "checkpoint_step": 20}]
+        assert json.loads(result.stdout) == {"id": "s1", "status": "queued"}
+
+
+def event_stream(*chunks: str) -> Callable[[httpx.Request], httpx.Response]:
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = "".join(chunks).encode()
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    return handler
+
+
+def job_event(status: str, step: int, error: str | None = None) -> str:
+    job = {
+        "id": "j1",
+        "status": status,
+        "step": step,
+        "total_steps": 20,
+        "attempt": 1,
+        "loss": None,
+        "error": error,
+        "spec": {"training": {"batch_size": 50}},
+    }
+    return sse("status", job)
+
+
+class TestWatch:
+    def test_exit_0_when_the_job_succeeds(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        metric = sse("metric", {"step": 10, "loss": 0.25, "lr": 1e-3, "images_per_s": 100.0}, "10.0")
+        checkpoint = sse("checkpoint", {"step": 20, "sha256": "ab" * 32, "size_bytes": 1234}, "20.1")
+        events = [job_event("running", 0), metric, checkpoint, job_event("succeeded", 20)]
+        use_transport(monkeypatch, event_stream(*events))
+        result = ddpm(None, "k", "watch", "j1")
+        assert result.exit_code == 0, result.output
+        out = result.stdout
+        assert "step 10/20  loss 0.2500  100 img/s  ETA 00:00:05" in out  # 10 steps x 50 images / 100 per s
+        assert "checkpoint at step 20 (1,234 bytes, sha256 abababababab…)" in out
+        assert "job j1 succeeded at step 20/20" in out
+
+    def test_exit_1_when_it_fails(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        use_transport(monkeypatch, event_stream(job_event("running", 0), job_event("failed", 3, error="loss is NaN")))
+        result = ddpm(None, "k", "watch", "j1")
+        assert result.exit_code == 1
+        assert "job j1 failed at step 3/20" in result.stdout and "loss is NaN" in result.stdout
+
+    def test_exit_1_for_an_unknown_job(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        use_transport(monkeypatch, lambda r: httpx.Response(404, json={"detail": "job j1 not found"}))
+        assert_clean_error(ddpm(None, "k", "watch", "j1"), "job j1 not found")
