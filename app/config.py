@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     resend_after_s: float = Field(60.0, gt=0)
     # Redis re-delivers a task not acknowledged within this time (the claim makes that harmless).
     broker_visibility_timeout_s: float = Field(3600.0, gt=0)
+    # How often the API reads a watched job's new events (one reader per job, for all watchers).
+    events_poll_interval_s: float = Field(0.5, gt=0)
     # Device the worker trains on: "auto" = CUDA when available, else CPU.
     device: str = "auto"
 

@@ -21,11 +21,14 @@ from app.checkpoints import endpoints as checkpoint_endpoints
 from app.checkpoints.store import CheckpointStore
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, session_scope
+from app.events import endpoints as event_endpoints
+from app.events.hub import EventHub
 from app.jobs import endpoints as job_endpoints
 from app.jobs.limits import SpecRefused
 from app.jobs.service import IdempotencyConflict, InvalidTransition, JobNotFound, QuotaExceeded
 from app.metrics import endpoints as metric_endpoints
 from app.queue import Dispatcher
+from app.samples import endpoints as sample_endpoints
 from app.web import mount_dashboard
 
 log = logging.getLogger(__name__)
@@ -87,11 +90,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.dispatcher = Dispatcher(settings)
     app.state.checkpoint_store = CheckpointStore(settings.checkpoint_root)
+    app.state.event_hub = EventHub(app.state.sessionmaker, poll_interval_s=settings.events_poll_interval_s)
 
     app.include_router(health.router)
     app.include_router(job_endpoints.router)
     app.include_router(metric_endpoints.router)
     app.include_router(checkpoint_endpoints.router)
+    app.include_router(sample_endpoints.router)
+    app.include_router(event_endpoints.router)
     mount_dashboard(app)
 
     @app.exception_handler(RequestValidationError)

@@ -158,6 +158,19 @@ class MetricPoint(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class Sample(Base):
+    """A grid of samples drawn from the EMA weights at `step` (a PNG under the checkpoint root)."""
+
+    __tablename__ = "samples"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(String(1024))  # relative to the checkpoint root
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Checkpoint(Base):
     """A committed checkpoint: the row exists only once its file is whole (invariant 3)."""
 

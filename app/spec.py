@@ -130,6 +130,13 @@ class TrainingSpec(_Section):
         500, ge=1, le=10_000_000, description="Steps between checkpoints; the last step always saves one."
     )
     keep_checkpoints: int = Field(3, ge=1, le=1000, description="How many of the newest checkpoints to keep.")
+    sample_every: int = Field(
+        500,
+        ge=0,
+        le=10_000_000,
+        description="Steps between sample grids drawn from the EMA weights (and one at the end); 0 = none.",
+    )
+    sample_count: int = Field(16, ge=1, le=64, description="Images per sample grid.")
     compile: Literal["auto", "on", "off"] = Field(
         "auto",
         description="torch.compile the forward pass and loss: `auto` = on for CUDA, off for CPU (compiling takes "

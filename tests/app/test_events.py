@@ -1,0 +1,181 @@
+"""The event stream: replay from the database, Last-Event-ID, live fan-out over a real server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import update
+
+from app.config import Settings
+from app.db import make_engine, make_sessionmaker, session_scope
+from app.events.hub import EventKey, InvalidEventId
+from app.models import Checkpoint, Job, MetricPoint, Sample
+from tests.conftest import ApiUser
+from tests.e2e.conftest import api_argv, free_port, process, wait_ready
+
+
+def parse_sse(text: str) -> list[dict]:
+    """Events as dicts: {"event", "id" (or None), "data"}; comments are kept as {"comment"}."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields: dict = {"id": None}
+        for line in block.splitlines():
+            if line.startswith(":"):
+                fields["comment"] = line[1:].strip()
+            else:
+                name, _, value = line.partition(": ")
+                fields[name] = json.loads(value) if name == "data" else value
+        events.append(fields)
+    return events
+
+
+class Rows:
+    def __init__(self, settings: Settings, job_id: str) -> None:
+        self.factory = make_sessionmaker(make_engine(settings))
+        self.job_id = uuid.UUID(job_id)
+
+    def metric(self, step: int) -> None:
+        with session_scope(self.factory) as s:
+            s.add(MetricPoint(job_id=self.job_id, step=step, loss=1.0 / step, lr=1e-4, images_per_s=10.0))
+
+    def checkpoint(self, step: int) -> None:
+        with session_scope(self.factory) as s:
+            s.add(Checkpoint(job_id=self.job_id, step=step, path=f"x/{step}", size_bytes=1, sha256="a" * 64,
+                             state_path=f"x/{step}.state"))  # fmt: skip
+
+    def sample(self, step: int) -> None:
+        with session_scope(self.factory) as s:
+            s.add(Sample(job_id=self.job_id, step=step, path=f"x/{step}.png", size_bytes=1, sha256="b" * 64))
+
+    def status(self, status: str, **values: object) -> None:
+        with session_scope(self.factory) as s:
+            s.execute(update(Job).where(Job.id == self.job_id).values(status=status, **values))
+
+
+@pytest.fixture
+def job_id(client: TestClient) -> str:
+    return client.post("/v1/jobs", json={}).json()["id"]
+
+
+def keyed(events: list[dict]) -> list[tuple[str, str | None]]:
+    return [(e["event"], e["id"]) for e in events if "event" in e]
+
+
+class TestReplay:
+    def test_a_finished_job_replays_in_step_order_and_the_stream_ends(
+        self, client: TestClient, clean_db: Settings, job_id: str
+    ) -> None:
+        rows = Rows(clean_db, job_id)
+        for step in (10, 20, 30):
+            rows.metric(step)
+        rows.checkpoint(20)
+        rows.sample(20)
+        rows.status("succeeded", step=30)
+        r = client.get(f"/v1/jobs/{job_id}/events")
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = parse_sse(r.text)
+        assert keyed(events) == [
+            ("metric", "10.0"),
+            ("metric", "20.0"),
+            ("checkpoint", "20.1"),
+            ("sample", "20.2"),
+            ("metric", "30.0"),
+            ("status", None),
+        ]
+        assert events[0]["data"] == {"step": 10, "loss": 0.1, "lr": 1e-4, "images_per_s": 10.0}
+        assert events[3]["data"] == {"step": 20, "url": f"/v1/jobs/{job_id}/samples/20.png"}
+        assert events[-1]["data"]["status"] == "succeeded" and events[-1]["data"]["id"] == job_id
+
+    def test_last_event_id_continues_after_it(self, client: TestClient, clean_db: Settings, job_id: str) -> None:
+        rows = Rows(clean_db, job_id)
+        for step in (10, 20, 30):
+            rows.metric(step)
+        rows.checkpoint(20)
+        rows.sample(20)
+        rows.status("failed", error="boom")
+        r = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "20.1"})
+        assert keyed(parse_sse(r.text)) == [("sample", "20.2"), ("metric", "30.0"), ("status", None)]
+        r = client.get(f"/v1/jobs/{job_id}/events", params={"after": "30.0"})
+        assert keyed(parse_sse(r.text)) == [("status", None)]
+
+    def test_a_bad_last_event_id_is_422_and_another_job_404(self, client: TestClient, job_id: str) -> None:
+        r = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "ten"})
+        assert r.status_code == 422
+        assert r.json()["detail"][0]["loc"] == ["header", "last-event-id"]
+        assert client.get(f"/v1/jobs/{job_id}/events", params={"after": "1.7"}).status_code == 422
+        assert client.get(f"/v1/jobs/{uuid.uuid4()}/events").status_code == 404
+
+    @pytest.mark.parametrize("raw", ["", "1", "1.5", "-1.0", "a.b", "1.0.0"])
+    def test_event_key_parsing_refuses_what_the_stream_never_sends(self, raw: str) -> None:
+        with pytest.raises(InvalidEventId):
+            EventKey.parse(raw)
+
+    def test_event_keys_order_metric_checkpoint_sample_within_a_step(self) -> None:
+        keys = [EventKey.parse(k) for k in ["20.2", "10.0", "20.0", "20.1", "3.2"]]
+        assert [str(k) for k in sorted(keys)] == ["3.2", "10.0", "20.0", "20.1", "20.2"]
+
+
+@pytest.mark.e2e
+class TestLive:
+    def test_watchers_get_every_event_once_across_a_reconnect(
+        self, clean_db: Settings, settings_env: dict[str, str], alice: ApiUser, tmp_path
+    ) -> None:
+        port = free_port()
+        log = tmp_path / "api.log"
+        env = settings_env | {"DDPM_PORT": str(port), "DDPM_EVENTS_POLL_INTERVAL_S": "0.1"}
+        with process(api_argv(), env, log) as proc:
+            base = f"http://127.0.0.1:{port}"
+            wait_ready(base, proc, log)
+            client = httpx.Client(base_url=base, headers=alice.headers, timeout=30)
+            job_id = client.post("/v1/jobs", json={}).json()["id"]
+            rows = Rows(clean_db, job_id)
+            rows.status("running")
+
+            def produce() -> None:
+                for step in range(10, 101, 10):
+                    rows.metric(step)
+                    if step % 50 == 0:
+                        rows.checkpoint(step)
+                    time.sleep(0.05)
+                rows.status("succeeded", step=100)
+
+            received: list[dict] = []
+            watchers: list[list[dict]] = [[] for _ in range(5)]
+
+            def watch(into: list[dict]) -> None:
+                with client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+                    into += parse_sse(r.read().decode())
+
+            threads = [threading.Thread(target=watch, args=(w,)) for w in watchers]
+            for t in threads:
+                t.start()
+            time.sleep(0.5)
+            producer = threading.Thread(target=produce)
+            producer.start()
+            # One watcher drops after its fourth keyed event and reconnects with Last-Event-ID.
+            with client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+                buffer = ""
+                for chunk in r.iter_text():
+                    buffer += chunk
+                    got = [e for e in parse_sse(buffer.rsplit("\n\n", 1)[0]) if e.get("id")]
+                    if len(got) >= 4:
+                        received += got[:4]
+                        break
+            with client.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": received[-1]["id"]}) as r:
+                received += parse_sse(r.read().decode())
+            producer.join()
+            for t in threads:
+                t.join(timeout=30)
+        expected_all = sorted([f"{s}.0" for s in range(10, 101, 10)] + ["50.1", "100.1"], key=EventKey.parse)
+        for events in [*watchers, received]:
+            ids = [e["id"] for e in events if e.get("id")]
+            assert ids == expected_all  # no gap, no repeat
+            statuses = [e["data"]["status"] for e in events if e.get("event") == "status"]
+            assert statuses[-1] == "succeeded"
