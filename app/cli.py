@@ -72,6 +72,7 @@ def ensure_local_key(settings: Settings) -> None:
         write_private(path, created.key + "\n")
     typer.echo(f"ddpm-jobs: created admin API key for user {LOCAL_USER!r}, saved to {path.resolve()}:")
     typer.echo(f"  {created.key}")
+    typer.echo(f"  dashboard: http://{settings.host}:{settings.port}/#key={created.key}")
     typer.echo(f'  curl -H "Authorization: Bearer $(cat {path})" http://{settings.host}:{settings.port}/v1/jobs')
 
 

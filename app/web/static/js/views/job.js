@@ -1,0 +1,471 @@
+// One job: status and progress, the live loss chart, sample grids, checkpoints, cancel.
+// Live updates come from GET /v1/jobs/{id}/events (SSE over fetch); where that route does not
+// exist the page polls the job, its metrics, checkpoints and samples every 2 s instead.
+
+import { api, ApiError, downloadName, readBlob, saveBlob, sha256Hex } from "../api.js";
+import { LossChart } from "../loss-chart.js";
+import { followEvents } from "../sse.js";
+import {
+  el,
+  elapsed,
+  fmtBytes,
+  fmtDuration,
+  fmtLoss,
+  fmtNumber,
+  fmtTime,
+  jobTitle,
+  progressBar,
+  sleep,
+  statusBadge,
+  TERMINAL,
+  toast,
+} from "../util.js";
+
+const POLL_MS = 2000;
+const LOG_SCALE = "ddpm-jobs.log-scale";
+
+export function jobView(root, jobId) {
+  const base = `/v1/jobs/${jobId}`;
+  const stop = new AbortController();
+  let job = null;
+  let latest = { lr: null, images_per_s: null };
+  let stream = null;
+  let samplesSupported = true;
+  const samples = new Map(); // step -> {step, url}
+  const imageUrls = new Map(); // api url -> blob: URL
+  let selectedSample = null; // null: follow the newest grid
+
+  // ----- layout -----
+  const title = el("h1", { id: "job-title" }, "Loading…");
+  const badge = el("span");
+  const cancelButton = el("button", { type: "button", id: "cancel-job", class: "danger", hidden: true });
+  const header = el(
+    "section",
+    { class: "card job-head" },
+    el(
+      "div",
+      { class: "card-head" },
+      el("a", { href: "#/", class: "back", "aria-label": "All jobs" }, "←"),
+      title,
+      badge,
+      el("div", { class: "spacer" }),
+      cancelButton,
+    ),
+  );
+  const progress = el("div", { class: "job-progress" });
+  const stats = el("dl", { class: "stats", id: "job-stats" });
+  const errorBox = el("pre", { class: "error", id: "job-error", hidden: true });
+  header.append(progress, stats, errorBox);
+
+  const liveState = el("span", { class: "live", id: "live-state" }, "connecting");
+  const logToggle = el("input", { type: "checkbox", id: "log-scale" });
+  logToggle.checked = localStorage.getItem(LOG_SCALE) === "1";
+  const canvas = el("canvas", { id: "loss-chart", "aria-label": "Loss by step" });
+  const chartCard = el(
+    "section",
+    { class: "card" },
+    el(
+      "div",
+      { class: "card-head" },
+      el("h2", {}, "Loss"),
+      liveState,
+      el("div", { class: "spacer" }),
+      el("label", { class: "toggle", for: "log-scale" }, logToggle, "log scale"),
+      el("button", { type: "button", class: "secondary small", id: "loss-png", onclick: () => saveLossPng() }, "loss.png"),
+    ),
+    el("div", { class: "chart-box" }, canvas),
+  );
+
+  const latestImg = el("img", { id: "latest-sample", alt: "", hidden: true });
+  const latestCaption = el("figcaption", { class: "muted" });
+  const sampleStrip = el("div", { class: "sample-strip", id: "sample-series" });
+  const samplesEmpty = el("p", { class: "muted", id: "samples-empty" }, "No sample grids yet.");
+  const samplesCard = el(
+    "section",
+    { class: "card" },
+    el("div", { class: "card-head" }, el("h2", {}, "Samples")),
+    samplesEmpty,
+    el("figure", { class: "latest-sample" }, latestImg, latestCaption),
+    sampleStrip,
+  );
+
+  const ckptBody = el("tbody");
+  const ckptCard = el(
+    "section",
+    { class: "card" },
+    el("div", { class: "card-head" }, el("h2", {}, "Checkpoints")),
+    el(
+      "table",
+      { class: "checkpoints", id: "checkpoint-table" },
+      el(
+        "thead",
+        {},
+        el(
+          "tr",
+          {},
+          el("th", { class: "num" }, "Step"),
+          el("th", { class: "num" }, "Size"),
+          el("th", {}, "SHA-256"),
+          el("th", {}, "Saved"),
+          el("th", {}),
+        ),
+      ),
+      ckptBody,
+    ),
+  );
+
+  const specPre = el("pre", { class: "code", id: "job-spec" });
+  const specCard = el(
+    "details",
+    { class: "card" },
+    el("summary", {}, el("h2", {}, "Spec")),
+    specPre,
+  );
+
+  root.replaceChildren(
+    header,
+    el("div", { class: "job-grid" }, el("div", { class: "col-main" }, chartCard, ckptCard, specCard), samplesCard),
+  );
+  const chart = new LossChart(canvas);
+  chart.setLogScale(logToggle.checked);
+  logToggle.addEventListener("change", () => {
+    localStorage.setItem(LOG_SCALE, logToggle.checked ? "1" : "0");
+    chart.setLogScale(logToggle.checked);
+  });
+
+  // ----- rendering -----
+  function renderJob() {
+    document.title = `${jobTitle(job)} · ddpm-jobs`;
+    title.textContent = jobTitle(job);
+    badge.replaceChildren(statusBadge(job));
+    const pct = job.total_steps ? Math.floor((100 * job.step) / job.total_steps) : 0;
+    progress.replaceChildren(
+      progressBar(job),
+      el(
+        "div",
+        { class: "progress-label" },
+        el("span", { id: "job-step" }, `step ${fmtNumber(job.step)} of ${fmtNumber(job.total_steps)}`),
+        el("span", {}, `${pct}%`),
+      ),
+    );
+    const secs = elapsed(job);
+    const rate = latest.images_per_s;
+    const stepsPerSec = secs && job.step ? job.step / secs : null;
+    const eta =
+      job.status === "running" && stepsPerSec ? fmtDuration((job.total_steps - job.step) / stepsPerSec) : null;
+    const items = [
+      ["Loss", fmtLoss(job.loss)],
+      ["Learning rate", latest.lr === null ? "–" : latest.lr.toExponential(2)],
+      ["Images/s", rate === null ? "–" : fmtNumber(rate, 1)],
+      ["Elapsed", fmtDuration(secs)],
+      eta ? ["ETA", eta] : null,
+      ["Attempt", String(job.attempt)],
+      ["Created", fmtTime(job.created_at)],
+      ["Finished", fmtTime(job.finished_at)],
+      ["Job id", job.id],
+    ].filter(Boolean);
+    stats.replaceChildren(...items.map(([k, v]) => el("div", {}, el("dt", {}, k), el("dd", {}, v))));
+    errorBox.hidden = !job.error;
+    errorBox.textContent = job.error || "";
+    const cancellable = !TERMINAL.has(job.status);
+    cancelButton.hidden = !cancellable;
+    if (cancellable && job.cancel_requested) {
+      cancelButton.disabled = true;
+      cancelButton.textContent = "Cancelling…";
+    } else if (cancellable && cancelButton.dataset.armed !== "1") {
+      cancelButton.disabled = false;
+      cancelButton.textContent = "Cancel job";
+    }
+    specPre.textContent = JSON.stringify(job.spec, null, 2);
+  }
+
+  function renderCheckpoints(list) {
+    if (!list.length) {
+      ckptBody.replaceChildren(el("tr", {}, el("td", { colspan: 5, class: "empty" }, "No checkpoints yet.")));
+      return;
+    }
+    ckptBody.replaceChildren(
+      ...[...list].reverse().map((c) =>
+        el(
+          "tr",
+          { class: "checkpoint-row", dataset: { step: c.step } },
+          el("td", { class: "num mono" }, fmtNumber(c.step)),
+          el("td", { class: "num" }, fmtBytes(c.size_bytes)),
+          el("td", { class: "mono sha", title: c.sha256 }, el("span", { class: "sha256" }, c.sha256)),
+          el("td", {}, fmtTime(c.created_at)),
+          el(
+            "td",
+            { class: "num" },
+            el(
+              "button",
+              {
+                type: "button",
+                class: "secondary small download",
+                dataset: { step: c.step, sha256: c.sha256 },
+                onclick: (e) => downloadCheckpoint(c, e.currentTarget),
+              },
+              "Download",
+            ),
+          ),
+        ),
+      ),
+    );
+  }
+
+  async function showImage(img, url) {
+    if (!imageUrls.has(url)) {
+      const res = await api(url, { raw: true, signal: stop.signal });
+      imageUrls.set(url, URL.createObjectURL(await res.blob()));
+    }
+    img.src = imageUrls.get(url);
+    img.hidden = false;
+  }
+
+  function renderSamples() {
+    const list = [...samples.values()].sort((a, b) => a.step - b.step);
+    samplesEmpty.hidden = list.length > 0;
+    if (!list.length) return;
+    const current = (selectedSample !== null && samples.get(selectedSample)) || list[list.length - 1];
+    const isNewest = current === list[list.length - 1];
+    latestCaption.textContent = `step ${fmtNumber(current.step)}${isNewest ? " · newest" : ""}`;
+    latestImg.alt = `Sample grid at step ${current.step}`;
+    latestImg.dataset.step = current.step;
+    showImage(latestImg, current.url).catch((e) => reportError("sample grid", e));
+    const known = new Set([...sampleStrip.children].map((n) => Number(n.dataset.step)));
+    for (const s of list) {
+      if (known.has(s.step)) continue;
+      const thumb = el("img", { alt: `step ${s.step}` });
+      const button = el(
+        "button",
+        {
+          type: "button",
+          class: "thumb",
+          dataset: { step: s.step },
+          title: `step ${s.step}`,
+          onclick: () => {
+            selectedSample = s === list[list.length - 1] ? null : s.step;
+            renderSamples();
+          },
+        },
+        thumb,
+        el("span", {}, fmtNumber(s.step)),
+      );
+      const after = [...sampleStrip.children].find((n) => Number(n.dataset.step) > s.step);
+      sampleStrip.insertBefore(button, after || null);
+      showImage(thumb, s.url).catch((e) => reportError("sample grid", e));
+    }
+    for (const n of sampleStrip.children) n.classList.toggle("selected", Number(n.dataset.step) === current.step);
+  }
+
+  function reportError(what, e) {
+    if (stop.signal.aborted || e.name === "AbortError") return;
+    toast(`Could not load ${what}: ${e.message}`, "error");
+  }
+
+  // ----- data -----
+  async function loadMetrics() {
+    let after = chart.lastStep;
+    for (;;) {
+      const page = await api(`${base}/metrics?after_step=${after}&limit=10000`, { signal: stop.signal });
+      chart.add(page.items);
+      if (page.items.length) {
+        const last = page.items[page.items.length - 1];
+        latest = { lr: last.lr ?? latest.lr, images_per_s: last.images_per_s ?? latest.images_per_s };
+      }
+      if (page.next_after_step === null || page.next_after_step === undefined) return;
+      after = page.next_after_step;
+    }
+  }
+
+  async function loadCheckpoints() {
+    renderCheckpoints(await api(`${base}/checkpoints`, { signal: stop.signal }));
+  }
+
+  async function loadSamples() {
+    if (!samplesSupported) return;
+    try {
+      const list = await api(`${base}/samples`, { signal: stop.signal });
+      for (const s of list) samples.set(s.step, s);
+      renderSamples();
+    } catch (e) {
+      if (e instanceof ApiError && e.status === 404 && job) {
+        samplesSupported = false; // the job exists, so the route does not
+        samplesEmpty.textContent = "This server does not serve sample grids.";
+        return;
+      }
+      throw e;
+    }
+  }
+
+  function onEvent(event) {
+    let data;
+    try {
+      data = JSON.parse(event.data);
+    } catch {
+      return;
+    }
+    if (event.type === "status") {
+      job = data;
+      renderJob();
+    } else if (event.type === "metric") {
+      chart.add([data]);
+      latest = { lr: data.lr ?? latest.lr, images_per_s: data.images_per_s ?? latest.images_per_s };
+      if (job && data.step > job.step) job = { ...job, step: data.step, loss: data.loss };
+      if (job) renderJob();
+    } else if (event.type === "checkpoint") {
+      loadCheckpoints().catch((e) => reportError("checkpoints", e));
+    } else if (event.type === "sample") {
+      samples.set(data.step, data);
+      renderSamples();
+    }
+  }
+
+  function setLive(state) {
+    const labels = {
+      connecting: "connecting…",
+      live: "live",
+      reconnecting: "reconnecting…",
+      ended: "final",
+      unsupported: "polling",
+      polling: "polling",
+      error: "offline",
+    };
+    liveState.textContent = labels[state] || state;
+    liveState.dataset.state = state;
+  }
+
+  async function poll() {
+    setLive("polling");
+    while (!stop.signal.aborted) {
+      try {
+        job = await api(base, { signal: stop.signal });
+        await loadMetrics();
+        renderJob();
+        await Promise.all([loadCheckpoints(), loadSamples()]);
+        if (TERMINAL.has(job.status)) {
+          setLive("ended");
+          return;
+        }
+      } catch (e) {
+        reportError("the job", e);
+      }
+      await sleep(POLL_MS, stop.signal);
+    }
+  }
+
+  async function start() {
+    try {
+      job = await api(base, { signal: stop.signal });
+    } catch (e) {
+      if (stop.signal.aborted) return;
+      title.textContent = e instanceof ApiError && e.status === 404 ? "No such job" : "Could not load the job";
+      errorBox.textContent = e.message;
+      errorBox.hidden = false;
+      setLive("error");
+      return;
+    }
+    renderJob();
+    await Promise.all([
+      loadMetrics().catch((e) => reportError("metrics", e)),
+      loadCheckpoints().catch((e) => reportError("checkpoints", e)),
+      loadSamples().catch((e) => reportError("samples", e)),
+    ]);
+    if (stop.signal.aborted) return;
+    renderJob();
+    stream = followEvents(`${base}/events`, {
+      onEvent,
+      onState: (state) => {
+        setLive(state);
+        if (state === "ended") {
+          // The stream ended with the terminal status: take the final lists once more.
+          loadCheckpoints().catch((e) => reportError("checkpoints", e));
+          loadSamples().catch((e) => reportError("samples", e));
+        }
+      },
+      onUnsupported: () => poll(),
+      isDone: () => job && TERMINAL.has(job.status),
+    });
+  }
+
+  // ----- actions -----
+  cancelButton.addEventListener("click", async () => {
+    // Two clicks: the first arms the button for a few seconds, the second sends the request.
+    if (cancelButton.dataset.armed !== "1") {
+      cancelButton.dataset.armed = "1";
+      cancelButton.textContent = "Click again to cancel";
+      cancelButton.classList.add("armed");
+      setTimeout(() => {
+        if (cancelButton.dataset.armed === "1" && !cancelButton.disabled) {
+          cancelButton.dataset.armed = "";
+          cancelButton.classList.remove("armed");
+          cancelButton.textContent = "Cancel job";
+        }
+      }, 4000);
+      return;
+    }
+    cancelButton.dataset.armed = "";
+    cancelButton.classList.remove("armed");
+    cancelButton.disabled = true;
+    cancelButton.textContent = "Cancelling…";
+    try {
+      job = await api(`${base}/cancel`, { method: "POST" });
+      renderJob();
+    } catch (e) {
+      toast(`Cancel failed: ${e.message}`, "error");
+      cancelButton.disabled = false;
+      cancelButton.textContent = "Cancel job";
+    }
+  });
+
+  async function downloadCheckpoint(c, button) {
+    const label = button.textContent;
+    button.disabled = true;
+    try {
+      const res = await api(`${base}/checkpoints/${c.step}`, {
+        raw: true,
+        headers: { Accept: "application/octet-stream" },
+      });
+      const blob = await readBlob(res, (fraction) => {
+        button.textContent = fraction === null ? "Downloading…" : `${Math.floor(fraction * 100)}%`;
+      });
+      button.textContent = "Verifying…";
+      const digest = await sha256Hex(blob);
+      if (digest !== null && digest !== c.sha256) {
+        throw new Error(`sha256 mismatch: got ${digest}, expected ${c.sha256}`);
+      }
+      saveBlob(blob, downloadName(res, `${jobId}-step-${String(c.step).padStart(8, "0")}.safetensors`));
+      toast(digest ? `Checkpoint ${c.step} downloaded, sha256 verified` : `Checkpoint ${c.step} downloaded`, "ok");
+    } catch (e) {
+      toast(`Download failed: ${e.message}`, "error");
+    } finally {
+      button.disabled = false;
+      button.textContent = label;
+    }
+  }
+
+  async function saveLossPng() {
+    try {
+      const res = await api(`${base}/loss.png`, { raw: true, headers: { Accept: "image/png" } });
+      saveBlob(await res.blob(), `${jobId}-loss.png`);
+    } catch (e) {
+      toast(
+        e instanceof ApiError && e.status === 404 ? "This server has no loss.png yet" : `loss.png: ${e.message}`,
+        "error",
+      );
+    }
+  }
+
+  // The elapsed time and ETA tick while the job runs, between events.
+  const ticker = setInterval(() => {
+    if (job && job.status === "running") renderJob();
+  }, 1000);
+
+  start();
+  return () => {
+    stop.abort();
+    stream?.close();
+    clearInterval(ticker);
+    chart.destroy();
+    for (const url of imageUrls.values()) URL.revokeObjectURL(url);
+  };
+}
