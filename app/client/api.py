@@ -253,13 +253,19 @@ class DdpmClient:
         return target
 
     # --- the live event stream ----------------------------------------------------------------
-    def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[Event]:
+    def events(
+        self,
+        job_id: str,
+        last_event_id: str | None = None,
+        on_reconnect: Callable[[str, float], None] | None = None,
+    ) -> Iterator[Event]:
         """The job's events as they happen, until (and including) its terminal status event.
 
         A dropped connection (a network error, a 5xx, or a stream that ends before the job
         has) is reopened with `Last-Event-ID`, after a growing delay, so each metric, checkpoint
         and sample event is yielded once. A status event comes on every connect; one that
-        repeats the previous status and attempt is not yielded again."""
+        repeats the previous status and attempt is not yielded again. `on_reconnect(reason,
+        delay_s)` is told of each drop before the wait."""
         url = f"/v1/jobs/{job_id}/events"
         timeout = httpx.Timeout(self._http.timeout.connect, read=STREAM_READ_TIMEOUT_S)
         position = _StreamPosition(last_event_id)
@@ -290,6 +296,8 @@ class DdpmClient:
             failures += 1
             if self.max_reconnects is not None and failures > self.max_reconnects:
                 raise ServerUnreachable(f"lost the event stream of job {job_id} {failures} times: {reason}")
+            if on_reconnect is not None:
+                on_reconnect(reason, delay)
             time.sleep(delay)
             delay = min(delay * 2, max(self.max_reconnect_delay, base_delay))
 

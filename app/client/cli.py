@@ -390,6 +390,9 @@ class WatchView:
         seconds = max(self.total - step, 0) * self.batch_size / images_per_s
         return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 86400:.1f} d"
 
+    def on_reconnect(self, reason: str, delay_s: float) -> None:
+        self.note(f"[yellow]connection lost ({_escape(reason)}); reconnecting in {delay_s:.1f}s[/]")
+
     def note(self, text: str) -> None:
         self.bar.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {text}", highlight=False)
 
@@ -399,7 +402,7 @@ def follow(client: DdpmClient, job_id: str, console: Console) -> dict[str, Any] 
     view = WatchView(console)
     final = None
     with view.bar:
-        for event in client.events(job_id):
+        for event in client.events(job_id, on_reconnect=view.on_reconnect):
             view.on_event(event)
             if event.is_terminal:
                 final = event.data

@@ -187,18 +187,21 @@ def kinds(events: list[Event]) -> list[tuple[str, str | None]]:
 class TestEventStream:
     """Against a scripted server: drops, repeats, retries; each event is yielded once."""
 
-    def stream(self, replies: list[Reply], last_event_id: str | None = None, **options):
+    def stream(self, replies: list[Reply], last_event_id: str | None = None, on_reconnect=None, **options):
         with scripted_server(replies) as server:
             client = DdpmClient(server.base, "k", reconnect_delay=0.01, **options)
             with client:
-                events = list(client.events("j1", last_event_id=last_event_id))
+                events = list(client.events("j1", last_event_id=last_event_id, on_reconnect=on_reconnect))
             return events, server.requests
 
     def test_reconnects_after_a_drop_with_last_event_id(self) -> None:
         first = [status("running", 0), metric(10), ": keep-alive\n\n", metric(20), "event: metric\nid: 30.0\ndata: {"]
         checkpoint = sse("checkpoint", {"step": 30, "sha256": "ab" * 32, "size_bytes": 9}, "30.1")
         second = [status("running", 20), metric(30), checkpoint, status("succeeded", 30)]
-        events, requests = self.stream([Reply(first, end="drop"), Reply(second)])
+        drops: list[str] = []
+        events, requests = self.stream(
+            [Reply(first, end="drop"), Reply(second)], on_reconnect=lambda reason, delay: drops.append(reason)
+        )
 
         assert kinds(events) == [
             ("status", "running"),
@@ -211,6 +214,7 @@ class TestEventStream:
         assert events[1].data == {"step": 10, "loss": 0.1, "lr": 1e-3, "images_per_s": 100.0}
         assert events[-1].is_terminal and not events[0].is_terminal
         assert [r.get("last-event-id") for r in requests] == [None, "20.0"]
+        assert len(drops) == 1 and "RemoteProtocolError" in drops[0]
         assert requests[0]["authorization"] == "Bearer k"
         assert requests[0]["accept"] == "text/event-stream"
         assert requests[0]["request-line"] == "GET /v1/jobs/j1/events HTTP/1.1"
