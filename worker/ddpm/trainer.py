@@ -15,6 +15,7 @@ in bf16 autocast with TF32 matmuls, channels_last and `torch.compile` (`training
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import time
@@ -31,6 +32,7 @@ from app.spec import JobSpec, TrainingSpec
 from worker.ddpm.checkpoint import TrainingState, load_state, state_path_for, write_checkpoint
 from worker.ddpm.data import BatchIndexer, load_images, to_model_range
 from worker.ddpm.model import build_unet, unet_config
+from worker.ddpm.sampling import sample_images, save_grid_png
 from worker.ddpm.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,14 @@ class SavedCheckpoint:
     state_path: Path  # step-XXXXXXXX.state.safetensors (resume only; never served)
 
 
+@dataclass(frozen=True)
+class SavedSample:
+    step: int
+    path: Path  # a PNG grid, samples/step-XXXXXXXX.png beside the checkpoints
+    sha256: str
+    size_bytes: int
+
+
 class StopTraining(Exception):
     """Raised by a sink to stop the loop (cancel, lost lease, worker shutdown).
 
@@ -78,6 +88,8 @@ class TrainingSink(Protocol):
     def on_log(self, point: MetricPoint) -> None: ...  # may raise StopTraining
 
     def on_checkpoint(self, saved: SavedCheckpoint) -> None: ...  # may raise StopTraining
+
+    # Optional: `on_sample(saved: SavedSample)`, told of each sample grid (sinks without it get none).
 
 
 @dataclass(frozen=True)
@@ -242,11 +254,10 @@ def train(
         step = _restore(Path(resume_from), spec, unet, optimizer, ema, noise, window, dev)
     ema_update = _DeviceEMA(ema, params, cfg.ema_decay, dev)
 
-    # bf16 autocast for the forward pass on CUDA; the loss is computed in fp32. CPU stays fp32.
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
-
     def forward_loss(x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        with autocast:
+        # bf16 autocast for the forward pass on CUDA; the loss is computed in fp32. CPU stays fp32.
+        # (The context is entered here, not built outside, so that torch.compile traces it.)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_cuda):
             prediction = unet(x_t, t).sample  # (B, C, H, W)
         return F.mse_loss(prediction.float(), target)
 
@@ -254,6 +265,7 @@ def train(
     compile_checked = loss_of is forward_loss
 
     writer = _CheckpointWriter(checkpoint_dir, unet_config(spec))
+    on_sample = getattr(sink, "on_sample", None)
     last_loss: float | None = None
     window_start, window_images = time.perf_counter(), 0
     try:
@@ -304,7 +316,8 @@ def train(
 
             log_now = step % cfg.log_every == 0 or step == cfg.steps
             checkpoint_now = step % cfg.checkpoint_every == 0 or step == cfg.steps
-            if not (log_now or checkpoint_now):
+            sample_now = cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == cfg.steps)
+            if not (log_now or checkpoint_now or sample_now):
                 continue
             values = window.read()  # SYNC (see _Window.read)
             if values.failed_at:
@@ -357,6 +370,16 @@ def train(
                     except StopTraining:
                         return TrainResult(final_step=step, last_loss=last_loss, stopped=True)
                 window_start += time.perf_counter() - save_start  # keep saving out of images/s
+
+            # Sample grid from the EMA weights, with a fixed seed so grids compare over time.
+            if sample_now and on_sample is not None:
+                sample_start = time.perf_counter()
+                drawn = draw_sample_grid(spec, unet, ema, step, checkpoint_dir / "samples", dev)
+                window_start += time.perf_counter() - sample_start  # keep sampling out of images/s
+                try:
+                    on_sample(drawn)
+                except StopTraining:
+                    return TrainResult(final_step=step, last_loss=last_loss, stopped=True)
     finally:
         writer.close()
 
@@ -397,6 +420,32 @@ class _CheckpointWriter:
             size_bytes=written.size_bytes,
             state_path=written.state_path,
         )
+
+
+# Periodic grids use DDIM (eta = 0) over this many steps: a few seconds, not T network calls.
+SAMPLE_GRID_SAMPLER, SAMPLE_GRID_STEPS, SAMPLE_GRID_SEED = "ddim", 50, 0
+
+
+def draw_sample_grid(
+    spec: JobSpec, unet: torch.nn.Module, ema: EMAModel, step: int, out_dir: Path, dev: torch.device
+) -> SavedSample:
+    """A PNG grid of `sample_count` images drawn from the EMA weights. The copy of the network keeps
+    training's modules and RNG untouched (a fresh U-Net would draw its init from the global RNG)."""
+    sampler_net = copy.deepcopy(unet).eval()
+    sampler_net.load_state_dict(ema_state_dict(unet, ema))
+    images = sample_images(
+        sampler_net,
+        spec,
+        spec.training.sample_count,
+        SAMPLE_GRID_SEED,
+        dev,
+        sampler=SAMPLE_GRID_SAMPLER,
+        steps=SAMPLE_GRID_STEPS,
+    )
+    path = out_dir / f"step-{step:08d}.png"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sha256 = save_grid_png(images, path)
+    return SavedSample(step=step, path=path, sha256=sha256, size_bytes=path.stat().st_size)
 
 
 def ema_state_dict(unet: torch.nn.Module, ema: EMAModel) -> dict[str, torch.Tensor]:
