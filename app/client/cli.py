@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import os
 import re
 import sys
 import time
@@ -268,14 +269,17 @@ def download(
     ctx: typer.Context,
     job_id: Annotated[str, typer.Argument(metavar="ID")],
     step: Annotated[int | None, typer.Option("--step", help="This step's checkpoint (default: newest).")] = None,
-    out_path: Annotated[Path, typer.Option("--out", "-o", help="A file name, or a folder to save it in.")] = Path("."),
+    out_path: Annotated[str, typer.Option("--out", "-o", help="A file name, or a folder (ending in /).")] = ".",
 ) -> None:
     """Download a checkpoint (safetensors), checking its sha256."""
+    dest = Path(out_path)
+    if out_path.endswith(("/", os.sep)):
+        dest.mkdir(parents=True, exist_ok=True)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with client_for(ctx) as client, Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task(f"checkpoint {'newest' if step is None else step}", total=None)
         path = client.download(
-            job_id, out_path, step=step, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            job_id, dest, step=step, progress=lambda done, total: bar.update(task, completed=done, total=total)
         )
     typer.echo(str(path))
     err.print(f"[green]sha256 verified[/] ({path.stat().st_size:,} bytes)")

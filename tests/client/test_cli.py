@@ -126,10 +126,11 @@ class TestAgainstTheApi:
         assert f"{trained.job['loss']:.4f}" in result.stdout
 
     def test_download(self, api: RunningApi, trained: TrainedJob, tmp_path: Path) -> None:
-        result = ddpm(api, trained.key, "download", trained.job["id"], "--step", "20", "--out", str(tmp_path))
+        folder = tmp_path / "new" / "runs"
+        result = ddpm(api, trained.key, "download", trained.job["id"], "--step", "20", "--out", f"{folder}/")
         assert result.exit_code == 0, result.output
         path = Path(result.stdout.strip())
-        assert path == tmp_path / f"{trained.job['id']}-step-00000020.safetensors"
+        assert path == folder / f"{trained.job['id']}-step-00000020.safetensors"
         with DdpmClient(api.base, trained.key) as client:
             listed = {c["step"]: c["sha256"] for c in client.checkpoints(trained.job["id"])}
         assert hashlib.sha256(path.read_bytes()).hexdigest() == listed[20]
