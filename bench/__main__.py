@@ -1,0 +1,28 @@
+"""python -m bench [train|service|api] [--short]: run one benchmark, or all of them in turn."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = ("train", "service", "api")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("which", nargs="?", choices=BENCHMARKS, help="one benchmark (default: all)")
+    parser.add_argument("--short", action="store_true", help="a few steps: proves the benchmarks run (CI)")
+    parser.add_argument("--device", default=None, help="train/service: cpu, cuda ... (default: cuda if any)")
+    parser.add_argument("--threads", type=int, default=None, help="train/service: torch threads (default: 1 on CPU)")
+    parser.add_argument("--api-key", default=None, help="api: Bearer key (default: $DDPM_API_KEY, else a new one)")
+    args = parser.parse_args(argv)
+    for name in [args.which] if args.which else BENCHMARKS:
+        module = importlib.import_module(f"bench.{name}")
+        if name == "api":
+            module.run(short=args.short, api_key=args.api_key)
+        else:
+            module.run(short=args.short, device=args.device, threads=args.threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""What every benchmark shares: the machine description, A/B rounds, medians, a results table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+
+def machine() -> str:
+    """One line: CPU, cores, accelerator, library versions, date."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    versions = f"torch {torch.__version__}"
+    try:
+        import diffusers
+
+        versions += f", diffusers {diffusers.__version__}"
+    except ImportError:
+        pass
+    python = f"Python {platform.python_version()}"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}; {python}, {versions}; {time.strftime('%Y-%m-%d')}"
+
+
+@dataclass
+class Rounds:
+    """Samples of several contenders taken in alternation (A, B, A, B, ... with the order rotated
+    every round) so that drift and other people's load hit every side alike."""
+
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def run(self, rounds: int, contenders: dict[str, Callable[[], float]]) -> Rounds:
+        names = list(contenders)
+        for i in range(rounds):
+            shift = i % len(names)
+            for name in names[shift:] + names[:shift]:
+                value = contenders[name]()
+                self.samples.setdefault(name, []).append(value)
+                print(f"     round {i + 1}/{rounds} {name}: {value:.4g}", flush=True)
+        return self
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.samples[name])
+
+    def ratio(self, a: str, b: str) -> float:
+        """median(a) / median(b)."""
+        return self.median(a) / self.median(b)
+
+    def paired_ratios(self, a: str, b: str) -> list[float]:
+        """a / b within each round (the two ran back to back, under about the same load)."""
+        return [x / y for x, y in zip(self.samples[a], self.samples[b], strict=True)]
+
+    def report(self, unit: str) -> str:
+        lines = []
+        for name, xs in self.samples.items():
+            spread = f"  (min {min(xs):.4g}, max {max(xs):.4g}, n={len(xs)})" if len(xs) > 1 else "  (n=1)"
+            lines.append(f"  {name}: median {statistics.median(xs):.4g} {unit}{spread}")
+        return "\n".join(lines)
+
+
+def default_threads(device_type: str) -> int:
+    """One intra-op thread on CPU: on a shared 2-core machine, OpenMP spin-waiting against other
+    processes makes 2-thread timings swing tenfold; both sides of a ratio always get the same."""
+    import torch
+
+    return 1 if device_type == "cpu" else torch.get_num_threads()
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+PG_ADMIN_URL = os.environ.get("DDPM_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("DDPM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@contextmanager
+def throwaway_database() -> Iterator[str]:
+    """A fresh PostgreSQL database (SQLAlchemy URL), dropped on the way out."""
+    import uuid
+
+    import psycopg
+
+    name = f"ddpm_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,0 +1,43 @@
+"""Every benchmark in short mode: they run and print sane figures. Speed is never asserted here
+(CI machines are shared and small); the full runs and their figures are in BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import api, service, train
+from bench.__main__ import main
+
+
+def _positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+@pytest.mark.slow
+class TestShortMode:
+    def test_train(self, capsys: pytest.CaptureFixture[str]) -> None:
+        results = train.run(short=True, device="cpu")
+        rates = results["tiny"]["images_per_s"]
+        assert set(rates) == {"ddpm-jobs", "diffusers fp32"} and all(map(_positive, rates.values()))
+        assert _positive(results["tiny"]["ratios"]["diffusers fp32"])
+        assert "ratio ddpm-jobs / diffusers fp32: " in capsys.readouterr().out
+
+    def test_service(self, capsys: pytest.CaptureFixture[str]) -> None:
+        results = service.run(short=True, device="cpu")
+        assert _positive(results["ratio"]) and _positive(results["window_ratio"])
+        assert 0 < results["on_log_share"] < 1
+        assert "ratio through the worker / bare loop: " in capsys.readouterr().out
+
+    def test_api(self, capsys: pytest.CaptureFixture[str]) -> None:
+        results = api.run(short=True)
+        assert _positive(results["post_to_running_median_s"]) and _positive(results["get_requests_per_s"])
+        assert results["post_to_running_p99_s"] >= results["post_to_running_median_s"]
+        out = capsys.readouterr().out
+        assert "POST /v1/jobs -> running" in out and "requests/s" in out and "SSE watchers" in out
+
+    def test_command_line(self, capsys: pytest.CaptureFixture[str]) -> None:
+        with pytest.raises(SystemExit):
+            main(["nonsense"])
+        assert "invalid choice" in capsys.readouterr().err
