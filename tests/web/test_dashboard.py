@@ -13,6 +13,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,14 +39,21 @@ CHROMIUM_FLAGS = [
 ]
 SHOTS = ARTIFACTS / "dashboard"
 
-# Small enough for a busy 2-core CPU: 12 metric points, 3 checkpoints and 3 sample grids. 100
+# Small enough for a busy 2-core CPU: 6 metric points, 3 checkpoints and 3 sample grids. 100
 # diffusion steps keep each grid's sampling chain short (it runs the U-Net once per timestep).
 TINY_SPEC = {
     "dataset": {"image_size": 8},
     "diffusion": {"timesteps": 100},
-    "training": {"steps": 120, "batch_size": 16, "log_every": 10, "checkpoint_every": 40, "sample_every": 40},
+    "training": {
+        "steps": 60,
+        "batch_size": 16,
+        "log_every": 10,
+        "checkpoint_every": 20,
+        "sample_every": 20,
+        "sample_count": 9,
+    },
 }
-STEPS = [40, 80, 120]
+STEPS = [20, 40, 60]
 # The second job is long enough to be running when the cancel button is clicked.
 LONG_SPEC = {
     "name": "to be cancelled",
@@ -77,17 +85,32 @@ class BrowserErrors:
     console: list[str] = field(default_factory=list)
 
 
-@pytest.fixture
-def stack(settings_env: dict[str, str], make_user: MakeUser, tmp_path: Path) -> Iterator[Stack]:
+@contextmanager
+def api_process(settings_env: dict[str, str], make_user: MakeUser, tmp_path: Path) -> Iterator[Stack]:
     user = make_user("dashboard")
     port = free_port()
     env = settings_env | {"DDPM_PORT": str(port)}
-    api_log, worker_log = tmp_path / "api.log", tmp_path / "worker.log"
-    with process(api_argv(), env, api_log) as api, process(worker_argv(), env, worker_log):
+    api_log = tmp_path / "api.log"
+    with process(api_argv(), env, api_log) as api:
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, api, api_log)
         paths = httpx.get(f"{base}/openapi.json").json()["paths"]
-        yield Stack(base, user.key, [api_log, worker_log], has_samples="/v1/jobs/{job_id}/samples" in paths)
+        yield Stack(base, user.key, [api_log], has_samples="/v1/jobs/{job_id}/samples" in paths)
+
+
+@pytest.fixture
+def api_only(settings_env: dict[str, str], make_user: MakeUser, tmp_path: Path) -> Iterator[Stack]:
+    with api_process(settings_env, make_user, tmp_path) as stack:
+        yield stack
+
+
+@pytest.fixture
+def stack(settings_env: dict[str, str], make_user: MakeUser, tmp_path: Path) -> Iterator[Stack]:
+    """The API and a Celery worker."""
+    worker_log = tmp_path / "worker.log"
+    with api_process(settings_env, make_user, tmp_path) as api, process(worker_argv(), settings_env, worker_log):
+        api.logs.append(worker_log)
+        yield api
 
 
 @pytest.fixture
@@ -126,7 +149,8 @@ def badge_status(page) -> str:
     return page.get_attribute(STATUS_BADGE, "data-status") or ""
 
 
-def test_key_prompt_refuses_a_wrong_key_and_takes_a_good_one(stack: Stack, browser) -> None:
+def test_key_prompt_refuses_a_wrong_key_and_takes_a_good_one(api_only: Stack, browser) -> None:
+    stack = api_only
     errors = BrowserErrors()
     page = new_page(browser, errors)
     page.goto(stack.base + "/")
@@ -143,6 +167,42 @@ def test_key_prompt_refuses_a_wrong_key_and_takes_a_good_one(stack: Stack, brows
     assert errors.page_errors == []
 
 
+def test_sse_parser_in_the_browser(api_only: Stack, browser) -> None:
+    """The page's own event-stream parser, fed the way a network delivers text: in odd pieces."""
+    page = new_page(browser, BrowserErrors())
+    page.goto(api_only.base + "/")
+    stream = (
+        ": keep-alive\r\n\r\n"
+        'event: status\ndata: {"status":"running"}\n\n'
+        'id: 10.0\nevent: metric\ndata: {"step":10,"loss":0.5}\r\n\r\n'
+        "event: status\ndata: line one\ndata:line two\n\n"
+        "retry: 2500\nid: 10.1\nevent: checkpoint\ndata: {}\r\r"
+        "event: cut off\ndata: never dispatched"
+    )
+    got = page.evaluate(
+        """async (text) => {
+            const { SSEParser } = await import("/static/js/sse.js");
+            const events = [];
+            const comments = [];
+            const parser = new SSEParser((e) => events.push(e), (c) => comments.push(c));
+            for (let i = 0; i < text.length; i += 3) parser.push(text.slice(i, i + 3));
+            return { events, comments, retry: parser.retry };
+        }""",
+        stream,
+    )
+    assert got == {
+        "events": [
+            {"type": "status", "data": '{"status":"running"}', "lastEventId": ""},
+            {"type": "metric", "data": '{"step":10,"loss":0.5}', "lastEventId": "10.0"},
+            {"type": "status", "data": "line one\nline two", "lastEventId": "10.0"},
+            {"type": "checkpoint", "data": "{}", "lastEventId": "10.1"},
+        ],
+        "comments": [" keep-alive"],
+        "retry": 2500,
+    }
+
+
+@pytest.mark.timeout(1500)
 def test_submit_watch_download_and_cancel(stack: Stack, browser, tmp_path: Path) -> None:
     errors = BrowserErrors()
     page = new_page(browser, errors)
@@ -190,9 +250,9 @@ def watch_download_and_cancel(stack: Stack, page, tmp_path: Path) -> None:
         f"the job was not running while the chart grew ({first} -> {second} points); make it longer"
     )
 
-    page.wait_for_selector(f'{STATUS_BADGE}[data-status="succeeded"]', timeout=300_000)
-    assert page.inner_text("#job-step") == "step 120 of 120"
-    page.wait_for_function(f"() => {CHART_POINTS} === 12")  # log_every 10 over 120 steps
+    page.wait_for_selector(f'{STATUS_BADGE}[data-status="succeeded"]', timeout=600_000)
+    assert page.inner_text("#job-step") == "step 60 of 60"
+    page.wait_for_function(f"() => {CHART_POINTS} === 6")  # log_every 10 over 60 steps
     page.check("#log-scale")
 
     with stack.client() as client:
@@ -207,12 +267,12 @@ def watch_download_and_cancel(stack: Stack, page, tmp_path: Path) -> None:
             "() => { const i = document.querySelector('#latest-sample');"
             " return i && !i.hidden && i.complete && i.naturalWidth > 0; }"
         )
-        assert page.get_attribute("#latest-sample", "data-step") == "120"
+        assert page.get_attribute("#latest-sample", "data-step") == "60"
         page.wait_for_function("() => document.querySelectorAll('#sample-series .thumb img').length === 3")
     shoot(page, "04-job-succeeded")
 
     # Download the newest checkpoint; its bytes hash to the sha256 the list shows.
-    row = page.locator('#checkpoint-table .checkpoint-row[data-step="120"]')
+    row = page.locator('#checkpoint-table .checkpoint-row[data-step="60"]')
     shown_sha = row.locator(".sha256").inner_text().strip()
     assert shown_sha == checkpoints[-1]["sha256"]
     with page.expect_download() as download_info:
@@ -220,7 +280,7 @@ def watch_download_and_cancel(stack: Stack, page, tmp_path: Path) -> None:
     download = download_info.value
     saved = tmp_path / download.suggested_filename
     download.save_as(saved)
-    assert download.suggested_filename == f"{job_id}-step-00000120.safetensors"
+    assert download.suggested_filename == f"{job_id}-step-00000060.safetensors"
     assert hashlib.sha256(saved.read_bytes()).hexdigest() == shown_sha
     page.wait_for_selector("#toast:not([hidden])")
     assert "sha256 verified" in page.inner_text("#toast")

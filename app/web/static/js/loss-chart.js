@@ -83,7 +83,19 @@ export class LossChart {
       }
       changed = true;
     }
-    if (changed) this.render();
+    if (changed) this.scheduleRender();
+  }
+
+  /** One redraw per frame, however many events arrive in it (a reconnect replays many). */
+  scheduleRender() {
+    this.canvas.dataset.points = String(this.steps.length);
+    this.canvas.dataset.lastStep = String(this.lastStep);
+    if (this.pending) return;
+    this.pending = true;
+    requestAnimationFrame(() => {
+      this.pending = false;
+      this.render();
+    });
   }
 
   setLogScale(on) {
@@ -110,11 +122,10 @@ export class LossChart {
     rawSet.data = raw;
     smoothSet.data = smooth;
     this.chart.update("none");
-    this.canvas.dataset.points = String(this.steps.length);
-    this.canvas.dataset.lastStep = String(this.lastStep);
   }
 
   destroy() {
+    this.pending = true; // no redraw after this
     this.chart.destroy();
   }
 }

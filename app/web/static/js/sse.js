@@ -65,11 +65,15 @@ const MAX_BACKOFF_MS = 15_000;
  * Follow an SSE route until `close()`, `isDone()` after the stream ends, or a 404 (the route
  * does not exist: `onUnsupported`). Handlers: onEvent({type, data, lastEventId}),
  * onState("connecting" | "live" | "reconnecting" | "ended" | "unsupported" | "error").
+ * `lastEventId` starts the stream after that event (what the page has already read).
  */
-export function followEvents(path, { onEvent, onState = () => {}, onUnsupported = () => {}, isDone = () => false }) {
+export function followEvents(
+  path,
+  { onEvent, onState = () => {}, onUnsupported = () => {}, isDone = () => false, lastEventId: startAfter = "" },
+) {
   let closed = false;
   let current = null;
-  let lastEventId = "";
+  let lastEventId = startAfter; // "" replays the whole history
   let retryMs = 1000;
   const stopped = new AbortController();
 
@@ -91,6 +95,7 @@ export function followEvents(path, { onEvent, onState = () => {}, onUnsupported 
         lastEventId = event.lastEventId;
         onEvent(event);
       });
+      parser.lastEventId = lastEventId; // an event without id: keeps the position (as EventSource does)
       const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
       for (;;) {
         const { value, done } = await reader.read();

@@ -32,7 +32,9 @@ export function jobView(root, jobId) {
   let stream = null;
   let samplesSupported = true;
   const samples = new Map(); // step -> {step, url}
-  const imageUrls = new Map(); // api url -> blob: URL
+  const imageUrls = new Map(); // api url -> Promise of a blob: URL
+  let newestCheckpoint = -1;
+  let checkpointsFetchedAt = 0;
   let selectedSample = null; // null: follow the newest grid
 
   // ----- layout -----
@@ -180,6 +182,7 @@ export function jobView(root, jobId) {
   }
 
   function renderCheckpoints(list) {
+    newestCheckpoint = list.length ? Math.max(...list.map((c) => c.step)) : -1;
     if (!list.length) {
       ckptBody.replaceChildren(el("tr", {}, el("td", { colspan: 5, class: "empty" }, "No checkpoints yet.")));
       return;
@@ -212,12 +215,14 @@ export function jobView(root, jobId) {
     );
   }
 
+  // <img> cannot send the key: fetch the PNG with it and show it through a blob: URL.
   async function showImage(img, url) {
     if (!imageUrls.has(url)) {
-      const res = await api(url, { raw: true, signal: stop.signal });
-      imageUrls.set(url, URL.createObjectURL(await res.blob()));
+      const load = api(url, { raw: true, signal: stop.signal }).then(async (res) => URL.createObjectURL(await res.blob()));
+      imageUrls.set(url, load);
+      load.catch(() => imageUrls.delete(url)); // try again next time
     }
-    img.src = imageUrls.get(url);
+    img.src = await imageUrls.get(url);
     img.hidden = false;
   }
 
@@ -278,7 +283,17 @@ export function jobView(root, jobId) {
   }
 
   async function loadCheckpoints() {
+    checkpointsFetchedAt = Date.now();
     renderCheckpoints(await api(`${base}/checkpoints`, { signal: stop.signal }));
+  }
+
+  // Checkpoints are saved in the background, so a row can commit after later events have
+  // gone out: when training has passed a checkpoint step the list does not show yet, look again.
+  function checkpointDue(step) {
+    const every = job?.spec?.training?.checkpoint_every;
+    if (!every) return false;
+    const due = Math.floor(step / every) * every;
+    return due > 0 && due > newestCheckpoint && Date.now() - checkpointsFetchedAt > 5000;
   }
 
   async function loadSamples() {
@@ -312,6 +327,7 @@ export function jobView(root, jobId) {
       latest = { lr: data.lr ?? latest.lr, images_per_s: data.images_per_s ?? latest.images_per_s };
       if (job && data.step > job.step) job = { ...job, step: data.step, loss: data.loss };
       if (job) renderJob();
+      if (checkpointDue(data.step)) loadCheckpoints().catch((e) => reportError("checkpoints", e));
     } else if (event.type === "checkpoint") {
       loadCheckpoints().catch((e) => reportError("checkpoints", e));
     } else if (event.type === "sample") {
@@ -384,6 +400,8 @@ export function jobView(root, jobId) {
       },
       onUnsupported: () => poll(),
       isDone: () => job && TERMINAL.has(job.status),
+      // The history is loaded: start the stream after the newest metric point read.
+      lastEventId: chart.lastStep >= 0 ? `${chart.lastStep}.0` : "",
     });
   }
 
@@ -466,6 +484,6 @@ export function jobView(root, jobId) {
     stream?.close();
     clearInterval(ticker);
     chart.destroy();
-    for (const url of imageUrls.values()) URL.revokeObjectURL(url);
+    for (const load of imageUrls.values()) load.then((url) => URL.revokeObjectURL(url)).catch(() => {});
   };
 }
