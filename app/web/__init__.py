@@ -7,15 +7,17 @@ The page and its files hold no data, so they need no key; the page itself reads 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.responses import Response
 from starlette.types import Scope
 
+log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 # The page loads nothing from elsewhere: scripts, styles and fetches stay on this origin;
@@ -51,7 +53,15 @@ def mount_dashboard(app: FastAPI) -> None:
     """Serve the dashboard at `/` and its files under `/static/`."""
     index = STATIC_DIR / "index.html"
     if not index.is_file():
-        raise RuntimeError(f"the dashboard's files are missing ({index}); install the package with its package data")
+        # An install without the package data: the API still serves; `/` says what is missing.
+        missing = f"the dashboard's files are not installed ({STATIC_DIR}): package app/web/static with the app"
+        log.error(missing)
+
+        @app.get("/", include_in_schema=False)
+        def dashboard_missing() -> PlainTextResponse:
+            return PlainTextResponse(missing, status_code=503)
+
+        return
 
     @app.get("/", include_in_schema=False)
     def dashboard() -> FileResponse:

@@ -96,3 +96,12 @@ def _join(folder: str, relative: str) -> str:
         elif piece != ".":
             parts.append(piece)
     return "/".join(parts)
+
+
+def test_an_install_without_the_files_still_serves_the_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("app.web.STATIC_DIR", tmp_path / "nothing-here")
+    client = TestClient(create_app(Settings(data_dir=tmp_path)))
+    r = client.get("/")
+    assert r.status_code == 503
+    assert "dashboard's files are not installed" in r.text
+    assert client.get("/healthz").status_code == 200
