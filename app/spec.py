@@ -96,6 +96,11 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Our names -> diffusers' `prediction_type` and `beta_schedule`.
+DIFFUSERS_PREDICTION_TYPE: dict[str, str] = {"x0": "sample", "eps": "epsilon", "v": "v_prediction"}
+DIFFUSERS_BETA_SCHEDULE: dict[str, str] = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+
+
 class DiffusionSpec(_Section):
     timesteps: int = Field(1000, ge=2, le=100_000, description="T, the length of the forward chain.")
     beta_schedule: BetaSchedule = Field(
@@ -104,6 +109,19 @@ class DiffusionSpec(_Section):
     beta_start: float = Field(1e-4, gt=0.0, lt=1.0, description="First beta of the linear schedule.")
     beta_end: float = Field(0.02, gt=0.0, lt=1.0, description="Last beta of the linear schedule.")
     prediction: Prediction = Field("x0", description="What the U-Net predicts: `x0` (clean image), `eps` or `v`.")
+
+    def diffusers_scheduler_config(self) -> dict[str, Any]:
+        """Keyword arguments for `diffusers.DDPMScheduler` with the same betas and parameterisation
+        (what an exported pipeline's scheduler_config.json holds)."""
+        return {
+            "num_train_timesteps": self.timesteps,
+            "beta_schedule": DIFFUSERS_BETA_SCHEDULE[self.beta_schedule],
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "prediction_type": DIFFUSERS_PREDICTION_TYPE[self.prediction],
+            "variance_type": "fixed_small",  # sigma_t^2 = beta~_t, Ho et al. 2020 §3.2
+            "clip_sample": True,  # images live in [-1, 1]
+        }
 
     @model_validator(mode="after")
     def _betas_increase(self) -> DiffusionSpec:

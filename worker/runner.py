@@ -31,8 +31,9 @@ from app.checkpoints.store import CheckpointStore
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs.repository import JobRepository
-from app.models import Checkpoint, JobStatus, MetricPoint, utcnow
+from app.models import Checkpoint, JobStatus, MetricPoint, Sample, utcnow
 from app.queue import Dispatcher
+from app.samples.repository import SampleRepository
 from app.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,27 @@ class DatabaseSink:
         if _SHUTDOWN.is_set():
             self.shutting_down = True
             raise StopTraining("worker shutting down", checkpoint=True)
+
+    def on_sample(self, saved) -> None:  # saved: worker.ddpm.trainer.SavedSample
+        from worker.ddpm.trainer import StopTraining
+
+        try:
+            with session_scope(self.runner.sessionmaker) as session:
+                if not JobRepository(session).fenced_update(self.job_id, self.attempt, heartbeat_at=utcnow()):
+                    self.lease.fenced = True
+                    raise StopTraining("a newer attempt owns this job")
+                SampleRepository(session).add(
+                    Sample(
+                        job_id=self.job_id,
+                        step=saved.step,
+                        path=self.runner.store.relative(saved.path),
+                        size_bytes=saved.size_bytes,
+                        sha256=saved.sha256,
+                    )
+                )
+        except DBAPIError as exc:  # a grid is a convenience: training goes on without it
+            log.warning("job %s: sample grid at step %d not recorded (%s)", self.job_id, saved.step, exc.orig)
+            self._check_lease()
 
     def on_checkpoint(self, saved) -> None:  # saved: worker.ddpm.trainer.SavedCheckpoint
         from worker.ddpm.trainer import StopTraining
@@ -245,11 +267,14 @@ class JobRunner:
             rows = CheckpointRepository(session).list(job_id)
             latest = rows[-1] if rows else None
             resume_step = latest.step if latest else 0
-            # The steps after the checkpoint are re-done by this attempt: their old points go.
+            # The steps after the checkpoint are re-done by this attempt: their old points and
+            # grids go (the grids' files become garbage, collected below).
             repo.drop_metrics_after(job_id, resume_step)
+            samples = SampleRepository(session).drop_after(job_id, resume_step)
             repo.fenced_update(job_id, attempt, step=resume_step)
             resume_from = self.store.resolve(latest.path) if latest else None
             committed = {path for row in rows for path in (row.path, row.state_path)}
+            committed |= {sample.path for sample in samples}
             return attempt, JobSpec.model_validate(job.spec), resume_from, job.cancel_requested, committed
 
     def _collect_garbage(self, job_id: uuid.UUID, committed: set[str]) -> None:

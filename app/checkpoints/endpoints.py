@@ -4,11 +4,13 @@ a path from the request; downloads carry the sha256 as ETag and honour Range."""
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Path, Request
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.responses import FileResponse
+from starlette.background import BackgroundTask
 
+from app.checkpoints.export import NotACheckpoint, diffusers_pipeline_zip
 from app.checkpoints.repository import CheckpointRepository
 from app.checkpoints.schemas import CheckpointOut
 from app.checkpoints.store import CheckpointFileError, CheckpointStore
@@ -16,6 +18,7 @@ from app.deps import CurrentUser, SessionDep
 from app.jobs import service
 from app.models import Checkpoint
 from app.openapi import AUTHENTICATED, error_responses
+from app.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["checkpoints"], responses=AUTHENTICATED)
 
@@ -66,3 +69,41 @@ def download_step(
 ) -> FileResponse:
     service.get_job(session, job_id, user)
     return _download(request, job_id, CheckpointRepository(session).get(job_id, step), f"checkpoint at step {step}")
+
+
+@router.get(
+    "/{job_id}/checkpoints/{step}/export",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "A zip of a diffusers pipeline folder (UNet2DModel + DDPMScheduler) that "
+            "`DDPMPipeline.from_pretrained` loads",
+            "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **error_responses(404, 410, 422),
+    },
+)
+def export_checkpoint(
+    job_id: uuid.UUID,
+    step: Annotated[int, Path(ge=0, le=2**31 - 1)],
+    user: CurrentUser,
+    request: Request,
+    session: SessionDep,
+    format: Annotated[Literal["diffusers"], Query(description="Only `diffusers` for now")] = "diffusers",
+) -> FileResponse:
+    job = service.get_job(session, job_id, user)
+    checkpoint = CheckpointRepository(session).get(job_id, step)
+    if checkpoint is None:
+        raise HTTPException(404, detail=f"job {job_id} has no checkpoint at step {step}")
+    store: CheckpointStore = request.app.state.checkpoint_store
+    try:
+        weights = store.verified_path(checkpoint.path, checkpoint.size_bytes, checkpoint.sha256)
+        archive = diffusers_pipeline_zip(weights, JobSpec.model_validate(job.spec))
+    except (CheckpointFileError, NotACheckpoint) as exc:
+        raise HTTPException(410, detail=str(exc)) from exc
+    return FileResponse(
+        archive,
+        media_type="application/zip",
+        filename=f"{job_id}-step-{step:08d}-diffusers.zip",
+        background=BackgroundTask(archive.unlink, missing_ok=True),
+    )

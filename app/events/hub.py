@@ -150,14 +150,17 @@ class EventHub:
             status, replay = await to_thread.run_sync(read_events, self.factory, job_id, last_event_id)
             replay = [*replay, status] if status.data["status"] in TERMINAL else [status, *replay]
         sent, sent_status = last_event_id, None
+        loop = asyncio.get_running_loop()
+        quiet_since = loop.time()  # when bytes last went out: keep-alives count from there
         try:
             for event in replay:
                 queue.put_nowait(event)
             while True:
                 try:
-                    event = await asyncio.wait_for(queue.get(), self.keepalive_s)
+                    event = await asyncio.wait_for(queue.get(), max(0.0, quiet_since + self.keepalive_s - loop.time()))
                 except TimeoutError:
                     yield ": keep-alive\n\n"
+                    quiet_since = loop.time()
                     continue
                 if event is None:  # the feed ended after a terminal status
                     return
@@ -165,11 +168,12 @@ class EventHub:
                     if _signature(event) != sent_status:
                         sent_status = _signature(event)
                         yield event.encode()
+                        quiet_since = loop.time()
                     if event.data["status"] in TERMINAL:
                         return
                 elif sent is None or event.key > sent:
                     yield event.encode()
-                    sent = event.key
+                    sent, quiet_since = event.key, loop.time()
         finally:
             self._leave(job_id, feed, queue)
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.models import Sample
@@ -21,3 +21,8 @@ class SampleRepository:
 
     def add(self, sample: Sample) -> None:
         self.session.add(sample)
+
+    def drop_after(self, job_id: uuid.UUID, step: int) -> list[Sample]:
+        """Delete the grids after `step` (a resumed attempt draws them again); returns the rest."""
+        self.session.execute(delete(Sample).where(Sample.job_id == job_id, Sample.step > step))
+        return self.list(job_id)

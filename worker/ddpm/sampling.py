@@ -1,14 +1,16 @@
-"""Ancestral sampling: the full DDPM reverse chain (Ho et al. 2020, Algorithm 2) via diffusers."""
+"""Sampling via diffusers: the full DDPM reverse chain (Ho et al. 2020, Algorithm 2), or DDIM
+(Song et al. 2021, eta = 0) over fewer steps, with the job's schedule and parameterisation."""
 
 from __future__ import annotations
 
 import io
 import math
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from PIL import Image
 
 from app.spec import JobSpec
@@ -24,14 +26,33 @@ def make_scheduler(spec: JobSpec) -> DDPMScheduler:
     return scheduler
 
 
+Sampler = Literal["ddpm", "ddim"]
+
+
 @torch.no_grad()
 def sample_images(
-    unet: UNet2DModel, spec: JobSpec, count: int, seed: int, device: torch.device | str = "cpu"
+    unet: UNet2DModel,
+    spec: JobSpec,
+    count: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    *,
+    sampler: Sampler = "ddpm",
+    steps: int | None = None,
 ) -> torch.Tensor:
-    """`count` images in [-1, 1], shape (count, C, H, W), from x_T ~ N(0, I) down to x_0."""
+    """`count` images in [-1, 1], shape (count, C, H, W), from x_T ~ N(0, I) down to x_0.
+
+    `ddpm` runs all T steps; `ddim` runs `steps` (default 50) deterministic steps. Only the
+    seeded generator is drawn from: the global RNG (training's dropout) is left untouched.
+    """
     dev = torch.device(device)
     size, channels = spec.dataset.image_size, spec.dataset.channels
-    scheduler = make_scheduler(spec)
+    scheduler: DDPMScheduler | DDIMScheduler = make_scheduler(spec)
+    if sampler == "ddim":
+        scheduler = DDIMScheduler.from_config(scheduler.config)
+        scheduler.set_timesteps(min(steps or 50, spec.diffusion.timesteps))
+    elif sampler != "ddpm":
+        raise ValueError(f"unknown sampler {sampler!r}; valid: 'ddpm', 'ddim'")
     generator = torch.Generator(dev).manual_seed(seed)
     unet = unet.to(dev).eval()
     x = torch.randn((count, channels, size, size), generator=generator, device=dev)  # x_T, (B, C, H, W)

@@ -13,11 +13,6 @@ import torch
 
 from app.spec import DiffusionSpec, Prediction
 
-# Our names for what the U-Net predicts -> diffusers' `prediction_type`.
-DIFFUSERS_PREDICTION_TYPE: dict[str, str] = {"x0": "sample", "eps": "epsilon", "v": "v_prediction"}
-# Our names for the beta schedules -> diffusers' `beta_schedule`.
-DIFFUSERS_BETA_SCHEDULE: dict[str, str] = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
-
 COSINE_OFFSET = 0.008  # s in eq. 17 of Nichol & Dhariwal 2021: keeps beta_1 from being vanishingly small
 MAX_BETA = 0.999  # Nichol & Dhariwal 2021 §3.2: clip betas to avoid a singularity at t = T
 
@@ -91,12 +86,4 @@ class NoiseSchedule:
 
     def to_diffusers_scheduler_config(self) -> dict[str, Any]:
         """Keyword arguments for `diffusers.DDPMScheduler` with the same betas and parameterisation."""
-        return {
-            "num_train_timesteps": self.spec.timesteps,
-            "beta_schedule": DIFFUSERS_BETA_SCHEDULE[self.spec.beta_schedule],
-            "beta_start": self.spec.beta_start,
-            "beta_end": self.spec.beta_end,
-            "prediction_type": DIFFUSERS_PREDICTION_TYPE[self.spec.prediction],
-            "variance_type": "fixed_small",  # sigma_t^2 = beta~_t, Ho et al. 2020 §3.2
-            "clip_sample": True,  # images live in [-1, 1]
-        }
+        return self.spec.diffusers_scheduler_config()
