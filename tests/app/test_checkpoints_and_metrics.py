@@ -123,3 +123,26 @@ class TestMetrics:
 
     def test_unknown_job_is_404(self, client: TestClient) -> None:
         assert client.get(f"/v1/jobs/{uuid.uuid4()}/metrics").status_code == 404
+
+
+class TestLossPlot:
+    def test_a_png_of_the_loss_curve(self, client: TestClient, clean_db: Settings, job_id: str, tmp_path: Path) -> None:
+        with session_scope(make_sessionmaker(make_engine(clean_db))) as s:
+            for step in range(10, 210, 10):
+                s.add(MetricPoint(job_id=uuid.UUID(job_id), step=step, loss=1.0 / step, lr=1e-4, images_per_s=9.0))
+        r = client.get(f"/v1/jobs/{job_id}/loss.png")
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "image/png"
+        from PIL import Image
+
+        (tmp_path / "loss.png").write_bytes(r.content)
+        with Image.open(tmp_path / "loss.png") as image:
+            assert image.size == (700, 400)
+            # Something was drawn in the plot's blue, not just axes.
+            assert (37, 99, 235) in {color for _, color in image.convert("RGB").getcolors(maxcolors=1 << 16)}
+        assert client.get(f"/v1/jobs/{job_id}/loss.png", params={"log": "false"}).status_code == 200
+        assert client.get(f"/v1/jobs/{uuid.uuid4()}/loss.png").status_code == 404
+
+    def test_an_empty_history_still_draws(self, client: TestClient, job_id: str) -> None:
+        r = client.get(f"/v1/jobs/{job_id}/loss.png")
+        assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
