@@ -20,7 +20,8 @@ export class LossChart {
             borderColor: "rgba(37, 99, 235, 0.35)",
             backgroundColor: "rgba(37, 99, 235, 0.35)",
             borderWidth: 1,
-            pointRadius: 0,
+            // Dots while there are few points (one point draws no line), a plain line after.
+            pointRadius: (ctx) => (ctx.dataset.data.length <= 60 ? 2.5 : 0),
             spanGaps: false,
           },
           {
@@ -40,8 +41,8 @@ export class LossChart {
         maintainAspectRatio: false,
         interaction: { mode: "index", intersect: false },
         scales: {
-          x: { type: "linear", title: { display: true, text: "step" }, ticks: { precision: 0 } },
-          y: { type: "linear", title: { display: true, text: "loss" } },
+          x: { type: "linear", min: 0, title: { display: true, text: "step" }, ticks: { precision: 0 } },
+          y: { type: "linear", title: { display: true, text: "loss" }, afterBuildTicks: thinLogTicks },
         },
         plugins: {
           legend: { position: "top", align: "end", labels: { boxWidth: 12, boxHeight: 2 } },
@@ -128,6 +129,14 @@ export class LossChart {
     this.pending = true; // no redraw after this
     this.chart.destroy();
   }
+}
+
+// A log axis over a narrow range labels every 0.01; keep about eight labels, ends included.
+function thinLogTicks(axis) {
+  const ticks = axis.ticks;
+  if (axis.type !== "logarithmic" || ticks.length <= 8) return;
+  const every = Math.ceil(ticks.length / 8);
+  axis.ticks = ticks.filter((_, i) => i % every === 0 || i === ticks.length - 1);
 }
 
 function lowerBound(sorted, value) {

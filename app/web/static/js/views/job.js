@@ -115,6 +115,7 @@ export function jobView(root, jobId) {
       ckptBody,
     ),
   );
+  const ckptHead = ckptCard.querySelector("thead");
 
   const specPre = el("pre", { class: "code", id: "job-spec" });
   const specCard = el(
@@ -183,6 +184,7 @@ export function jobView(root, jobId) {
 
   function renderCheckpoints(list) {
     newestCheckpoint = list.length ? Math.max(...list.map((c) => c.step)) : -1;
+    ckptHead.hidden = !list.length;
     if (!list.length) {
       ckptBody.replaceChildren(el("tr", {}, el("td", { colspan: 5, class: "empty" }, "No checkpoints yet.")));
       return;
@@ -195,7 +197,7 @@ export function jobView(root, jobId) {
           el("td", { class: "num mono" }, fmtNumber(c.step)),
           el("td", { class: "num" }, fmtBytes(c.size_bytes)),
           el("td", { class: "mono sha", title: c.sha256 }, el("span", { class: "sha256" }, c.sha256)),
-          el("td", {}, fmtTime(c.created_at)),
+          el("td", { class: "nowrap" }, fmtTime(c.created_at)),
           el(
             "td",
             { class: "num" },

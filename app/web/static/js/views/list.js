@@ -101,7 +101,7 @@ export function listView(root) {
         progressBar(job),
         el("div", { class: "small muted" }, `${fmtNumber(job.step)} / ${fmtNumber(job.total_steps)}`),
       ),
-      el("td", { class: "num mono" }, fmtLoss(job.loss)),
+      el("td", { class: "num" }, fmtLoss(job.loss)),
       el("td", {}, fmtTime(job.created_at)),
       el("td", { class: "num" }, fmtDuration(elapsed(job))),
     );
