@@ -171,6 +171,29 @@ class Sample(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class SampleRequest(Base):
+    """An on-demand draw from a checkpoint (POST /v1/jobs/{id}/sample), run by a worker."""
+
+    __tablename__ = "sample_requests"
+    __table_args__ = (CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed')", name="status_valid"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    checkpoint_step: Mapped[int] = mapped_column(Integer)
+    count: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    sampler: Mapped[str] = mapped_column(String(8))
+    steps: Mapped[int] = mapped_column(Integer)  # network calls: T for ddpm, as asked for ddim
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    error: Mapped[str | None] = mapped_column(Text)
+    png_path: Mapped[str | None] = mapped_column(String(1024))
+    png_sha256: Mapped[str | None] = mapped_column(String(64))
+    npz_path: Mapped[str | None] = mapped_column(String(1024))
+    npz_sha256: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class Checkpoint(Base):
     """A committed checkpoint: the row exists only once its file is whole (invariant 3)."""
 

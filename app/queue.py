@@ -12,6 +12,7 @@ from celery import Celery
 from app.config import Settings
 
 TRAIN_TASK = "jobs.train"
+SAMPLE_TASK = "jobs.sample"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -71,6 +72,9 @@ class Dispatcher:
     def send_train(self, job_id: str) -> None:
         """Raises an error from kombu/redis when the broker is unreachable."""
         self._celery.send_task(TRAIN_TASK, args=[job_id], queue=self._settings.queue, retry=False)
+
+    def send_sample(self, request_id: str) -> None:
+        self._celery.send_task(SAMPLE_TASK, args=[request_id], queue=self._settings.queue, retry=False)
 
     def ping(self) -> None:
         with self._celery.connection_for_write() as conn:

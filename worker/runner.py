@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
 
+from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -31,7 +32,7 @@ from app.checkpoints.store import CheckpointStore
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs.repository import JobRepository
-from app.models import Checkpoint, JobStatus, MetricPoint, Sample, utcnow
+from app.models import Checkpoint, Job, JobStatus, MetricPoint, Sample, SampleRequest, utcnow
 from app.queue import Dispatcher
 from app.samples.repository import SampleRepository
 from app.spec import JobSpec
@@ -361,3 +362,76 @@ def describe_failure(exc: BaseException, spec: JobSpec) -> str:
 @lru_cache
 def get_runner() -> JobRunner:
     return JobRunner(get_settings())
+
+
+def draw_requested_samples(settings: Settings, factory: sessionmaker[Session], request_id: uuid.UUID) -> str:
+    """Run one POST /v1/jobs/{id}/sample: load the checkpoint, draw, write a PNG grid and a .npz.
+
+    Claimed with a conditional update, so a re-delivered task does nothing; the files go under
+    the checkpoint root's sample-requests/ (outside any job's folder, which its runs tidy)."""
+    import io
+
+    import numpy as np
+
+    from worker.ddpm.checkpoint import atomic_write, load_unet
+    from worker.ddpm.data import to_uint8
+    from worker.ddpm.sampling import sample_images, save_grid_png
+    from worker.ddpm.trainer import resolve_device
+
+    store = CheckpointStore(settings.checkpoint_root)
+    with session_scope(factory) as session:
+        claimed = session.execute(
+            update(SampleRequest)
+            .where(SampleRequest.id == request_id, SampleRequest.status == "queued")
+            .values(status="running")
+            .returning(SampleRequest.job_id, SampleRequest.checkpoint_step)
+        ).one_or_none()
+        if claimed is None:
+            log.info("sample request %s is not queued: nothing to do for this delivery", request_id)
+            return "skipped"
+        job_id, step = claimed
+        request = session.get(SampleRequest, request_id)
+        checkpoint = CheckpointRepository(session).get(job_id, step)
+        job = session.get(Job, job_id)
+        session.expunge_all()
+
+    def finish(**values: object) -> None:
+        with session_scope(factory) as session:
+            session.execute(
+                update(SampleRequest).where(SampleRequest.id == request_id).values(finished_at=utcnow(), **values)
+            )
+
+    if checkpoint is None or job is None or request is None:
+        finish(status="failed", error=f"the checkpoint at step {step} is gone (pruned by keep_checkpoints?)")
+        return "failed"
+    spec = JobSpec.model_validate(job.spec)
+    try:
+        device = resolve_device(None if settings.device == "auto" else settings.device)
+        weights = store.verified_path(checkpoint.path, checkpoint.size_bytes, checkpoint.sha256)
+        images = sample_images(
+            load_unet(weights, device),
+            spec,
+            request.count,
+            request.seed,
+            device,
+            sampler=request.sampler,  # type: ignore[arg-type]
+            steps=request.steps,
+        )
+        out_dir = settings.checkpoint_root / "sample-requests" / str(request_id)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        png_sha = save_grid_png(images, out_dir / "grid.png")
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, images=to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy())  # (N, H, W, C)
+        npz_sha = atomic_write(out_dir / "images.npz", buffer.getvalue())
+    except Exception as exc:
+        log.exception("sample request %s failed", request_id)
+        finish(status="failed", error=describe_failure(exc, spec))
+        return "failed"
+    finish(
+        status="succeeded",
+        png_path=store.relative(out_dir / "grid.png"),
+        png_sha256=png_sha,
+        npz_path=store.relative(out_dir / "images.npz"),
+        npz_sha256=npz_sha,
+    )
+    return "succeeded"

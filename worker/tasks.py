@@ -20,3 +20,16 @@ def train(job_id: str) -> None:
         log.error("jobs.train got %r, which is not a job id; dropping the message", job_id)
         return
     get_runner().run(parsed)
+
+
+@celery_app.task(name="jobs.sample")
+def sample(request_id: str) -> None:
+    from worker.runner import draw_requested_samples, get_runner
+
+    try:
+        parsed = uuid.UUID(request_id)
+    except (ValueError, TypeError):
+        log.error("jobs.sample got %r, which is not a sample request id; dropping the message", request_id)
+        return
+    runner = get_runner()
+    draw_requested_samples(runner.settings, runner.sessionmaker, parsed)

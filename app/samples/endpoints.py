@@ -6,15 +6,18 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Request
+from fastapi import APIRouter, Body, HTTPException, Path, Request
 from fastapi.responses import FileResponse
 
+from app.checkpoints.repository import CheckpointRepository
 from app.checkpoints.store import CheckpointFileError, CheckpointStore
-from app.deps import CurrentUser, SessionDep
+from app.deps import CurrentUser, DispatcherDep, SessionDep
 from app.jobs import service
+from app.models import SampleRequest
 from app.openapi import AUTHENTICATED, error_responses
 from app.samples.repository import SampleRepository
-from app.samples.schemas import SampleOut
+from app.samples.schemas import SampleOut, SampleRequestIn, SampleRequestOut
+from app.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["samples"], responses=AUTHENTICATED)
 
@@ -47,3 +50,106 @@ def sample_png(
     except CheckpointFileError as exc:
         raise HTTPException(410, detail=str(exc)) from exc
     return FileResponse(path, media_type="image/png", headers={"ETag": f'"{sample.sha256}"'})
+
+
+@router.post(
+    "/{job_id}/sample",
+    status_code=202,
+    response_model=SampleRequestOut,
+    responses=error_responses(404, 409, 422),
+)
+def request_samples(
+    job_id: uuid.UUID,
+    body: Annotated[SampleRequestIn, Body()],
+    user: CurrentUser,
+    session: SessionDep,
+    dispatcher: DispatcherDep,
+) -> SampleRequestOut:
+    """Draw images from a checkpoint on a worker: a PNG grid and a .npz of the images."""
+    job = service.get_job(session, job_id, user)
+    checkpoints = CheckpointRepository(session)
+    if body.checkpoint_step is None:
+        checkpoint = checkpoints.latest(job_id)
+        if checkpoint is None:
+            raise HTTPException(409, detail=f"job {job_id} has no checkpoint yet to draw samples from")
+    elif (checkpoint := checkpoints.get(job_id, body.checkpoint_step)) is None:
+        raise HTTPException(404, detail=f"job {job_id} has no checkpoint at step {body.checkpoint_step}")
+    timesteps = JobSpec.model_validate(job.spec).diffusion.timesteps
+    if body.sampler == "ddpm" and body.steps is not None:
+        raise HTTPException(
+            422, detail=[{"loc": ["body", "steps"], "msg": "steps is for ddim; ddpm runs all T", "type": "value_error"}]
+        )
+    steps = timesteps if body.sampler == "ddpm" else min(body.steps or 50, timesteps)
+    request = SampleRequest(
+        job_id=job_id,
+        checkpoint_step=checkpoint.step,
+        count=body.count,
+        seed=body.seed,
+        sampler=body.sampler,
+        steps=steps,
+        status="queued",
+    )
+    session.add(request)
+    session.commit()  # invariant 2: the task is sent only once the row is committed
+    try:
+        dispatcher.send_sample(str(request.id))
+    except Exception as exc:  # the broker is away: say so rather than leave it queued for ever
+        session.delete(request)
+        session.commit()
+        raise HTTPException(503, detail=f"broker unavailable, sample request not queued: {exc}") from exc
+    return SampleRequestOut.of(request)
+
+
+def _own_request(session: SessionDep, job_id: uuid.UUID, request_id: uuid.UUID, user: CurrentUser) -> SampleRequest:
+    service.get_job(session, job_id, user)
+    request = session.get(SampleRequest, request_id)
+    if request is None or request.job_id != job_id:
+        raise HTTPException(404, detail=f"job {job_id} has no sample request {request_id}")
+    return request
+
+
+def _result_file(request: Request, r: SampleRequest, path: str | None, sha256: str | None, media: str) -> FileResponse:
+    if r.status != "succeeded" or path is None or sha256 is None:
+        raise HTTPException(409, detail=f"sample request {r.id} is {r.status}, not succeeded")
+    store: CheckpointStore = request.app.state.checkpoint_store
+    file = store.resolve(path)
+    try:
+        file = store.verified_path(path, file.stat().st_size, sha256)
+    except (CheckpointFileError, FileNotFoundError) as exc:
+        raise HTTPException(410, detail=str(exc)) from exc
+    return FileResponse(file, media_type=media, filename=file.name, headers={"ETag": f'"{sha256}"'})
+
+
+@router.get(
+    "/{job_id}/sample/{request_id}.png",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}, "description": "The grid"}, **error_responses(404, 409, 410, 422)},
+)
+def sample_request_png(
+    job_id: uuid.UUID, request_id: uuid.UUID, user: CurrentUser, session: SessionDep, request: Request
+) -> FileResponse:
+    r = _own_request(session, job_id, request_id, user)
+    return _result_file(request, r, r.png_path, r.png_sha256, "image/png")
+
+
+@router.get(
+    "/{job_id}/sample/{request_id}.npz",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "numpy .npz, key `images`"},
+        **error_responses(404, 409, 410, 422),
+    },
+)
+def sample_request_npz(
+    job_id: uuid.UUID, request_id: uuid.UUID, user: CurrentUser, session: SessionDep, request: Request
+) -> FileResponse:
+    r = _own_request(session, job_id, request_id, user)
+    return _result_file(request, r, r.npz_path, r.npz_sha256, "application/octet-stream")
+
+
+# After the .png/.npz routes: Starlette takes the first route whose path matches.
+@router.get("/{job_id}/sample/{request_id}", response_model=SampleRequestOut, responses=error_responses(404, 422))
+def get_sample_request(
+    job_id: uuid.UUID, request_id: uuid.UUID, user: CurrentUser, session: SessionDep
+) -> SampleRequestOut:
+    return SampleRequestOut.of(_own_request(session, job_id, request_id, user))

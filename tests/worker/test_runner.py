@@ -19,6 +19,7 @@ from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs.repository import JobRepository
 from app.jobs.service import cancel_job, create_job
 from app.models import Checkpoint, Job, MetricPoint, utcnow
+from app.samples.repository import SampleRepository
 from app.spec import JobSpec
 from worker import runner as runner_module
 from worker.runner import JobRunner
@@ -72,6 +73,32 @@ class TestRun:
         for c in ckpts:
             data = (clean_db.checkpoint_root / c.path).read_bytes()
             assert (len(data), hashlib.sha256(data).hexdigest()) == (c.size_bytes, c.sha256)
+
+    def test_sample_grids_are_recorded_and_a_resume_redraws_the_ones_it_redoes(
+        self, runner: JobRunner, factory, clean_db: Settings, monkeypatch
+    ) -> None:
+        spec = TINY | {"training": TINY["training"] | {"steps": 60, "sample_every": 15, "sample_count": 4}}
+        job_id = submit(factory, spec)
+        original = runner_module.DatabaseSink.on_log
+
+        def lose_lease_at_step_50(self, point) -> None:
+            original(self, point)
+            if point.step == 50 and self.attempt == 1:
+                with session_scope(factory) as s:
+                    JobRepository(s).requeue_expired(utcnow() + timedelta(hours=1))
+
+        monkeypatch.setattr(runner_module.DatabaseSink, "on_log", lose_lease_at_step_50)
+        assert runner.run(job_id) == "fenced"
+        assert runner.run(job_id) == "succeeded"  # resumes from the checkpoint at 40
+        with session_scope(factory) as s:
+            samples = SampleRepository(s).list(job_id)
+            s.expunge_all()
+        assert [x.step for x in samples] == [15, 30, 45, 60]
+        assert [x.path.split("/")[1] for x in samples] == ["attempt-1"] * 2 + ["attempt-2"] * 2
+        for x in samples:
+            assert hashlib.sha256((clean_db.checkpoint_root / x.path).read_bytes()).hexdigest() == x.sha256
+        left = sorted(p.name for p in (clean_db.checkpoint_root / str(job_id)).rglob("*.png"))
+        assert left == [f"step-{n:08d}.png" for n in (15, 30, 45, 60)], "the first attempt's grid at 45 is gone"
 
     def test_a_second_delivery_does_nothing(self, runner: JobRunner, factory) -> None:
         job_id = submit(factory, TINY)

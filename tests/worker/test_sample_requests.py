@@ -1,0 +1,81 @@
+"""POST /v1/jobs/{id}/sample end to end, with the worker's side run in-process."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import numpy as np
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.config import Settings
+from app.db import make_engine, make_sessionmaker, session_scope
+from app.main import create_app
+from app.models import Checkpoint
+from app.spec import JobSpec
+from tests.conftest import MakeUser
+from worker.ddpm.trainer import train
+from worker.runner import draw_requested_samples
+
+SPEC = {
+    "dataset": {"image_size": 8},
+    "diffusion": {"timesteps": 30},
+    "training": {"steps": 2, "batch_size": 4, "log_every": 1, "checkpoint_every": 2, "sample_every": 0},
+}
+
+
+class _Keep:
+    def on_log(self, point) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def on_checkpoint(self, saved) -> None:  # type: ignore[no-untyped-def]
+        self.saved = saved
+
+
+def test_a_sample_request_draws_a_grid_and_an_npz(clean_db: Settings, make_user: MakeUser) -> None:
+    factory = make_sessionmaker(make_engine(clean_db))
+    with TestClient(create_app(clean_db), headers=make_user("sampler").headers) as client:
+        job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
+        assert client.post(f"/v1/jobs/{job_id}/sample", json={}).status_code == 409  # no checkpoint yet
+
+        sink = _Keep()
+        train(JobSpec.model_validate(SPEC), clean_db.checkpoint_root / job_id, sink, device="cpu")
+        with session_scope(factory) as s:
+            s.add(
+                Checkpoint(
+                    job_id=uuid.UUID(job_id),
+                    step=2,
+                    path=f"{job_id}/{sink.saved.path.name}",
+                    size_bytes=sink.saved.size_bytes,
+                    sha256=sink.saved.sha256,
+                    state_path=f"{job_id}/{sink.saved.state_path.name}",
+                )
+            )
+        bad = client.post(f"/v1/jobs/{job_id}/sample", json={"sampler": "ddpm", "steps": 5})
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "steps"]
+        assert client.post(f"/v1/jobs/{job_id}/sample", json={"checkpoint_step": 7}).status_code == 404
+
+        r = client.post(f"/v1/jobs/{job_id}/sample", json={"count": 4, "seed": 3, "sampler": "ddim", "steps": 5})
+        assert r.status_code == 202, r.text
+        request = r.json()
+        assert (request["status"], request["checkpoint_step"], request["steps"]) == ("queued", 2, 5)
+        assert request["png_url"] is None
+        assert client.get(f"/v1/jobs/{job_id}/sample/{request['id']}.png").status_code == 409
+
+        assert draw_requested_samples(clean_db, factory, uuid.UUID(request["id"])) == "succeeded"
+        assert draw_requested_samples(clean_db, factory, uuid.UUID(request["id"])) == "skipped"  # re-delivery
+
+        done = client.get(f"/v1/jobs/{job_id}/sample/{request['id']}").json()
+        assert done["status"] == "succeeded" and done["finished_at"]
+        png = client.get(done["png_url"])
+        assert png.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(png.content)).size == (19, 19)  # 2x2 grid of 8x8, 1 px padding
+        npz = np.load(io.BytesIO(client.get(done["npz_url"]).content))
+        assert npz["images"].shape == (4, 8, 8, 1) and npz["images"].dtype == np.uint8
+
+        ddpm = client.post(f"/v1/jobs/{job_id}/sample", json={"sampler": "ddpm", "count": 1}).json()
+        assert ddpm["steps"] == 30  # the full chain
+        other = make_user("stranger")
+        assert client.get(f"/v1/jobs/{job_id}/sample/{request['id']}", headers=other.headers).status_code == 404
+        assert client.get(f"/v1/jobs/{job_id}/sample/{uuid.uuid4()}").status_code == 404
