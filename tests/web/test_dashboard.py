@@ -286,6 +286,12 @@ def watch_download_and_cancel(stack: Stack, page, tmp_path: Path) -> None:
     assert "sha256 verified" in page.inner_text("#toast")
     shoot(page, "05-checkpoint-downloaded")
 
+    # The loss curve as a picture, fetched with the key too.
+    with page.expect_download() as loss_info:
+        page.click("#loss-png")
+    assert loss_info.value.suggested_filename == f"{job_id}-loss.png"
+    assert Path(loss_info.value.path()).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
     # A second job, running: cancel it from its page (two clicks: arm, then confirm).
     with stack.client() as client:
         created = client.post("/v1/jobs", json=LONG_SPEC)
