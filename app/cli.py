@@ -94,7 +94,9 @@ def serve() -> None:
     upgrade_database(settings)
     ensure_local_key(settings)
     settings.checkpoint_root.mkdir(parents=True, exist_ok=True)
-    worker = subprocess.Popen([sys.executable, "-m", *WORKER_COMMAND], env=os.environ.copy(), start_new_session=True)
+    # Same process group: whoever stops `serve` as a group (a terminal's Ctrl-C, a supervisor)
+    # stops its worker too, and the `finally` below covers a plain SIGTERM to serve alone.
+    worker = subprocess.Popen([sys.executable, "-m", *WORKER_COMMAND], env=os.environ.copy())
     typer.echo(
         f"ddpm-jobs: API on http://{settings.host}:{settings.port}, worker pid {worker.pid}, "
         f"data in {settings.data_dir.resolve()}"

@@ -31,6 +31,7 @@ from app.checkpoints.repository import CheckpointRepository
 from app.checkpoints.store import CheckpointStore
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, session_scope
+from app.jobs.data_roots import resolve_dataset_folder
 from app.jobs.repository import JobRepository
 from app.models import Checkpoint, Job, JobStatus, MetricPoint, Sample, SampleRequest, utcnow
 from app.queue import Dispatcher
@@ -230,6 +231,11 @@ class JobRunner:
         job_dir.mkdir(parents=True, exist_ok=True)
         device = None if self.settings.device == "auto" else self.settings.device
         try:
+            if spec.dataset.kind == "folder":
+                # Again on the worker (a symlink may have changed since the API checked), and so a
+                # relative path means the same here as there: under the first data root.
+                folder = resolve_dataset_folder(spec.dataset.path or "", self.settings.data_roots)
+                spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"path": str(folder)})})
             result = train(spec, job_dir, sink, resume_from=resume_from, device=device)
         except Exception as exc:
             reason = describe_failure(exc, spec)

@@ -56,7 +56,7 @@ def sample_png(
     "/{job_id}/sample",
     status_code=202,
     response_model=SampleRequestOut,
-    responses=error_responses(404, 409, 422),
+    responses=error_responses(400, 404, 409, 422),
 )
 def request_samples(
     job_id: uuid.UUID,

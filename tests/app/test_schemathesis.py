@@ -39,12 +39,14 @@ SETTINGS = hypothesis.settings(
 # - POST /v1/jobs: some rules cannot be written in JSON Schema (beta_end > beta_start, channels
 #   divisible by norm_groups, image_size by the levels), and the service's limits (DDPM_MAX_*,
 #   the GPU memory estimate, data roots) depend on its configuration;
-# - GET /v1/jobs: `cursor` is opaque; only cursors this API returned are valid.
+# - GET /v1/jobs: `cursor` is opaque; only cursors this API returned are valid;
+# - POST /v1/jobs/{job_id}/sample: `steps` is for ddim only, and integers are strict (60.0 is not 60).
 ACCEPTS_VALID_OR_422 = {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "404", "409", "422", "429"]}}
 CONFIG = schemathesis.config.SchemathesisConfig.from_dict(
     {
         "operations": [
-            {"include-name": name, "checks": ACCEPTS_VALID_OR_422} for name in ("POST /v1/jobs", "GET /v1/jobs")
+            {"include-name": name, "checks": ACCEPTS_VALID_OR_422}
+            for name in ("POST /v1/jobs", "GET /v1/jobs", "POST /v1/jobs/{job_id}/sample")
         ]
     }
 )

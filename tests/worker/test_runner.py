@@ -122,14 +122,27 @@ class TestRun:
             "step-00000040.state.safetensors",
         ]
 
-    def test_a_dataset_error_fails_the_job_with_the_path(self, runner: JobRunner, factory, tmp_path) -> None:
-        missing = tmp_path / "no-such-folder"
-        job_id = submit(factory, TINY | {"dataset": {"kind": "folder", "path": str(missing), "image_size": 8}})
+    def test_a_dataset_error_fails_the_job_with_the_path(self, runner: JobRunner, factory, clean_db: Settings) -> None:
+        missing = clean_db.data_roots[0] / "no-such-folder"
+        job_id = submit(factory, TINY | {"dataset": {"kind": "folder", "path": "no-such-folder", "image_size": 8}})
         assert runner.run(job_id) == "failed"
         job, points, _ = load(factory, job_id)
         assert job.status == "failed"
-        assert str(missing) in job.error
+        assert str(missing) in job.error  # relative to the first data root, as the API reads it
         assert points == []
+
+    def test_the_worker_refuses_a_folder_that_left_the_data_roots_after_submit(
+        self, runner: JobRunner, factory, clean_db: Settings, tmp_path
+    ) -> None:
+        root = clean_db.data_roots[0]
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "digits-link").unlink(missing_ok=True)
+        # A link inside the root that leads out of it (SUBMIT_SETTINGS let any path through).
+        (root / "digits-link").symlink_to(tmp_path)
+        job_id = submit(factory, TINY | {"dataset": {"kind": "folder", "path": "digits-link", "image_size": 8}})
+        assert runner.run(job_id) == "failed"
+        job = load(factory, job_id)[0]
+        assert "outside the data roots" in job.error and str(tmp_path) in job.error
 
 
 class TestStopping:
