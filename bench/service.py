@@ -34,7 +34,7 @@ def job_spec(short: bool) -> JobSpec:
     training = (
         {"steps": 20, "batch_size": 8, "log_every": 5, "checkpoint_every": 10}
         if short
-        else {"steps": 300, "batch_size": 32, "log_every": 10, "checkpoint_every": 150}
+        else {"steps": 120, "batch_size": 32, "log_every": 10, "checkpoint_every": 60}
     )
     if "sample_every" in TrainingSpec.model_fields:  # samples off (issue 5's sample grids)
         training["sample_every"] = 0
