@@ -21,15 +21,8 @@ bearer_scheme = HTTPBearer(auto_error=False, description="An API key: `Authoriza
 
 def get_session(request: Request) -> Iterator[Session]:
     """The request's unit of work: committed after the route returns, rolled back on error."""
-    session: Session = request.app.state.sessionmaker()
-    try:
+    with session_scope(request.app.state.sessionmaker) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def get_settings_dep(request: Request) -> Settings:

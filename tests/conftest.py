@@ -104,22 +104,27 @@ def owner(make_user: MakeUser) -> User:
     return make_user("owner").user
 
 
-@pytest.fixture
-def settings_env(service_settings: Settings) -> dict[str, str]:
-    """The environment a subprocess (API, worker) needs to join this test's service."""
+def service_env(settings: Settings) -> dict[str, str]:
+    """The environment a subprocess (API, worker) needs to join the service `settings` describe."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DDPM_")}
     env.update(
-        DDPM_DATABASE_URL=service_settings.database_url,
-        DDPM_BROKER_URL=service_settings.broker_url,
-        DDPM_QUEUE=service_settings.queue,
-        DDPM_DATA_DIR=str(service_settings.data_dir),
-        DDPM_CHECKPOINT_DIR=str(service_settings.checkpoint_root),
+        DDPM_DATABASE_URL=settings.database_url,
+        DDPM_BROKER_URL=settings.broker_url,
+        DDPM_QUEUE=settings.queue,
+        DDPM_DATA_DIR=str(settings.data_dir),
+        DDPM_CHECKPOINT_DIR=str(settings.checkpoint_root),
         DDPM_HEARTBEAT_INTERVAL_S="1",
         DDPM_LEASE_TIMEOUT_S="30",
         DDPM_RESEND_AFTER_S="5",
         PYTHONUNBUFFERED="1",
     )
     return env
+
+
+@pytest.fixture
+def settings_env(service_settings: Settings) -> dict[str, str]:
+    """The environment a subprocess (API, worker) needs to join this test's service."""
+    return service_env(service_settings)
 
 
 ARTIFACTS = Path(os.environ.get("DDPM_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))

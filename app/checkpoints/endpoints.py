@@ -11,9 +11,9 @@ from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from app.checkpoints.export import NotACheckpoint, diffusers_pipeline_zip
+from app.checkpoints.files import verified_file, verified_file_response
 from app.checkpoints.repository import CheckpointRepository
 from app.checkpoints.schemas import CheckpointOut
-from app.checkpoints.store import CheckpointFileError, CheckpointStore
 from app.deps import CurrentUser, SessionDep
 from app.jobs import service
 from app.models import Checkpoint
@@ -40,16 +40,13 @@ def list_checkpoints(job_id: uuid.UUID, user: CurrentUser, session: SessionDep) 
 def _download(request: Request, job_id: uuid.UUID, checkpoint: Checkpoint | None, what: str) -> FileResponse:
     if checkpoint is None:
         raise HTTPException(404, detail=f"job {job_id} has no {what}")
-    store: CheckpointStore = request.app.state.checkpoint_store
-    try:
-        path = store.verified_path(checkpoint.path, checkpoint.size_bytes, checkpoint.sha256)
-    except CheckpointFileError as exc:
-        raise HTTPException(410, detail=str(exc)) from exc
-    return FileResponse(
-        path,
+    return verified_file_response(
+        request,
+        checkpoint.path,
+        checkpoint.sha256,
+        size_bytes=checkpoint.size_bytes,
         media_type="application/octet-stream",
         filename=f"{job_id}-step-{checkpoint.step:08d}.safetensors",
-        headers={"ETag": f'"{checkpoint.sha256}"', "X-Checksum-SHA256": checkpoint.sha256},
     )
 
 
@@ -95,11 +92,10 @@ def export_checkpoint(
     checkpoint = CheckpointRepository(session).get(job_id, step)
     if checkpoint is None:
         raise HTTPException(404, detail=f"job {job_id} has no checkpoint at step {step}")
-    store: CheckpointStore = request.app.state.checkpoint_store
+    weights = verified_file(request, checkpoint.path, checkpoint.sha256, checkpoint.size_bytes)
     try:
-        weights = store.verified_path(checkpoint.path, checkpoint.size_bytes, checkpoint.sha256)
         archive = diffusers_pipeline_zip(weights, JobSpec.model_validate(job.spec))
-    except (CheckpointFileError, NotACheckpoint) as exc:
+    except NotACheckpoint as exc:
         raise HTTPException(410, detail=str(exc)) from exc
     return FileResponse(
         archive,

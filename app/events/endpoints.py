@@ -8,7 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
-from app.deps import CurrentUser, SessionDep
+from app.db import session_scope
+from app.deps import CurrentUser
 from app.events.hub import EventHub, EventKey, InvalidEventId
 from app.jobs import service
 from app.openapi import AUTHENTICATED, error_responses
@@ -50,7 +51,6 @@ EVENT_ID_PATTERN = r"^[0-9]{1,10}\.[0-2]$"
 def job_events(
     job_id: uuid.UUID,
     user: CurrentUser,
-    session: SessionDep,
     request: Request,
     # Typed `str` (not `str | None`) so the document says "a string of this pattern, optional"
     # rather than "a string or null": a header has no null.
@@ -60,7 +60,10 @@ def job_events(
         Query(pattern=EVENT_ID_PATTERN, description="Same as Last-Event-ID, for clients without headers"),
     ] = None,  # type: ignore[assignment]
 ) -> StreamingResponse:
-    service.get_job(session, job_id, user)  # 404 for an unknown job or another user's
+    # A short session of its own, not SessionDep: a request-scoped session would hold a pooled
+    # connection for as long as the stream stays open (hundreds of watchers, hours each).
+    with session_scope(request.app.state.sessionmaker) as session:
+        service.get_job(session, job_id, user)  # 404 for an unknown job or another user's
     raw = last_event_id or after
     try:
         start = EventKey.parse(raw) if raw else None

@@ -4,13 +4,14 @@ one job are comparable over time."""
 from __future__ import annotations
 
 import uuid
+from pathlib import PurePath
 from typing import Annotated
 
 from fastapi import APIRouter, Body, HTTPException, Path, Request
 from fastapi.responses import FileResponse
 
+from app.checkpoints.files import verified_file_response
 from app.checkpoints.repository import CheckpointRepository
-from app.checkpoints.store import CheckpointFileError, CheckpointStore
 from app.deps import CurrentUser, DispatcherDep, SessionDep
 from app.jobs import service
 from app.models import SampleRequest
@@ -44,12 +45,9 @@ def sample_png(
     sample = SampleRepository(session).get(job_id, step)
     if sample is None:
         raise HTTPException(404, detail=f"job {job_id} has no sample grid at step {step}")
-    store: CheckpointStore = request.app.state.checkpoint_store
-    try:
-        path = store.verified_path(sample.path, sample.size_bytes, sample.sha256)
-    except CheckpointFileError as exc:
-        raise HTTPException(410, detail=str(exc)) from exc
-    return FileResponse(path, media_type="image/png", headers={"ETag": f'"{sample.sha256}"'})
+    return verified_file_response(
+        request, sample.path, sample.sha256, size_bytes=sample.size_bytes, media_type="image/png"
+    )
 
 
 @router.post(
@@ -111,13 +109,7 @@ def _own_request(session: SessionDep, job_id: uuid.UUID, request_id: uuid.UUID, 
 def _result_file(request: Request, r: SampleRequest, path: str | None, sha256: str | None, media: str) -> FileResponse:
     if r.status != "succeeded" or path is None or sha256 is None:
         raise HTTPException(409, detail=f"sample request {r.id} is {r.status}, not succeeded")
-    store: CheckpointStore = request.app.state.checkpoint_store
-    file = store.resolve(path)
-    try:
-        file = store.verified_path(path, file.stat().st_size, sha256)
-    except (CheckpointFileError, FileNotFoundError) as exc:
-        raise HTTPException(410, detail=str(exc)) from exc
-    return FileResponse(file, media_type=media, filename=file.name, headers={"ETag": f'"{sha256}"'})
+    return verified_file_response(request, path, sha256, media_type=media, filename=PurePath(path).name)
 
 
 @router.get(

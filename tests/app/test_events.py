@@ -147,7 +147,8 @@ class TestLive:
                 rows.status("succeeded", step=100)
 
             received: list[dict] = []
-            watchers: list[list[dict]] = [[] for _ in range(5)]
+            # More watchers than the database pool has connections (10 + 10): streams must not hold one.
+            watchers: list[list[dict]] = [[] for _ in range(30)]
 
             def watch(into: list[dict]) -> None:
                 with client.stream("GET", f"/v1/jobs/{job_id}/events") as r:

@@ -3,7 +3,6 @@ worker (stopped once the job is done, so the jobs the tests queue later stay que
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from app.auth.keys import generate_key
 from app.auth.service import create_key
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
+from tests.conftest import service_env
 from tests.e2e.conftest import api_argv, free_port, process, wait_ready, worker_argv
 
 # 30 steps of the tiny U-Net on 8x8 digits: three metric points and three checkpoints.
@@ -38,23 +38,6 @@ class RunningApi:
 class TrainedJob:
     key: str
     job: dict
-
-
-def service_env(settings: Settings) -> dict[str, str]:
-    """As tests/conftest.py's `settings_env`, for fixtures that outlive one test."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DDPM_")}
-    env.update(
-        DDPM_DATABASE_URL=settings.database_url,
-        DDPM_BROKER_URL=settings.broker_url,
-        DDPM_QUEUE=settings.queue,
-        DDPM_DATA_DIR=str(settings.data_dir),
-        DDPM_CHECKPOINT_DIR=str(settings.checkpoint_root),
-        DDPM_HEARTBEAT_INTERVAL_S="1",
-        DDPM_LEASE_TIMEOUT_S="30",
-        DDPM_RESEND_AFTER_S="5",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
 
 
 @pytest.fixture(scope="package")
