@@ -131,12 +131,14 @@ export class LossChart {
   }
 }
 
-// A log axis over a narrow range labels every 0.01; keep about eight labels, ends included.
+// A log axis over a narrow range labels every 0.01; keep about eight labels, evenly spaced
+// (the last one too, unless it would crowd its neighbour).
 function thinLogTicks(axis) {
   const ticks = axis.ticks;
   if (axis.type !== "logarithmic" || ticks.length <= 8) return;
   const every = Math.ceil(ticks.length / 8);
-  axis.ticks = ticks.filter((_, i) => i % every === 0 || i === ticks.length - 1);
+  const last = ticks.length - 1;
+  axis.ticks = ticks.filter((_, i) => i % every === 0 || (i === last && last % every >= every / 2));
 }
 
 function lowerBound(sorted, value) {
