@@ -283,3 +283,5 @@ def test_api_image_installs_without_torch(tmp_path: Path) -> None:
     assert "app/cli.py" in names and "migrations/env.py" in names
     assert any(re.fullmatch(r"migrations/versions/\w+\.py", n) for n in names)
     assert not any(n.startswith("worker/") for n in names)
+    # The dashboard ships in the package (package-data), so the API image serves it.
+    assert "app/web/static/index.html" in names and "app/web/static/vendor/chart.umd.min.js" in names

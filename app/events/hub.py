@@ -84,6 +84,10 @@ def read_events(factory: sessionmaker[Session], job_id: uuid.UUID, after: EventK
     """The job's status, and its keyed events after `after` in key order (a blocking read)."""
     after = after or EventKey(-1, SAMPLE)
     with factory() as session:
+        if session.get_bind().dialect.name == "postgresql":
+            # One snapshot for all four reads: a row committed between two of them could
+            # otherwise be passed by the cursor (SQLite's read transaction is one snapshot anyway).
+            session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
         job = session.get(Job, job_id)
         if job is None:
             raise LookupError(job_id)

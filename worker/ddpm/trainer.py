@@ -375,8 +375,13 @@ def train(
             if sample_now and on_sample is not None:
                 sample_start = time.perf_counter()
                 drawn = draw_sample_grid(spec, unet, ema, step, checkpoint_dir / "samples", dev)
+                # A checkpoint still being written is reported first: the sink hears of everything
+                # in (step, checkpoint-before-sample) order, which is the order live watchers read.
+                previous = writer.take()
                 window_start += time.perf_counter() - sample_start  # keep sampling out of images/s
                 try:
+                    if previous is not None:
+                        sink.on_checkpoint(previous)
                     on_sample(drawn)
                 except StopTraining:
                     return TrainResult(final_step=step, last_loss=last_loss, stopped=True)

@@ -76,3 +76,30 @@ class TestSampleGrids:
             two = sample_images(unet, spec, 2, seed=5, sampler=sampler, steps=5)
             assert one.shape == (2, 1, 8, 8) and torch.equal(one, two)
             assert one.min() >= -1 and one.max() <= 1
+
+
+class OrderSink(SamplingSink):
+    """Records every report as (step, order): 0 metric, 1 checkpoint, 2 sample, like event ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, int]] = []
+
+    def on_log(self, point: Any) -> None:
+        self.calls.append((point.step, 0))
+
+    def on_checkpoint(self, saved: Any) -> None:
+        self.calls.append((saved.step, 1))
+
+    def on_sample(self, saved: SavedSample) -> None:
+        self.calls.append((saved.step, 2))
+
+
+def test_reports_arrive_in_event_key_order(tmp_path: Path, tiny_spec) -> None:
+    """Live watchers read rows in (step, order) order, so the sink must be told in that order even
+    though checkpoints are written in the background (a later report would never be streamed)."""
+    spec = tiny_spec(training={"steps": 12, "log_every": 2, "checkpoint_every": 3, "sample_every": 3})
+    sink = OrderSink()
+    train(spec, tmp_path, sink, device="cpu")
+    assert sink.calls == sorted(sink.calls)
+    assert (3, 1) in sink.calls and (3, 2) in sink.calls and (12, 2) in sink.calls
