@@ -58,13 +58,14 @@ def sample_png(
 )
 def request_samples(
     job_id: uuid.UUID,
-    body: Annotated[SampleRequestIn, Body()],
     user: CurrentUser,
     session: SessionDep,
     dispatcher: DispatcherDep,
+    body: Annotated[SampleRequestIn | None, Body(description="Omitted: every default")] = None,
 ) -> SampleRequestOut:
     """Draw images from a checkpoint on a worker: a PNG grid and a .npz of the images."""
     job = service.get_job(session, job_id, user)
+    body = body or SampleRequestIn()
     checkpoints = CheckpointRepository(session)
     if body.checkpoint_step is None:
         checkpoint = checkpoints.latest(job_id)

@@ -16,7 +16,7 @@ from sqlalchemy import update
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.main import create_app
-from app.models import ApiKey, Checkpoint, MetricPoint, Sample, utcnow
+from app.models import ApiKey, Checkpoint, MetricPoint, Sample, SampleRequest, utcnow
 from tests.conftest import MakeUser
 
 PUBLIC = {"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
@@ -67,6 +67,22 @@ class World:
                     sha256=hashlib.sha256(PNG).hexdigest(),
                 )
             )
+            request = SampleRequest(
+                job_id=uuid.UUID(job_id),
+                checkpoint_step=10,
+                count=1,
+                seed=0,
+                sampler="ddim",
+                steps=5,
+                status="succeeded",
+                png_path=f"{job_id}/samples-00000010.png",
+                png_sha256=hashlib.sha256(PNG).hexdigest(),
+                npz_path=f"{job_id}/step-00000010.safetensors",  # any recorded file will do here
+                npz_sha256=self.sha256,
+            )
+            s.add(request)
+            s.flush()
+            self.request_id = str(request.id)
             s.execute(update(ApiKey).where(ApiKey.prefix == revoked.prefix).values(revoked_at=utcnow()))
         self.credentials: dict[str, dict[str, str]] = {
             "no key": {},
@@ -90,7 +106,8 @@ class World:
         return [(m.upper(), path) for path, ops in paths.items() if path not in PUBLIC for m in ops]
 
     def url(self, path: str, job_id: str | None = None) -> str:
-        return path.replace("{job_id}", job_id or self.job["id"]).replace("{step}", "10")
+        path = path.replace("{job_id}", job_id or self.job["id"]).replace("{step}", "10")
+        return path.replace("{request_id}", self.request_id)
 
 
 @pytest.fixture
@@ -113,10 +130,14 @@ def test_the_matrix_covers_every_route(world: World) -> None:
         ("GET", "/v1/jobs/{job_id}/loss.png"),
         ("GET", "/v1/jobs/{job_id}/samples"),
         ("GET", "/v1/jobs/{job_id}/samples/{step}.png"),
+        ("POST", "/v1/jobs/{job_id}/sample"),
+        ("GET", "/v1/jobs/{job_id}/sample/{request_id}"),
+        ("GET", "/v1/jobs/{job_id}/sample/{request_id}.png"),
+        ("GET", "/v1/jobs/{job_id}/sample/{request_id}.npz"),
     }
     paths = world.app.openapi()["paths"]
     for method, path in world.routes():
-        assert not re.search(r"\{(?!job_id\}|step\})", path), f"{method} {path}: teach this test its parameters"
+        assert not re.search(r"\{(?!job_id\}|step\}|request_id\})", path), f"{method} {path}: teach this test"
         assert paths[path][method.lower()]["security"] == [{"HTTPBearer": []}], (method, path)
     assert {p for p in paths if p in PUBLIC} == {"/healthz", "/readyz"}
     assert all("security" not in op for p in ("/healthz", "/readyz") for op in paths[p].values())
