@@ -22,7 +22,7 @@ from app.main import create_app
 from tests.conftest import ARTIFACTS, ApiUser, MakeUser
 
 MAX_EXAMPLES = 25  # per operation, stateless
-STATEFUL_EXAMPLES = 15  # scenarios
+STATEFUL_EXAMPLES = 20  # scenarios
 STATEFUL_STEPS = 6  # calls per scenario, at most
 
 SETTINGS = hypothesis.settings(
@@ -113,9 +113,9 @@ def test_every_operation_with_every_default_check(fuzzed, mode: GenerationMode) 
 def test_stateful_links_create_get_cancel(fuzzed) -> None:
     schema, recorder, user = fuzzed
 
-    # The operations the links join (create -> get / cancel / metrics / checkpoints): with every
-    # operation in the machine, the fixed budget rarely got as far as a created job.
-    linked = schema.include(path_regex=r"^/v1/jobs(/\{job_id\}(/(cancel|metrics|checkpoints))?)?$")
+    # The operations the create -> get -> cancel links join: with every operation in the machine,
+    # a fixed budget did not always get as far as a cancel.
+    linked = schema.include(path_regex=r"^/v1/jobs(/\{job_id\}(/cancel)?)?$")
 
     class Workflow(linked.as_state_machine()):
         def get_call_kwargs(self, case) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from app.auth.keys import generate_key
 from app.auth.service import create_key
@@ -44,7 +45,17 @@ class TrainedJob:
 def api(service_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApi]:
     logs = tmp_path_factory.mktemp("client-logs")
     port = free_port()
-    env = service_env(service_settings) | {"DDPM_PORT": str(port), "DDPM_BOOTSTRAP_API_KEY": generate_key().key}
+    # Jobs left queued by earlier tests would be trained first by this package's worker (its
+    # sweeper re-sends queued jobs): start from no jobs, on a queue of this package's own.
+    engine = make_engine(service_settings)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE jobs CASCADE"))
+    engine.dispose()
+    env = service_env(service_settings) | {
+        "DDPM_PORT": str(port),
+        "DDPM_BOOTSTRAP_API_KEY": generate_key().key,
+        "DDPM_QUEUE": f"ddpm-client-{uuid.uuid4().hex[:8]}",
+    }
     with process(api_argv(), env, logs / "api.log") as proc:
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, proc, logs / "api.log")
