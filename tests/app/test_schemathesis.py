@@ -16,10 +16,13 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck
 from schemathesis import GenerationMode
+from sqlalchemy import text
 
+from app.auth.service import create_key
 from app.config import Settings
+from app.db import make_engine, make_sessionmaker, session_scope
 from app.main import create_app
-from tests.conftest import ARTIFACTS, ApiUser, MakeUser
+from tests.conftest import ARTIFACTS, ApiUser
 
 MAX_EXAMPLES = 25  # per operation, stateless
 STATEFUL_EXAMPLES = 20  # scenarios
@@ -74,13 +77,22 @@ class Recorder:
 FIGURES: dict[str, Any] = {"operations": set(), "stateless_requests": 0, "stateful_requests": 0, "failures": 0}
 
 
-@pytest.fixture
-def fuzzed(clean_db: Settings, make_user: MakeUser) -> tuple[Any, Recorder, ApiUser]:
+@pytest.fixture(scope="module")
+def fuzzed(service_settings: Settings) -> tuple[Any, Recorder, ApiUser]:
+    """One app, one recorder and one user for the whole module: schemathesis keeps the app of the
+    first schema it loaded for later state machines, so a per-test app (and a per-test user,
+    truncated in between) left the stateful run calling an app whose user no longer existed."""
+    engine = make_engine(service_settings)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE jobs, metric_points, checkpoints, api_keys, users CASCADE"))
+    with session_scope(make_sessionmaker(engine)) as s:
+        created = create_key(s, service_settings.secret_key, "fuzzer")
+    engine.dispose()
     # A quota high enough that the fuzzer's many valid specs are queued (429 is still documented).
-    settings = clean_db.model_copy(update={"max_queued_jobs_per_user": 100_000})
+    settings = service_settings.model_copy(update={"max_queued_jobs_per_user": 100_000})
     recorder = Recorder(create_app(settings))
     schema = schemathesis.openapi.from_asgi("/openapi.json", recorder, config=CONFIG)
-    return schema, recorder, make_user("fuzzer")
+    return schema, recorder, ApiUser(user=created.user, key=created.key, prefix=created.prefix)
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=str)
@@ -112,6 +124,7 @@ def test_every_operation_with_every_default_check(fuzzed, mode: GenerationMode) 
 
 def test_stateful_links_create_get_cancel(fuzzed) -> None:
     schema, recorder, user = fuzzed
+    before = len(recorder.calls)
 
     # The operations the create -> get -> cancel links join: with every operation in the machine,
     # a fixed budget did not always get as far as a cancel.
@@ -121,19 +134,28 @@ def test_stateful_links_create_get_cancel(fuzzed) -> None:
         def get_call_kwargs(self, case) -> dict[str, Any]:
             return {"headers": user.headers}
 
+    settings = hypothesis.settings(SETTINGS, max_examples=STATEFUL_EXAMPLES, stateful_step_count=STATEFUL_STEPS)
     try:
-        Workflow.run(
-            settings=hypothesis.settings(SETTINGS, max_examples=STATEFUL_EXAMPLES, stateful_step_count=STATEFUL_STEPS)
-        )
+        for attempt in range(3):
+            try:
+                Workflow.run(settings=settings)
+                break
+            except hypothesis.errors.FlakyStrategyDefinition:
+                # Hypothesis saw one choice sequence draw differently twice: the bundles of a
+                # stateful run follow the server's answers (ids, pages), which replay cannot fix.
+                # That is the harness, not a check failing: run again from other random choices.
+                if attempt == 2:
+                    raise
+                settings = hypothesis.settings(settings, derandomize=False)
     except Exception:
         FIGURES["failures"] += 1
         raise
     finally:
-        FIGURES["stateful_requests"] += len(recorder.calls)
-    assert all(status < 500 for _, _, status in recorder.calls)
+        FIGURES["stateful_requests"] += len(recorder.calls) - before
+    calls = recorder.calls[before:]
+    assert all(status < 500 for _, _, status in calls)
     seen = Counter(
-        (method, re.sub(r"/v1/jobs/[0-9a-f-]{36}", "/v1/jobs/{id}", path), status)
-        for method, path, status in recorder.calls
+        (method, re.sub(r"/v1/jobs/[0-9a-f-]{36}", "/v1/jobs/{id}", path), status) for method, path, status in calls
     )
     # The links were followed: jobs were created, then fetched and cancelled by their ids.
     assert seen[("POST", "/v1/jobs", 201)] > 0, seen
