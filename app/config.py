@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     events_poll_interval_s: float = Field(0.5, gt=0)
     # Device the worker trains on: "auto" = CUDA when available, else CPU.
     device: str = "auto"
+    # What this worker advertises (app/routing.py): it consumes only the queues of jobs that fit.
+    # Default: the visible CUDA devices (CUDA_VISIBLE_DEVICES) and the smallest one's memory,
+    # rounded up to whole GiB; on a CPU-only worker, 1 "GPU" (a process) with DDPM_GPU_MEMORY_GB.
+    worker_gpus: int | None = Field(None, ge=1, le=64, description="GPUs this worker offers; default: detected.")
+    worker_gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Memory per GPU this worker offers, in GiB; default: detected."
+    )
 
     # --- keys ---------------------------------------------------------------------------------
     # API keys are stored as HMAC-SHA256(secret_key, key): a leaked table alone opens nothing.
@@ -65,7 +72,10 @@ class Settings(BaseSettings):
     max_channels: int = Field(1024, ge=1, description="Largest entry of model.channels (per U-Net level).")
     max_timesteps: int = Field(10_000, ge=2, description="Largest diffusion.timesteps accepted.")
     max_parameters: int = Field(200_000_000, ge=1, description="Largest U-Net parameter count accepted.")
-    gpu_memory_gb: float = Field(80.0, gt=0, description="A worker's GPU memory; a job's estimate must fit.")
+    gpu_memory_gb: float = Field(
+        80.0, gt=0, description="The largest GPU memory of any worker; a job's per-GPU estimate must fit."
+    )
+    max_gpus_per_job: int = Field(8, ge=1, description="Largest resources.gpus accepted.")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Request bodies above this are refused with 413.")
     # `folder` data sets must lie under one of these (after following symlinks); a relative
     # dataset.path is relative to the first. Default: [data_dir/datasets]. Env: JSON list or

@@ -210,3 +210,20 @@ class Checkpoint(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="checkpoints", lazy="raise")
+
+
+class Worker(Base):
+    """A live worker and what it offers, written by its sweeper every pass (app/routing.py).
+
+    Routing itself is Celery's (a worker consumes only the queues of jobs it can hold); this table
+    is how the API explains a job that no running worker can hold."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # host:pid, as jobs.worker
+    queue: Mapped[str] = mapped_column(String(255))  # DDPM_QUEUE, the base of its queue names
+    gpus: Mapped[int] = mapped_column(Integer)
+    gpu_memory_gb: Mapped[float] = mapped_column(Float)
+    device: Mapped[str] = mapped_column(String(64))  # "cuda" or "cpu"
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

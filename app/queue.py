@@ -8,8 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from kombu import Exchange, Queue
 
 from app.config import Settings
+from app.routing import sample_queue
 
 TRAIN_TASK = "jobs.train"
 SAMPLE_TASK = "jobs.sample"
@@ -56,6 +58,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+def celery_queue(name: str) -> Queue:
+    """A queue as Celery creates a missing one when a task is sent to it (a direct exchange of the
+    same name), so that the worker's declaration and the API's sends agree."""
+    return Queue(name, Exchange(name), routing_key=name)
+
+
 def make_celery(settings: Settings) -> Celery:
     celery = Celery("ddpm-jobs")
     celery.config_from_object(celery_config(settings))
@@ -69,12 +77,13 @@ class Dispatcher:
         self._settings = settings
         self._celery = make_celery(settings)
 
-    def send_train(self, job_id: str) -> None:
-        """Raises an error from kombu/redis when the broker is unreachable."""
-        self._celery.send_task(TRAIN_TASK, args=[job_id], queue=self._settings.queue, retry=False)
+    def send_train(self, job_id: str, queue: str) -> None:
+        """Send to the job's queue (app.routing.train_queue). Raises an error from kombu/redis when
+        the broker is unreachable."""
+        self._celery.send_task(TRAIN_TASK, args=[job_id], queue=queue, retry=False)
 
     def send_sample(self, request_id: str) -> None:
-        self._celery.send_task(SAMPLE_TASK, args=[request_id], queue=self._settings.queue, retry=False)
+        self._celery.send_task(SAMPLE_TASK, args=[request_id], queue=sample_queue(self._settings.queue), retry=False)
 
     def ping(self) -> None:
         with self._celery.connection_for_write() as conn:

@@ -162,12 +162,23 @@ class TrainingSpec(_Section):
     )
 
 
+class ResourcesSpec(_Section):
+    gpus: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="GPUs the job trains on, one process each (DistributedDataParallel); training.batch_size "
+        "is the global batch, split evenly across them. On a CPU worker each 'GPU' is a CPU process.",
+    )
+
+
 class JobSpec(_Section):
     name: str | None = Field(None, max_length=200, description="A label for people; not unique.")
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
     @model_validator(mode="after")
     def _image_fits_network(self) -> JobSpec:
@@ -177,6 +188,11 @@ class JobSpec(_Section):
             raise ValueError(
                 f"dataset.image_size ({self.dataset.image_size}) must be divisible by {2**halvings}: "
                 f"model.channels has {halvings + 1} levels and each level after the first halves the image"
+            )
+        if self.training.batch_size % self.resources.gpus:
+            raise ValueError(
+                f"training.batch_size ({self.training.batch_size}) must be divisible by resources.gpus "
+                f"({self.resources.gpus}): each GPU takes an equal share of the global batch"
             )
         levels = [self.dataset.image_size // 2**i for i in range(halvings + 1)]
         for r in self.model.attention_resolutions or ():

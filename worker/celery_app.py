@@ -1,9 +1,11 @@
-"""The worker's Celery app. Start one worker process per GPU with the solo pool:
+"""The worker's Celery app. Start one worker per GPU, or one per host for multi-GPU jobs:
 
     celery -A worker.celery_app worker --pool=solo --concurrency=1 --loglevel=INFO
 
 The solo pool runs the task in the worker process itself: no fork, so CUDA is never
-initialised in a forked parent, and one job at a time holds the GPU.
+initialised in a forked parent, and one job at a time holds the GPUs. A multi-GPU job's ranks
+are spawned (fresh) processes, supervised from here. The worker consumes only the queues of jobs
+it can hold (app/routing.py), from the GPUs and memory it detects or is told.
 """
 
 from __future__ import annotations
@@ -14,12 +16,17 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 
 from app.config import get_settings
-from app.queue import celery_config
+from app.queue import celery_config, celery_queue
+from app.routing import worker_queues
+from worker.capacity import detect_capacity, worker_name
 
 log = logging.getLogger(__name__)
 
+_settings = get_settings()
+CAPACITY, DEVICE = detect_capacity(_settings)
 celery_app = Celery("ddpm-jobs", include=["worker.tasks"])
-celery_app.config_from_object(celery_config(get_settings()))
+celery_app.config_from_object(celery_config(_settings))
+celery_app.conf.task_queues = [celery_queue(name) for name in worker_queues(_settings.queue, CAPACITY)]
 app = celery_app  # `celery -A worker.celery_app` looks for `app` or `celery`
 
 
@@ -27,7 +34,8 @@ app = celery_app  # `celery -A worker.celery_app` looks for `app` or `celery`
 def _start_sweeper(**_: object) -> None:
     from worker.sweeper import start_sweeper
 
-    start_sweeper(get_settings())
+    log.info("worker %s offers %s (%s)", worker_name(), CAPACITY.describe(), DEVICE)
+    start_sweeper(get_settings(), worker_name(), CAPACITY, DEVICE)
 
 
 @worker_shutting_down.connect

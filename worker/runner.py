@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
@@ -35,8 +35,12 @@ from app.jobs.data_roots import resolve_dataset_folder
 from app.jobs.repository import JobRepository
 from app.models import Checkpoint, Job, JobStatus, MetricPoint, Sample, SampleRequest, utcnow
 from app.queue import Dispatcher
+from app.routing import train_queue
 from app.samples.repository import SampleRepository
 from app.spec import JobSpec
+
+if TYPE_CHECKING:
+    from worker.ddpm.distributed import Ranks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -203,16 +207,37 @@ class JobRunner:
         if cancel_requested:
             self._finish(job_id, attempt, status=JobStatus.cancelled)
             return "cancelled"
+        if spec.resources.gpus > 1:
+            return self._run_ranks(job_id, attempt, spec, resume_from)
+        return self._attempt(job_id, attempt, spec, resume_from)
 
+    def _attempt(
+        self, job_id: uuid.UUID, attempt: int, spec: JobSpec, resume_from: Path | None, ranks: Ranks | None = None
+    ) -> str:
+        """Train one claimed attempt here, holding its lease (in rank 0's process for a multi-GPU job)."""
         lease = _Lease()
         sink = DatabaseSink(self, job_id, attempt, lease, keep=spec.training.keep_checkpoints)
         heartbeat = threading.Thread(target=self._heartbeat, args=(job_id, attempt, lease), daemon=True)
         heartbeat.start()
         try:
-            return self._train(job_id, attempt, spec, resume_from, sink, lease)
+            return self._train(job_id, attempt, spec, resume_from, sink, lease, ranks)
         finally:
             lease.stop.set()
             heartbeat.join(timeout=5)
+
+    def job_dir(self, job_id: uuid.UUID, attempt: int) -> Path:
+        # One folder per attempt: a stale attempt that has not yet noticed it was fenced off can
+        # never replace a file that a newer attempt committed under the same step.
+        job_dir = self.settings.checkpoint_root / str(job_id) / f"attempt-{attempt}"
+        job_dir.mkdir(parents=True, exist_ok=True)
+        return job_dir
+
+    def device(self, ranks: Ranks | None = None) -> str | None:
+        """The device to train on: the setting, CUDA when there is one ("auto"); a rank's own GPU."""
+        from worker.ddpm.trainer import resolve_device
+
+        device = None if self.settings.device == "auto" else self.settings.device
+        return str(ranks.device(resolve_device(device).type)) if ranks is not None else device
 
     def _train(
         self,
@@ -222,21 +247,20 @@ class JobRunner:
         resume_from: Path | None,
         sink: DatabaseSink,
         lease: _Lease,
+        ranks: Ranks | None = None,
     ) -> str:
+        from torch.distributed import DistError
+
         from worker.ddpm.trainer import train
 
-        # One folder per attempt: a stale attempt that has not yet noticed it was fenced off can
-        # never replace a file that a newer attempt committed under the same step.
-        job_dir = self.settings.checkpoint_root / str(job_id) / f"attempt-{attempt}"
-        job_dir.mkdir(parents=True, exist_ok=True)
-        device = None if self.settings.device == "auto" else self.settings.device
         try:
-            if spec.dataset.kind == "folder":
-                # Again on the worker (a symlink may have changed since the API checked), and so a
-                # relative path means the same here as there: under the first data root.
-                folder = resolve_dataset_folder(spec.dataset.path or "", self.settings.data_roots)
-                spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"path": str(folder)})})
-            result = train(spec, job_dir, sink, resume_from=resume_from, device=device)
+            spec = self.resolved_dataset(spec)
+            job_dir, device = self.job_dir(job_id, attempt), self.device(ranks)
+            result = train(spec, job_dir, sink, resume_from=resume_from, device=device, ranks=ranks)
+        except DistError:
+            # Another rank is gone (killed, out of memory): not this job's fault. The supervising
+            # worker sees which rank failed and hands the job to a new attempt.
+            raise
         except Exception as exc:
             reason = describe_failure(exc, spec)
             log.exception("job %s: attempt %d failed: %s", job_id, attempt, reason)
@@ -250,7 +274,7 @@ class JobRunner:
                 self._finish(job_id, attempt, status=JobStatus.cancelled)
                 return "cancelled"
             if sink.shutting_down:
-                self._requeue(job_id, attempt)
+                self._requeue(job_id, attempt, spec)
                 return "requeued"
             log.warning("job %s: attempt %d lost its lease; the job will be resumed", job_id, attempt)
             return "lease-lost"
@@ -258,6 +282,71 @@ class JobRunner:
             job_id, attempt, status=JobStatus.succeeded, step=result.final_step, loss=_finite_or_none(result.last_loss)
         )
         return "succeeded"
+
+    def resolved_dataset(self, spec: JobSpec) -> JobSpec:
+        if spec.dataset.kind != "folder":
+            return spec
+        # Again on the worker (a symlink may have changed since the API checked), and so a
+        # relative path means the same here as there: under the first data root.
+        folder = resolve_dataset_folder(spec.dataset.path or "", self.settings.data_roots)
+        return spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"path": str(folder)})})
+
+    # --- a multi-GPU job: one process per rank, supervised from here ----------------------------
+    def _run_ranks(self, job_id: uuid.UUID, attempt: int, spec: JobSpec, resume_from: Path | None) -> str:
+        """Train on `resources.gpus` processes (worker/ddpm/distributed.py). Rank 0 holds the lease and
+        writes everything, as a single-GPU attempt does; this process only watches them. A rank that
+        dies (killed, crashed) takes the others down, and the attempt is lost like a dead worker's:
+        the job goes back to the queue and resumes from its latest checkpoint."""
+        import multiprocessing
+
+        from torch.multiprocessing import ProcessException, ProcessExitedException
+
+        from worker.ddpm.distributed import free_port, spawn_ranks
+
+        world_size = spec.resources.gpus
+        shutdown = multiprocessing.get_context("spawn").Event()
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        args = (self.settings, job_id, attempt, spec, resume_from, world_size, init_method, shutdown)
+        ranks = spawn_ranks(_rank_main, args, world_size)
+        log.info("job %s: attempt %d runs on %d ranks, pids %s", job_id, attempt, world_size, ranks.pids())
+        rank0_done_at: float | None = None
+        try:
+            while not ranks.join(timeout=1.0, grace_period=10.0):
+                if _SHUTDOWN.is_set():
+                    shutdown.set()  # rank 0 checkpoints at its next log point and re-queues the job
+                if ranks.processes[0].exitcode is not None:
+                    # Rank 0 has ended the attempt; the others leave with it (a hung collective
+                    # must not hold the GPUs).
+                    rank0_done_at = rank0_done_at or time.monotonic()
+                    if time.monotonic() - rank0_done_at > 30:
+                        for process in ranks.processes[1:]:
+                            process.kill()
+        except ProcessException as exc:
+            what = str(exc).strip().splitlines()[-1]  # "terminated with signal SIGKILL", or the error
+            if isinstance(exc, ProcessExitedException):
+                what = what.removeprefix(f"process {exc.error_index} ")
+            reason = f"rank {exc.error_index} (pid {exc.pid}) {what}"
+            log.warning("job %s: attempt %d lost: %s", job_id, attempt, reason)
+            return self._release_lost(job_id, attempt, spec, reason)
+        with session_scope(self.sessionmaker) as session:
+            job = JobRepository(session).get(job_id)
+            outcome = job.status if job is not None else "missing"
+        if outcome == JobStatus.running:  # rank 0 stopped without an ending (lost its lease)
+            return self._release_lost(job_id, attempt, spec, "rank 0 stopped without finishing the attempt")
+        return str(outcome)
+
+    def _release_lost(self, job_id: uuid.UUID, attempt: int, spec: JobSpec, reason: str) -> str:
+        """A lost attempt (as the sweeper treats an expired lease, at once): back to the queue and
+        sent, or failed once the job has used `max_attempts`, or cancelled if asked to be."""
+
+        def write() -> JobStatus | None:
+            with session_scope(self.sessionmaker) as session:
+                return JobRepository(session).release_lost(job_id, attempt, self.settings.max_attempts, reason)
+
+        status = self._retry_db(write)
+        if status is JobStatus.queued:
+            self._send(job_id, spec)
+        return "lost" if status is None else f"lost ({status.value})"
 
     # --- database steps -------------------------------------------------------------------
     def _claim(self, job_id: uuid.UUID) -> tuple[int, JobSpec, Path | None, bool, set[str]] | None:
@@ -307,7 +396,7 @@ class JobRunner:
         self._retry_db(write)
         log.info("job %s: attempt %d ended %s", job_id, attempt, status.value)
 
-    def _requeue(self, job_id: uuid.UUID, attempt: int) -> None:
+    def _requeue(self, job_id: uuid.UUID, attempt: int, spec: JobSpec) -> None:
         """running -> queued after a graceful stop, and sent again so another worker resumes it
         (if the broker is away, the sweeper sends it later)."""
 
@@ -320,8 +409,12 @@ class JobRunner:
         if not self._retry_db(write):
             return
         log.info("job %s: attempt %d checkpointed and re-queued for shutdown", job_id, attempt)
+        self._send(job_id, spec)
+
+    def _send(self, job_id: uuid.UUID, spec: JobSpec) -> None:
+        """Hand a re-queued job to the broker, on the queue of workers that can hold it."""
         try:
-            Dispatcher(self.settings).send_train(str(job_id))
+            Dispatcher(self.settings).send_train(str(job_id), train_queue(self.settings.queue, spec))
         except Exception as exc:  # the sweeper re-sends jobs that were never sent
             log.warning("job %s: not re-sent now (%s); the sweeper will send it", job_id, exc)
             return
@@ -363,6 +456,50 @@ def describe_failure(exc: BaseException, spec: JobSpec) -> str:
             f"image_size={spec.dataset.image_size}: lower training.batch_size or use a smaller model"
         )
     return f"{type(exc).__name__}: {exc}"
+
+
+def _rank_main(
+    rank: int,
+    settings: Settings,
+    job_id: uuid.UUID,
+    attempt: int,
+    spec: JobSpec,
+    resume_from: Path | None,
+    world_size: int,
+    init_method: str,
+    shutdown: Any,  # a multiprocessing Event: the worker is shutting down
+) -> None:
+    """One rank of a multi-GPU attempt, in its own (spawned) process. Rank 0 runs the attempt as a
+    single-GPU worker does (lease, heartbeat, every database write); the others only train."""
+    import signal
+
+    from worker.ddpm.distributed import Ranks, init_process_group
+    from worker.ddpm.trainer import resolve_device, train
+
+    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s: %(levelname)s/rank-{rank}] %(name)s: %(message)s")
+    # SIGTERM to the whole process group (a terminal, a test harness) means the same as to the
+    # worker: rank 0 checkpoints and re-queues at its next log point, and the others follow it.
+    signal.signal(signal.SIGTERM, lambda *_: request_shutdown() if rank == 0 else None)
+    runner = JobRunner(settings)
+    ranks = Ranks(rank, world_size)
+    init_process_group(ranks, resolve_device(runner.device()).type, init_method, timeout_s=settings.lease_timeout_s)
+    if ranks.is_main:
+        threading.Thread(target=lambda: shutdown.wait() and request_shutdown(), daemon=True).start()
+        runner._attempt(job_id, attempt, spec, resume_from, ranks)
+    else:
+        spec = runner.resolved_dataset(spec)
+        job_dir, device = runner.job_dir(job_id, attempt), runner.device(ranks)
+        train(spec, job_dir, _NoSink(), resume_from=resume_from, device=device, ranks=ranks)
+
+
+class _NoSink:
+    """Ranks other than 0 report nothing."""
+
+    def on_log(self, point: object) -> None:
+        pass
+
+    def on_checkpoint(self, saved: object) -> None:
+        pass
 
 
 @lru_cache

@@ -3,9 +3,11 @@
 - re-queues running jobs whose lease expired (their worker died; a new attempt resumes them
   from the latest checkpoint), and
 - re-sends queued jobs that were never sent (the broker was down at submit time) or whose
-  message went missing (sent long ago and still not claimed).
+  message went missing (sent long ago and still not claimed), each to its own queue, and
+- records what this worker offers in the `workers` table (seen_at says it is alive), which the
+  API reads to explain why a job waits.
 
-Both are idempotent, so several workers may sweep at once.
+All are idempotent, so several workers may sweep at once.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from sqlalchemy.exc import DBAPIError
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs.repository import JobRepository
-from app.models import utcnow
+from app.models import Job, Worker, utcnow
 from app.queue import Dispatcher
+from app.routing import Resources, train_queue
+from app.spec import JobSpec
 
 log = logging.getLogger(__name__)
 _stop = threading.Event()
@@ -29,6 +33,7 @@ _stop = threading.Event()
 def sweep_once(settings: Settings, factory, dispatcher: Dispatcher) -> tuple[int, int]:  # type: ignore[no-untyped-def]
     """One pass; returns (jobs re-queued after a lost lease, jobs (re-)sent)."""
     now = utcnow()
+    older_than = now - timedelta(seconds=settings.resend_after_s)
     with session_scope(factory) as session:
         requeued = JobRepository(session).requeue_expired(
             now - timedelta(seconds=settings.lease_timeout_s), settings.max_attempts
@@ -36,11 +41,12 @@ def sweep_once(settings: Settings, factory, dispatcher: Dispatcher) -> tuple[int
     for job_id in requeued:
         log.warning("job %s: lease expired; re-queued to resume from its latest checkpoint", job_id)
     with session_scope(factory) as session:
-        to_send = JobRepository(session).queued_needing_dispatch(now - timedelta(seconds=settings.resend_after_s))
+        to_send = {job.id for job in JobRepository(session).queued_needing_dispatch(older_than)} | set(requeued)
+        queues = {job_id: job_queue(settings, session.get(Job, job_id)) for job_id in to_send}
     sent = 0
-    for job_id in set(to_send) | set(requeued):
+    for job_id, queue in queues.items():
         try:
-            dispatcher.send_train(str(job_id))
+            dispatcher.send_train(str(job_id), queue)
         except Exception as exc:  # broker still down: try again next sweep
             log.warning("job %s: could not send to the broker (%s)", job_id, exc)
             continue
@@ -50,24 +56,49 @@ def sweep_once(settings: Settings, factory, dispatcher: Dispatcher) -> tuple[int
     return len(requeued), sent
 
 
-def _loop(settings: Settings) -> None:
+def job_queue(settings: Settings, job: Job | None) -> str:
+    return train_queue(settings.queue, JobSpec.model_validate(job.spec if job is not None else {}))
+
+
+def check_in(factory, name: str, settings: Settings, capacity: Resources, device: str) -> None:  # type: ignore[no-untyped-def]
+    """Record (or refresh) this worker's row: what it offers, and that it is alive now."""
+    with session_scope(factory) as session:
+        row = session.get(Worker, name) or Worker(name=name, started_at=utcnow())
+        row.queue, row.gpus, row.gpu_memory_gb, row.device = settings.queue, capacity.gpus, capacity.memory_gib, device
+        row.seen_at = utcnow()
+        session.add(row)
+
+
+def check_out(factory, name: str) -> None:  # type: ignore[no-untyped-def]
+    with session_scope(factory) as session:
+        if (row := session.get(Worker, name)) is not None:
+            session.delete(row)
+
+
+def _loop(settings: Settings, name: str, capacity: Resources, device: str) -> None:
     factory = make_sessionmaker(make_engine(settings))
     dispatcher = Dispatcher(settings)
     interval = max(1.0, min(settings.heartbeat_interval_s, settings.resend_after_s / 2))
     while True:
         try:
+            check_in(factory, name, settings, capacity, device)
             sweep_once(settings, factory, dispatcher)
         except DBAPIError as exc:  # the database is away; the next pass tries again
             log.warning("sweep skipped, database unavailable (%s); retrying in %.0fs", exc.orig, interval)
         except Exception:
             log.exception("sweep failed; retrying in %.0fs", interval)
         if _stop.wait(interval):
+            try:
+                check_out(factory, name)
+            except DBAPIError as exc:  # it ages out of the table instead
+                log.warning("could not remove this worker's row (%s)", exc.orig)
             return
 
 
-def start_sweeper(settings: Settings) -> None:
+def start_sweeper(settings: Settings, name: str, capacity: Resources, device: str) -> None:
     _stop.clear()
-    threading.Thread(target=_loop, args=(settings,), name="ddpm-sweeper", daemon=True).start()
+    args = (settings, name, capacity, device)
+    threading.Thread(target=_loop, args=args, name="ddpm-sweeper", daemon=True).start()
 
 
 def stop_sweeper() -> None:

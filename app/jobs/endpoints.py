@@ -14,6 +14,7 @@ from app.jobs.repository import InvalidCursor, JobRepository
 from app.jobs.schemas import JobOut, JobPage
 from app.models import JobStatus
 from app.openapi import AUTHENTICATED, error_responses
+from app.routing import train_queue
 from app.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -54,24 +55,25 @@ def create_job(
     job, created = service.create_job(session, spec, owner=user, settings=settings, idempotency_key=idempotency_key)
     if not created:
         response.status_code = status.HTTP_200_OK
-        return JobOut.model_validate(job)
+        return service.job_out(session, job, settings)
     # Invariant 2: the task is sent only once the row is committed, so a worker always finds it.
     session.commit()
     try:
-        dispatcher.send_train(str(job.id))
+        dispatcher.send_train(str(job.id), train_queue(settings.queue, spec))
     except Exception as exc:  # kombu/redis raise many types for "broker unreachable"
         # The job is stored and stays queued; the worker's sweeper sends it again once the
         # broker answers. The client has its job either way.
         log.warning("could not send job %s to the broker (%s); it will be re-sent", job.id, exc)
     else:
         JobRepository(session).mark_dispatched(job.id)
-    return JobOut.model_validate(job)
+    return service.job_out(session, job, settings)
 
 
 @router.get("", response_model=JobPage, responses=error_responses(422))
 def list_jobs(
     user: CurrentUser,
     session: SessionDep,
+    settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     status: JobStatus | None = None,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
@@ -80,14 +82,14 @@ def list_jobs(
         jobs, next_cursor = service.list_jobs(session, user, limit=limit, status=status, cursor=cursor)
     except InvalidCursor as exc:
         raise HTTPException(422, detail=[{"loc": ["query", "cursor"], "msg": str(exc), "type": "value_error"}]) from exc
-    return JobPage(items=[JobOut.model_validate(j) for j in jobs], next_cursor=next_cursor)
+    return JobPage(items=service.jobs_out(session, jobs, settings), next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(404, 422))
-def get_job(job_id: uuid.UUID, user: CurrentUser, session: SessionDep) -> JobOut:
-    return JobOut.model_validate(service.get_job(session, job_id, user))
+def get_job(job_id: uuid.UUID, user: CurrentUser, session: SessionDep, settings: SettingsDep) -> JobOut:
+    return service.job_out(session, service.get_job(session, job_id, user), settings)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409, 422))
-def cancel_job(job_id: uuid.UUID, user: CurrentUser, session: SessionDep) -> JobOut:
-    return JobOut.model_validate(service.cancel_job(session, job_id, user))
+def cancel_job(job_id: uuid.UUID, user: CurrentUser, session: SessionDep, settings: SettingsDep) -> JobOut:
+    return service.job_out(session, service.cancel_job(session, job_id, user), settings)

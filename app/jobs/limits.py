@@ -60,6 +60,7 @@ def check_spec(spec: JobSpec, settings: Settings) -> None:
         (("model", "channels", i), c, settings.max_channels, "MAX_CHANNELS")
         for i, c in enumerate(spec.model.channels or ())
     ]
+    bounds.append((("resources", "gpus"), spec.resources.gpus, settings.max_gpus_per_job, "MAX_GPUS_PER_JOB"))
     for loc, value, limit, env in bounds:
         if value > limit:
             refused.add(loc, f"at most {limit} on this service (DDPM_{env}), got {value}", value, limit)
@@ -88,12 +89,13 @@ def check_spec(spec: JobSpec, settings: Settings) -> None:
     budget = int(settings.gpu_memory_gb * 2**30)
     if need > budget:
         per_image = activation_bytes_per_image(spec)
-        fits = max(0, (budget - params * BYTES_PER_PARAMETER) // per_image)
+        gpus = spec.resources.gpus
+        fits = max(0, (budget - params * BYTES_PER_PARAMETER) // per_image) * gpus
         refused.add(
             ("training", "batch_size"),
-            f"training would need about {need / 2**30:.1f} GiB of GPU memory, more than a worker's "
+            f"training would need about {need / 2**30:.1f} GiB of memory on each GPU, more than a worker's "
             f"{settings.gpu_memory_gb:g} GiB (DDPM_GPU_MEMORY_GB); at most {fits} images per batch fit "
-            "with this model and image_size",
+            f"on {gpus} GPU{'s' if gpus > 1 else ''} with this model and image_size",
             spec.training.batch_size,
             fits,
         )
@@ -167,6 +169,7 @@ def activation_bytes_per_image(spec: JobSpec) -> int:
 
 
 def training_memory_bytes(spec: JobSpec, params: int | None = None) -> int:
-    """Weights, gradients, optimizer state and EMA, plus a batch of activations."""
+    """On each GPU: weights, gradients, optimizer state and EMA, plus its share of the batch's activations."""
     params = unet_parameter_count(spec) if params is None else params
-    return params * BYTES_PER_PARAMETER + spec.training.batch_size * activation_bytes_per_image(spec)
+    share = spec.training.batch_size // spec.resources.gpus
+    return params * BYTES_PER_PARAMETER + share * activation_bytes_per_image(spec)

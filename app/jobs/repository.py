@@ -84,10 +84,10 @@ class JobRepository:
     def mark_dispatched(self, job_id: uuid.UUID) -> None:
         self.session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
 
-    def queued_needing_dispatch(self, older_than: datetime, limit: int = 100) -> list[uuid.UUID]:
+    def queued_needing_dispatch(self, older_than: datetime, limit: int = 100) -> list[Job]:
         """Queued jobs never sent, or sent long ago and still not claimed (message lost)."""
         stmt = (
-            select(Job.id)
+            select(Job)
             .where(Job.status == JobStatus.queued)
             .where(or_(Job.dispatched_at.is_(None), Job.dispatched_at < older_than))
             .where(Job.created_at < older_than)
@@ -147,18 +147,33 @@ class JobRepository:
             .with_for_update(skip_locked=True)
         )
         requeued = []
-        now = utcnow()
         for job in self.session.scalars(stmt):
-            if job.cancel_requested:
-                job.status, job.finished_at = JobStatus.cancelled, now
-            elif job.attempt >= max_attempts:
-                job.status, job.finished_at = JobStatus.failed, now
-                job.error = (
-                    f"gave up after {job.attempt} attempts: the worker running attempt {job.attempt} "
-                    f"({job.worker}) stopped renewing its lease at step {job.step}"
-                )
-            else:
-                job.status, job.dispatched_at, job.worker = JobStatus.queued, None, None
+            reason = f"the worker running attempt {job.attempt} ({job.worker}) stopped renewing its lease"
+            if _release(job, max_attempts, reason) is JobStatus.queued:
                 requeued.append(job.id)
         self.session.flush()
         return requeued
+
+    def release_lost(self, job_id: uuid.UUID, attempt: int, max_attempts: int, reason: str) -> JobStatus | None:
+        """One attempt known to be lost (a rank of a multi-GPU job died), released at once as an
+        expired lease would be; None when the attempt is no longer the job's current one."""
+        stmt = select(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.running)
+        job = self.session.scalars(stmt.with_for_update()).one_or_none()
+        if job is None:
+            return None
+        status = _release(job, max_attempts, reason)
+        self.session.flush()
+        return status
+
+
+def _release(job: Job, max_attempts: int, reason: str) -> JobStatus:
+    """A running job whose attempt is lost: cancelled if a cancel was asked for, failed once it has
+    used `max_attempts` attempts, else back to the queue to resume from its latest checkpoint."""
+    if job.cancel_requested:
+        job.status, job.finished_at = JobStatus.cancelled, utcnow()
+    elif job.attempt >= max_attempts:
+        job.status, job.finished_at = JobStatus.failed, utcnow()
+        job.error = f"gave up after {job.attempt} attempts: {reason} at step {job.step}"
+    else:
+        job.status, job.dispatched_at, job.worker = JobStatus.queued, None, None
+    return JobStatus(job.status)

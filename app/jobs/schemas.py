@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.models import JobStatus
 from app.spec import JobSpec
@@ -28,6 +28,14 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     heartbeat_at: datetime | None
+    queue: str | None = Field(
+        None, description="The Celery queue of the workers that can hold this job (its GPUs and memory per GPU)."
+    )
+    waiting_reason: str | None = Field(
+        None,
+        description="While queued: why the job has not started (e.g. no running worker can hold it). "
+        "GET /v1/jobs/{id} and the job list fill in `queue` and this; live status events leave them out.",
+    )
 
 
 class JobPage(BaseModel):

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from datetime import timedelta
 
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -14,7 +16,9 @@ from app.auth.repository import UserRepository
 from app.config import Settings
 from app.jobs.limits import check_spec
 from app.jobs.repository import JobRepository
-from app.models import Job, JobStatus, User, utcnow
+from app.jobs.schemas import JobOut
+from app.models import Job, JobStatus, User, Worker, utcnow
+from app.routing import Resources, can_hold, job_resources, queue_name
 from app.spec import JobSpec
 
 
@@ -130,3 +134,44 @@ def cancel_job(session: Session, job_id: uuid.UUID, user: User) -> Job:
         )
     session.flush()
     return job
+
+
+# --- what the API shows of a job ------------------------------------------------------------
+def job_out(session: Session, job: Job, settings: Settings) -> JobOut:
+    return jobs_out(session, [job], settings)[0]
+
+
+def jobs_out(session: Session, jobs: list[Job], settings: Settings) -> list[JobOut]:
+    """Jobs as the API shows them: with their queue, and for queued ones why they wait."""
+    workers: list[Worker] | None = None
+    shown = []
+    for job in jobs:
+        needs = job_resources(JobSpec.model_validate(job.spec))
+        reason = None
+        if job.status == JobStatus.queued:
+            if workers is None:  # one query per page, only when a queued job needs it
+                seen_after = utcnow() - timedelta(seconds=settings.lease_timeout_s)
+                workers = list(session.scalars(select(Worker).where(Worker.seen_at >= seen_after)))
+            reason = waiting_reason(needs, workers)
+        routed = {"queue": queue_name(settings.queue, needs), "waiting_reason": reason}
+        shown.append(JobOut.model_validate({**_attributes(job), **routed}))
+    return shown
+
+
+def waiting_reason(needs: Resources, workers: list[Worker]) -> str:
+    """Why a queued job has not started, from the live workers' advertised capacity."""
+    if not workers:
+        return "no worker is running: the job starts when one that can hold it checks in"
+    capable = [w for w in workers if can_hold(Resources(w.gpus, w.gpu_memory_gb), needs)]
+    if not capable:
+        largest = max(workers, key=lambda w: (w.gpus, w.gpu_memory_gb))
+        return (
+            f"no running worker can hold this job: it needs {needs.describe()} "
+            f"(the largest of {len(workers)} running worker{'s' if len(workers) > 1 else ''} offers "
+            f"{Resources(largest.gpus, largest.gpu_memory_gb).describe()}); it starts when one that can checks in"
+        )
+    return f"waiting for one of {len(capable)} running worker{'s' if len(capable) > 1 else ''} that can hold it"
+
+
+def _attributes(job: Job) -> dict[str, object]:
+    return {name: getattr(job, name) for name in JobOut.model_fields if name not in ("queue", "waiting_reason")}

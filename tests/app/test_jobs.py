@@ -38,8 +38,11 @@ class TestCreate:
         assert job["started_at"] is None and job["finished_at"] is None
 
     def test_the_task_is_sent_by_name_with_the_job_id_only(self, client: TestClient, clean_db: Settings) -> None:
-        job_id = client.post("/v1/jobs", json={"name": "sent"}).json()["id"]
-        messages = redis.Redis.from_url(clean_db.broker_url).lrange(clean_db.queue, 0, -1)
+        job = client.post("/v1/jobs", json={"name": "sent"}).json()
+        job_id = job["id"]
+        # The tiny model on one GPU: the queue of one-GPU jobs that need at most 1 GiB.
+        assert job["queue"] == f"{clean_db.queue}.gpus-1.mem-1"
+        messages = redis.Redis.from_url(clean_db.broker_url).lrange(job["queue"], 0, -1)
         headers = [json.loads(m)["headers"] for m in messages]
         mine = [h for h in headers if h["argsrepr"] == repr([job_id])]
         assert len(mine) == 1

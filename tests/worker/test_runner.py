@@ -19,6 +19,7 @@ from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs.repository import JobRepository
 from app.jobs.service import cancel_job, create_job
 from app.models import Checkpoint, Job, MetricPoint, utcnow
+from app.routing import train_queue
 from app.samples.repository import SampleRepository
 from app.spec import JobSpec
 from worker import runner as runner_module
@@ -224,7 +225,8 @@ class TestStopping:
         assert (job.status, job.step, job.worker) == ("queued", 30, None)
         assert job.dispatched_at is not None
         assert [c.step for c in ckpts] == [20, 30]
-        messages = redis.Redis.from_url(clean_db.broker_url).lrange(clean_db.queue, 0, -1)
+        queue = train_queue(clean_db.queue, JobSpec.model_validate(job.spec))
+        messages = redis.Redis.from_url(clean_db.broker_url).lrange(queue, 0, -1)
         assert any(json.loads(m)["headers"]["argsrepr"] == repr([str(job_id)]) for m in messages)
         # The next attempt resumes at step 30 and finishes.
         monkeypatch.setattr(runner_module.DatabaseSink, "on_log", original)
@@ -240,7 +242,7 @@ class TestSweeper:
         sent: list[str] = []
 
         class Recorder:
-            def send_train(self, job: str) -> None:
+            def send_train(self, job: str, queue: str) -> None:
                 sent.append(job)
 
         with session_scope(factory) as s:
@@ -262,7 +264,7 @@ class TestSweeper:
         settings = clean_db.model_copy(update={"max_attempts": 2})
 
         class Recorder:
-            def send_train(self, job: str) -> None:
+            def send_train(self, job: str, queue: str) -> None:
                 pass
 
         for attempt in (1, 2):
@@ -283,7 +285,7 @@ class TestSweeper:
             job.heartbeat_at, job.cancel_requested = utcnow() - timedelta(hours=1), True
 
         class Recorder:
-            def send_train(self, job: str) -> None:
+            def send_train(self, job: str, queue: str) -> None:
                 raise AssertionError("a cancelled job is not sent again")
 
         assert sweep_once(clean_db, factory, Recorder()) == (0, 0)

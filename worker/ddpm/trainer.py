@@ -27,10 +27,12 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
+from torch.nn.parallel import DistributedDataParallel
 
 from app.spec import JobSpec, TrainingSpec
 from worker.ddpm.checkpoint import TrainingState, load_state, state_path_for, write_checkpoint
 from worker.ddpm.data import BatchIndexer, load_images, to_model_range
+from worker.ddpm.distributed import Ranks, agree_to_stop, mean_over_ranks
 from worker.ddpm.model import build_unet, unet_config
 from worker.ddpm.sampling import sample_images, save_grid_png
 from worker.ddpm.schedule import NoiseSchedule
@@ -215,13 +217,20 @@ def train(
     resume_from: Path | None = None,
     device: str | None = None,
     max_nonfinite: int = 5,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
     """Train (or continue training) the job's U-Net; see the module docstring for one step.
 
     `resume_from` is a served weights file ``step-XXXXXXXX.safetensors``; its sibling
     ``.state.safetensors`` restores weights, optimizer, EMA and RNGs, and training continues at
     the next step exactly as if it had never stopped.
+
+    With `ranks` (a process of a distributed job, in a process group already joined; see
+    worker/ddpm/distributed.py) the U-Net trains under DistributedDataParallel on this rank's
+    share of each global batch, and only rank 0 talks to the sink; the others ignore it.
     """
+    distributed = ranks is not None
+    ranks = ranks or Ranks()
     dev = resolve_device(device)
     on_cuda = dev.type == "cuda"
     if on_cuda:
@@ -252,13 +261,19 @@ def train(
     step = 0  # optimizer steps done so far
     if resume_from is not None:
         step = _restore(Path(resume_from), spec, unet, optimizer, ema, noise, window, dev)
+    if not ranks.is_main:
+        # Dropout draws from the global RNG: other ranks draw other masks (rank 0 keeps the
+        # single-process stream, which is what the checkpoint saves), reproducibly per resume step.
+        torch.manual_seed(derive_seed(cfg.seed, f"rank-{ranks.rank}-from-{step}"))
     ema_update = _DeviceEMA(ema, params, cfg.ema_decay, dev)
+    # DDP broadcasts rank 0's weights at construction and averages gradients in backward.
+    model = DistributedDataParallel(unet, gradient_as_bucket_view=True) if distributed else unet
 
     def forward_loss(x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # bf16 autocast for the forward pass on CUDA; the loss is computed in fp32. CPU stays fp32.
         # (The context is entered here, not built outside, so that torch.compile traces it.)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_cuda):
-            prediction = unet(x_t, t).sample  # (B, C, H, W)
+            prediction = model(x_t, t, return_dict=False)[0]  # (B, C, H, W)
         return F.mse_loss(prediction.float(), target)
 
     loss_of = torch.compile(forward_loss) if _use_compile(cfg, dev) else forward_loss
@@ -268,6 +283,75 @@ def train(
     on_sample = getattr(sink, "on_sample", None)
     last_loss: float | None = None
     window_start, window_images = time.perf_counter(), 0
+
+    def report(
+        step: int, lr: float, values: _WindowValues, log_now: bool, checkpoint_now: bool, sample_now: bool
+    ) -> TrainResult | None:
+        """Rank 0's side of a report step: tell the sink what is new, in step order. Returns the
+        result to end with when the sink stops training, None to go on."""
+        nonlocal window_start, window_images, last_loss
+        # The previous checkpoint is committed (its files are whole by now) before anything newer
+        # is reported. A stop there ends the run at that checkpoint's step.
+        wait_start = time.perf_counter()
+        previous = writer.take()
+        window_start += time.perf_counter() - wait_start  # keep checkpoint writes out of images/s
+        if previous is not None:
+            try:
+                sink.on_checkpoint(previous)
+            except StopTraining:
+                return TrainResult(final_step=previous.step, last_loss=last_loss, stopped=True)
+
+        # Metric point.
+        if log_now:
+            now = time.perf_counter()
+            point = MetricPoint(
+                step=step, loss=values.mean_loss, lr=lr, images_per_s=window_images / (now - window_start)
+            )
+            window.start_next()
+            values = _WindowValues(float("nan"), 0, values.nonfinite_streak, values.nonfinite_total, 0)
+            window_start, window_images = now, 0
+            last_loss = point.loss
+            try:
+                sink.on_log(point)
+            except StopTraining as stop:
+                if stop.checkpoint:
+                    writer.submit(_snapshot(spec, step, unet, optimizer, ema_update, noise, window, values, dev))
+                    saved = writer.take()
+                    assert saved is not None
+                    with contextlib.suppress(StopTraining):
+                        sink.on_checkpoint(saved)
+                return TrainResult(final_step=step, last_loss=last_loss, stopped=True)
+
+        # Checkpoint: tensors copied here, files written in the background; the sink hears of it
+        # at the next metric point or checkpoint, or below when this is the last step.
+        if checkpoint_now:
+            save_start = time.perf_counter()
+            writer.submit(_snapshot(spec, step, unet, optimizer, ema_update, noise, window, values, dev))
+            if step == cfg.steps:
+                saved = writer.take()
+                assert saved is not None
+                try:
+                    sink.on_checkpoint(saved)
+                except StopTraining:
+                    return TrainResult(final_step=step, last_loss=last_loss, stopped=True)
+            window_start += time.perf_counter() - save_start  # keep saving out of images/s
+
+        # Sample grid from the EMA weights, with a fixed seed so grids compare over time.
+        if sample_now and on_sample is not None:
+            sample_start = time.perf_counter()
+            drawn = draw_sample_grid(spec, unet, ema, step, checkpoint_dir / "samples", dev)
+            # A checkpoint still being written is reported first: the sink hears of everything
+            # in (step, checkpoint-before-sample) order, which is the order live watchers read.
+            previous = writer.take()
+            window_start += time.perf_counter() - sample_start  # keep sampling out of images/s
+            try:
+                if previous is not None:
+                    sink.on_checkpoint(previous)
+                on_sample(drawn)
+            except StopTraining:
+                return TrainResult(final_step=step, last_loss=last_loss, stopped=True)
+        return None
+
     try:
         while step < cfg.steps:
             step += 1
@@ -278,9 +362,12 @@ def train(
                 group["lr"] = lr
 
             # Batch: clean images, a timestep per image, Gaussian noise; x_t by eq. 4 of Ho et al. 2020.
-            x0 = to_model_range(images[batches.indices(step - 1)])  # (B, C, H, W) in [-1, 1]
-            t = torch.randint(0, spec.diffusion.timesteps, (x0.shape[0],), generator=noise, device=dev)  # (B,)
-            eps = torch.randn(x0.shape, generator=noise, device=dev)  # (B, C, H, W)
+            # Every rank draws the whole global batch's t and eps (the same numbers, same seed) and
+            # keeps its share; one process keeps it all.
+            x0 = to_model_range(images[ranks.share(batches.indices(step - 1))])  # (B/k, C, H, W) in [-1, 1]
+            t = torch.randint(0, spec.diffusion.timesteps, (cfg.batch_size,), generator=noise, device=dev)  # (B,)
+            eps = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=noise, device=dev)  # (B, C, H, W)
+            t, eps = ranks.share(t), ranks.share(eps)  # (B/k,), (B/k, C, H, W)
             x_t = schedule.add_noise(x0, eps, t).contiguous(memory_format=layout)  # (B, C, H, W)
             target = schedule.target(x0, eps, t)  # (B, C, H, W)
 
@@ -299,7 +386,7 @@ def train(
                     loss = loss_of(x_t, t, target)
                     loss.backward()
                 compile_checked = True
-            loss = loss.detach()
+            loss = mean_over_ranks(loss) if distributed else loss.detach()  # the global batch's loss
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
 
             # Update, unless the loss or gradient is NaN/inf: skipping keeps weights, optimizer moments
@@ -312,7 +399,7 @@ def train(
             ema_update.step(finite)
             window.add(step, loss, finite, max_nonfinite)
             optimizer.zero_grad(set_to_none=True)
-            window_images += x0.shape[0]
+            window_images += cfg.batch_size
 
             log_now = step % cfg.log_every == 0 or step == cfg.steps
             checkpoint_now = step % cfg.checkpoint_every == 0 or step == cfg.steps
@@ -325,66 +412,13 @@ def train(
                     f"non-finite loss at step {values.failed_at} ({max_nonfinite} consecutive steps skipped; "
                     "lower training.learning_rate or training.grad_clip, or check the data)"
                 )
-            # The previous checkpoint is committed (its files are whole by now) before anything newer
-            # is reported. A stop there ends the run at that checkpoint's step.
-            wait_start = time.perf_counter()
-            previous = writer.take()
-            window_start += time.perf_counter() - wait_start  # keep checkpoint writes out of images/s
-            if previous is not None:
-                try:
-                    sink.on_checkpoint(previous)
-                except StopTraining:
-                    return TrainResult(final_step=previous.step, last_loss=last_loss, stopped=True)
-
-            # Metric point.
-            if log_now:
-                now = time.perf_counter()
-                point = MetricPoint(
-                    step=step, loss=values.mean_loss, lr=lr, images_per_s=window_images / (now - window_start)
-                )
+            stopped = report(step, lr, values, log_now, checkpoint_now, sample_now) if ranks.is_main else None
+            if distributed and agree_to_stop(stopped is not None, dev):  # SYNC: every rank leaves together
+                return stopped or TrainResult(final_step=step, last_loss=None, stopped=True)
+            if stopped is not None:
+                return stopped
+            if log_now and not ranks.is_main:
                 window.start_next()
-                values = _WindowValues(float("nan"), 0, values.nonfinite_streak, values.nonfinite_total, 0)
-                window_start, window_images = now, 0
-                last_loss = point.loss
-                try:
-                    sink.on_log(point)
-                except StopTraining as stop:
-                    if stop.checkpoint:
-                        writer.submit(_snapshot(spec, step, unet, optimizer, ema_update, noise, window, values, dev))
-                        saved = writer.take()
-                        assert saved is not None
-                        with contextlib.suppress(StopTraining):
-                            sink.on_checkpoint(saved)
-                    return TrainResult(final_step=step, last_loss=last_loss, stopped=True)
-
-            # Checkpoint: tensors copied here, files written in the background; the sink hears of it
-            # at the next metric point or checkpoint, or below when this is the last step.
-            if checkpoint_now:
-                save_start = time.perf_counter()
-                writer.submit(_snapshot(spec, step, unet, optimizer, ema_update, noise, window, values, dev))
-                if step == cfg.steps:
-                    saved = writer.take()
-                    assert saved is not None
-                    try:
-                        sink.on_checkpoint(saved)
-                    except StopTraining:
-                        return TrainResult(final_step=step, last_loss=last_loss, stopped=True)
-                window_start += time.perf_counter() - save_start  # keep saving out of images/s
-
-            # Sample grid from the EMA weights, with a fixed seed so grids compare over time.
-            if sample_now and on_sample is not None:
-                sample_start = time.perf_counter()
-                drawn = draw_sample_grid(spec, unet, ema, step, checkpoint_dir / "samples", dev)
-                # A checkpoint still being written is reported first: the sink hears of everything
-                # in (step, checkpoint-before-sample) order, which is the order live watchers read.
-                previous = writer.take()
-                window_start += time.perf_counter() - sample_start  # keep sampling out of images/s
-                try:
-                    if previous is not None:
-                        sink.on_checkpoint(previous)
-                    on_sample(drawn)
-                except StopTraining:
-                    return TrainResult(final_step=step, last_loss=last_loss, stopped=True)
     finally:
         writer.close()
 

@@ -1,0 +1,94 @@
+"""One job on several GPUs: torch.distributed with DistributedDataParallel, one process per GPU.
+
+Rank r of k trains on `cuda:r` (NCCL) or on the CPU (gloo). Every rank draws the same global
+batch of images, timesteps and noise from the same seeds and keeps its own share of it, so k
+ranks with a global batch B compute the gradient of the same loss as one process with batch B
+(DDP averages the shards' gradients; GroupNorm sees one image at a time). The reported loss is
+the mean over ranks; weights, optimizer and EMA stay identical on every rank, and rank 0 alone
+reports (metrics, checkpoints, samples).
+
+`spawn_ranks` starts the k processes (torch.multiprocessing, spawn: CUDA is never initialised in
+the parent); the caller supervises them with the returned context's `join`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as torch_mp
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Which process of a distributed job this is."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device_type: str) -> torch.device:
+        return torch.device(f"cuda:{self.rank}") if device_type == "cuda" else torch.device("cpu")
+
+    def share(self, global_batch: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous share of a tensor laid out along the global batch."""
+        size = global_batch.shape[0] // self.world_size
+        return global_batch[self.rank * size : (self.rank + 1) * size]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(ranks: Ranks, device_type: str, init_method: str, timeout_s: float) -> None:
+    """Join the job's process group: NCCL on CUDA, gloo on the CPU. A collective that waits longer
+    than `timeout_s` (a rank hung or gone) fails instead of hanging."""
+    if device_type == "cuda":
+        torch.cuda.set_device(ranks.rank)
+    else:
+        # k processes share the host's cores: split them instead of oversubscribing each.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks.world_size))
+    dist.init_process_group(
+        "nccl" if device_type == "cuda" else "gloo",
+        init_method=init_method,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over all ranks (gloo has no AVG: sum, then divide). No host sync."""
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / dist.get_world_size()
+
+
+def agree_to_stop(stop: bool, dev: torch.device) -> bool:
+    """Rank 0's decision (stop or go on), known to every rank. Every rank calls this at the same
+    steps, so that all of them leave the loop together."""
+    flag = torch.tensor([1 if stop else 0], dtype=torch.int32, device=dev)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())  # SYNC (report steps only)
+
+
+def spawn_ranks(fn: Callable[..., Any], args: tuple[Any, ...], world_size: int) -> torch_mp.ProcessContext:
+    """Start `fn(rank, *args)` in `world_size` fresh processes; returns at once.
+
+    The context's `join(timeout)` returns True once all exited cleanly, and raises
+    `torch.multiprocessing.ProcessException` (after stopping the rest) when one failed or was killed.
+    """
+    context = torch_mp.start_processes(fn, args=args, nprocs=world_size, join=False, start_method="spawn")
+    assert context is not None
+    return context
