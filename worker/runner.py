@@ -249,19 +249,18 @@ class JobRunner:
         lease: _Lease,
         ranks: Ranks | None = None,
     ) -> str:
-        from torch.distributed import DistError
-
+        from worker.ddpm.distributed import is_peer_loss
         from worker.ddpm.trainer import train
 
         try:
             spec = self.resolved_dataset(spec)
             job_dir, device = self.job_dir(job_id, attempt), self.device(ranks)
             result = train(spec, job_dir, sink, resume_from=resume_from, device=device, ranks=ranks)
-        except DistError:
-            # Another rank is gone (killed, out of memory): not this job's fault. The supervising
-            # worker sees which rank failed and hands the job to a new attempt.
-            raise
         except Exception as exc:
+            if ranks is not None and is_peer_loss(exc):
+                # Another rank is gone (killed, crashed): not this job's fault. The supervising
+                # worker sees which rank failed and hands the job to a new attempt.
+                raise
             reason = describe_failure(exc, spec)
             log.exception("job %s: attempt %d failed: %s", job_id, attempt, reason)
             self._finish(job_id, attempt, status=JobStatus.failed, error=reason)
@@ -299,7 +298,7 @@ class JobRunner:
         the job goes back to the queue and resumes from its latest checkpoint."""
         import multiprocessing
 
-        from torch.multiprocessing import ProcessException, ProcessExitedException
+        from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
         from worker.ddpm.distributed import free_port, spawn_ranks
 
@@ -325,9 +324,7 @@ class JobRunner:
             what = str(exc).strip().splitlines()[-1]  # "terminated with signal SIGKILL", or the error
             if isinstance(exc, ProcessExitedException):
                 what = what.removeprefix(f"process {exc.error_index} ")
-            reason = f"rank {exc.error_index} (pid {exc.pid}) {what}"
-            log.warning("job %s: attempt %d lost: %s", job_id, attempt, reason)
-            return self._release_lost(job_id, attempt, spec, reason)
+            return self._release_lost(job_id, attempt, spec, f"rank {exc.error_index} (pid {exc.error_pid}) {what}")
         with session_scope(self.sessionmaker) as session:
             job = JobRepository(session).get(job_id)
             outcome = job.status if job is not None else "missing"
@@ -344,9 +341,13 @@ class JobRunner:
                 return JobRepository(session).release_lost(job_id, attempt, self.settings.max_attempts, reason)
 
         status = self._retry_db(write)
+        if status is None:  # the attempt had already ended (or been fenced off)
+            log.info("job %s: attempt %d is over; %s", job_id, attempt, reason)
+            return "over"
+        log.warning("job %s: attempt %d lost: %s; the job is %s", job_id, attempt, reason, status.value)
         if status is JobStatus.queued:
             self._send(job_id, spec)
-        return "lost" if status is None else f"lost ({status.value})"
+        return f"lost ({status.value})"
 
     # --- database steps -------------------------------------------------------------------
     def _claim(self, job_id: uuid.UUID) -> tuple[int, JobSpec, Path | None, bool, set[str]] | None:

@@ -23,6 +23,7 @@ class JobOut(BaseModel):
     loss: float | None
     error: str | None
     attempt: int
+    worker: str | None = Field(None, description="The worker (host:pid) running or last running the job.")
     cancel_requested: bool
     created_at: datetime
     started_at: datetime | None

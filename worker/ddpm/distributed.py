@@ -83,6 +83,18 @@ def agree_to_stop(stop: bool, dev: torch.device) -> bool:
     return bool(flag.item())  # SYNC (report steps only)
 
 
+# How a collective reports a peer that is gone: NCCL raises DistBackendError; gloo's TCP transport
+# raises a plain RuntimeError naming itself ("gloo/transport/tcp/pair.cc ... Connection reset by peer").
+_PEER_LOSS_MARKERS = ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "NCCL")
+
+
+def is_peer_loss(exc: BaseException) -> bool:
+    """Whether an error raised in a collective means that another rank is gone (killed, crashed)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _PEER_LOSS_MARKERS)
+
+
 def spawn_ranks(fn: Callable[..., Any], args: tuple[Any, ...], world_size: int) -> torch_mp.ProcessContext:
     """Start `fn(rank, *args)` in `world_size` fresh processes; returns at once.
 
