@@ -4,6 +4,7 @@ one machine never consume each other's tasks. Everything started here is stopped
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -112,6 +113,7 @@ def s3_endpoint() -> Iterator[str]:
     """A real S3-compatible HTTP server (moto) on loopback, for the object-storage tests."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request in test logs
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
