@@ -28,7 +28,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.checkpoints.repository import CheckpointRepository
-from app.checkpoints.store import CheckpointFileError, StorageUnavailable, make_store
+from app.checkpoints.store import CheckpointFileError, CheckpointStore, StorageUnavailable, make_store
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs.data_roots import resolve_dataset_folder
@@ -54,6 +54,16 @@ def request_shutdown() -> None:
 def _finite_or_none(value: float | None) -> float | None:
     """A window in which every step was skipped has a NaN mean: stored as null (JSON has no NaN)."""
     return value if value is not None and math.isfinite(value) else None
+
+
+def _remove_files(store: CheckpointStore, job_id: uuid.UUID, keys: list[str]) -> None:
+    """Delete files that no row names (any more). If the store is away they stay behind as
+    garbage, which a later attempt of the job collects; training is not stopped for it."""
+    for key in keys:
+        try:
+            store.delete(key)
+        except StorageUnavailable as exc:
+            log.warning("job %s: %s left in storage (%s)", job_id, key, exc)
 
 
 @dataclass
@@ -192,8 +202,7 @@ class DatabaseSink:
         except StopTraining:
             # Rolled back, so never recorded: this attempt's own files are garbage now (the newer
             # attempt's garbage collection may have run before they were stored).
-            for key in keys:
-                store.delete(key)
+            _remove_files(store, self.job_id, keys)
             raise
         except DBAPIError as exc:
             # Not committed, so not a checkpoint: its files are garbage that the next attempt
@@ -205,9 +214,7 @@ class DatabaseSink:
         for key in keys:
             store.discard_scratch(key)
         # Files go only after their rows are gone (committed above).
-        for old in removed:
-            store.delete(old.path)
-            store.delete(old.state_path)
+        _remove_files(store, self.job_id, [key for old in removed for key in (old.path, old.state_path)])
         self.lease.renewed_at = time.monotonic()
 
 
@@ -331,10 +338,14 @@ class JobRunner:
         checkpoint whose row never committed) are garbage (invariant 3): delete them, in the
         store and in this host's scratch. Claimed attempts are fenced, so no live writer can
         still need them."""
-        for key in sorted(self.store.keys_under(f"{job_id}/")):
-            if key not in committed:
-                log.info("job %s: removing %s (no checkpoint row points at it)", job_id, key)
-                self.store.delete(key)
+        try:
+            garbage = sorted(self.store.keys_under(f"{job_id}/") - committed)
+        except StorageUnavailable as exc:
+            log.warning("job %s: garbage not collected this time (%s)", job_id, exc)
+            return
+        for key in garbage:
+            log.info("job %s: removing %s (no checkpoint row points at it)", job_id, key)
+        _remove_files(self.store, job_id, garbage)
 
     def _finish(self, job_id: uuid.UUID, attempt: int, *, status: JobStatus, **values: object) -> None:
         def write() -> None:

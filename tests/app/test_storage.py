@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.checkpoints.store import CheckpointFileError, LocalStore, S3Store, make_store
+from app.checkpoints.store import CheckpointFileError, LocalStore, S3Store, StorageUnavailable, make_store
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.main import create_app
@@ -249,3 +250,33 @@ class TestS3Downloads:
         add_checkpoint(s3_settings, job_id, 20, b"not a safetensors file")
         r = s3_client_for.get(f"/v1/jobs/{job_id}/checkpoints/20/export")
         assert r.status_code == 410 and "safetensors" in r.json()["detail"]
+
+
+class TestS3Away:
+    def test_an_unreachable_endpoint_is_storage_unavailable_and_a_503(
+        self, s3_settings: Settings, make_user: MakeUser
+    ) -> None:
+        with socket.socket() as s:  # a loopback port with nothing listening
+            s.bind(("127.0.0.1", 0))
+            dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+        settings = s3_settings.model_copy(update={"s3_endpoint_url": dead})
+        store = make_store(settings)
+        with pytest.raises(StorageUnavailable, match="S3 unavailable"):
+            store.publish(scratch_file(settings, "job/a.safetensors", b"x"))
+        with pytest.raises(StorageUnavailable):
+            store.keys_under("job/")
+        with TestClient(create_app(settings), headers=make_user("alice").headers) as client:
+            job_id = client.post("/v1/jobs", json={}).json()["id"]
+            with session_scope(make_sessionmaker(make_engine(settings))) as s:
+                s.add(
+                    Checkpoint(
+                        job_id=uuid.UUID(job_id),
+                        step=1,
+                        path=f"{job_id}/a",
+                        size_bytes=1,
+                        sha256="0" * 64,
+                        state_path=f"{job_id}/a.state",
+                    )
+                )
+            r = client.get(f"/v1/jobs/{job_id}/checkpoints/1")
+            assert r.status_code == 503 and "S3 unavailable" in r.json()["detail"]
