@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -82,6 +82,22 @@ class Settings(BaseSettings):
     # comma-separated paths.
     data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
 
+    # --- checkpoint storage: the local checkpoint directory, or an S3-compatible bucket ---------
+    # With "s3", workers still write every file into checkpoint_dir first (scratch), upload it,
+    # then record its row; the API reads from the bucket. Keys are the same relative paths.
+    storage: Literal["local", "s3"] = "local"
+    s3_endpoint_url: str = Field("", description="S3-compatible endpoint (MinIO, ...); empty = AWS.")
+    s3_bucket: str = ""
+    s3_prefix: str = Field("", description="Prepended to every object key, e.g. `ddpm/`.")
+    s3_region: str = "us-east-1"
+    # Empty: boto3's own chain (AWS_* variables, instance role, ...).
+    s3_access_key_id: str = ""
+    s3_secret_access_key: SecretStr = SecretStr("")
+    # "stream": the API reads the object and sends it on; "redirect": 307 to a presigned GET URL.
+    s3_download: Literal["stream", "redirect"] = "stream"
+    s3_presign_expires_s: int = Field(300, ge=1, le=7 * 24 * 3600)
+    s3_multipart_threshold_mb: int = Field(64, ge=1, description="Files above this upload in parts.")
+
     @field_validator("bootstrap_api_key")
     @classmethod
     def _well_formed_key(cls, value: str | None) -> str | None:
@@ -111,6 +127,12 @@ class Settings(BaseSettings):
         if not self.data_roots:
             self.data_roots = [self.data_dir / "datasets"]
         self.data_roots = [root.resolve() for root in self.data_roots]
+        return self
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> Settings:
+        if self.storage == "s3" and not self.s3_bucket:
+            raise ValueError("DDPM_STORAGE=s3 needs DDPM_S3_BUCKET (and DDPM_S3_ENDPOINT_URL unless on AWS)")
         return self
 
     @model_validator(mode="after")

@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from app import health
 from app.auth.service import ensure_bootstrap_key
 from app.checkpoints import endpoints as checkpoint_endpoints
-from app.checkpoints.store import CheckpointStore
+from app.checkpoints.store import make_store
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.events import endpoints as event_endpoints
@@ -89,7 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.dispatcher = Dispatcher(settings)
-    app.state.checkpoint_store = CheckpointStore(settings.checkpoint_root)
+    app.state.checkpoint_store = make_store(settings)
     app.state.event_hub = EventHub(app.state.sessionmaker, poll_interval_s=settings.events_poll_interval_s)
 
     app.include_router(health.router)

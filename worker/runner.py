@@ -28,7 +28,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.checkpoints.repository import CheckpointRepository
-from app.checkpoints.store import CheckpointStore
+from app.checkpoints.store import CheckpointFileError, CheckpointStore, StorageUnavailable, make_store
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs.data_roots import resolve_dataset_folder
@@ -58,6 +58,16 @@ def request_shutdown() -> None:
 def _finite_or_none(value: float | None) -> float | None:
     """A window in which every step was skipped has a NaN mean: stored as null (JSON has no NaN)."""
     return value if value is not None and math.isfinite(value) else None
+
+
+def _remove_files(store: CheckpointStore, job_id: uuid.UUID, keys: list[str]) -> None:
+    """Delete files that no row names (any more). If the store is away they stay behind as
+    garbage, which a later attempt of the job collects; training is not stopped for it."""
+    for key in keys:
+        try:
+            store.delete(key)
+        except StorageUnavailable as exc:
+            log.warning("job %s: %s left in storage (%s)", job_id, key, exc)
 
 
 @dataclass
@@ -133,6 +143,12 @@ class DatabaseSink:
     def on_sample(self, saved) -> None:  # saved: worker.ddpm.trainer.SavedSample
         from worker.ddpm.trainer import StopTraining
 
+        store = self.runner.store
+        try:
+            key = store.publish(saved.path, saved.sha256)  # before its row (invariant 3)
+        except StorageUnavailable as exc:  # a grid is a convenience: training goes on without it
+            log.warning("job %s: sample grid at step %d not stored (%s)", self.job_id, saved.step, exc)
+            return
         try:
             with session_scope(self.runner.sessionmaker) as session:
                 if not JobRepository(session).fenced_update(self.job_id, self.attempt, heartbeat_at=utcnow()):
@@ -142,7 +158,7 @@ class DatabaseSink:
                     Sample(
                         job_id=self.job_id,
                         step=saved.step,
-                        path=self.runner.store.relative(saved.path),
+                        path=key,
                         size_bytes=saved.size_bytes,
                         sha256=saved.sha256,
                     )
@@ -150,11 +166,23 @@ class DatabaseSink:
         except DBAPIError as exc:  # a grid is a convenience: training goes on without it
             log.warning("job %s: sample grid at step %d not recorded (%s)", self.job_id, saved.step, exc.orig)
             self._check_lease()
+            return
+        store.discard_scratch(key)
 
     def on_checkpoint(self, saved) -> None:  # saved: worker.ddpm.trainer.SavedCheckpoint
         from worker.ddpm.trainer import StopTraining
 
         store = self.runner.store
+        try:
+            # Stored whole before the row that names it (invariant 3); S3: uploaded here.
+            keys = [store.publish(saved.state_path), store.publish(saved.path, saved.sha256)]
+        except StorageUnavailable as exc:
+            # Without its files there is no checkpoint to record. Stop without finishing: the
+            # lease runs out and the sweeper hands the job to a new attempt, which resumes from
+            # the last recorded checkpoint (and removes these files as garbage).
+            log.warning("job %s: checkpoint at step %d not stored (%s)", self.job_id, saved.step, exc)
+            raise StopTraining("checkpoint storage unavailable") from exc
+        state_key, weights_key = keys
         try:
             with session_scope(self.runner.sessionmaker) as session:
                 # The fenced update takes the row lock, so a concurrent claim cannot slip between
@@ -167,14 +195,19 @@ class DatabaseSink:
                     Checkpoint(
                         job_id=self.job_id,
                         step=saved.step,
-                        path=store.relative(saved.path),
+                        path=weights_key,
                         size_bytes=saved.size_bytes,
                         sha256=saved.sha256,
-                        state_path=store.relative(saved.state_path),
+                        state_path=state_key,
                     )
                 )
                 session.flush()
                 removed = repo.remove_older_than_newest(self.job_id, self.keep)
+        except StopTraining:
+            # Rolled back, so never recorded: this attempt's own files are garbage now (the newer
+            # attempt's garbage collection may have run before they were stored).
+            _remove_files(store, self.job_id, keys)
+            raise
         except DBAPIError as exc:
             # Not committed, so not a checkpoint: its files are garbage that the next attempt
             # removes. Training goes on; the next checkpoint is recorded if the database is back,
@@ -182,10 +215,10 @@ class DatabaseSink:
             log.warning("job %s: checkpoint at step %d not recorded (%s)", self.job_id, saved.step, exc.orig)
             self._check_lease()
             return
+        for key in keys:
+            store.discard_scratch(key)
         # Files go only after their rows are gone (committed above).
-        for old in removed:
-            store.delete(old.path)
-            store.delete(old.state_path)
+        _remove_files(store, self.job_id, [key for old in removed for key in (old.path, old.state_path)])
         self.lease.renewed_at = time.monotonic()
 
 
@@ -193,7 +226,7 @@ class JobRunner:
     def __init__(self, settings: Settings, factory: sessionmaker[Session] | None = None) -> None:
         self.settings = settings
         self.sessionmaker = factory or make_sessionmaker(make_engine(settings))
-        self.store = CheckpointStore(settings.checkpoint_root)
+        self.store = make_store(settings)  # the local root is where training writes, in any case
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
 
     # --- the whole life of one attempt ----------------------------------------------------
@@ -369,22 +402,40 @@ class JobRunner:
             repo.drop_metrics_after(job_id, resume_step)
             samples = SampleRepository(session).drop_after(job_id, resume_step)
             repo.fenced_update(job_id, attempt, step=resume_step)
-            resume_from = self.store.resolve(latest.path) if latest else None
+            resume_keys = (latest.state_path, latest.path) if latest else None
             committed = {path for row in rows for path in (row.path, row.state_path)}
             committed |= {sample.path for sample in samples}
-            return attempt, JobSpec.model_validate(job.spec), resume_from, job.cancel_requested, committed
+            claimed = attempt, JobSpec.model_validate(job.spec), job.cancel_requested
+        # Committed: the claim is ours. Fetch the files to resume from (S3: downloaded into the
+        # checkpoint root unless this host still has them). If the store is away this raises, the
+        # lease runs out and the sweeper hands the job to another attempt.
+        resume_from = self._resume_files(job_id, *resume_keys) if resume_keys else None
+        attempt, spec, cancel_requested = claimed
+        return attempt, spec, resume_from, cancel_requested, committed
+
+    def _resume_files(self, job_id: uuid.UUID, state_key: str, weights_key: str) -> Path:
+        """The weights file to resume from, with its training state beside it."""
+        try:
+            self.store.resume_copy(state_key)
+            return self.store.resume_copy(weights_key)
+        except CheckpointFileError as exc:
+            # The trainer fails the job, naming the file it cannot read.
+            log.error("job %s: cannot fetch the checkpoint to resume from: %s", job_id, exc)
+            return self.store.resolve(weights_key)
 
     def _collect_garbage(self, job_id: uuid.UUID, committed: set[str]) -> None:
         """Files of earlier attempts that no row points at (a write cut short by a crash, a
-        checkpoint whose row never committed) are garbage (invariant 3): delete them. Claimed
-        attempts are fenced, so no live writer can still need them."""
-        job_root = self.settings.checkpoint_root / str(job_id)
-        if not job_root.is_dir():
+        checkpoint whose row never committed) are garbage (invariant 3): delete them, in the
+        store and in this host's scratch. Claimed attempts are fenced, so no live writer can
+        still need them."""
+        try:
+            garbage = sorted(self.store.keys_under(f"{job_id}/") - committed)
+        except StorageUnavailable as exc:
+            log.warning("job %s: garbage not collected this time (%s)", job_id, exc)
             return
-        for path in job_root.rglob("*"):
-            if path.is_file() and self.store.relative(path) not in committed:
-                log.info("job %s: removing %s (no checkpoint row points at it)", job_id, path.name)
-                path.unlink(missing_ok=True)
+        for key in garbage:
+            log.info("job %s: removing %s (no checkpoint row points at it)", job_id, key)
+        _remove_files(self.store, job_id, garbage)
 
     def _finish(self, job_id: uuid.UUID, attempt: int, *, status: JobStatus, **values: object) -> None:
         def write() -> None:
@@ -522,7 +573,7 @@ def draw_requested_samples(settings: Settings, factory: sessionmaker[Session], r
     from worker.ddpm.sampling import sample_images, save_grid_png
     from worker.ddpm.trainer import resolve_device
 
-    store = CheckpointStore(settings.checkpoint_root)
+    store = make_store(settings)
     with session_scope(factory) as session:
         claimed = session.execute(
             update(SampleRequest)
@@ -551,9 +602,10 @@ def draw_requested_samples(settings: Settings, factory: sessionmaker[Session], r
     spec = JobSpec.model_validate(job.spec)
     try:
         device = resolve_device(None if settings.device == "auto" else settings.device)
-        weights = store.verified_path(checkpoint.path, checkpoint.size_bytes, checkpoint.sha256)
+        with store.local_copy(checkpoint.path, checkpoint.sha256, checkpoint.size_bytes) as weights:
+            unet = load_unet(weights, device)
         images = sample_images(
-            load_unet(weights, device),
+            unet,
             spec,
             request.count,
             request.seed,
@@ -567,15 +619,18 @@ def draw_requested_samples(settings: Settings, factory: sessionmaker[Session], r
         buffer = io.BytesIO()
         np.savez_compressed(buffer, images=to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy())  # (N, H, W, C)
         npz_sha = atomic_write(out_dir / "images.npz", buffer.getvalue())
+        png_key, npz_key = store.publish(out_dir / "grid.png", png_sha), store.publish(out_dir / "images.npz", npz_sha)
     except Exception as exc:
         log.exception("sample request %s failed", request_id)
         finish(status="failed", error=describe_failure(exc, spec))
         return "failed"
     finish(
         status="succeeded",
-        png_path=store.relative(out_dir / "grid.png"),
+        png_path=png_key,
         png_sha256=png_sha,
-        npz_path=store.relative(out_dir / "images.npz"),
+        npz_path=npz_key,
         npz_sha256=npz_sha,
     )
+    store.discard_scratch(png_key)
+    store.discard_scratch(npz_key)
     return "succeeded"

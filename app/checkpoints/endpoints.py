@@ -7,13 +7,14 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from starlette.background import BackgroundTask
 
 from app.checkpoints.export import NotACheckpoint, diffusers_pipeline_zip
-from app.checkpoints.files import verified_file, verified_file_response
+from app.checkpoints.files import checkpoint_store, verified_file_response
 from app.checkpoints.repository import CheckpointRepository
 from app.checkpoints.schemas import CheckpointOut
+from app.checkpoints.store import CheckpointFileError, StorageUnavailable
 from app.deps import CurrentUser, SessionDep
 from app.jobs import service
 from app.models import Checkpoint
@@ -26,6 +27,7 @@ _FILE = {"application/octet-stream": {"schema": {"type": "string", "format": "bi
 DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "The safetensors file; ETag and X-Checksum-SHA256 carry its sha256", "content": _FILE},
     206: {"description": "The bytes a Range header asked for", "content": _FILE},
+    307: {"description": "S3 storage with DDPM_S3_DOWNLOAD=redirect: a presigned URL of the file"},
     416: {"description": "The Range lies outside the file"},
     **error_responses(404, 410, 422),
 }
@@ -37,7 +39,7 @@ def list_checkpoints(job_id: uuid.UUID, user: CurrentUser, session: SessionDep) 
     return [CheckpointOut.model_validate(c) for c in CheckpointRepository(session).list(job_id)]
 
 
-def _download(request: Request, job_id: uuid.UUID, checkpoint: Checkpoint | None, what: str) -> FileResponse:
+def _download(request: Request, job_id: uuid.UUID, checkpoint: Checkpoint | None, what: str) -> Response:
     if checkpoint is None:
         raise HTTPException(404, detail=f"job {job_id} has no {what}")
     return verified_file_response(
@@ -51,7 +53,7 @@ def _download(request: Request, job_id: uuid.UUID, checkpoint: Checkpoint | None
 
 
 @router.get("/{job_id}/checkpoints/latest", response_class=FileResponse, responses=DOWNLOAD_RESPONSES)
-def download_latest(job_id: uuid.UUID, user: CurrentUser, request: Request, session: SessionDep) -> FileResponse:
+def download_latest(job_id: uuid.UUID, user: CurrentUser, request: Request, session: SessionDep) -> Response:
     service.get_job(session, job_id, user)
     return _download(request, job_id, CheckpointRepository(session).latest(job_id), "checkpoint yet")
 
@@ -63,7 +65,7 @@ def download_step(
     user: CurrentUser,
     request: Request,
     session: SessionDep,
-) -> FileResponse:
+) -> Response:
     service.get_job(session, job_id, user)
     return _download(request, job_id, CheckpointRepository(session).get(job_id, step), f"checkpoint at step {step}")
 
@@ -92,11 +94,15 @@ def export_checkpoint(
     checkpoint = CheckpointRepository(session).get(job_id, step)
     if checkpoint is None:
         raise HTTPException(404, detail=f"job {job_id} has no checkpoint at step {step}")
-    weights = verified_file(request, checkpoint.path, checkpoint.sha256, checkpoint.size_bytes)
+    store = checkpoint_store(request)
     try:
-        archive = diffusers_pipeline_zip(weights, JobSpec.model_validate(job.spec))
-    except NotACheckpoint as exc:
+        # S3: a verified temporary copy, gone once the zip holds it.
+        with store.local_copy(checkpoint.path, checkpoint.sha256, checkpoint.size_bytes) as weights:
+            archive = diffusers_pipeline_zip(weights, JobSpec.model_validate(job.spec))
+    except (CheckpointFileError, NotACheckpoint) as exc:
         raise HTTPException(410, detail=str(exc)) from exc
+    except StorageUnavailable as exc:
+        raise HTTPException(503, detail=str(exc)) from exc
     return FileResponse(
         archive,
         media_type="application/zip",

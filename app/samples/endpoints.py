@@ -8,7 +8,7 @@ from pathlib import PurePath
 from typing import Annotated
 
 from fastapi import APIRouter, Body, HTTPException, Path, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from app.checkpoints.files import verified_file_response
 from app.checkpoints.repository import CheckpointRepository
@@ -21,6 +21,7 @@ from app.samples.schemas import SampleOut, SampleRequestIn, SampleRequestOut
 from app.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["samples"], responses=AUTHENTICATED)
+_REDIRECT = {307: {"description": "S3 storage with DDPM_S3_DOWNLOAD=redirect: a presigned URL of the file"}}
 
 
 @router.get("/{job_id}/samples", response_model=list[SampleOut], responses=error_responses(404, 422))
@@ -32,7 +33,11 @@ def list_samples(job_id: uuid.UUID, user: CurrentUser, session: SessionDep) -> l
 @router.get(
     "/{job_id}/samples/{step}.png",
     response_class=FileResponse,
-    responses={200: {"content": {"image/png": {}}, "description": "The sample grid"}, **error_responses(404, 410, 422)},
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The sample grid"},
+        **_REDIRECT,
+        **error_responses(404, 410, 422),
+    },
 )
 def sample_png(
     job_id: uuid.UUID,
@@ -40,7 +45,7 @@ def sample_png(
     user: CurrentUser,
     request: Request,
     session: SessionDep,
-) -> FileResponse:
+) -> Response:
     service.get_job(session, job_id, user)
     sample = SampleRepository(session).get(job_id, step)
     if sample is None:
@@ -107,7 +112,7 @@ def _own_request(session: SessionDep, job_id: uuid.UUID, request_id: uuid.UUID, 
     return request
 
 
-def _result_file(request: Request, r: SampleRequest, path: str | None, sha256: str | None, media: str) -> FileResponse:
+def _result_file(request: Request, r: SampleRequest, path: str | None, sha256: str | None, media: str) -> Response:
     if r.status != "succeeded" or path is None or sha256 is None:
         raise HTTPException(409, detail=f"sample request {r.id} is {r.status}, not succeeded")
     return verified_file_response(request, path, sha256, media_type=media, filename=PurePath(path).name)
@@ -116,11 +121,15 @@ def _result_file(request: Request, r: SampleRequest, path: str | None, sha256: s
 @router.get(
     "/{job_id}/sample/{request_id}.png",
     response_class=FileResponse,
-    responses={200: {"content": {"image/png": {}}, "description": "The grid"}, **error_responses(404, 409, 410, 422)},
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The grid"},
+        **_REDIRECT,
+        **error_responses(404, 409, 410, 422),
+    },
 )
 def sample_request_png(
     job_id: uuid.UUID, request_id: uuid.UUID, user: CurrentUser, session: SessionDep, request: Request
-) -> FileResponse:
+) -> Response:
     r = _own_request(session, job_id, request_id, user)
     return _result_file(request, r, r.png_path, r.png_sha256, "image/png")
 
@@ -130,12 +139,13 @@ def sample_request_png(
     response_class=FileResponse,
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "numpy .npz, key `images`"},
+        **_REDIRECT,
         **error_responses(404, 409, 410, 422),
     },
 )
 def sample_request_npz(
     job_id: uuid.UUID, request_id: uuid.UUID, user: CurrentUser, session: SessionDep, request: Request
-) -> FileResponse:
+) -> Response:
     r = _own_request(session, job_id, request_id, user)
     return _result_file(request, r, r.npz_path, r.npz_sha256, "application/octet-stream")
 
