@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
 import threading
 import time
 import uuid
@@ -38,6 +36,7 @@ from app.queue import Dispatcher
 from app.routing import train_queue
 from app.samples.repository import SampleRepository
 from app.spec import JobSpec
+from worker.capacity import worker_name
 
 if TYPE_CHECKING:
     from worker.ddpm.distributed import Ranks
@@ -227,7 +226,7 @@ class JobRunner:
         self.settings = settings
         self.sessionmaker = factory or make_sessionmaker(make_engine(settings))
         self.store = make_store(settings)  # the local root is where training writes, in any case
-        self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker_name = worker_name()
 
     # --- the whole life of one attempt ----------------------------------------------------
     def run(self, job_id: uuid.UUID) -> str:
