@@ -24,7 +24,7 @@ import torch
 
 from bench.common import Rounds, machine
 from bench.train import Case, _Stopwatch, diffusers_loop, make_spec, ours
-from worker.ddpm.distributed import Ranks, free_port, init_process_group, spawn_ranks
+from worker.ddpm.distributed import Ranks, free_port, process_group, spawn_ranks
 from worker.ddpm.trainer import MetricPoint, SavedCheckpoint, train
 
 
@@ -66,9 +66,8 @@ def _ddp_rank(rank: int, spec_json: str, init_method: str, out: str) -> None:
     from app.spec import JobSpec
 
     ranks = Ranks(rank, 1)
-    init_process_group(ranks, "cuda", init_method, timeout_s=300)
     watch = _Stopwatch()
-    with tempfile.TemporaryDirectory() as ckpt:
+    with process_group(ranks, "cuda", init_method, timeout_s=300), tempfile.TemporaryDirectory() as ckpt:
         train(JobSpec.model_validate_json(spec_json), ckpt, watch, device="cuda:0", ranks=ranks)
     Path(out).write_text(json.dumps(watch.times))
 

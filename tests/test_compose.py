@@ -93,7 +93,15 @@ def copy_sources(path: Path) -> list[str]:
 
 def test_services_and_volumes(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
     assert "version" not in compose
-    assert set(services) == {"postgres", "redis", "migrate", "api", "worker"}
+    assert set(services) == {"postgres", "redis", "migrate", "api", "worker", "worker-gpu1", "worker-node"}
+    # Only the default set starts with a plain `docker compose up`; the other workers are opt-in.
+    assert {name for name, svc in services.items() if "profiles" not in svc} == {
+        "postgres",
+        "redis",
+        "migrate",
+        "api",
+        "worker",
+    }
     assert set(compose["volumes"]) == {"pgdata", "redisdata", "checkpoints"}
     assert services["postgres"]["image"].startswith("postgres:16")
     assert services["redis"]["image"].startswith("redis:7")
@@ -107,7 +115,8 @@ def test_services_and_volumes(compose: dict[str, Any], services: dict[str, dict[
 def test_commands_are_the_real_entrypoints(services: dict[str, dict[str, Any]]) -> None:
     assert command_of(services["migrate"]) == ["ddpm-jobs", "migrate"]
     assert command_of(services["api"]) == ["ddpm-jobs", "api"]
-    assert command_of(services["worker"]) == WORKER_COMMAND
+    for name in ("worker", "worker-gpu1", "worker-node"):
+        assert command_of(services[name]) == WORKER_COMMAND, name
     assert services["migrate"]["restart"] == "no"  # a string: YAML would read a bare no as False
 
 
@@ -128,7 +137,7 @@ def test_every_ddpm_setting_is_a_settings_field(compose: dict[str, Any], service
     unknown = {key for key in keys if key.removeprefix("DDPM_").lower() not in Settings.model_fields}
     assert not unknown, f"not fields of app.config.Settings: {sorted(unknown)}"
     # The shared block reaches every service built from this project (YAML merge key).
-    for name in ("migrate", "api", "worker"):
+    for name in ("migrate", "api", "worker", "worker-gpu1", "worker-node"):
         assert compose["x-ddpm-env"].items() <= services[name]["environment"].items(), name
 
 
@@ -184,6 +193,21 @@ def test_worker_has_one_nvidia_gpu_and_time_to_checkpoint(services: dict[str, di
     assert "checkpoints:/data/checkpoints:ro" in services["api"]["volumes"]
 
 
+def test_more_workers_one_per_gpu_or_one_for_all(services: dict[str, dict[str, Any]]) -> None:
+    """worker-gpu1: the same worker on the host's GPU 1 (seen as device 0); worker-node: every GPU,
+    for multi-GPU jobs, with the shared memory NCCL wants."""
+    gpu1, node = services["worker-gpu1"], services["worker-node"]
+    assert gpu1["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["1"]
+    assert gpu1["environment"]["CUDA_VISIBLE_DEVICES"] == "0"
+    assert node["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "all"
+    assert "CUDA_VISIBLE_DEVICES" not in node["environment"]
+    assert node["shm_size"]
+    for worker in (gpu1, node):
+        assert worker["stop_grace_period"] == "2m"
+        assert worker["volumes"] == services["worker"]["volumes"]
+        assert worker["depends_on"] == services["worker"]["depends_on"]
+
+
 def test_start_order(services: dict[str, dict[str, Any]]) -> None:
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     for name in ("api", "worker"):
@@ -210,7 +234,7 @@ def test_api_port_and_healthcheck(services: dict[str, dict[str, Any]]) -> None:
 
 def test_every_build_has_its_dockerfile_and_sources(services: dict[str, dict[str, Any]]) -> None:
     built = {name: svc["build"] for name, svc in services.items() if "build" in svc}
-    assert set(built) == {"migrate", "api", "worker"}
+    assert set(built) == {"migrate", "api", "worker", "worker-gpu1", "worker-node"}
     for name, build in built.items():
         context = ROOT / build["context"]
         dockerfile = context / build["dockerfile"]
@@ -219,6 +243,7 @@ def test_every_build_has_its_dockerfile_and_sources(services: dict[str, dict[str
             assert (context / src).exists(), f"{dockerfile.name} copies {src}, which is missing"
     assert built["migrate"] == built["api"] and built["api"]["dockerfile"] == "docker/api.Dockerfile"
     assert built["worker"]["dockerfile"] == "docker/worker.Dockerfile"
+    assert built["worker-gpu1"] == built["worker-node"] == built["worker"]
 
 
 def test_api_dockerfile_has_no_torch() -> None:

@@ -509,6 +509,12 @@ def describe_failure(exc: BaseException, spec: JobSpec) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+# How long a rank waits in a collective before it gives up on its peers. The other ranks wait there
+# while rank 0 writes a checkpoint, uploads it (S3) or draws a sample grid, which can take minutes
+# for a large network; a rank that dies is noticed at once by the supervising worker instead.
+COLLECTIVE_TIMEOUT_S = 1800.0
+
+
 def _rank_main(
     rank: int,
     settings: Settings,
@@ -524,7 +530,7 @@ def _rank_main(
     single-GPU worker does (lease, heartbeat, every database write); the others only train."""
     import signal
 
-    from worker.ddpm.distributed import Ranks, init_process_group
+    from worker.ddpm.distributed import Ranks, process_group
     from worker.ddpm.trainer import resolve_device, train
 
     logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s: %(levelname)s/rank-{rank}] %(name)s: %(message)s")
@@ -533,14 +539,15 @@ def _rank_main(
     signal.signal(signal.SIGTERM, lambda *_: request_shutdown() if rank == 0 else None)
     runner = JobRunner(settings)
     ranks = Ranks(rank, world_size)
-    init_process_group(ranks, resolve_device(runner.device()).type, init_method, timeout_s=settings.lease_timeout_s)
-    if ranks.is_main:
-        threading.Thread(target=lambda: shutdown.wait() and request_shutdown(), daemon=True).start()
-        runner._attempt(job_id, attempt, spec, resume_from, ranks)
-    else:
-        spec = runner.resolved_dataset(spec)
-        job_dir, device = runner.job_dir(job_id, attempt), runner.device(ranks)
-        train(spec, job_dir, _NoSink(), resume_from=resume_from, device=device, ranks=ranks)
+    device_type = resolve_device(runner.device()).type
+    with process_group(ranks, device_type, init_method, timeout_s=COLLECTIVE_TIMEOUT_S):
+        if ranks.is_main:
+            threading.Thread(target=lambda: shutdown.wait() and request_shutdown(), daemon=True).start()
+            runner._attempt(job_id, attempt, spec, resume_from, ranks)
+        else:
+            spec = runner.resolved_dataset(spec)
+            job_dir, device = runner.job_dir(job_id, attempt), runner.device(ranks)
+            train(spec, job_dir, _NoSink(), resume_from=resume_from, device=device, ranks=ranks)
 
 
 class _NoSink:

@@ -209,6 +209,11 @@ def job_panel(job: dict[str, Any]) -> Panel:
     for field in ("created_at", "started_at", "finished_at", "heartbeat_at"):
         if job.get(field):
             rows.add_row(field.removesuffix("_at"), _when(job[field]))
+    gpus = (spec.get("resources") or {}).get("gpus", 1)
+    if job.get("worker") or gpus > 1:
+        rows.add_row("worker", f"{_escape(job.get('worker') or '-')} ({gpus} GPU{'s' if gpus > 1 else ''})")
+    if job.get("waiting_reason"):
+        rows.add_row("waiting", f"[yellow]{_escape(job['waiting_reason'])}[/]")
     if job.get("error"):
         rows.add_row("error", f"[red]{_escape(job['error'])}[/]")
     title = f"job {job['id']}" + (f" · {_escape(job['name'])}" if job.get("name") else "")

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -51,9 +52,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(ranks: Ranks, device_type: str, init_method: str, timeout_s: float) -> None:
-    """Join the job's process group: NCCL on CUDA, gloo on the CPU. A collective that waits longer
-    than `timeout_s` (a rank hung or gone) fails instead of hanging."""
+@contextmanager
+def process_group(ranks: Ranks, device_type: str, init_method: str, timeout_s: float) -> Iterator[None]:
+    """Join the job's process group for the block: NCCL on CUDA, gloo on the CPU. A collective
+    that waits longer than `timeout_s` (a rank hung or gone) fails instead of hanging."""
     if device_type == "cuda":
         torch.cuda.set_device(ranks.rank)
     else:
@@ -66,6 +68,10 @@ def init_process_group(ranks: Ranks, device_type: str, init_method: str, timeout
         world_size=ranks.world_size,
         timeout=timedelta(seconds=timeout_s),
     )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:

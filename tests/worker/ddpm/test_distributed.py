@@ -12,7 +12,7 @@ import pytest
 
 from app.spec import JobSpec
 from worker.ddpm.checkpoint import load_state
-from worker.ddpm.distributed import Ranks, free_port, init_process_group, spawn_ranks
+from worker.ddpm.distributed import Ranks, free_port, process_group, spawn_ranks
 from worker.ddpm.trainer import train
 
 pytestmark = pytest.mark.slow
@@ -42,18 +42,18 @@ class _FileSink:
 
 def _rank(rank: int, spec_json: str, out: str, init_method: str, resume_from: str | None) -> None:
     ranks = Ranks(rank, 2)
-    init_process_group(ranks, "cpu", init_method, timeout_s=60)
     out_dir = Path(out)
     sink = _FileSink(out_dir / "report.json") if ranks.is_main else _FileSink(out_dir / f"rank-{rank}.json")
     resume = Path(resume_from) if resume_from else None
-    train(
-        JobSpec.model_validate_json(spec_json),
-        out_dir / "checkpoints",
-        sink,
-        resume_from=resume,
-        device="cpu",
-        ranks=ranks,
-    )
+    with process_group(ranks, "cpu", init_method, timeout_s=60):
+        train(
+            JobSpec.model_validate_json(spec_json),
+            out_dir / "checkpoints",
+            sink,
+            resume_from=resume,
+            device="cpu",
+            ranks=ranks,
+        )
 
 
 def _train_on_two_ranks(spec: JobSpec, out: Path, resume_from: Path | None = None) -> dict[str, Any]:

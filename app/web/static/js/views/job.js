@@ -57,7 +57,8 @@ export function jobView(root, jobId) {
   const progress = el("div", { class: "job-progress" });
   const stats = el("dl", { class: "stats", id: "job-stats" });
   const errorBox = el("pre", { class: "error", id: "job-error", hidden: true });
-  header.append(progress, stats, errorBox);
+  const waitingBox = el("p", { class: "waiting", id: "job-waiting", hidden: true });
+  header.append(progress, stats, waitingBox, errorBox);
 
   const liveState = el("span", { class: "live", id: "live-state" }, "connecting");
   const logToggle = el("input", { type: "checkbox", id: "log-scale" });
@@ -163,6 +164,7 @@ export function jobView(root, jobId) {
       ["Elapsed", fmtDuration(secs)],
       eta ? ["ETA", eta] : null,
       ["Attempt", String(job.attempt)],
+      ["GPUs", String(job.spec?.resources?.gpus ?? 1)],
       ["Created", fmtTime(job.created_at)],
       ["Finished", fmtTime(job.finished_at)],
       ["Job id", job.id],
@@ -170,6 +172,12 @@ export function jobView(root, jobId) {
     stats.replaceChildren(...items.map(([k, v]) => el("div", {}, el("dt", {}, k), el("dd", {}, v))));
     errorBox.hidden = !job.error;
     errorBox.textContent = job.error || "";
+    // Only GET /v1/jobs/{id} says why a queued job waits; a status event means it moved on.
+    if (job.status !== "queued") waitingBox.hidden = true;
+    else if (job.waiting_reason) {
+      waitingBox.hidden = false;
+      waitingBox.textContent = `Waiting: ${job.waiting_reason}`;
+    }
     const cancellable = !TERMINAL.has(job.status);
     cancelButton.hidden = !cancellable;
     if (cancellable && job.cancel_requested) {
