@@ -1,11 +1,11 @@
-"""python -m bench [train|service|api] [--short]: run one benchmark, or all of them in turn."""
+"""python -m bench [train|service|api|capacity] [--short]: run one benchmark, or all of them in turn."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 
-BENCHMARKS = ("train", "service", "api")
+BENCHMARKS = ("train", "service", "api", "capacity")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> None:
         module = importlib.import_module(f"bench.{name}")
         if name == "api":
             module.run(short=args.short, api_key=args.api_key)
+        elif name == "capacity":
+            module.run(short=args.short)
         else:
             module.run(short=args.short, device=args.device, threads=args.threads)
 
