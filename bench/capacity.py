@@ -472,13 +472,16 @@ def report(
     def per(windows: list[Window], fn: Any) -> float:
         return _median([fn(w) for w in windows])
 
+    def tx(w: Window) -> int:  # transactions ended: a session closed without commit rolls back
+        return w.db["xact_commit"] + w.db["xact_rollback"]
+
     def cls(w: Window, kind: str) -> WalClass:
         return w.wal.get(kind, WalClass())
 
     # API: read transactions per second per watched job (the poller is shared by its watchers).
-    base_rate = per(meter.phase("api, no watcher"), lambda w: w.db["xact_commit"] / w.seconds)
+    base_rate = per(meter.phase("api, no watcher"), lambda w: tx(w) / w.seconds)
     api = {
-        name: per(meter.phase(name), lambda w: w.db["xact_commit"] / w.seconds) - base_rate
+        name: per(meter.phase(name), lambda w: tx(w) / w.seconds) - base_rate
         for name in ("api, 1 watcher", "api, 10 watchers")
     }
     api_rows = per(meter.phase("api, 1 watcher"), lambda w: w.db["tup_returned"] / w.seconds) - per(
@@ -490,8 +493,8 @@ def report(
     ckpts = sum(cls(w, "checkpoint").transactions for w in train_windows)
     beats = sum(cls(w, "heartbeat").transactions for w in train_windows)
     train_s = sum(w.seconds for w in train_windows)
-    idle_xact_rate = per(idle_windows, lambda w: w.db["xact_commit"] / w.seconds)
-    train_xacts = sum(w.db["xact_commit"] for w in train_windows) - idle_xact_rate * train_s
+    idle_xact_rate = per(idle_windows, lambda w: tx(w) / w.seconds)
+    train_xacts = sum(tx(w) for w in train_windows) - idle_xact_rate * train_s
     wal_no_xid = sum(cls(w, "no xid").bytes for w in train_windows)
 
     def mean_bytes(kind: str) -> float:
@@ -510,9 +513,9 @@ def report(
         "checkpoints": ckpts,
         "heartbeats": beats,
         "steps_per_s": points * LOG_EVERY / train_s if train_s else 0.0,
-        # every commit the worker made while training (reads included), over its writing transactions
+        # every transaction (committed or rolled back) while training, over its writing transactions
         "transactions_per_metric_point": train_xacts / points if points else 0.0,
-        "commits_per_writing_transaction": train_xacts / writes if writes else 0.0,
+        "transactions_per_writing_transaction": train_xacts / writes if writes else 0.0,
         "wal_bytes_per_metric_point": mean_bytes("metric point"),
         "wal_fpi_bytes_per_metric_point": mean_fpi("metric point"),
         "wal_bytes_per_checkpoint": mean_bytes("checkpoint"),
@@ -550,10 +553,10 @@ def report(
     print(f"-- measured over {train_s:.0f} s of training: {points} metric points, {ckpts} checkpoints, "
           f"{beats} heartbeats, {f['steps_per_s']:.1f} steps/s")  # fmt: skip
     rows_out = [
-        ("commits / metric point (training less the idle worker's rate)", f"{f['transactions_per_metric_point']:.2f}"),
+        ("transactions / metric point (less the idle worker's rate)", f"{f['transactions_per_metric_point']:.2f}"),
         (
-            "commits / writing transaction (1.0: no read-only transactions)",
-            f"{f['commits_per_writing_transaction']:.2f}",
+            "transactions / writing transaction (1.0: no read-only ones)",
+            f"{f['transactions_per_writing_transaction']:.2f}",
         ),
         (
             "WAL bytes / metric point (this database, exact)",
@@ -571,15 +574,15 @@ def report(
             f"{f['metric_point_bytes_on_disk']:.0f} (row {f['metric_point_row_bytes']:.0f})",
         ),
         ("checkpoint files / checkpoint (tiny preset)", f"{f['checkpoint_file_bytes'] / 1e6:.1f} MB"),
-        ("worker idle: commits/s (sweeper)", f"{f['worker_idle_transactions_per_s']:.2f}"),
+        ("worker idle: transactions/s (sweeper)", f"{f['worker_idle_transactions_per_s']:.2f}"),
         (
             "worker idle: Redis commands/s",
             f"{f['worker_idle_redis_commands_per_s']:.2f} {f['worker_idle_redis_commands']}",
         ),
         ("worker training: Redis commands/s", f"{f['worker_training_redis_commands_per_s']:.2f}"),
-        ("API: commits/s per watched job, 1 watcher", f"{f['api_transactions_per_s_per_watched_job_1_watcher']:.2f}"),
+        ("API: transactions/s per job, 1 watcher", f"{f['api_transactions_per_s_per_watched_job_1_watcher']:.2f}"),
         (
-            "API: commits/s per watched job, 10 watchers",
+            "API: transactions/s per watched job, 10 watchers",
             f"{f['api_transactions_per_s_per_watched_job_10_watchers']:.2f}",
         ),
         ("API: rows read/s per watched job", f"{f['api_rows_read_per_s_per_watched_job']:.1f}"),
