@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench import api, service, train
+from bench import api, capacity, service, train
 from bench.__main__ import main
 
 
@@ -36,6 +36,24 @@ class TestShortMode:
         assert results["post_to_running_p99_s"] >= results["post_to_running_median_s"]
         out = capsys.readouterr().out
         assert "POST /v1/jobs -> running" in out and "requests/s" in out and "SSE watchers" in out
+
+    def test_capacity(self, capsys: pytest.CaptureFixture[str]) -> None:
+        f = capacity.run(short=True)
+        assert f["metric_points"] > 0 and f["checkpoints"] > 0
+        # a transaction per metric point (and a pool pre-ping each), plus a few heartbeats, checkpoints, sweeps
+        assert 1 <= f["transactions_per_metric_point"] <= 10
+        assert 1 <= f["transactions_per_writing_transaction"] <= 10
+        # a metric point's transaction: the job row updated, one row inserted, their index entries
+        assert 100 < f["wal_bytes_per_metric_point"] < 20_000
+        assert 100 < f["wal_bytes_per_checkpoint"] < 50_000
+        assert 1.5 <= f["tuples_written_per_metric_point"] <= 5
+        assert 40 < f["metric_point_row_bytes"] < f["metric_point_bytes_on_disk"] < 2_000
+        # the API reads a watched job every events_poll_interval_s (0.5 s)
+        assert 0.5 < f["api_transactions_per_s_per_watched_job_1_watcher"] < 20
+        assert _positive(f["worker_idle_redis_commands_per_s"])
+        assert all(map(_positive, f["pgbench_metric_point_tps"].values()))
+        out = capsys.readouterr().out
+        assert "WAL bytes / metric point" in out and "steps/s:" in out and out.count("JSON {") == 1
 
     def test_command_line(self, capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit):
