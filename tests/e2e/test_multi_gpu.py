@@ -22,7 +22,14 @@ from tests.worker.ddpm.test_distributed import LOSS_RTOL
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def spec(gpus: int, steps: int = 40, checkpoint_every: int = 20, batch_size: int = 16, image_size: int = 8) -> dict:
+def spec(
+    gpus: int,
+    steps: int = 40,
+    checkpoint_every: int = 20,
+    batch_size: int = 16,
+    image_size: int = 8,
+    sample_every: int = 0,
+) -> dict:
     return {
         "dataset": {"image_size": image_size},
         "model": {"preset": "custom", "channels": [16, 32], "norm_groups": 8},
@@ -32,7 +39,7 @@ def spec(gpus: int, steps: int = 40, checkpoint_every: int = 20, batch_size: int
             "batch_size": batch_size,
             "log_every": 5,
             "checkpoint_every": checkpoint_every,
-            "sample_every": 0,
+            "sample_every": sample_every,
         },
         "resources": {"gpus": gpus},
     }
@@ -61,7 +68,7 @@ def test_a_two_gpu_job_matches_the_one_gpu_job_with_the_same_global_batch(
         process(worker_argv(), worker_env(settings_env, gpus=2), log),
     ):
         one = client.post("/v1/jobs", json=spec(gpus=1)).json()
-        two = client.post("/v1/jobs", json=spec(gpus=2)).json()
+        two = client.post("/v1/jobs", json=spec(gpus=2, sample_every=40)).json()
         assert two["queue"] == f"{clean_db.queue}.gpus-2.mem-1"
         for job in (one, two):
             done = wait_for_status(client, job["id"], {"succeeded", "failed"}, timeout=300, logs=[log])
@@ -75,6 +82,8 @@ def test_a_two_gpu_job_matches_the_one_gpu_job_with_the_same_global_batch(
         assert [c["step"] for c in checkpoints] == [20, 40]
         latest = client.get(f"/v1/jobs/{two['id']}/checkpoints/latest")
         assert latest.status_code == 200 and len(latest.content) == checkpoints[-1]["size_bytes"]
+        # ... and the sample grid, once.
+        assert [s["step"] for s in client.get(f"/v1/jobs/{two['id']}/samples").json()] == [40]
         assert "runs on 2 ranks" in log.read_text()
 
 
@@ -107,6 +116,42 @@ def test_kill_9_of_one_rank_loses_the_attempt_and_the_job_resumes_from_its_check
             rf"job {job_id}: attempt 2 claimed by .* \(resume from .*step-(\d+)\.safetensors\)", text
         )
         assert resumed_from and int(resumed_from.group(1)) >= 25, text[-3000:]
+
+
+def test_sigterm_checkpoints_all_ranks_at_one_step_and_a_cancel_stops_them(
+    clean_db: Settings, settings_env: dict[str, str], tmp_path: Path, make_user: MakeUser
+) -> None:
+    """The worker alone gets SIGTERM (as from `docker stop`): rank 0 checkpoints at its next log
+    point, every rank stops there, the job is re-queued; the next attempt resumes and is cancelled."""
+    with TestClient(create_app(clean_db), headers=make_user().headers) as client:
+        job_id = client.post("/v1/jobs", json=spec(gpus=2, steps=100_000, checkpoint_every=10_000)).json()["id"]
+        log = tmp_path / "worker-1.log"
+        with process(worker_argv(), worker_env(settings_env, gpus=2), log) as worker:
+            deadline = time.monotonic() + 240
+            while client.get(f"/v1/jobs/{job_id}").json()["step"] < 20 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=90)
+            assert worker.returncode == 0, log.read_text()[-3000:]
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "queued", job
+        assert [c["step"] for c in client.get(f"/v1/jobs/{job_id}/checkpoints").json()] == [job["step"]]
+
+        log2 = tmp_path / "worker-2.log"
+        with process(worker_argv(), worker_env(settings_env, gpus=2), log2):
+            deadline = time.monotonic() + 240
+            while client.get(f"/v1/jobs/{job_id}").json()["step"] < job["step"] + 10 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert client.get(f"/v1/jobs/{job_id}").json()["attempt"] == 2
+            client.post(f"/v1/jobs/{job_id}/cancel")
+            done = wait_for_status(client, job_id, {"cancelled", "failed"}, timeout=120, logs=[log2])
+            assert done["status"] == "cancelled", done["error"]
+            # Every rank left the loop together (none hangs in a collective): the task returns.
+            finished = re.compile(r"Task jobs\.train\[.*\] succeeded")
+            deadline = time.monotonic() + 60
+            while not finished.search(log2.read_text()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert finished.search(log2.read_text()), log2.read_text()[-3000:]
 
 
 def test_jobs_land_only_on_workers_that_can_hold_them(

@@ -96,6 +96,10 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path, 
     ref = load_state(single.checkpoints[-1].state_path)
     for name, tensor in ref.model.items():
         assert ddp.model[name] == pytest.approx(tensor, abs=1e-4), name
+    # The EMA (what is served) followed the same weights, update for update.
+    assert ddp.ema["optimization_step"] == ref.ema["optimization_step"] == 40
+    for ours, theirs in zip(ddp.ema["shadow_params"], ref.ema["shadow_params"], strict=True):
+        assert ours == pytest.approx(theirs, abs=1e-4)
 
 
 def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path: Path, spec: JobSpec) -> None:
