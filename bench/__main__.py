@@ -1,4 +1,4 @@
-"""python -m bench [train|service|api|capacity|gpu] [--short]: one benchmark, or all but gpu in turn."""
+"""python -m bench [train|service|api|capacity|ddp|gpu] [--short]: one benchmark, or all but gpu in turn."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import importlib
 import json
 from pathlib import Path
 
-BENCHMARKS = ("train", "service", "api", "capacity")
+BENCHMARKS = ("train", "service", "api", "capacity", "ddp")
 GPU_ONLY = ("gpu",)  # the lent-GPU checks (bench/gpu.py): only when asked for
 
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
         module = importlib.import_module(f"bench.{name}")
         if name == "api":
             module.run(short=args.short, api_key=args.api_key)
-        elif name == "capacity":
+        elif name in ("capacity", "ddp"):
             module.run(short=args.short)
         else:
             results = module.run(short=args.short, device=args.device, threads=args.threads)

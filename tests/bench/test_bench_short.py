@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench import api, capacity, service, train
+from bench import api, capacity, ddp, service, train
 from bench.__main__ import main
 
 
@@ -54,6 +54,12 @@ class TestShortMode:
         assert all(map(_positive, f["pgbench_metric_point_tps"].values()))
         out = capsys.readouterr().out
         assert "WAL bytes / metric point" in out and "steps/s:" in out and out.count("JSON {") == 1
+
+    def test_ddp(self, capsys: pytest.CaptureFixture[str]) -> None:
+        results = ddp.run(short=True)
+        assert results["max_relative_loss_difference"] < 1e-5  # the bound tests/e2e/test_multi_gpu.py holds
+        assert all(map(_positive, results["images_per_s"].values()))
+        assert "largest relative difference of the 2-rank loss curve" in capsys.readouterr().out
 
     def test_command_line(self, capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit):
