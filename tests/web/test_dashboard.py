@@ -167,6 +167,25 @@ def test_key_prompt_refuses_a_wrong_key_and_takes_a_good_one(api_only: Stack, br
     assert errors.page_errors == []
 
 
+def test_a_queued_job_says_why_it_waits(api_only: Stack, browser) -> None:
+    """No worker runs beside this API: the job page says so, and shows the GPUs the job asked for."""
+    with api_only.client() as client:
+        created = client.post("/v1/jobs", json={"training": {"batch_size": 8}, "resources": {"gpus": 2}})
+        assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    errors = BrowserErrors()
+    page = new_page(browser, errors)
+    page.goto(f"{api_only.base}/#key={api_only.key}")
+    page.wait_for_selector("#job-table")
+    page.goto(f"{api_only.base}/#/jobs/{job_id}")
+    page.wait_for_selector("#job-waiting:not([hidden])")
+    assert page.inner_text("#job-waiting").startswith("Waiting: no worker is running")
+    stats = page.inner_text("#job-stats")
+    assert re.search(r"GPUs\s+2", stats, re.IGNORECASE), stats  # dt text is upper-cased by CSS
+    shoot(page, "09-job-waiting")
+    assert errors.page_errors == []
+
+
 def test_sse_parser_in_the_browser(api_only: Stack, browser) -> None:
     """The page's own event-stream parser, fed the way a network delivers text: in odd pieces."""
     page = new_page(browser, BrowserErrors())
