@@ -35,16 +35,19 @@ JOB = {
 }
 
 
-def test_submit_train_download_export_with_s3_storage(s3_settings: Settings, tmp_path: Path) -> None:
+@pytest.mark.parametrize("gpus", [1, 2], ids=["1-gpu", "2-gpu-ddp"])
+def test_submit_train_download_export_with_s3_storage(s3_settings: Settings, tmp_path: Path, gpus: int) -> None:
+    """With 2 GPUs (2 gloo ranks on this CPU), rank 0 uploads and records as a single process does."""
     port = free_port()
     key = generate_key().key
     env = service_env(s3_settings) | {"DDPM_PORT": str(port), "DDPM_BOOTSTRAP_API_KEY": key}
+    env |= {"DDPM_WORKER_GPUS": str(gpus), "OMP_NUM_THREADS": "1"}
     api_log, worker_log = tmp_path / "api.log", tmp_path / "worker.log"
     with process(api_argv(), env, api_log) as api, process(worker_argv(), env, worker_log):
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, api, api_log)
         with httpx.Client(base_url=base, timeout=30, headers={"Authorization": f"Bearer {key}"}) as client:
-            created = client.post("/v1/jobs", json=JOB)
+            created = client.post("/v1/jobs", json=JOB | {"resources": {"gpus": gpus}})
             assert created.status_code == 201, created.text
             job_id = created.json()["id"]
             started = time.monotonic()
