@@ -357,9 +357,13 @@ class JobRunner:
             if isinstance(exc, ProcessExitedException):
                 what = what.removeprefix(f"process {exc.error_index} ")
             return self._release_lost(job_id, attempt, spec, f"rank {exc.error_index} (pid {exc.error_pid}) {what}")
-        with session_scope(self.sessionmaker) as session:
-            job = JobRepository(session).get(job_id)
-            outcome = job.status if job is not None else "missing"
+
+        def read_status() -> str:
+            with session_scope(self.sessionmaker) as session:
+                job = JobRepository(session).get(job_id)
+                return job.status if job is not None else "missing"
+
+        outcome = self._retry_db(read_status)
         if outcome == JobStatus.running:  # rank 0 stopped without an ending (lost its lease)
             return self._release_lost(job_id, attempt, spec, "rank 0 stopped without finishing the attempt")
         return str(outcome)
