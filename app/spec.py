@@ -155,10 +155,11 @@ class TrainingSpec(_Section):
         description="Steps between sample grids drawn from the EMA weights (and one at the end); 0 = none.",
     )
     sample_count: int = Field(16, ge=1, le=64, description="Images per sample grid.")
-    compile: Literal["auto", "on", "off"] = Field(
+    compile: Literal["auto", "on", "off", "graphs"] = Field(
         "auto",
         description="torch.compile the forward pass and loss: `auto` = on for CUDA, off for CPU (compiling takes "
-        "minutes there); if compilation fails the job trains without it.",
+        "minutes there); `graphs` = compiled and replayed as CUDA graphs (torch.compile's reduce-overhead mode; "
+        "single-GPU CUDA jobs, otherwise as `on`); if compilation fails the job trains without it.",
     )
 
 

@@ -1,9 +1,10 @@
 """python -m bench gpu: the checks and figures a lent GPU is for, in one run of a few minutes.
 
 1. The CUDA path: a tiny job trains, checkpoints and resumes on the GPU (finite losses, the resumed
-   run continues at the checkpoint's step and ends where the uninterrupted one does).
-2. Throughput, ddpm-cifar10 (35.7M params, 32x32x3, batch 128): `train()` (bf16 autocast, compiled)
-   against the plain diffusers loop in fp32 and bf16, in alternated rounds (bench/train.py).
+   run continues at the checkpoint's step and ends where the uninterrupted one does); with
+   `training.compile: graphs` (CUDA graphs) its losses stay those of the eager run.
+2. Throughput, ddpm-cifar10 (35.7M params, 32x32x3, batch 128): `train()` (bf16 autocast, compiled;
+   and with CUDA graphs) against the plain diffusers loop in fp32 and bf16, in alternated rounds.
 3. The multi-GPU code path on this GPU: one DDP rank with NCCL in a spawned process, compiled, the
    same case: images/s against the single-process run (DDP's overhead with nothing to reduce with).
 4. Capacity inputs: steps/s of that case, so metric points/s = steps/s / log_every (README).
@@ -48,8 +49,14 @@ def check_cuda_path(dev: torch.device) -> dict[str, Any]:
         whole, resumed = _Recorder(), _Recorder()
         train(spec, Path(out) / "a", whole, device=str(dev))
         train(spec, Path(out) / "b", resumed, device=str(dev), resume_from=whole.checkpoints[0].path)
+        graphed = _Recorder()
+        graphs_spec = spec.model_copy(update={"training": spec.training.model_copy(update={"compile": "graphs"})})
+        train(graphs_spec, Path(out) / "c", graphed, device=str(dev))
     losses = [p.loss for p in whole.points]
+    graph_rel = max(abs(a.loss - b.loss) / abs(a.loss) for a, b in zip(whole.points, graphed.points, strict=True))
     result = {
+        "graphs_losses": [p.loss for p in graphed.points],
+        "graphs_max_relative_difference": graph_rel,
         "losses": losses,
         "resumed_steps": [p.step for p in resumed.points],
         "resumed_losses": [p.loss for p in resumed.points],
@@ -58,7 +65,9 @@ def check_cuda_path(dev: torch.device) -> dict[str, Any]:
     }
     shown = ", ".join(f"{v:.4f}" for v in losses)
     print(f"-- CUDA path: losses {shown}; resumed at step 20 -> points at {result['resumed_steps']}")
+    print(f"   with CUDA graphs: largest relative loss difference to eager {graph_rel:.2e}")
     assert result["finite"] and result["learns"] and result["resumed_steps"] == [30, 40], result
+    assert graph_rel < 0.05, result  # bf16 forward passes fused differently: close, not equal
     return result
 
 
@@ -97,8 +106,11 @@ def run(short: bool = False, device: str | None = None, threads: int | None = No
     start = time.perf_counter()
     first = ours(case, dev)  # compiles (and fills the compile cache the later runs use)
     print(f"-- ddpm-cifar10 batch 128: first compiled run {first:.0f} images/s ({time.perf_counter() - start:.0f} s)")
+    graphs = Case(case.name, case.spec.model_copy(deep=True), case.steps, case.rounds)
+    graphs.spec.training.compile = "graphs"
     contenders = {
         "ddpm-jobs": lambda: ours(case, dev),
+        "ddpm-jobs graphs": lambda: ours(graphs, dev),
         "diffusers fp32": lambda: diffusers_loop(case, dev),
         "diffusers bf16": lambda: diffusers_loop(case, dev, bf16=True),
         "ddpm-jobs DDP 1 rank (NCCL)": lambda: ddp_one_rank(case),

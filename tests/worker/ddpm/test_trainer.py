@@ -273,11 +273,19 @@ class TestFastPath:
         )
 
     def test_compile_auto_is_off_on_cpu(self, tiny_spec: SpecFactory) -> None:
+        cpu, cuda = torch.device("cpu"), torch.device("cuda")
         cfg = tiny_spec().training
         assert cfg.compile == "auto"
-        assert not trainer._use_compile(cfg, torch.device("cpu"))
-        assert trainer._use_compile(cfg, torch.device("cuda"))
-        assert trainer._use_compile(tiny_spec(training={"compile": "on"}).training, torch.device("cpu"))
+        assert trainer.compile_options(cfg, cpu, distributed=False) is None
+        assert trainer.compile_options(cfg, cuda, distributed=False) == {}
+        assert trainer.compile_options(tiny_spec(training={"compile": "on"}).training, cpu, distributed=False) == {}
+        assert trainer.compile_options(tiny_spec(training={"compile": "off"}).training, cuda, distributed=False) is None
+
+    def test_cuda_graphs_only_for_a_single_process_on_cuda(self, tiny_spec: SpecFactory) -> None:
+        cfg = tiny_spec(training={"compile": "graphs"}).training
+        assert trainer.compile_options(cfg, torch.device("cuda"), distributed=False) == {"mode": "reduce-overhead"}
+        assert trainer.compile_options(cfg, torch.device("cuda"), distributed=True) == {}  # DDP's hooks
+        assert trainer.compile_options(cfg, torch.device("cpu"), distributed=False) == {}  # plain `on`
 
     def test_channels_last_resumes_exactly(
         self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any, monkeypatch: pytest.MonkeyPatch
