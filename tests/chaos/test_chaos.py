@@ -64,7 +64,14 @@ def test_kill_9_at_random_steps_resumes_exactly(
         resume_step = last_checkpoint_step(api, job_id)
         target = rng.randrange(resume_step + 20, resume_step + 80, 10)
         with process(worker_argv(), chaos_env, log) as worker:
-            job = wait_until(api, job_id, lambda j, t=target: j["step"] >= t or j["status"] in FINISHED, 180, [log])
+            # Kill this round's attempt once it runs: until it claims the job, the row still shows
+            # the step at which the previous attempt was killed, which may already be past target.
+            def reached(j: dict, t: int = target, attempt: int = kills + 1) -> bool:
+                return j["status"] in FINISHED or (
+                    j["attempt"] == attempt and j["status"] == "running" and j["step"] >= t
+                )
+
+            job = wait_until(api, job_id, reached, 180, [log])
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
         if job["status"] in FINISHED:
