@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from app.config import Settings
 from app.db import upgrade_database
 from app.spec import TrainingSpec
 from bench.common import REDIS_URL, Rounds, machine, throwaway_database
+from worker.ddpm.distributed import free_port as free_port  # also bench.capacity's
 
 BIN = Path(sys.executable).parent
 # Samples off where the spec has them (issue 5's sample grids would otherwise cost the jobs time).
@@ -62,12 +62,6 @@ WATCHERS = 200
 
 def watcher_count(short: bool) -> int:
     return 10 if short else WATCHERS  # short mode proves the path; 200 streams on a CI box prove nothing
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
