@@ -10,6 +10,10 @@ has none: the loss is summed on the device and read once per metric point, a NaN
 skipped by masking (fused AdamW's `found_inf`, a zero EMA weight) rather than by a host branch, and
 checkpoint files are serialised and fsynced on a background thread. On CUDA the forward pass runs
 in bf16 autocast with TF32 matmuls, channels_last and `torch.compile` (`training.compile`).
+
+A multi-GPU job runs this loop in each of its k processes (`ranks`, worker/ddpm/distributed.py):
+each trains on its share of every global batch under DistributedDataParallel, the loss is
+all-reduced on the device each step (no host sync), and rank 0 alone reports.
 """
 
 from __future__ import annotations
