@@ -151,7 +151,8 @@ def jobs_out(session: Session, jobs: list[Job], settings: Settings) -> list[JobO
         if job.status == JobStatus.queued:
             if workers is None:  # one query per page, only when a queued job needs it
                 seen_after = utcnow() - timedelta(seconds=settings.lease_timeout_s)
-                workers = list(session.scalars(select(Worker).where(Worker.seen_at >= seen_after)))
+                live = select(Worker).where(Worker.queue == settings.queue, Worker.seen_at >= seen_after)
+                workers = list(session.scalars(live))
             reason = waiting_reason(needs, workers)
         routed = {"queue": queue_name(settings.queue, needs), "waiting_reason": reason}
         shown.append(JobOut.model_validate({**_attributes(job), **routed}))
