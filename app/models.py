@@ -190,6 +190,9 @@ class SampleRequest(Base):
     png_sha256: Mapped[str | None] = mapped_column(String(64))
     npz_path: Mapped[str | None] = mapped_column(String(1024))
     npz_sha256: Mapped[str | None] = mapped_column(String(64))
+    # The worker (host:pid) drawing a running request: if it stops checking in (workers table),
+    # the sweeper puts the request back in the queue.
+    worker: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 

@@ -588,7 +588,7 @@ def draw_requested_samples(settings: Settings, factory: sessionmaker[Session], r
         claimed = session.execute(
             update(SampleRequest)
             .where(SampleRequest.id == request_id, SampleRequest.status == "queued")
-            .values(status="running")
+            .values(status="running", worker=worker_name())
             .returning(SampleRequest.job_id, SampleRequest.checkpoint_step)
         ).one_or_none()
         if claimed is None:

@@ -5,7 +5,8 @@
 - re-sends queued jobs that were never sent (the broker was down at submit time) or whose
   message went missing (sent long ago and still not claimed), each to its own queue, and
 - records what this worker offers in the `workers` table (seen_at says it is alive), which the
-  API reads to explain why a job waits.
+  API reads to explain why a job waits, and
+- re-queues and re-sends sample requests whose worker stopped checking in mid-draw.
 
 All are idempotent, so several workers may sweep at once.
 """
@@ -24,6 +25,7 @@ from app.jobs.repository import JobRepository
 from app.models import Job, Worker, utcnow
 from app.queue import Dispatcher
 from app.routing import Resources, train_queue
+from app.samples.repository import requeue_orphaned_requests
 from app.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,14 @@ def sweep_once(settings: Settings, factory, dispatcher: Dispatcher) -> tuple[int
         with session_scope(factory) as session:
             JobRepository(session).mark_dispatched(job_id)
         sent += 1
+    with session_scope(factory) as session:
+        orphaned = requeue_orphaned_requests(session, now - timedelta(seconds=settings.lease_timeout_s))
+    for request_id in orphaned:
+        log.warning("sample request %s: its worker is gone; re-queued", request_id)
+        try:
+            dispatcher.send_sample(str(request_id))
+        except Exception as exc:  # it stays queued; POST .../sample again if the broker stays away
+            log.warning("sample request %s: could not send to the broker (%s)", request_id, exc)
     return len(requeued), sent
 
 

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.models import Sample
+from app.models import Sample, SampleRequest, Worker
 
 
 class SampleRepository:
@@ -26,3 +27,18 @@ class SampleRepository:
         """Delete the grids after `step` (a resumed attempt draws them again); returns the rest."""
         self.session.execute(delete(Sample).where(Sample.job_id == job_id, Sample.step > step))
         return self.list(job_id)
+
+
+def requeue_orphaned_requests(session: Session, seen_after: datetime) -> list[uuid.UUID]:
+    """Running sample requests whose worker stopped checking in (killed mid-draw) go back to the
+    queue; returns their ids, to be sent again. A slow but live worker keeps its request."""
+    live = select(Worker.name).where(Worker.seen_at >= seen_after)
+    orphaned = (
+        update(SampleRequest)
+        .where(
+            SampleRequest.status == "running", or_(SampleRequest.worker.is_(None), SampleRequest.worker.not_in(live))
+        )
+        .values(status="queued", worker=None)
+        .returning(SampleRequest.id)
+    )
+    return list(session.scalars(orphaned))

@@ -8,15 +8,18 @@ import uuid
 import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
+from sqlalchemy import select
 
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.main import create_app
-from app.models import Checkpoint
+from app.models import Checkpoint, SampleRequest
+from app.routing import Resources
 from app.spec import JobSpec
 from tests.conftest import MakeUser
 from worker.ddpm.trainer import train
 from worker.runner import draw_requested_samples
+from worker.sweeper import check_in, sweep_once
 
 SPEC = {
     "dataset": {"image_size": 8},
@@ -79,3 +82,36 @@ def test_a_sample_request_draws_a_grid_and_an_npz(clean_db: Settings, make_user:
         other = make_user("stranger")
         assert client.get(f"/v1/jobs/{job_id}/sample/{request['id']}", headers=other.headers).status_code == 404
         assert client.get(f"/v1/jobs/{job_id}/sample/{uuid.uuid4()}").status_code == 404
+
+
+def test_a_request_whose_worker_died_mid_draw_is_queued_and_sent_again(clean_db: Settings, make_user: MakeUser) -> None:
+    factory = make_sessionmaker(make_engine(clean_db))
+    with TestClient(create_app(clean_db), headers=make_user("sampler").headers) as client:
+        job_id = uuid.UUID(client.post("/v1/jobs", json=SPEC).json()["id"])
+    with session_scope(factory) as s:
+        s.add(Checkpoint(job_id=job_id, step=2, path="x", size_bytes=1, sha256="0" * 64, state_path="y"))
+        s.flush()
+        dead, alive = (
+            SampleRequest(job_id=job_id, checkpoint_step=2, count=1, seed=0, sampler="ddim", steps=5, status="running")
+            for _ in range(2)
+        )
+        dead.worker, alive.worker = "gone-host:1", "live-host:2"
+        s.add_all([dead, alive])
+    check_in(factory, "live-host:2", clean_db, Resources(1, 8), "cpu")
+
+    sent: list[str] = []
+
+    class Recorder:
+        def send_train(self, job: str, queue: str) -> None:
+            pass
+
+        def send_sample(self, request: str) -> None:
+            sent.append(request)
+
+    sweep_once(clean_db, factory, Recorder())
+    with session_scope(factory) as s:
+        states = {r.id: (r.status, r.worker) for r in s.scalars(select(SampleRequest))}
+    assert states == {dead.id: ("queued", None), alive.id: ("running", "live-host:2")}
+    assert sent == [str(dead.id)]
+    # Re-delivered, the request is drawn as any other (here: claimed and failed on the fake checkpoint).
+    assert draw_requested_samples(clean_db, factory, dead.id) == "failed"
