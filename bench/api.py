@@ -16,15 +16,12 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,7 +33,7 @@ from app.cli import WORKER_COMMAND
 from app.config import Settings
 from app.db import upgrade_database
 from app.spec import TrainingSpec
-from bench.common import REDIS_URL, Rounds, machine, throwaway_database
+from bench.common import Rounds, machine, process, service_env, throwaway_database
 from worker.ddpm.distributed import free_port as free_port  # also bench.capacity's
 
 BIN = Path(sys.executable).parent
@@ -62,23 +59,6 @@ WATCHERS = 200
 
 def watcher_count(short: bool) -> int:
     return 10 if short else WATCHERS  # short mode proves the path; 200 streams on a CI box prove nothing
-
-
-@contextmanager
-def process(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
-    """A process in its own session, stopped (SIGTERM, then SIGKILL) with its children on the way out."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
 
 
 def wait_ready(client: httpx.Client, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
@@ -209,19 +189,7 @@ def run(short: bool = False, api_key: str | None = None) -> dict[str, Any]:
         url = stack.enter_context(throwaway_database())
         data = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-api-")))
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DDPM_")}
-        env.update(
-            DDPM_DATABASE_URL=url,
-            DDPM_BROKER_URL=REDIS_URL,
-            DDPM_QUEUE=f"ddpm-bench-{uuid.uuid4().hex[:8]}",
-            DDPM_DATA_DIR=str(data),
-            DDPM_CHECKPOINT_DIR=str(data / "checkpoints"),
-            DDPM_PORT=str(port),
-            DDPM_BOOTSTRAP_API_KEY=key,
-            DDPM_MAX_QUEUED_JOBS_PER_USER="1000",
-            DDPM_DEVICE="cpu",
-            PYTHONUNBUFFERED="1",
-        )
+        env = service_env(url, data, port, key, DDPM_MAX_QUEUED_JOBS_PER_USER="1000")
         # The worker trains on one core, leaving the other to the API, the database and the load
         # generators on this 2-core machine (two OpenMP threads would spin against them).
         worker_env = env | {"OMP_NUM_THREADS": "1"}

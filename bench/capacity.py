@@ -50,8 +50,8 @@ from app.cli import WORKER_COMMAND
 from app.config import Settings
 from app.db import upgrade_database
 from app.spec import TrainingSpec
-from bench.api import BIN, free_port, process, wait_ready, wait_status
-from bench.common import PG_ADMIN_URL, REDIS_URL, machine, throwaway_database
+from bench.api import BIN, free_port, wait_ready, wait_status
+from bench.common import PG_ADMIN_URL, REDIS_URL, machine, process, service_env, throwaway_database
 
 LOG_EVERY = TrainingSpec.model_fields["log_every"].default  # the default under measure (10)
 CHECKPOINT_EVERY_DEFAULT = TrainingSpec.model_fields["checkpoint_every"].default
@@ -381,18 +381,7 @@ def run(short: bool = False) -> dict[str, Any]:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
         data = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-capacity-")))
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DDPM_")}
-        env.update(
-            DDPM_DATABASE_URL=url,
-            DDPM_BROKER_URL=REDIS_URL,
-            DDPM_QUEUE=f"ddpm-bench-{uuid.uuid4().hex[:8]}",
-            DDPM_DATA_DIR=str(data),
-            DDPM_CHECKPOINT_DIR=str(data / "checkpoints"),
-            DDPM_PORT=str(port),
-            DDPM_BOOTSTRAP_API_KEY=key,
-            DDPM_DEVICE="cpu",
-            PYTHONUNBUFFERED="1",
-        )
+        env = service_env(url, data, port, key)
         upgrade_database(Settings(database_url=url, data_dir=data))
         monitor = RedisMonitor(REDIS_URL)
         monitor.start()

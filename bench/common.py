@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 def machine() -> str:
@@ -109,3 +112,41 @@ def throwaway_database() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def service_env(database_url: str, data: Path, port: int, api_key: str, **extra: str) -> dict[str, str]:
+    """The environment of a benchmark's API and worker: this process's, without its DDPM_
+    settings, joined to `database_url`, the bench Redis and a queue of its own, on the CPU."""
+    import uuid
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DDPM_")}
+    env.update(
+        DDPM_DATABASE_URL=database_url,
+        DDPM_BROKER_URL=REDIS_URL,
+        DDPM_QUEUE=f"ddpm-bench-{uuid.uuid4().hex[:8]}",
+        DDPM_DATA_DIR=str(data),
+        DDPM_CHECKPOINT_DIR=str(data / "checkpoints"),
+        DDPM_PORT=str(port),
+        DDPM_BOOTSTRAP_API_KEY=api_key,
+        DDPM_DEVICE="cpu",
+        PYTHONUNBUFFERED="1",
+    )
+    return env | extra
+
+
+@contextmanager
+def process(argv: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> Iterator[subprocess.Popen]:
+    """A process in its own session, stopped (SIGTERM, then SIGKILL) with its children on the way out.
+    (The tests start their API and worker processes with it too.)"""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()

@@ -2,39 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from app.cli import WORKER_COMMAND
+from bench.common import process as process  # re-exported: the benchmarks' process runner
 from worker.ddpm.distributed import free_port as free_port  # re-exported for the other test folders
 
 BIN = Path(sys.executable).parent
-
-
-@contextmanager
-def process(argv: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> Iterator[subprocess.Popen]:
-    """Start a process in its own session; stop it (and its children) on the way out."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
 
 
 def wait_ready(base: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
