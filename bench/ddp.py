@@ -16,7 +16,8 @@ from typing import Any
 from app.spec import JobSpec
 from bench.common import machine, torch_threads
 from worker.ddpm.distributed import Ranks, free_port, process_group, spawn_ranks
-from worker.ddpm.trainer import MetricPoint, SavedCheckpoint, train
+from worker.ddpm.sink import MetricPoint, SavedCheckpoint
+from worker.ddpm.trainer import train
 
 
 class _Points:
@@ -47,7 +48,13 @@ def run(short: bool = False, device: str | None = None, threads: int | None = No
             "dataset": {"image_size": 8},
             "model": {"preset": "custom", "channels": [16, 32], "norm_groups": 8},
             "diffusion": {"timesteps": 50},
-            "training": {"steps": steps, "batch_size": 16, "log_every": 10, "checkpoint_every": 10**6},
+            "training": {
+                "steps": steps,
+                "batch_size": 16,
+                "log_every": 10,
+                "checkpoint_every": 10**6,
+                "sample_every": 0,
+            },
             "resources": {"gpus": 2},
         }
     )

@@ -26,7 +26,8 @@ import torch
 from bench.common import Rounds, machine
 from bench.train import Case, _Stopwatch, diffusers_loop, make_spec, ours
 from worker.ddpm.distributed import Ranks, free_port, process_group, spawn_ranks
-from worker.ddpm.trainer import MetricPoint, SavedCheckpoint, train
+from worker.ddpm.sink import MetricPoint, SavedCheckpoint
+from worker.ddpm.trainer import train
 
 
 class _Recorder:

@@ -27,7 +27,8 @@ from app.models import MetricPoint as MetricRow
 from app.spec import JobSpec, TrainingSpec
 from bench.common import REDIS_URL, Rounds, default_threads, machine, throwaway_database, torch_threads
 from worker import runner as runner_module
-from worker.ddpm.trainer import MetricPoint, SavedCheckpoint, resolve_device, train
+from worker.ddpm.sink import MetricPoint, SavedCheckpoint
+from worker.ddpm.trainer import resolve_device, train
 
 
 def job_spec(short: bool) -> JobSpec:

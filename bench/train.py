@@ -27,7 +27,8 @@ from app.spec import JobSpec
 from bench.common import Rounds, default_threads, machine, torch_threads
 from worker.ddpm.data import load_images
 from worker.ddpm.model import build_unet, count_parameters, unet_config
-from worker.ddpm.trainer import MetricPoint, SavedCheckpoint, resolve_device, train
+from worker.ddpm.sink import MetricPoint, SavedCheckpoint
+from worker.ddpm.trainer import resolve_device, train
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name substring.
 BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
@@ -50,7 +51,7 @@ def make_spec(preset: str, image_size: int, channels: int, batch: int, compile_m
         {
             "dataset": {"kind": "digits", "image_size": image_size, "channels": channels},
             "model": {"preset": preset},
-            "training": {"batch_size": batch, "warmup_steps": 10, "compile": compile_mode},
+            "training": {"batch_size": batch, "warmup_steps": 10, "compile": compile_mode, "sample_every": 0},
         }
     )
 

@@ -37,6 +37,8 @@ from app.routing import train_queue
 from app.samples.repository import SampleRepository
 from app.spec import JobSpec
 from worker.capacity import worker_name
+from worker.ddpm.sink import MetricPoint as TrainedPoint
+from worker.ddpm.sink import NullSink, SavedCheckpoint, SavedSample, StopReason, StopTraining
 
 if TYPE_CHECKING:
     from worker.ddpm.distributed import Ranks
@@ -88,22 +90,17 @@ class DatabaseSink:
         self.lease = lease
         self.keep = keep
         self.cancel_requested = False
-        self.shutting_down = False
         # Points not yet written (the database was briefly away); written with the next batch.
-        self._pending: list = []
+        self._pending: list[TrainedPoint] = []
 
     def _check_lease(self) -> None:
-        from worker.ddpm.trainer import StopTraining
-
         if self.lease.fenced:
-            raise StopTraining("a newer attempt owns this job")
+            raise StopTraining(StopReason.fenced, "a newer attempt owns this job")
         if time.monotonic() - self.lease.renewed_at > self.runner.settings.lease_timeout_s * 0.8:
             # Stop before the lease expires rather than train on unrecorded.
-            raise StopTraining("could not renew the lease")
+            raise StopTraining(StopReason.lease_lost, "could not renew the lease")
 
-    def on_log(self, point) -> None:  # point: worker.ddpm.trainer.MetricPoint
-        from worker.ddpm.trainer import StopTraining
-
+    def on_log(self, point: TrainedPoint) -> None:
         self._pending.append(point)
         try:
             with session_scope(self.runner.sessionmaker) as session:
@@ -112,7 +109,7 @@ class DatabaseSink:
                     self.job_id, self.attempt, step=point.step, loss=_finite_or_none(point.loss), heartbeat_at=utcnow()
                 ):
                     self.lease.fenced = True
-                    raise StopTraining("a newer attempt owns this job")
+                    raise StopTraining(StopReason.fenced, "a newer attempt owns this job")
                 repo.add_metric_points(
                     [
                         MetricPoint(
@@ -133,15 +130,12 @@ class DatabaseSink:
             # _check_lease stops training before the lease runs out.
             log.warning("job %s: metrics at step %d not written yet (%s)", self.job_id, point.step, exc.orig)
         if self.cancel_requested:
-            raise StopTraining("cancel requested")
+            raise StopTraining(StopReason.cancelled)
         self._check_lease()
         if _SHUTDOWN.is_set():
-            self.shutting_down = True
-            raise StopTraining("worker shutting down", checkpoint=True)
+            raise StopTraining(StopReason.shutdown, "the worker is shutting down")
 
-    def on_sample(self, saved) -> None:  # saved: worker.ddpm.trainer.SavedSample
-        from worker.ddpm.trainer import StopTraining
-
+    def on_sample(self, saved: SavedSample) -> None:
         store = self.runner.store
         try:
             key = store.publish(saved.path, saved.sha256)  # before its row (invariant 3)
@@ -152,7 +146,7 @@ class DatabaseSink:
             with session_scope(self.runner.sessionmaker) as session:
                 if not JobRepository(session).fenced_update(self.job_id, self.attempt, heartbeat_at=utcnow()):
                     self.lease.fenced = True
-                    raise StopTraining("a newer attempt owns this job")
+                    raise StopTraining(StopReason.fenced, "a newer attempt owns this job")
                 SampleRepository(session).add(
                     Sample(
                         job_id=self.job_id,
@@ -168,9 +162,7 @@ class DatabaseSink:
             return
         store.discard_scratch(key)
 
-    def on_checkpoint(self, saved) -> None:  # saved: worker.ddpm.trainer.SavedCheckpoint
-        from worker.ddpm.trainer import StopTraining
-
+    def on_checkpoint(self, saved: SavedCheckpoint) -> None:
         store = self.runner.store
         try:
             # Stored whole before the row that names it (invariant 3); S3: uploaded here.
@@ -180,7 +172,7 @@ class DatabaseSink:
             # lease runs out and the sweeper hands the job to a new attempt, which resumes from
             # the last recorded checkpoint (and removes these files as garbage).
             log.warning("job %s: checkpoint at step %d not stored (%s)", self.job_id, saved.step, exc)
-            raise StopTraining("checkpoint storage unavailable") from exc
+            raise StopTraining(StopReason.storage_unavailable, str(exc)) from exc
         state_key, weights_key = keys
         try:
             with session_scope(self.runner.sessionmaker) as session:
@@ -188,7 +180,7 @@ class DatabaseSink:
                 # the check and the insert; the committed row is the checkpoint's commit point.
                 if not JobRepository(session).fenced_update(self.job_id, self.attempt, heartbeat_at=utcnow()):
                     self.lease.fenced = True
-                    raise StopTraining("a newer attempt owns this job")
+                    raise StopTraining(StopReason.fenced, "a newer attempt owns this job")
                 repo = CheckpointRepository(session)
                 repo.add(
                     Checkpoint(
@@ -297,17 +289,17 @@ class JobRunner:
             log.exception("job %s: attempt %d failed: %s", job_id, attempt, reason)
             self._finish(job_id, attempt, status=JobStatus.failed, error=reason)
             return "failed"
-        if result.stopped:
-            if lease.fenced:
-                log.warning("job %s: attempt %d fenced off by a newer attempt; stopped", job_id, attempt)
-                return "fenced"
-            if sink.cancel_requested:
-                self._finish(job_id, attempt, status=JobStatus.cancelled)
-                return "cancelled"
-            if sink.shutting_down:
-                self._requeue(job_id, attempt, spec)
-                return "requeued"
-            log.warning("job %s: attempt %d lost its lease; the job will be resumed", job_id, attempt)
+        if result.stopped is StopReason.fenced:
+            log.warning("job %s: attempt %d fenced off by a newer attempt; stopped", job_id, attempt)
+            return "fenced"
+        if result.stopped is StopReason.cancelled:
+            self._finish(job_id, attempt, status=JobStatus.cancelled)
+            return "cancelled"
+        if result.stopped is StopReason.shutdown:
+            self._requeue(job_id, attempt, spec)
+            return "requeued"
+        if result.stopped is not None:  # lease_lost, storage_unavailable: the sweeper hands it on
+            log.warning("job %s: attempt %d stopped (%s); the job will be resumed", job_id, attempt, result.stopped)
             return "lease-lost"
         self._finish(
             job_id, attempt, status=JobStatus.succeeded, step=result.final_step, loss=_finite_or_none(result.last_loss)
@@ -551,17 +543,7 @@ def _rank_main(
         else:
             spec = runner.resolved_dataset(spec)
             job_dir, device = runner.job_dir(job_id, attempt), runner.device(ranks)
-            train(spec, job_dir, _NoSink(), resume_from=resume_from, device=device, ranks=ranks)
-
-
-class _NoSink:
-    """Ranks other than 0 report nothing."""
-
-    def on_log(self, point: object) -> None:
-        pass
-
-    def on_checkpoint(self, saved: object) -> None:
-        pass
+            train(spec, job_dir, NullSink(), resume_from=resume_from, device=device, ranks=ranks)
 
 
 @lru_cache

@@ -15,7 +15,8 @@ from app.spec import JobSpec
 from worker.ddpm.checkpoint import CheckpointError, load_unet, prune_checkpoints
 from worker.ddpm.data import DatasetError
 from worker.ddpm.sampling import sample_images, save_grid_png
-from worker.ddpm.trainer import MetricPoint, NonFiniteLossError, SavedCheckpoint, resolve_device, train
+from worker.ddpm.sink import MetricPoint, SavedCheckpoint, SavedSample
+from worker.ddpm.trainer import NonFiniteLossError, resolve_device, train
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -45,6 +46,9 @@ class PrintingSink:
         self.last = saved
         typer.echo(f"checkpoint {saved.path}  sha256 {saved.sha256}")
         prune_checkpoints(self.out, self.keep)
+
+    def on_sample(self, saved: SavedSample) -> None:
+        typer.echo(f"samples {saved.path}")
 
 
 @app.command()

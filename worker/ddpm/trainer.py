@@ -26,7 +26,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,15 @@ from worker.ddpm.distributed import Ranks, agree_to_stop, mean_over_ranks
 from worker.ddpm.model import build_unet, unet_config
 from worker.ddpm.sampling import sample_images, save_grid_png
 from worker.ddpm.schedule import NoiseSchedule
+from worker.ddpm.sink import (
+    MetricPoint,
+    SavedCheckpoint,
+    SavedSample,
+    StopReason,
+    StopTraining,
+    TrainingSink,
+    TrainResult,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,60 +58,8 @@ log = logging.getLogger(__name__)
 EMA_POWER = 0.75
 
 
-@dataclass(frozen=True)
-class MetricPoint:
-    step: int
-    loss: float  # mean over the (finite) steps since the previous point; NaN if every one was skipped
-    lr: float
-    images_per_s: float
-
-
-@dataclass(frozen=True)
-class SavedCheckpoint:
-    step: int
-    path: Path  # served weights, step-XXXXXXXX.safetensors
-    sha256: str  # of `path`
-    size_bytes: int  # of `path`
-    state_path: Path  # step-XXXXXXXX.state.safetensors (resume only; never served)
-
-
-@dataclass(frozen=True)
-class SavedSample:
-    step: int
-    path: Path  # a PNG grid, samples/step-XXXXXXXX.png beside the checkpoints
-    sha256: str
-    size_bytes: int
-
-
-class StopTraining(Exception):
-    """Raised by a sink to stop the loop (cancel, lost lease, worker shutdown).
-
-    With `checkpoint=True` (a graceful shutdown) the loop first saves a checkpoint of the step
-    it stopped at, so the next attempt resumes there; otherwise nothing more is saved.
-    """
-
-    def __init__(self, reason: str = "", *, checkpoint: bool = False) -> None:
-        super().__init__(reason)
-        self.checkpoint = checkpoint
-
-
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a NaN/inf loss or gradient; training cannot go on."""
-
-
-class TrainingSink(Protocol):
-    def on_log(self, point: MetricPoint) -> None: ...  # may raise StopTraining
-
-    def on_checkpoint(self, saved: SavedCheckpoint) -> None: ...  # may raise StopTraining
-
-    # Optional: `on_sample(saved: SavedSample)`, told of each sample grid (sinks without it get none).
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    final_step: int
-    last_loss: float | None
-    stopped: bool
 
 
 def learning_rate(step: int, cfg: TrainingSpec) -> float:
@@ -294,7 +251,6 @@ def train(
     compile_checked = loss_of is forward_loss
 
     writer = _CheckpointWriter(checkpoint_dir, unet_config(spec))
-    on_sample = getattr(sink, "on_sample", None)
     last_loss: float | None = None
     window_start, window_images = time.perf_counter(), 0
 
@@ -312,8 +268,8 @@ def train(
         if previous is not None:
             try:
                 sink.on_checkpoint(previous)
-            except StopTraining:
-                return TrainResult(final_step=previous.step, last_loss=last_loss, stopped=True)
+            except StopTraining as stop:
+                return TrainResult(final_step=previous.step, last_loss=last_loss, stopped=stop.reason)
 
         # Metric point.
         if log_now:
@@ -328,13 +284,13 @@ def train(
             try:
                 sink.on_log(point)
             except StopTraining as stop:
-                if stop.checkpoint:
+                if stop.reason.checkpoint_first:
                     writer.submit(_snapshot(spec, step, unet, optimizer, ema_update, noise, window, values, dev))
                     saved = writer.take()
                     assert saved is not None
                     with contextlib.suppress(StopTraining):
                         sink.on_checkpoint(saved)
-                return TrainResult(final_step=step, last_loss=last_loss, stopped=True)
+                return TrainResult(final_step=step, last_loss=last_loss, stopped=stop.reason)
 
         # Checkpoint: tensors copied here, files written in the background; the sink hears of it
         # at the next metric point or checkpoint, or below when this is the last step.
@@ -346,12 +302,12 @@ def train(
                 assert saved is not None
                 try:
                     sink.on_checkpoint(saved)
-                except StopTraining:
-                    return TrainResult(final_step=step, last_loss=last_loss, stopped=True)
+                except StopTraining as stop:
+                    return TrainResult(final_step=step, last_loss=last_loss, stopped=stop.reason)
             window_start += time.perf_counter() - save_start  # keep saving out of images/s
 
         # Sample grid from the EMA weights, with a fixed seed so grids compare over time.
-        if sample_now and on_sample is not None:
+        if sample_now:
             sample_start = time.perf_counter()
             drawn = draw_sample_grid(spec, unet, ema, step, checkpoint_dir / "samples", dev)
             # A checkpoint still being written is reported first: the sink hears of everything
@@ -361,9 +317,9 @@ def train(
             try:
                 if previous is not None:
                     sink.on_checkpoint(previous)
-                on_sample(drawn)
-            except StopTraining:
-                return TrainResult(final_step=step, last_loss=last_loss, stopped=True)
+                sink.on_sample(drawn)
+            except StopTraining as stop:
+                return TrainResult(final_step=step, last_loss=last_loss, stopped=stop.reason)
         return None
 
     try:
@@ -430,7 +386,7 @@ def train(
                 )
             stopped = report(step, lr, values, log_now, checkpoint_now, sample_now) if ranks.is_main else None
             if distributed and agree_to_stop(stopped is not None, dev):  # SYNC: every rank leaves together
-                return stopped or TrainResult(final_step=step, last_loss=None, stopped=True)
+                return stopped or TrainResult(final_step=step, last_loss=None, stopped=StopReason.followed)
             if stopped is not None:
                 return stopped
             if log_now and not ranks.is_main:
@@ -438,7 +394,7 @@ def train(
     finally:
         writer.close()
 
-    return TrainResult(final_step=step, last_loss=last_loss, stopped=False)
+    return TrainResult(final_step=step, last_loss=last_loss)
 
 
 class _CheckpointWriter:

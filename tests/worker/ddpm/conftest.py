@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from app.spec import JobSpec
-from worker.ddpm.trainer import MetricPoint, SavedCheckpoint, StopTraining
+from worker.ddpm.sink import MetricPoint, SavedCheckpoint, SavedSample, StopReason, StopTraining
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -34,7 +34,14 @@ TINY: dict[str, Any] = {
     "dataset": {"image_size": 8},
     "model": {"preset": "custom", "channels": [16, 32], "norm_groups": 8},
     "diffusion": {"timesteps": 50},
-    "training": {"steps": 6, "batch_size": 8, "warmup_steps": 2, "log_every": 1, "checkpoint_every": 3},
+    "training": {
+        "steps": 6,
+        "batch_size": 8,
+        "warmup_steps": 2,
+        "log_every": 1,
+        "checkpoint_every": 3,
+        "sample_every": 0,
+    },
 }
 
 
@@ -61,12 +68,15 @@ class RecordingSink:
     def on_log(self, point: MetricPoint) -> None:
         self.points.append(point)
         if point.step == self.stop_on_log_at:
-            raise StopTraining("stop", checkpoint=self.checkpoint_on_stop)
+            raise StopTraining(StopReason.shutdown if self.checkpoint_on_stop else StopReason.cancelled)
 
     def on_checkpoint(self, saved: SavedCheckpoint) -> None:
         self.checkpoints.append(saved)
         if saved.step == self.stop_on_checkpoint_at:
-            raise StopTraining
+            raise StopTraining(StopReason.cancelled)
+
+    def on_sample(self, saved: SavedSample) -> None:
+        pass  # grids are tested in test_sample_grids.py (TINY draws none)
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ class TestTrainCommand:
         assert checkpoints[-1][3] == sha256_file(checkpoints[-1][1])
         # keep_checkpoints=2: older pairs pruned
         assert sorted(p.name for p in out.iterdir()) == [
+            "samples",  # the spec's sample_every grids (default 500: the last step's alone)
             "samples.png",
             "step-00000003.safetensors",
             "step-00000003.state.safetensors",
@@ -49,6 +50,8 @@ class TestTrainCommand:
         ]
         with Image.open(out / "samples.png") as grid:
             assert grid.size == (19, 19)
+        assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-00000004.png"]
+        assert f"samples {out / 'samples' / 'step-00000004.png'}" in lines
 
     def test_yaml_spec_and_resume(self, tmp_path: Path, runner: CliRunner) -> None:
         spec_file = tmp_path / "spec.yaml"

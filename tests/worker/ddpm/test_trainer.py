@@ -15,7 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from app.spec import JobSpec
 from worker.ddpm import trainer
 from worker.ddpm.checkpoint import load_state
-from worker.ddpm.trainer import MetricPoint, NonFiniteLossError, SavedCheckpoint, TrainResult, learning_rate, train
+from worker.ddpm.sink import MetricPoint, SavedCheckpoint, SavedSample, StopReason, TrainResult
+from worker.ddpm.trainer import NonFiniteLossError, learning_rate, train
 
 SpecFactory = Callable[..., JobSpec]
 
@@ -31,7 +32,7 @@ class TestCadence:
         result = train(spec, tmp_path, sink, device="cpu")
         assert [p.step for p in sink.points] == [2, 4, 6, 7]
         assert [c.step for c in sink.checkpoints] == [3, 6, 7]
-        assert result == TrainResult(final_step=7, last_loss=sink.points[-1].loss, stopped=False)
+        assert result == TrainResult(final_step=7, last_loss=sink.points[-1].loss, )
         assert _files(tmp_path) == [f"step-{s:08d}{suffix}.safetensors" for s in (3, 6, 7) for suffix in ("", ".state")]
         assert all(p.images_per_s > 0 for p in sink.points)
 
@@ -119,7 +120,7 @@ class TestExactResume:
         spec = tiny_spec(training={"steps": 2})
         train(spec, tmp_path, done, device="cpu")
         result = train(spec, tmp_path, again, device="cpu", resume_from=done.checkpoints[-1].path)
-        assert result == TrainResult(final_step=2, last_loss=None, stopped=False)
+        assert result == TrainResult(final_step=2, last_loss=None, )
         assert again.points == [] and again.checkpoints == []
 
     def test_refuses_a_different_spec(self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any) -> None:
@@ -134,7 +135,7 @@ class TestStopping:
     def test_stop_on_log_saves_nothing_more(self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any) -> None:
         sink = make_sink(stop_on_log_at=3)
         result = train(tiny_spec(), tmp_path, sink, device="cpu")
-        assert result == TrainResult(final_step=3, last_loss=sink.points[-1].loss, stopped=True)
+        assert result == TrainResult(final_step=3, last_loss=sink.points[-1].loss, stopped=StopReason.cancelled)
         assert sink.checkpoints == [] and list(tmp_path.iterdir()) == []
 
     def test_graceful_stop_saves_the_step_it_stopped_at_and_resumes_exactly(
@@ -146,7 +147,7 @@ class TestStopping:
 
         stopped = make_sink(stop_on_log_at=2, checkpoint_on_stop=True)
         result = train(spec, tmp_path / "stopped", stopped, device="cpu")
-        assert result.stopped and result.final_step == 2
+        assert result.stopped is StopReason.shutdown and result.final_step == 2
         assert [c.step for c in stopped.checkpoints] == [2]
         resumed = make_sink()
         train(spec, tmp_path / "stopped", resumed, device="cpu", resume_from=stopped.checkpoints[0].path)
@@ -314,6 +315,9 @@ class _CheckingSink:
         data = saved.path.read_bytes()
         whole = hashlib.sha256(data).hexdigest() == saved.sha256 and len(data) == saved.size_bytes
         self.seen.append((saved.step, whole and load_state(saved.state_path).step == saved.step))
+
+    def on_sample(self, saved: SavedSample) -> None:
+        pass
 
 
 class TestBackgroundCheckpoints:

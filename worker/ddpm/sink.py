@@ -1,0 +1,93 @@
+"""How the training loop reports progress: the sink protocol and what travels through it.
+
+No torch here: the worker's database sink, the CLI and the tests type against these names
+without loading the ML stack. The loop (worker/ddpm/trainer.py) calls the sink at each report
+step, in step order: a checkpoint is reported before any newer metric point, checkpoint or
+sample grid. A sink stops the loop by raising `StopTraining` with the reason.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    step: int
+    loss: float  # mean over the (finite) steps since the previous point; NaN if every one was skipped
+    lr: float
+    images_per_s: float
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    step: int
+    path: Path  # served weights, step-XXXXXXXX.safetensors
+    sha256: str  # of `path`
+    size_bytes: int  # of `path`
+    state_path: Path  # step-XXXXXXXX.state.safetensors (resume only; never served)
+
+
+@dataclass(frozen=True)
+class SavedSample:
+    step: int
+    path: Path  # a PNG grid, samples/step-XXXXXXXX.png beside the checkpoints
+    sha256: str
+    size_bytes: int
+
+
+class StopReason(enum.StrEnum):
+    """Why a sink stopped the loop; the worker decides the job's next status from it."""
+
+    cancelled = "cancelled"  # the user asked: the job ends cancelled
+    fenced = "fenced"  # a newer attempt owns the job: write nothing more
+    shutdown = "shutdown"  # the worker is stopping: checkpoint this step, then back to the queue
+    lease_lost = "lease_lost"  # the lease could not be renewed: a new attempt resumes the job
+    storage_unavailable = "storage_unavailable"  # a checkpoint could not be stored: as lease_lost
+    followed = "followed"  # a rank other than 0 leaving with rank 0 (a multi-GPU job)
+
+    @property
+    def checkpoint_first(self) -> bool:
+        """Whether the loop saves a checkpoint of the step it stops at before it returns."""
+        return self is StopReason.shutdown
+
+
+class StopTraining(Exception):
+    """Raised by a sink to stop the loop; `reason` says why, `detail` is for the log."""
+
+    def __init__(self, reason: StopReason, detail: str = "") -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+
+
+class TrainingSink(Protocol):
+    """Where the loop's progress goes. Each call may raise `StopTraining`."""
+
+    def on_log(self, point: MetricPoint) -> None: ...
+
+    def on_checkpoint(self, saved: SavedCheckpoint) -> None: ...
+
+    def on_sample(self, saved: SavedSample) -> None: ...
+
+
+class NullSink:
+    """A sink that keeps nothing: ranks other than 0 of a multi-GPU job report through rank 0."""
+
+    def on_log(self, point: MetricPoint) -> None:
+        pass
+
+    def on_checkpoint(self, saved: SavedCheckpoint) -> None:
+        pass
+
+    def on_sample(self, saved: SavedSample) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    final_step: int
+    last_loss: float | None
+    stopped: StopReason | None = None  # None: the run reached training.steps
