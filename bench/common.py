@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import signal
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def machine() -> str:
@@ -150,3 +154,29 @@ def process(argv: list[str], env: dict[str, str], log: Path, cwd: Path | None = 
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+
+
+def http_arguments(prog: str) -> argparse.ArgumentParser:
+    """The arguments of a client-side load tool: a URL, for how long, and `--header "Name: value"`."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("url")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--header", action="append", default=[])
+    return parser
+
+
+def headers_of(args: argparse.Namespace) -> dict[str, str]:
+    return dict(h.split(": ", 1) for h in args.header)
+
+
+def run_ranks(target: Callable[..., None], spec_json: str, world_size: int) -> Any:
+    """Spawn `world_size` ranks of `target(rank, spec_json, init_method, out)`, wait for them, and
+    return the JSON that the ranks wrote to `out`."""
+    from worker.ddpm.distributed import free_port, spawn_ranks
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "report.json"
+        context = spawn_ranks(target, (spec_json, f"tcp://127.0.0.1:{free_port()}", str(out)), world_size)
+        while not context.join(timeout=600):
+            pass
+        return json.loads(out.read_text())

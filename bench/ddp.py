@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from app.spec import JobSpec
-from bench.common import machine, torch_threads
-from worker.ddpm.distributed import Ranks, free_port, process_group, spawn_ranks
+from bench.common import machine, run_ranks, torch_threads
+from worker.ddpm.distributed import Ranks, process_group
 from worker.ddpm.sink import MetricPoint, SavedCheckpoint
 from worker.ddpm.trainer import train
 
@@ -65,12 +65,7 @@ def run(short: bool = False, device: str | None = None, threads: int | None = No
         start = time.perf_counter()
         train(one, ckpt, single, device="cpu")
         single_s = time.perf_counter() - start
-    with tempfile.TemporaryDirectory() as out:
-        report = Path(out) / "report.json"
-        context = spawn_ranks(_rank, (spec.model_dump_json(), f"tcp://127.0.0.1:{free_port()}", str(report)), 2)
-        while not context.join(timeout=600):
-            pass
-        ranks = json.loads(report.read_text())
+    ranks = run_ranks(_rank, spec.model_dump_json(), 2)
     losses = [p.loss for p in single.points]
     rel = [abs(a - b) / abs(a) for a, b in zip(losses, ranks["losses"], strict=True)]
     results = {

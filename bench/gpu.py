@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from bench.common import Rounds, machine
+from bench.common import Rounds, machine, run_ranks
 from bench.train import Case, _Stopwatch, diffusers_loop, make_spec, ours
-from worker.ddpm.distributed import Ranks, free_port, process_group, spawn_ranks
+from worker.ddpm.distributed import Ranks, process_group
 from worker.ddpm.sink import MetricPoint, SavedCheckpoint
 from worker.ddpm.trainer import train
 
@@ -87,12 +87,7 @@ def ddp_one_rank(case: Case) -> float:
     n = case.steps
     timing = {"steps": 2 * n, "log_every": n, "checkpoint_every": 10**6}
     spec = case.spec.model_copy(update={"training": case.spec.training.model_copy(update=timing)})
-    with tempfile.TemporaryDirectory() as out:
-        times_file = Path(out) / "times.json"
-        context = spawn_ranks(_ddp_rank, (spec.model_dump_json(), f"tcp://127.0.0.1:{free_port()}", str(times_file)), 1)
-        while not context.join(timeout=600):
-            pass
-        times = json.loads(times_file.read_text())
+    times = run_ranks(_ddp_rank, spec.model_dump_json(), 1)
     return n * case.batch / (times[1] - times[0])
 
 

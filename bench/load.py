@@ -8,7 +8,6 @@ requests/s, the latency median and p99, and the count of non-2xx answers.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import threading
@@ -16,15 +15,14 @@ import time
 
 import httpx
 
+from bench.common import headers_of, http_arguments
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.load")
-    parser.add_argument("url")
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser = http_arguments("python -m bench.load")
     parser.add_argument("--threads", type=int, default=4)
-    parser.add_argument("--header", action="append", default=[])
     args = parser.parse_args()
-    headers = dict(h.split(": ", 1) for h in args.header)
+    headers = headers_of(args)
     latencies: list[list[float]] = [[] for _ in range(args.threads)]
     errors = [0] * args.threads
     deadline = time.perf_counter() + args.seconds

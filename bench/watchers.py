@@ -6,11 +6,12 @@ prints one JSON line: how many connected (HTTP 200) and how many events they rec
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 
 import httpx
+
+from bench.common import headers_of, http_arguments
 
 
 async def watch(client: httpx.AsyncClient, url: str, connected: list[int], events: list[int]) -> None:
@@ -36,14 +37,10 @@ async def main_async(url: str, count: int, seconds: float, headers: dict[str, st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.watchers")
-    parser.add_argument("url")
+    parser = http_arguments("python -m bench.watchers")
     parser.add_argument("--count", type=int, default=200)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--header", action="append", default=[])
     args = parser.parse_args()
-    headers = dict(h.split(": ", 1) for h in args.header)
-    print(json.dumps(asyncio.run(main_async(args.url, args.count, args.seconds, headers))), flush=True)
+    print(json.dumps(asyncio.run(main_async(args.url, args.count, args.seconds, headers_of(args)))), flush=True)
 
 
 if __name__ == "__main__":

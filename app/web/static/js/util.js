@@ -81,6 +81,11 @@ export function fmtDuration(seconds) {
   return `${sec}s`;
 }
 
+// A card: its head row (a title, then controls; "spacer" pushes the rest right) above the body.
+export function card(attrs, head, ...body) {
+  return el("section", { ...attrs, class: ["card", attrs.class].filter(Boolean).join(" ") }, el("div", { class: "card-head" }, ...head), ...body);
+}
+
 export function elapsed(job) {
   if (!job.started_at) return null;
   const end = job.finished_at ? new Date(job.finished_at) : new Date();

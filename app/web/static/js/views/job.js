@@ -6,6 +6,7 @@ import { api, ApiError, downloadName, readBlob, saveBlob, sha256Hex } from "../a
 import { LossChart } from "../loss-chart.js";
 import { followEvents } from "../sse.js";
 import {
+  card,
   el,
   elapsed,
   fmtBytes,
@@ -41,19 +42,13 @@ export function jobView(root, jobId) {
   const title = el("h1", { id: "job-title" }, "Loading…");
   const badge = el("span");
   const cancelButton = el("button", { type: "button", id: "cancel-job", class: "danger", hidden: true });
-  const header = el(
-    "section",
-    { class: "card job-head" },
-    el(
-      "div",
-      { class: "card-head" },
-      el("a", { href: "#/", class: "back", "aria-label": "All jobs" }, "←"),
-      title,
-      badge,
-      el("div", { class: "spacer" }),
-      cancelButton,
-    ),
-  );
+  const header = card({ class: "job-head" }, [
+    el("a", { href: "#/", class: "back", "aria-label": "All jobs" }, "←"),
+    title,
+    badge,
+    el("div", { class: "spacer" }),
+    cancelButton,
+  ]);
   const progress = el("div", { class: "job-progress" });
   const stats = el("dl", { class: "stats", id: "job-stats" });
   const errorBox = el("pre", { class: "error", id: "job-error", hidden: true });
@@ -64,18 +59,15 @@ export function jobView(root, jobId) {
   const logToggle = el("input", { type: "checkbox", id: "log-scale" });
   logToggle.checked = localStorage.getItem(LOG_SCALE) === "1";
   const canvas = el("canvas", { id: "loss-chart", "aria-label": "Loss by step" });
-  const chartCard = el(
-    "section",
-    { class: "card" },
-    el(
-      "div",
-      { class: "card-head" },
+  const chartCard = card(
+    {},
+    [
       el("h2", {}, "Loss"),
       liveState,
       el("div", { class: "spacer" }),
       el("label", { class: "toggle", for: "log-scale" }, logToggle, "log scale"),
       el("button", { type: "button", class: "secondary small", id: "loss-png", onclick: () => saveLossPng() }, "loss.png"),
-    ),
+    ],
     el("div", { class: "chart-box" }, canvas),
   );
 
@@ -83,20 +75,18 @@ export function jobView(root, jobId) {
   const latestCaption = el("figcaption", { class: "muted" });
   const sampleStrip = el("div", { class: "sample-strip", id: "sample-series" });
   const samplesEmpty = el("p", { class: "muted", id: "samples-empty" }, "No sample grids yet.");
-  const samplesCard = el(
-    "section",
-    { class: "card" },
-    el("div", { class: "card-head" }, el("h2", {}, "Samples")),
+  const samplesCard = card(
+    {},
+    [el("h2", {}, "Samples")],
     samplesEmpty,
     el("figure", { class: "latest-sample" }, latestImg, latestCaption),
     sampleStrip,
   );
 
   const ckptBody = el("tbody");
-  const ckptCard = el(
-    "section",
-    { class: "card" },
-    el("div", { class: "card-head" }, el("h2", {}, "Checkpoints")),
+  const ckptCard = card(
+    {},
+    [el("h2", {}, "Checkpoints")],
     el(
       "table",
       { class: "checkpoints", id: "checkpoint-table" },

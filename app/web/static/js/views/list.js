@@ -1,19 +1,8 @@
 // The job list: newest first, status filter, progress, refreshed every few seconds.
 
 import { api } from "../api.js";
-import {
-  el,
-  elapsed,
-  fmtDuration,
-  fmtLoss,
-  fmtNumber,
-  fmtTime,
-  jobTitle,
-  progressBar,
-  shortId,
-  statusBadge,
-  TERMINAL,
-} from "../util.js";
+import { card, el, elapsed, fmtDuration, fmtLoss, fmtNumber, fmtTime,
+  jobTitle, progressBar, shortId, statusBadge, TERMINAL } from "../util.js";
 
 const PAGE = 50;
 const REFRESH_MS = 3000;
@@ -45,18 +34,9 @@ export function listView(root) {
   const error = el("p", { class: "error", hidden: true });
 
   root.replaceChildren(
-    el(
-      "section",
-      { class: "card" },
-      el(
-        "div",
-        { class: "card-head" },
-        el("h1", {}, "Jobs"),
-        summary,
-        el("div", { class: "spacer" }),
-        filter,
-        el("a", { class: "button", href: "#/new" }, "New job"),
-      ),
+    card(
+      {},
+      [el("h1", {}, "Jobs"), summary, el("div", { class: "spacer" }), filter, el("a", { class: "button", href: "#/new" }, "New job")],
       error,
       el(
         "table",
