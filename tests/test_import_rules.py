@@ -156,7 +156,7 @@ class TestTheChecker:
                 "app/direct.py": "from worker.ddpm import trainer\n",
                 "worker/__init__.py": "",
                 "worker/ddpm/__init__.py": "",
-                "worker/ddpm/trainer.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import sqlalchemy\n",
+                "worker/ddpm/trainer.py": "import typing\nif typing.TYPE_CHECKING:\n    import sqlalchemy\n",
             },
         )
         assert violations(tmp_path, [Rule("app", frozenset({"torch", "worker"}))], ("app", "worker")) == [
