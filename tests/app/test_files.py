@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,7 @@ class TestAtomicFile:
         real_fsync, real_replace = os.fsync, os.replace
 
         def fsync(fd: int) -> None:
-            calls.append("fsync directory" if os.path.isdir(f"/proc/self/fd/{fd}") else "fsync file")
+            calls.append("fsync directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
             real_fsync(fd)
 
         def replace(src: str, dst: str | Path) -> None:
