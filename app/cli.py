@@ -28,6 +28,7 @@ from app.auth import keys as key_format
 from app.auth import service as auth
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, session_scope, upgrade_database
+from app.embedded import api_key_path
 
 # One process per GPU, solo pool: CUDA is never initialised in a forked parent.
 WORKER_COMMAND = ["celery", "-A", "worker.celery_app", "worker", "--pool=solo", "--concurrency=1", "--loglevel=INFO"]
@@ -41,7 +42,7 @@ LOCAL_USER = "local"
 
 
 def api_key_file(settings: Settings) -> Path:
-    return settings.data_dir / "api-key"
+    return api_key_path(settings.data_dir)
 
 
 @cli.command()

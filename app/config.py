@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
 from app.auth.keys import KEY_PATTERN
+from app.embedded import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT
 
 # Allowed only in development: outside it, Settings refuses to start with these.
 DEV_SECRET_KEY = "dev-insecure-secret"
@@ -27,15 +28,17 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore")
 
     env: Literal["development", "production"] = "development"
-    data_dir: Path = Field(Path("var"), description="Embedded mode's home: SQLite file, broker folder, checkpoints.")
+    data_dir: Path = Field(
+        DEFAULT_DATA_DIR, description="Embedded mode's home: SQLite file, broker folder, checkpoints."
+    )
     database_url: str = Field("", description="SQLAlchemy URL; empty = SQLite file under data_dir.")
     broker_url: str = Field("", description="Celery broker URL; empty = filesystem transport under data_dir.")
     checkpoint_dir: Path | None = Field(
         None, description="Where workers write checkpoints; default data_dir/checkpoints."
     )
     queue: str = Field("ddpm", description="Celery queue the API sends training tasks to and workers consume.")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = DEFAULT_HOST
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535)
     # How often a running job's worker renews its lease, and when the lease counts as lost.
     heartbeat_interval_s: float = Field(10.0, gt=0)
     lease_timeout_s: float = Field(120.0, gt=0)

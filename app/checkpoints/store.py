@@ -33,6 +33,8 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from app.files import fsync_directory, sha256_file
+
 if TYPE_CHECKING:
     from app.config import Settings
 
@@ -46,22 +48,6 @@ class CheckpointFileError(Exception):
 
 class StorageUnavailable(Exception):
     """The object store did not answer (or refused us): try again later."""
-
-
-def sha256_file(path: Path, chunk: int = _MB) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class CheckpointStore(ABC):
@@ -148,7 +134,7 @@ class LocalStore(CheckpointStore):
         path = self.resolve(key)
         path.unlink(missing_ok=True)
         if path.parent.is_dir():
-            _fsync_dir(path.parent)
+            fsync_directory(path.parent)
 
     def keys_under(self, prefix: str) -> set[str]:
         top = self.resolve(prefix)
@@ -308,7 +294,7 @@ class S3Store(CheckpointStore):
             os.replace(name, target)
         finally:
             Path(name).unlink(missing_ok=True)
-        _fsync_dir(target.parent)
+        fsync_directory(target.parent)
         return target
 
     def read(

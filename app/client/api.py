@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,9 +28,10 @@ from typing import Any
 import httpx
 from httpx_sse import SSEError, connect_sse
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+from app.embedded import DEFAULT_HOST, DEFAULT_PORT, api_key_path, data_dir_from_environment
+from app.files import atomic_file
+from app.status import TERMINAL_STATUSES
+
 # Events stream over a connection that may stay quiet for a while: the server sends keep-alive
 # comments when idle, so a read that waits this long means the connection is gone.
 STREAM_READ_TIMEOUT_S = 90.0
@@ -109,27 +109,11 @@ def resolve_api_key(api_key: str | None = None) -> str | None:
         return api_key
     if os.environ.get("DDPM_API_KEY"):
         return os.environ["DDPM_API_KEY"].strip()
-    path = embedded_key_file()
-    if path is not None and path.is_file():
+    path = api_key_path(data_dir_from_environment())
+    if path.is_file():
         with contextlib.suppress(OSError):
             return path.read_text().strip() or None
     return None
-
-
-def embedded_key_file() -> Path | None:
-    """Where the embedded default saved its admin key, by the service's own rule (app/cli.py)."""
-    # Imported here: the service's settings and CLI are only needed when no key was given.
-    from pydantic import ValidationError
-
-    from app.cli import api_key_file
-    from app.config import Settings
-
-    try:
-        # Only data_dir is read; development mode skips the server-side secret checks, which
-        # are about the service's configuration, not about finding a key file.
-        return api_key_file(Settings(env="development"))
-    except ValidationError:
-        return None
 
 
 class DdpmClient:
@@ -418,28 +402,19 @@ def _stream_to_file(
     total: int,
     progress: Callable[[int, int], None] | None,
 ) -> None:
-    """Write the body to a temporary file beside `target`; rename it into place only if its
-    sha256 is `sha256`. Whatever goes wrong, the temporary file does not stay behind."""
+    """Write the body crash-safely to `target` (app.files.atomic_file), renamed into place only
+    if its sha256 is `sha256`. Whatever goes wrong, the temporary file does not stay behind."""
     target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     done = 0
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in response.iter_bytes(CHUNK_BYTES):
-                out.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, total)
-            out.flush()
-            os.fsync(out.fileno())
+    with atomic_file(target, suffix=".part") as out:
+        for chunk in response.iter_bytes(CHUNK_BYTES):
+            out.write(chunk)
+            digest.update(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
         if digest.hexdigest() != sha256:
             raise ChecksumMismatch(
                 f"downloaded {done} bytes with sha256 {digest.hexdigest()}, expected {sha256}; nothing was saved"
             )
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -15,7 +15,6 @@ import csv
 import functools
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-import yaml
 from rich.console import Console
 from rich.panel import Panel
 from rich.progress import (
@@ -41,20 +39,14 @@ from rich.progress import (
 from rich.table import Table
 
 from app.client.api import ApiError, DdpmClient, DdpmError, Event, format_detail
+from app.spec_file import SpecFileError, parse_spec_document, read_spec_document
+from app.status import JobStatus
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Drive ddpm-jobs training jobs.")
 out = Console()
 err = Console(stderr=True)
 
 STATUS_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "magenta"}
-
-
-class JobStatus(StrEnum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
 
 
 class Sampler(StrEnum):
@@ -100,30 +92,6 @@ def reports_errors(command: F) -> F:
 
 
 # --- submit ------------------------------------------------------------------------------------
-class SpecLoader(yaml.SafeLoader):
-    """YAML 1.1 reads `2e-4` as a string (its floats need a dot); specs mean a number."""
-
-
-SpecLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def load_spec(text: str, source: str) -> dict[str, Any]:
-    """A spec from JSON or YAML text (JSON is read as YAML's flow style)."""
-    try:
-        spec = yaml.load(text, Loader=SpecLoader)  # a SafeLoader subclass: plain data only
-    except yaml.YAMLError as exc:
-        raise DdpmError(f"{source} is neither JSON nor YAML: {exc}") from exc
-    if spec is None:
-        spec = {}
-    if not isinstance(spec, dict):
-        raise DdpmError(f"{source} must hold a mapping (the job spec), not {type(spec).__name__}")
-    return spec
-
-
 @app.command()
 @reports_errors
 def submit(
@@ -135,14 +103,13 @@ def submit(
     ),
 ) -> None:
     """Queue a training job and print its id."""
-    if spec_file == "-":
-        text, source = sys.stdin.read(), "stdin"
-    else:
-        try:
-            text, source = Path(spec_file).read_text(), spec_file
-        except OSError as exc:
-            raise DdpmError(f"cannot read {spec_file}: {exc.strerror}") from exc
-    spec = load_spec(text, source)
+    try:
+        if spec_file == "-":
+            spec = parse_spec_document(sys.stdin.read(), "stdin")
+        else:
+            spec = read_spec_document(Path(spec_file))
+    except SpecFileError as exc:
+        raise DdpmError(str(exc)) from exc
     if name is not None:
         spec["name"] = name
     with client_for(ctx) as client:

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from app.client import DdpmClient
 from app.client import cli as cli_module
-from app.client.cli import app, load_spec
+from app.client.cli import app
+from tests.app.test_spec_file import SCIENTIFIC_JSON, SCIENTIFIC_YAML
 from tests.client.conftest import RunningApi, TrainedJob
 from tests.client.sse_server import sse
 
@@ -41,13 +42,31 @@ def assert_clean_error(result, *fragments: str) -> None:
 
 
 class TestSpecFiles:
-    def test_yaml_scientific_notation_is_a_float(self) -> None:
-        spec = load_spec("training:\n  learning_rate: 2e-4\n  beta: 1.5E+3\n  steps: 10\nname: '1e3'\n", "s.yaml")
-        assert spec == {"training": {"learning_rate": 2e-4, "beta": 1500.0, "steps": 10}, "name": "1e3"}
+    """How the file is read is app.spec_file's (tests/app/test_spec_file.py); here, that submit uses it."""
 
-    def test_json_and_empty(self) -> None:
-        assert load_spec('{"training": {"learning_rate": 2e-4}}', "s.json") == {"training": {"learning_rate": 2e-4}}
-        assert load_spec("", "empty.yaml") == {}
+    @pytest.fixture
+    def sent(self, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+        bodies: list[dict] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            bodies.append(json.loads(request.content))
+            return httpx.Response(201, json={"id": "j1", "status": "queued", "total_steps": 10})
+
+        use_transport(monkeypatch, handler)
+        return bodies
+
+    def test_yaml_scientific_notation_is_sent_as_its_json_equivalent(self, sent: list[dict], tmp_path: Path) -> None:
+        (tmp_path / "spec.yaml").write_text(SCIENTIFIC_YAML)
+        (tmp_path / "spec.json").write_text(json.dumps(SCIENTIFIC_JSON))
+        for name in ("spec.yaml", "spec.json"):
+            result = ddpm(None, "k", "submit", str(tmp_path / name))
+            assert result.exit_code == 0, result.output
+        assert sent == [SCIENTIFIC_JSON, SCIENTIFIC_JSON]
+
+    def test_yaml_from_stdin(self, sent: list[dict]) -> None:
+        result = ddpm(None, "k", "submit", "-", "--name", "piped", stdin=SCIENTIFIC_YAML)
+        assert result.exit_code == 0, result.output
+        assert sent == [SCIENTIFIC_JSON | {"name": "piped"}]
 
     def test_not_a_mapping(self) -> None:
         result = ddpm(None, "k", "submit", "-", stdin="- a\n- b\n")

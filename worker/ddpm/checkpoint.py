@@ -1,4 +1,4 @@
-"""Checkpoint files: crash-safe writes and safetensors (de)serialisation. Nothing here unpickles.
+"""Checkpoint files: safetensors (de)serialisation, written crash-safely. Nothing here unpickles.
 
 Each checkpoint is two files in the job's checkpoint directory:
 
@@ -6,16 +6,14 @@ Each checkpoint is two files in the job's checkpoint directory:
   rebuild the network (``unet_config``) and what produced it (``spec``, ``step``).
 - ``step-XXXXXXXX.state.safetensors``: everything else an exact resume needs (raw weights,
   optimizer, EMA, RNG states). Never served; written first, so a weights file always has one.
+
+Both are written with `app.files.atomic_write` (temporary file, fsync, rename, fsync the directory).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
+
+from app.files import atomic_write
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -39,43 +39,6 @@ class CheckpointError(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # Files
-
-
-def atomic_write(path: Path | str, data: bytes) -> str:
-    """Write `data` to `path` so that a crash leaves either the old file or the whole new one.
-
-    Temp file in the same directory -> write, flush, fsync -> os.replace -> fsync the directory
-    (so the rename itself survives a power cut). Returns the sha256 hex digest of `data`.
-    """
-    path = Path(path)
-    digest = hashlib.sha256(data).hexdigest()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return digest
-
-
-def sha256_file(path: Path | str, chunk_size: int = 1 << 20) -> str:
-    """sha256 hex digest of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_path(checkpoint_dir: Path, step: int) -> Path:

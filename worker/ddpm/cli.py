@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 from pydantic import ValidationError
 
 from app.spec import JobSpec
+from app.spec_file import read_spec_document
 from worker.ddpm.checkpoint import CheckpointError, load_unet, prune_checkpoints
 from worker.ddpm.data import DatasetError
 from worker.ddpm.sampling import sample_images, save_grid_png
@@ -19,14 +18,6 @@ from worker.ddpm.sink import MetricPoint, SavedCheckpoint, SavedSample
 from worker.ddpm.trainer import NonFiniteLossError, resolve_device, train
 
 app = typer.Typer(add_completion=False, help=__doc__)
-
-
-def load_spec(path: Path) -> JobSpec:
-    """A JobSpec from a .json, .yaml or .yml file."""
-    text = path.read_text()
-    if path.suffix.lower() in {".yaml", ".yml"}:
-        return JobSpec.model_validate(yaml.safe_load(text) or {})
-    return JobSpec.model_validate(json.loads(text))
 
 
 @dataclass
@@ -61,10 +52,11 @@ def run(
 ) -> None:
     """Train SPEC_FILE, printing one line per metric point and checkpoint; then write DIR/samples.png."""
     try:
-        spec = load_spec(spec_file)
+        # Read as `ddpm submit` reads it, so the same file is the same spec here and in the service.
+        spec = JobSpec.model_validate(read_spec_document(spec_file))
         sink = PrintingSink(out=out, keep=spec.training.keep_checkpoints)
         result = train(spec, out, sink, resume_from=resume, device=device)
-    except (ValidationError, ValueError, yaml.YAMLError, DatasetError, CheckpointError, NonFiniteLossError) as e:
+    except (ValidationError, ValueError, DatasetError, CheckpointError, NonFiniteLossError) as e:
         typer.echo(f"ddpm-train: {e}", err=True)
         raise typer.Exit(1) from e
     typer.echo(f"done at step {result.final_step}, last loss {result.last_loss}")

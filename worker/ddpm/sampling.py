@@ -13,8 +13,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from PIL import Image
 
+from app.files import atomic_write
 from app.spec import JobSpec
-from worker.ddpm.checkpoint import atomic_write
 from worker.ddpm.data import to_uint8
 from worker.ddpm.schedule import NoiseSchedule
 

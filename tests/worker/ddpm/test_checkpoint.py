@@ -1,10 +1,8 @@
-"""Crash-safe writes and safetensors checkpoints."""
+"""Safetensors checkpoints (crash-safe writes themselves: tests/app/test_files.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,53 +12,19 @@ import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load, load_file, save
 
+from app.files import atomic_write, sha256_file
 from app.spec import JobSpec
 from worker.ddpm import checkpoint
 from worker.ddpm.checkpoint import (
     CheckpointError,
-    atomic_write,
     list_checkpoints,
     load_state,
     load_unet,
     prune_checkpoints,
     read_metadata,
-    sha256_file,
 )
 from worker.ddpm.model import build_unet, unet_config
 from worker.ddpm.trainer import train
-
-
-class TestAtomicWrite:
-    def test_writes_and_returns_sha256(self, tmp_path: Path) -> None:
-        target = tmp_path / "f.bin"
-        digest = atomic_write(target, b"hello")
-        assert target.read_bytes() == b"hello"
-        assert digest == hashlib.sha256(b"hello").hexdigest() == sha256_file(target)
-        assert os.listdir(tmp_path) == ["f.bin"]
-
-    def test_crash_before_rename_keeps_old_file_and_no_temp(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        target = tmp_path / "f.bin"
-        atomic_write(target, b"old")
-
-        def crash(*args: object) -> None:
-            raise OSError("disk on fire")
-
-        monkeypatch.setattr(checkpoint.os, "replace", crash)
-        with pytest.raises(OSError, match="disk on fire"):
-            atomic_write(target, b"new" * 1000)
-        assert target.read_bytes() == b"old"
-        assert os.listdir(tmp_path) == ["f.bin"]
-
-    def test_crash_during_write_leaves_no_file(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        def crash(fd: int) -> None:
-            raise OSError("fsync failed")
-
-        monkeypatch.setattr(checkpoint.os, "fsync", crash)
-        with pytest.raises(OSError, match="fsync failed"):
-            atomic_write(tmp_path / "f.bin", b"data")
-        assert os.listdir(tmp_path) == []
 
 
 class TestTrainedCheckpoint:

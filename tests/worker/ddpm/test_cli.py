@@ -11,7 +11,8 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from worker.ddpm.checkpoint import sha256_file
+from app.files import sha256_file
+from worker.ddpm.checkpoint import read_metadata
 from worker.ddpm.cli import app, main
 
 SPEC = {
@@ -19,6 +20,21 @@ SPEC = {
     "model": {"preset": "custom", "channels": [16, 32], "norm_groups": 8},
     "diffusion": {"timesteps": 10},
     "training": {"steps": 4, "batch_size": 8, "log_every": 2, "checkpoint_every": 1, "keep_checkpoints": 2},
+}
+
+
+# The same spec twice: YAML with scientific notation that YAML 1.1 reads as strings, and JSON.
+SCIENTIFIC_YAML = """\
+dataset: {image_size: 8}
+model: {preset: custom, channels: [16, 32], norm_groups: 8}
+diffusion: {timesteps: 10, beta_start: 1e-4, beta_end: .2e-1}
+training: {steps: 1, batch_size: 8, learning_rate: 2e-4, weight_decay: 1E-2, grad_clip: 1.5e3}
+"""
+SCIENTIFIC_JSON = {
+    "dataset": {"image_size": 8},
+    "model": {"preset": "custom", "channels": [16, 32], "norm_groups": 8},
+    "diffusion": {"timesteps": 10, "beta_start": 0.0001, "beta_end": 0.02},
+    "training": {"steps": 1, "batch_size": 8, "learning_rate": 0.0002, "weight_decay": 0.01, "grad_clip": 1500.0},
 }
 
 
@@ -68,6 +84,19 @@ class TestTrainCommand:
         assert second.exit_code == 0, second.output
         assert "step        4" in second.output and "step        2" not in second.output
         assert (out / "samples.png").exists()
+
+    def test_yaml_scientific_notation_trains_the_json_equivalent(self, tmp_path: Path, runner: CliRunner) -> None:
+        # PyYAML alone reads `2e-4` as a string, which the strict spec refused; `ddpm submit` did not.
+        (tmp_path / "spec.yaml").write_text(SCIENTIFIC_YAML)
+        (tmp_path / "spec.json").write_text(json.dumps(SCIENTIFIC_JSON))
+        trained = []
+        for name in ("spec.yaml", "spec.json"):
+            out = tmp_path / name.replace(".", "-")
+            result = runner.invoke(app, [str(tmp_path / name), "--out", str(out), "--device", "cpu", "--samples", "0"])
+            assert result.exit_code == 0, result.output
+            trained.append(json.loads(read_metadata(out / "step-00000001.safetensors")["spec"]))
+        assert trained[0] == trained[1]
+        assert trained[0]["training"]["learning_rate"] == 2e-4 and trained[0]["diffusion"]["beta_end"] == 0.02
 
     def test_bad_dataset_is_a_clean_error(self, tmp_path: Path, runner: CliRunner) -> None:
         spec_file = tmp_path / "spec.json"

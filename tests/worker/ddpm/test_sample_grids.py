@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from worker.ddpm.checkpoint import sha256_file
+from app.files import sha256_file
 from worker.ddpm.sampling import sample_images
 from worker.ddpm.sink import SavedSample
 from worker.ddpm.trainer import train

@@ -10,8 +10,8 @@ import torch
 from diffusers import DDPMPipeline
 from PIL import Image
 
+from app.files import sha256_file
 from app.spec import JobSpec
-from worker.ddpm.checkpoint import sha256_file
 from worker.ddpm.model import build_unet
 from worker.ddpm.sampling import make_scheduler, sample_images, save_grid_png
 
