@@ -74,6 +74,13 @@ log = logging.getLogger(__name__)
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a NaN/inf loss or gradient; training cannot go on."""
 
+    @classmethod
+    def at(cls, step: int, max_nonfinite: int) -> NonFiniteLossError:
+        return cls(
+            f"non-finite loss at step {step} ({max_nonfinite} consecutive steps skipped; "
+            "lower training.learning_rate or training.grad_clip, or check the data)"
+        )
+
 
 def learning_rate(step: int, cfg: TrainingSpec) -> float:
     """Linear warm-up from 0 to the peak over `warmup_steps` (1-based step 1 already gets lr/warmup), then constant.
@@ -101,6 +108,13 @@ def compile_options(cfg: TrainingSpec, dev: torch.device, distributed: bool) -> 
     if cfg.compile == "graphs" and dev.type == "cuda" and not distributed:
         return {"mode": "reduce-overhead"}
     return {}
+
+
+def _use_fast_cuda_math() -> None:
+    """TF32 matmuls and convolutions, and cuDNN's autotuner (fixed shapes: it picks the fastest kernels once)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
 
 
 def _memory_format(dev: torch.device) -> torch.memory_format:
@@ -132,9 +146,7 @@ def train(
     ranks = ranks or Ranks()
     dev = resolve_device(device)
     if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
+        _use_fast_cuda_math()
     cfg = spec.training
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +162,7 @@ def train(
     forward_backward = _ForwardBackward(state.model, state.optimizer, dev, compile_options(cfg, dev, distributed))
     step = state.start_step  # optimizer steps done so far
 
-    with _Reporter(spec, checkpoint_dir, sink, step) as reporter:
+    with _Reporter(checkpoint_dir, sink, state) as reporter:
         while step < cfg.steps:
             step += 1
 
@@ -191,11 +203,8 @@ def train(
                 continue
             values = state.window.read()  # SYNC (see Window.read)
             if values.failed_at:
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {values.failed_at} ({max_nonfinite} consecutive steps skipped; "
-                    "lower training.learning_rate or training.grad_clip, or check the data)"
-                )
-            stopped = reporter.report(step, lr, values, due, state) if ranks.is_main else None
+                raise NonFiniteLossError.at(values.failed_at, max_nonfinite)
+            stopped = reporter.report(step, lr, values, due) if ranks.is_main else None
             if distributed and agree_to_stop(stopped is not None, dev):  # SYNC: every rank leaves together
                 return stopped or TrainResult(final_step=step, last_loss=None, stopped=StopReason.followed)
             if stopped is not None:
@@ -293,12 +302,12 @@ class _Reporter:
     Waiting for checkpoint writes and drawing sample grids are kept out of images/s.
     """
 
-    def __init__(self, spec: JobSpec, checkpoint_dir: Path, sink: TrainingSink, start_step: int) -> None:
-        self.spec, self.sink = spec, sink
+    def __init__(self, checkpoint_dir: Path, sink: TrainingSink, state: LiveState) -> None:
+        self.sink, self.state, self.spec = sink, state, state.spec
         self.samples_dir = checkpoint_dir / "samples"
-        self.writer = _CheckpointWriter(checkpoint_dir, unet_config(spec))
+        self.writer = _CheckpointWriter(checkpoint_dir, unet_config(state.spec))
         self.last_loss: float | None = None  # of the latest metric point
-        self._clock_start, self._clock_step = time.perf_counter(), start_step  # where the throughput window began
+        self._clock_start, self._clock_step = time.perf_counter(), state.start_step  # where the throughput window began
 
     def __enter__(self) -> _Reporter:
         return self
@@ -306,7 +315,7 @@ class _Reporter:
     def __exit__(self, *exc_info: object) -> None:
         self.writer.close()
 
-    def report(self, step: int, lr: float, values: WindowValues, due: _Due, state: LiveState) -> TrainResult | None:
+    def report(self, step: int, lr: float, values: WindowValues, due: _Due) -> TrainResult | None:
         """Tell the sink what is new at `step`; the result to end with when it stops training, else None."""
         with self._off_the_clock():
             previous = self.writer.take()
@@ -317,45 +326,46 @@ class _Reporter:
                 return TrainResult(final_step=previous.step, last_loss=self.last_loss, stopped=stop.reason)
         try:
             if due.log:
-                values = self._log(step, lr, values, state)
+                values = self._log(step, lr, values)
             if due.checkpoint:
-                self._checkpoint(step, values, state)
+                self._checkpoint(step, values)
             if due.sample:
-                self._sample(step, state)
+                self._sample(step)
         except StopTraining as stop:
             return TrainResult(final_step=step, last_loss=self.last_loss, stopped=stop.reason)
         return None
 
-    def _log(self, step: int, lr: float, values: WindowValues, state: LiveState) -> WindowValues:
+    def _log(self, step: int, lr: float, values: WindowValues) -> WindowValues:
         """The window's metric point; starts the next window and returns its values."""
         now = time.perf_counter()
         images = (step - self._clock_step) * self.spec.training.batch_size
         point = MetricPoint(step=step, loss=values.mean_loss, lr=lr, images_per_s=images / (now - self._clock_start))
-        values = state.window.start_next(values)
+        values = self.state.window.start_next(values)
         self._clock_start, self._clock_step = now, step
         self.last_loss = point.loss
         try:
             self.sink.on_log(point)
         except StopTraining as stop:
             if stop.reason.checkpoint_first:
-                saved = self.writer.write(state.snapshot(step, values))
+                saved = self.writer.write(self.state.snapshot(step, values))
                 with contextlib.suppress(StopTraining):  # it is stopping already
                     self.sink.on_checkpoint(saved)
             raise
         return values
 
-    def _checkpoint(self, step: int, values: WindowValues, state: LiveState) -> None:
+    def _checkpoint(self, step: int, values: WindowValues) -> None:
         """Tensors copied now, files written in the background: the sink hears of it at the next
         report, or at once when this is the last step."""
         with self._off_the_clock():
             if step == self.spec.training.steps:
-                self.sink.on_checkpoint(self.writer.write(state.snapshot(step, values)))
+                self.sink.on_checkpoint(self.writer.write(self.state.snapshot(step, values)))
             else:
-                self.writer.submit(state.snapshot(step, values))
+                self.writer.submit(self.state.snapshot(step, values))
 
-    def _sample(self, step: int, state: LiveState) -> None:
+    def _sample(self, step: int) -> None:
         """A grid from the EMA weights, drawn while this step's checkpoint is still being written."""
         with self._off_the_clock():
+            state = self.state
             drawn = draw_sample_grid(self.spec, state.unet, state.ema.ema_model, step, self.samples_dir, state.dev)
             previous = self.writer.take()
         if previous is not None:

@@ -32,7 +32,7 @@ class TestCadence:
         result = train(spec, tmp_path, sink, device="cpu")
         assert [p.step for p in sink.points] == [2, 4, 6, 7]
         assert [c.step for c in sink.checkpoints] == [3, 6, 7]
-        assert result == TrainResult(final_step=7, last_loss=sink.points[-1].loss, )
+        assert result == TrainResult(final_step=7, last_loss=sink.points[-1].loss)
         assert _files(tmp_path) == [f"step-{s:08d}{suffix}.safetensors" for s in (3, 6, 7) for suffix in ("", ".state")]
         assert all(p.images_per_s > 0 for p in sink.points)
 
@@ -120,7 +120,7 @@ class TestExactResume:
         spec = tiny_spec(training={"steps": 2})
         train(spec, tmp_path, done, device="cpu")
         result = train(spec, tmp_path, again, device="cpu", resume_from=done.checkpoints[-1].path)
-        assert result == TrainResult(final_step=2, last_loss=None, )
+        assert result == TrainResult(final_step=2, last_loss=None)
         assert again.points == [] and again.checkpoints == []
 
     def test_refuses_a_different_spec(self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any) -> None:
