@@ -364,9 +364,9 @@ class _Reporter:
 
     def _sample(self, step: int) -> None:
         """A grid from the EMA weights, drawn while this step's checkpoint is still being written."""
+        unet, ema = self.state.unet, self.state.ema.ema_model
         with self._off_the_clock():
-            state = self.state
-            drawn = draw_sample_grid(self.spec, state.unet, state.ema.ema_model, step, self.samples_dir, state.dev)
+            drawn = draw_sample_grid(self.spec, unet, ema, step, self.samples_dir, self.state.dev)
             previous = self.writer.take()
         if previous is not None:
             self.sink.on_checkpoint(previous)
