@@ -2,8 +2,11 @@
 
 One step: learning rate -> batch (x0, t, eps) -> x_t -> U-Net forward -> MSE to the target ->
 backward -> clip -> optimizer step -> zero_grad -> EMA update -> (every log_every) metric point
--> (every checkpoint_every, and at the end) checkpoint. Progress leaves through a `TrainingSink`,
-so this module knows nothing about databases or queues.
+-> (every checkpoint_every, and at the end) checkpoint -> (every sample_every) sample grid.
+What the step changes (model, optimizer, EMA, noise generator, metric window) is one `LiveState`
+(worker/ddpm/state.py), which also saves and restores itself for exact resume. Progress leaves
+through a `TrainingSink` (worker/ddpm/sink.py), so this module knows nothing about databases or
+queues; `_Reporter` holds the one rule for what the sink hears when.
 
 Every CPU-GPU synchronisation is marked with ``# SYNC``: they decide the speed on a GPU. A step
 has none: the loss is summed on the device and read once per metric point, a NaN/inf step is
@@ -20,9 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +34,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
-from torch.nn.parallel import DistributedDataParallel
 
 from app.spec import JobSpec, TrainingSpec
-from worker.ddpm.checkpoint import TrainingState, load_state, state_path_for, write_checkpoint
+from worker.ddpm.checkpoint import TrainingState, write_checkpoint
 from worker.ddpm.data import BatchIndexer, load_images, to_model_range
 from worker.ddpm.distributed import Ranks, agree_to_stop, mean_over_ranks
-from worker.ddpm.model import build_unet, unet_config
+from worker.ddpm.model import unet_config
 from worker.ddpm.sampling import sample_images, save_grid_png
 from worker.ddpm.schedule import NoiseSchedule
 from worker.ddpm.sink import (
@@ -49,17 +51,35 @@ from worker.ddpm.sink import (
     TrainingSink,
     TrainResult,
 )
+from worker.ddpm.state import EMA_POWER, LiveState, WindowValues, derive_seed, ema_state_dict
+
+__all__ = [
+    "EMA_POWER",
+    "SAMPLE_GRID_SAMPLER",
+    "SAMPLE_GRID_SEED",
+    "SAMPLE_GRID_STEPS",
+    "NonFiniteLossError",
+    "compile_options",
+    "derive_seed",
+    "draw_sample_grid",
+    "ema_state_dict",
+    "learning_rate",
+    "resolve_device",
+    "train",
+]
 
 log = logging.getLogger(__name__)
-
-# EMA warm-up (diffusers EMAModel, use_ema_warmup): decay_k = min(ema_decay, 1 - (1 + k)^-power).
-# power 3/4 suits runs of up to ~100k steps (0.999 reached at 10k steps); it is what diffusers'
-# unconditional training example uses.
-EMA_POWER = 0.75
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a NaN/inf loss or gradient; training cannot go on."""
+
+    @classmethod
+    def at(cls, step: int, max_nonfinite: int) -> NonFiniteLossError:
+        return cls(
+            f"non-finite loss at step {step} ({max_nonfinite} consecutive steps skipped; "
+            "lower training.learning_rate or training.grad_clip, or check the data)"
+        )
 
 
 def learning_rate(step: int, cfg: TrainingSpec) -> float:
@@ -72,91 +92,8 @@ def learning_rate(step: int, cfg: TrainingSpec) -> float:
     return cfg.learning_rate
 
 
-def derive_seed(seed: int, stream: str) -> int:
-    """An independent 63-bit seed per random stream, so weights, batches and noise never share one."""
-    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
 def resolve_device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-class _Window:
-    """What the loop accumulates between metric points, kept on the device so that a step never
-    waits for the host; read once per metric point or checkpoint (and saved with the state, for
-    exact resume)."""
-
-    def __init__(self, dev: torch.device) -> None:
-        self.loss_sum = torch.zeros((), device=dev)  # sum of the finite losses since the last point
-        self.loss_count = torch.zeros((), dtype=torch.int64, device=dev)  # finite steps since the last point
-        self.nonfinite_streak = torch.zeros((), dtype=torch.int64, device=dev)  # consecutive skipped steps
-        self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=dev)
-        self.failed_at = torch.zeros((), dtype=torch.int64, device=dev)  # step the streak hit the limit; 0: never
-
-    def add(self, step: int, loss: torch.Tensor, finite: torch.Tensor, max_nonfinite: int) -> None:
-        """Count one step; `finite` (0-d bool) says whether its update was applied."""
-        self.loss_sum.add_(torch.where(finite, loss, 0.0))
-        self.loss_count.add_(finite)
-        self.nonfinite_streak.add_(1).mul_(finite.logical_not())
-        self.nonfinite_total.add_(finite.logical_not())
-        self.failed_at.masked_fill_((self.nonfinite_streak >= max_nonfinite) & (self.failed_at == 0), step)
-
-    def read(self) -> _WindowValues:
-        # SYNC: one host read of the window's accumulators (waits for the device to finish the window).
-        mean = self.loss_sum / self.loss_count  # NaN when every step of the window was skipped
-        counters = (self.loss_count, self.nonfinite_streak, self.nonfinite_total, self.failed_at)
-        mean_value, *rest = torch.stack([mean.double(), *(c.double() for c in counters)]).tolist()
-        count, streak, total, failed_at = (int(v) for v in rest)
-        return _WindowValues(mean_value, count, streak, total, failed_at)
-
-    def start_next(self) -> None:
-        self.loss_sum.zero_()
-        self.loss_count.zero_()
-
-    def restore(self, loss_sum: torch.Tensor, values: dict[str, int]) -> None:
-        self.loss_sum.copy_(loss_sum)
-        self.loss_count.fill_(values["loss_count"])
-        self.nonfinite_streak.fill_(values["nonfinite_streak"])
-        self.nonfinite_total.fill_(values["nonfinite_total"])
-
-
-@dataclass(frozen=True)
-class _WindowValues:
-    mean_loss: float
-    loss_count: int
-    nonfinite_streak: int
-    nonfinite_total: int
-    failed_at: int  # 0 unless the streak of skipped steps reached max_nonfinite
-
-
-class _DeviceEMA:
-    """diffusers' `EMAModel` update, with the update count on the device.
-
-    A skipped (non-finite) step must not advance the EMA; keeping the count on the device lets the
-    update be masked (weight 0) instead of branched on with a host read. The decay follows
-    EMAModel.get_decay with use_ema_warmup: 0 for the first update, then min(ema_decay,
-    1 - k^-power) for the k-th. `ema` stays the state's container, so checkpoints keep EMAModel's
-    state_dict format.
-    """
-
-    def __init__(self, ema: EMAModel, params: list[torch.nn.Parameter], decay: float, dev: torch.device) -> None:
-        self.ema, self.params, self.decay = ema, params, decay
-        self.updates = torch.full((), float(ema.optimization_step), dtype=torch.float64, device=dev)
-
-    @torch.no_grad()
-    def step(self, finite: torch.Tensor) -> None:
-        self.updates.add_(finite)  # k, this update included when it applies
-        warm = self.updates - 1  # EMAModel: step = optimization_step - 1
-        decay = torch.where(warm > 0, (1 - (1 + warm) ** -EMA_POWER).clamp(max=self.decay), 0.0)
-        weight = ((1 - decay) * finite).float()  # 0 for a skipped step: the shadow stays exactly as it was
-        delta = torch._foreach_sub(self.params, self.ema.shadow_params)  # p - s
-        torch._foreach_mul_(delta, weight)
-        torch._foreach_add_(self.ema.shadow_params, delta)  # s + w (p - s)
-
-    def sync_to_host(self) -> None:
-        # SYNC: the update count, for EMAModel's state_dict (checkpoints only).
-        self.ema.optimization_step = int(self.updates.item())
 
 
 def compile_options(cfg: TrainingSpec, dev: torch.device, distributed: bool) -> dict[str, Any] | None:
@@ -171,6 +108,13 @@ def compile_options(cfg: TrainingSpec, dev: torch.device, distributed: bool) -> 
     if cfg.compile == "graphs" and dev.type == "cuda" and not distributed:
         return {"mode": "reduce-overhead"}
     return {}
+
+
+def _use_fast_cuda_math() -> None:
+    """TF32 matmuls and convolutions, and cuDNN's autotuner (fixed shapes: it picks the fastest kernels once)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
 
 
 def _memory_format(dev: torch.device) -> torch.memory_format:
@@ -201,11 +145,8 @@ def train(
     distributed = ranks is not None
     ranks = ranks or Ranks()
     dev = resolve_device(device)
-    on_cuda = dev.type == "cuda"
-    if on_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
+    if dev.type == "cuda":
+        _use_fast_cuda_math()
     cfg = spec.training
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -216,193 +157,236 @@ def train(
     batches = BatchIndexer(len(images), cfg.batch_size, derive_seed(cfg.seed, "batches"), dev)
     schedule = NoiseSchedule(spec.diffusion).to(dev)
 
-    # Model, optimizer, EMA, noise generator. Fused AdamW (CPU and CUDA): one kernel per step, and
-    # its `found_inf` input skips a non-finite step on the device (see the update below).
-    torch.manual_seed(cfg.seed)
-    unet = build_unet(spec).to(dev, memory_format=layout).train()
-    params = list(unet.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
-    skip = torch.zeros((), device=dev)  # 1.0 while the current step's loss or gradient is NaN/inf
-    optimizer.found_inf = skip  # read by AdamW.step(): the fused kernel leaves everything as it was
-    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=EMA_POWER, foreach=True)
-    noise = torch.Generator(dev).manual_seed(derive_seed(cfg.seed, "noise"))  # draws t and eps
-    window = _Window(dev)
-    step = 0  # optimizer steps done so far
-    if resume_from is not None:
-        step = _restore(Path(resume_from), spec, unet, optimizer, ema, noise, window, dev)
-    if not ranks.is_main:
-        # Dropout draws from the global RNG: other ranks draw other masks (rank 0 keeps the
-        # single-process stream, which is what the checkpoint saves), reproducibly per resume step.
-        torch.manual_seed(derive_seed(cfg.seed, f"rank-{ranks.rank}-from-{step}"))
-    ema_update = _DeviceEMA(ema, params, cfg.ema_decay, dev)
-    # DDP broadcasts rank 0's weights at construction and averages gradients in backward.
-    model = DistributedDataParallel(unet, gradient_as_bucket_view=True) if distributed else unet
+    # Model, optimizer, EMA, noise generator and metric window: fresh, or resumed from a checkpoint.
+    state = LiveState.build(spec, dev, layout=layout, ranks=ranks, distributed=distributed, resume_from=resume_from)
+    forward_backward = _ForwardBackward(state.model, state.optimizer, dev, compile_options(cfg, dev, distributed))
+    step = state.start_step  # optimizer steps done so far
 
-    def forward_loss(x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # bf16 autocast for the forward pass on CUDA; the loss is computed in fp32. CPU stays fp32.
-        # (The context is entered here, not built outside, so that torch.compile traces it.)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_cuda):
-            prediction = model(x_t, t, return_dict=False)[0]  # (B, C, H, W)
-        return F.mse_loss(prediction.float(), target)
-
-    options = compile_options(cfg, dev, distributed)
-    graphs = options is not None and options.get("mode") == "reduce-overhead"
-    loss_of = torch.compile(forward_loss, **options) if options is not None else forward_loss
-    compile_checked = loss_of is forward_loss
-
-    writer = _CheckpointWriter(checkpoint_dir, unet_config(spec))
-    last_loss: float | None = None
-    window_start, window_images = time.perf_counter(), 0
-
-    def report(
-        step: int, lr: float, values: _WindowValues, log_now: bool, checkpoint_now: bool, sample_now: bool
-    ) -> TrainResult | None:
-        """Rank 0's side of a report step: tell the sink what is new, in step order. Returns the
-        result to end with when the sink stops training, None to go on."""
-        nonlocal window_start, window_images, last_loss
-        # The previous checkpoint is committed (its files are whole by now) before anything newer
-        # is reported. A stop there ends the run at that checkpoint's step.
-        wait_start = time.perf_counter()
-        previous = writer.take()
-        window_start += time.perf_counter() - wait_start  # keep checkpoint writes out of images/s
-        if previous is not None:
-            try:
-                sink.on_checkpoint(previous)
-            except StopTraining as stop:
-                return TrainResult(final_step=previous.step, last_loss=last_loss, stopped=stop.reason)
-
-        # Metric point.
-        if log_now:
-            now = time.perf_counter()
-            point = MetricPoint(
-                step=step, loss=values.mean_loss, lr=lr, images_per_s=window_images / (now - window_start)
-            )
-            window.start_next()
-            values = _WindowValues(float("nan"), 0, values.nonfinite_streak, values.nonfinite_total, 0)
-            window_start, window_images = now, 0
-            last_loss = point.loss
-            try:
-                sink.on_log(point)
-            except StopTraining as stop:
-                if stop.reason.checkpoint_first:
-                    writer.submit(_snapshot(spec, step, unet, optimizer, ema_update, noise, window, values, dev))
-                    saved = writer.take()
-                    assert saved is not None
-                    with contextlib.suppress(StopTraining):
-                        sink.on_checkpoint(saved)
-                return TrainResult(final_step=step, last_loss=last_loss, stopped=stop.reason)
-
-        # Checkpoint: tensors copied here, files written in the background; the sink hears of it
-        # at the next metric point or checkpoint, or below when this is the last step.
-        if checkpoint_now:
-            save_start = time.perf_counter()
-            writer.submit(_snapshot(spec, step, unet, optimizer, ema_update, noise, window, values, dev))
-            if step == cfg.steps:
-                saved = writer.take()
-                assert saved is not None
-                try:
-                    sink.on_checkpoint(saved)
-                except StopTraining as stop:
-                    return TrainResult(final_step=step, last_loss=last_loss, stopped=stop.reason)
-            window_start += time.perf_counter() - save_start  # keep saving out of images/s
-
-        # Sample grid from the EMA weights, with a fixed seed so grids compare over time.
-        if sample_now:
-            sample_start = time.perf_counter()
-            drawn = draw_sample_grid(spec, unet, ema, step, checkpoint_dir / "samples", dev)
-            # A checkpoint still being written is reported first: the sink hears of everything
-            # in (step, checkpoint-before-sample) order, which is the order live watchers read.
-            previous = writer.take()
-            window_start += time.perf_counter() - sample_start  # keep sampling out of images/s
-            try:
-                if previous is not None:
-                    sink.on_checkpoint(previous)
-                sink.on_sample(drawn)
-            except StopTraining as stop:
-                return TrainResult(final_step=step, last_loss=last_loss, stopped=stop.reason)
-        return None
-
-    try:
+    with _Reporter(checkpoint_dir, sink, state) as reporter:
         while step < cfg.steps:
             step += 1
 
             # Learning rate for this step.
             lr = learning_rate(step, cfg)
-            for group in optimizer.param_groups:
+            for group in state.optimizer.param_groups:
                 group["lr"] = lr
 
             # Batch: clean images, a timestep per image, Gaussian noise; x_t by eq. 4 of Ho et al. 2020.
             # Every rank draws the whole global batch's t and eps (the same numbers, same seed) and
             # keeps its share; one process keeps it all.
             x0 = to_model_range(images[ranks.share(batches.indices(step - 1))])  # (B/k, C, H, W) in [-1, 1]
-            t = torch.randint(0, spec.diffusion.timesteps, (cfg.batch_size,), generator=noise, device=dev)  # (B,)
-            eps = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=noise, device=dev)  # (B, C, H, W)
+            t = torch.randint(0, spec.diffusion.timesteps, (cfg.batch_size,), generator=state.noise, device=dev)  # (B,)
+            eps = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=state.noise, device=dev)  # (B, C, H, W)
             t, eps = ranks.share(t), ranks.share(eps)  # (B/k,), (B/k, C, H, W)
             x_t = schedule.add_noise(x0, eps, t).contiguous(memory_format=layout)  # (B, C, H, W)
             target = schedule.target(x0, eps, t)  # (B, C, H, W)
 
             # Forward / backward (compiled on CUDA; the first call compiles, and falls back to eager if that fails).
-            if graphs:
-                torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs are done with
-            if compile_checked:
-                loss = loss_of(x_t, t, target)
-                loss.backward()
-            else:
-                try:
-                    loss = loss_of(x_t, t, target)
-                    loss.backward()
-                except Exception as exc:
-                    log.warning("torch.compile failed (%s: %s); training without compilation", type(exc).__name__, exc)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss_of = forward_loss
-                    loss = loss_of(x_t, t, target)
-                    loss.backward()
-                compile_checked = True
+            loss = forward_backward(x_t, t, target)
             loss = mean_over_ranks(loss) if distributed else loss.detach()  # the global batch's loss
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.grad_clip)
 
             # Update, unless the loss or gradient is NaN/inf: skipping keeps weights, optimizer moments
             # and EMA clean. No host read: the fused AdamW kernel skips itself when `found_inf` is 1
             # (and undoes its step count), the EMA update gets weight 0, and the streak of skipped
             # steps is checked at the next metric point or checkpoint.
             finite = torch.isfinite(loss) & torch.isfinite(grad_norm)  # 0-d bool, on the device
-            skip.copy_(finite.logical_not())
-            optimizer.step()
-            ema_update.step(finite)
-            window.add(step, loss, finite, max_nonfinite)
-            optimizer.zero_grad(set_to_none=True)
-            window_images += cfg.batch_size
+            state.skip.copy_(finite.logical_not())
+            state.optimizer.step()
+            state.ema.step(finite)
+            state.window.add(step, loss, finite, max_nonfinite)
+            state.optimizer.zero_grad(set_to_none=True)
 
-            log_now = step % cfg.log_every == 0 or step == cfg.steps
-            checkpoint_now = step % cfg.checkpoint_every == 0 or step == cfg.steps
-            sample_now = cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == cfg.steps)
-            if not (log_now or checkpoint_now or sample_now):
+            # Report (metric point, checkpoint, sample grid) when one is due.
+            due = _Due.at(step, cfg)
+            if not due:
                 continue
-            values = window.read()  # SYNC (see _Window.read)
+            values = state.window.read()  # SYNC (see Window.read)
             if values.failed_at:
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {values.failed_at} ({max_nonfinite} consecutive steps skipped; "
-                    "lower training.learning_rate or training.grad_clip, or check the data)"
-                )
-            stopped = report(step, lr, values, log_now, checkpoint_now, sample_now) if ranks.is_main else None
+                raise NonFiniteLossError.at(values.failed_at, max_nonfinite)
+            stopped = reporter.report(step, lr, values, due) if ranks.is_main else None
             if distributed and agree_to_stop(stopped is not None, dev):  # SYNC: every rank leaves together
                 return stopped or TrainResult(final_step=step, last_loss=None, stopped=StopReason.followed)
             if stopped is not None:
                 return stopped
-            if log_now and not ranks.is_main:
-                window.start_next()
-    finally:
-        writer.close()
+            if due.log and not ranks.is_main:
+                state.window.start_next(values)
 
-    return TrainResult(final_step=step, last_loss=last_loss)
+    return TrainResult(final_step=step, last_loss=reporter.last_loss)
+
+
+class _ForwardBackward:
+    """The forward pass, the loss and its backward: compiled as `compile_options` says, else eager.
+
+    The first compiled call is checked: when compilation fails (inductor raises many kinds of
+    errors, hence the broad except), the step's gradients are dropped, it is redone eagerly, and
+    training goes on uncompiled: the same computation, so the same losses.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dev: torch.device,
+        options: dict[str, Any] | None,
+    ) -> None:
+        on_cuda = dev.type == "cuda"
+
+        def forward_loss(x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            # bf16 autocast for the forward pass on CUDA; the loss is computed in fp32. CPU stays fp32.
+            # (The context is entered here, not built outside, so that torch.compile traces it.)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_cuda):
+                prediction = model(x_t, t, return_dict=False)[0]  # (B, C, H, W)
+            return F.mse_loss(prediction.float(), target)
+
+        self.optimizer = optimizer
+        self.eager: Callable[..., torch.Tensor] = forward_loss
+        self.loss_of: Callable[..., torch.Tensor] = (
+            torch.compile(forward_loss, **options) if options is not None else forward_loss
+        )
+        self.checked = self.loss_of is forward_loss  # eager: nothing to check
+        self.graphs = options is not None and options.get("mode") == "reduce-overhead"  # CUDA graphs
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """This step's loss (0-d, on the device), its gradients accumulated into the parameters."""
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs are done with
+        if self.checked:
+            return self._loss_and_backward(x_t, t, target)
+        try:
+            loss = self._loss_and_backward(x_t, t, target)
+        except Exception as exc:
+            log.warning("torch.compile failed (%s: %s); training without compilation", type(exc).__name__, exc)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.loss_of = self.eager
+            loss = self._loss_and_backward(x_t, t, target)
+        self.checked = True
+        return loss
+
+    def _loss_and_backward(self, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.loss_of(x_t, t, target)
+        loss.backward()
+        return loss
+
+
+@dataclass(frozen=True)
+class _Due:
+    """Which reports fall on a step; the last step has all of them (a sample grid only if grids are on)."""
+
+    log: bool
+    checkpoint: bool
+    sample: bool
+
+    @classmethod
+    def at(cls, step: int, cfg: TrainingSpec) -> _Due:
+        last = step == cfg.steps
+        return cls(
+            log=step % cfg.log_every == 0 or last,
+            checkpoint=step % cfg.checkpoint_every == 0 or last,
+            sample=cfg.sample_every > 0 and (step % cfg.sample_every == 0 or last),
+        )
+
+    def __bool__(self) -> bool:
+        return self.log or self.checkpoint or self.sample
+
+
+class _Reporter:
+    """Rank 0's side of a report step: what the sink hears and when, and the throughput clock.
+
+    The rule, stated here once: the sink hears of everything in step order, a checkpoint before the
+    sample grid of its step (the order live watchers read). So a checkpoint still being written in
+    the background is reported, once its files are whole, before anything newer: a metric point, a
+    checkpoint or a sample grid. A `StopTraining` from the sink ends the run at the step of what it
+    was just told (that pending checkpoint's step, else this step); a stop at a metric point whose
+    reason is `checkpoint_first` (a shutdown) first saves and reports a checkpoint of this step.
+    Waiting for checkpoint writes and drawing sample grids are kept out of images/s.
+    """
+
+    def __init__(self, checkpoint_dir: Path, sink: TrainingSink, state: LiveState) -> None:
+        self.sink, self.state, self.spec = sink, state, state.spec
+        self.samples_dir = checkpoint_dir / "samples"
+        self.writer = _CheckpointWriter(checkpoint_dir, unet_config(state.spec))
+        self.last_loss: float | None = None  # of the latest metric point
+        self._clock_start, self._clock_step = time.perf_counter(), state.start_step  # where the throughput window began
+
+    def __enter__(self) -> _Reporter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.writer.close()
+
+    def report(self, step: int, lr: float, values: WindowValues, due: _Due) -> TrainResult | None:
+        """Tell the sink what is new at `step`; the result to end with when it stops training, else None."""
+        with self._off_the_clock():
+            previous = self.writer.take()
+        if previous is not None:
+            try:
+                self.sink.on_checkpoint(previous)
+            except StopTraining as stop:
+                return TrainResult(final_step=previous.step, last_loss=self.last_loss, stopped=stop.reason)
+        try:
+            if due.log:
+                values = self._log(step, lr, values)
+            if due.checkpoint:
+                self._checkpoint(step, values)
+            if due.sample:
+                self._sample(step)
+        except StopTraining as stop:
+            return TrainResult(final_step=step, last_loss=self.last_loss, stopped=stop.reason)
+        return None
+
+    def _log(self, step: int, lr: float, values: WindowValues) -> WindowValues:
+        """The window's metric point; starts the next window and returns its values."""
+        now = time.perf_counter()
+        images = (step - self._clock_step) * self.spec.training.batch_size
+        point = MetricPoint(step=step, loss=values.mean_loss, lr=lr, images_per_s=images / (now - self._clock_start))
+        values = self.state.window.start_next(values)
+        self._clock_start, self._clock_step = now, step
+        self.last_loss = point.loss
+        try:
+            self.sink.on_log(point)
+        except StopTraining as stop:
+            if stop.reason.checkpoint_first:
+                saved = self.writer.write(self.state.snapshot(step, values))
+                with contextlib.suppress(StopTraining):  # it is stopping already
+                    self.sink.on_checkpoint(saved)
+            raise
+        return values
+
+    def _checkpoint(self, step: int, values: WindowValues) -> None:
+        """Tensors copied now, files written in the background: the sink hears of it at the next
+        report, or at once when this is the last step."""
+        with self._off_the_clock():
+            if step == self.spec.training.steps:
+                self.sink.on_checkpoint(self.writer.write(self.state.snapshot(step, values)))
+            else:
+                self.writer.submit(self.state.snapshot(step, values))
+
+    def _sample(self, step: int) -> None:
+        """A grid from the EMA weights, drawn while this step's checkpoint is still being written."""
+        unet, ema = self.state.unet, self.state.ema.ema_model
+        with self._off_the_clock():
+            drawn = draw_sample_grid(self.spec, unet, ema, step, self.samples_dir, self.state.dev)
+            previous = self.writer.take()
+        if previous is not None:
+            self.sink.on_checkpoint(previous)
+        self.sink.on_sample(drawn)
+
+    @contextlib.contextmanager
+    def _off_the_clock(self) -> Iterator[None]:
+        """Keep the time spent inside out of images/s."""
+        start = time.perf_counter()
+        yield
+        self._clock_start += time.perf_counter() - start
 
 
 class _CheckpointWriter:
     """Serialises and writes one checkpoint at a time on a background thread.
 
-    The training thread hands over host copies of the tensors (`_snapshot`) and goes on training;
-    `take()` waits for the write and returns what was written (re-raising a failed write), so the
-    caller tells the sink only about whole files. A second `submit` waits for the first to be taken.
+    The training thread hands over host copies of the tensors (`LiveState.snapshot`) and goes on
+    training; `take()` waits for the write and returns what was written (re-raising a failed write),
+    so the caller tells the sink only about whole files. A second `submit` waits for the first to
+    be taken.
     """
 
     def __init__(self, checkpoint_dir: Path, config: dict[str, Any]) -> None:
@@ -417,6 +401,13 @@ class _CheckpointWriter:
     def take(self) -> SavedCheckpoint | None:
         pending, self._pending = self._pending, None
         return pending.result() if pending is not None else None
+
+    def write(self, snapshot: tuple[dict[str, torch.Tensor], TrainingState]) -> SavedCheckpoint:
+        """Submit and wait: for a checkpoint reported at once (the last step, a shutdown)."""
+        self.submit(snapshot)
+        saved = self.take()
+        assert saved is not None
+        return saved
 
     def close(self) -> None:
         """Wait for a write still running (so no file appears after `train` returns)."""
@@ -440,8 +431,9 @@ SAMPLE_GRID_SAMPLER, SAMPLE_GRID_STEPS, SAMPLE_GRID_SEED = "ddim", 50, 0
 def draw_sample_grid(
     spec: JobSpec, unet: torch.nn.Module, ema: EMAModel, step: int, out_dir: Path, dev: torch.device
 ) -> SavedSample:
-    """A PNG grid of `sample_count` images drawn from the EMA weights. The copy of the network keeps
-    training's modules and RNG untouched (a fresh U-Net would draw its init from the global RNG)."""
+    """A PNG grid of `sample_count` images drawn from the EMA weights, with a fixed seed so that
+    grids compare over time. The copy of the network keeps training's modules and RNG untouched
+    (a fresh U-Net would draw its init from the global RNG)."""
     sampler_net = copy.deepcopy(unet).eval()
     sampler_net.load_state_dict(ema_state_dict(unet, ema))
     images = sample_images(
@@ -457,132 +449,3 @@ def draw_sample_grid(
     out_dir.mkdir(parents=True, exist_ok=True)
     sha256 = save_grid_png(images, path)
     return SavedSample(step=step, path=path, sha256=sha256, size_bytes=path.stat().st_size)
-
-
-def ema_state_dict(unet: torch.nn.Module, ema: EMAModel) -> dict[str, torch.Tensor]:
-    """The U-Net's state_dict with every parameter replaced by its EMA shadow (what is served)."""
-    served = dict(unet.state_dict())
-    served.update(zip((name for name, _ in unet.named_parameters()), ema.shadow_params, strict=True))
-    return served
-
-
-def _rng_states(noise: torch.Generator, dev: torch.device) -> dict[str, torch.Tensor]:
-    rng = {"torch": torch.get_rng_state(), "noise": noise.get_state()}
-    if dev.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(dev)  # dropout on the GPU draws from here
-    return rng
-
-
-def _host_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copies on the host that training can no longer change (on CPU, `.to("cpu")` alone would alias)."""
-    return {name: t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for name, t in tensors.items()}
-
-
-def _snapshot(
-    spec: JobSpec,
-    step: int,
-    unet: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    ema_update: _DeviceEMA,
-    noise: torch.Generator,
-    window: _Window,
-    values: _WindowValues,
-    dev: torch.device,
-) -> tuple[dict[str, torch.Tensor], TrainingState]:
-    """What a checkpoint writes (served EMA weights, training state), copied to the host."""
-    # SYNC: copying the weights, optimizer moments and EMA to the host (and the EMA's update count).
-    ema_update.sync_to_host()
-    ema = ema_update.ema
-    optimizer_state = optimizer.state_dict()  # references to the live moments: copied below
-    ema_state = ema.state_dict()
-    state = TrainingState(
-        step=step,
-        spec_json=spec.model_dump_json(),
-        model=_host_copy(unet.state_dict()),
-        optimizer={
-            "state": {index: _host_copy(s) for index, s in optimizer_state["state"].items()},
-            "param_groups": optimizer_state["param_groups"],
-        },
-        ema=ema_state | {"shadow_params": list(_host_copy(dict(enumerate(ema_state["shadow_params"]))).values())},
-        rng=_rng_states(noise, dev),
-        tensors=_host_copy({"loss_sum": window.loss_sum}),
-        values={
-            "loss_count": values.loss_count,
-            "nonfinite_streak": values.nonfinite_streak,
-            "nonfinite_total": values.nonfinite_total,
-        },
-    )
-    return _host_copy(ema_state_dict(unet, ema)), state
-
-
-# Spec fields that may change between a checkpoint and its resume: none of them changes what
-# the next step computes (more steps extend a run; logging and checkpoint cadence are reporting).
-_RESUMABLE_CHANGES = frozenset(
-    {
-        "name",
-        "training.steps",
-        "training.log_every",
-        "training.checkpoint_every",
-        "training.keep_checkpoints",
-        "training.compile",  # the same computation, compiled or not
-    }
-)
-
-
-def _flatten(spec: JobSpec) -> dict[str, Any]:
-    """{"training.steps": 2000, "name": None, ...}: one entry per leaf field."""
-    flat: dict[str, Any] = {}
-    for section, values in spec.model_dump().items():
-        if isinstance(values, dict):
-            flat.update({f"{section}.{key}": value for key, value in values.items()})
-        else:
-            flat[section] = values
-    return flat
-
-
-def _restore(
-    weights: Path,
-    spec: JobSpec,
-    unet: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    ema: EMAModel,
-    noise: torch.Generator,
-    window: _Window,
-    dev: torch.device,
-) -> int:
-    """Load the state saved beside `weights` into the freshly built objects; return its step."""
-    state_path = state_path_for(weights)
-    state = load_state(state_path)
-    saved, now = _flatten(JobSpec.model_validate_json(state.spec_json)), _flatten(spec)
-    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES)
-    if changed:
-        raise ValueError(f"cannot resume from {state_path}: the spec differs in {', '.join(changed)}")
-
-    unet.load_state_dict(state.model)
-    # Keep this run's implementation flags (fused on CUDA, not on CPU); restore the rest.
-    flags = ("fused", "foreach", "capturable", "differentiable")
-    groups = [
-        saved_group | {k: group[k] for k in flags if k in group}
-        for saved_group, group in zip(state.optimizer["param_groups"], optimizer.param_groups, strict=True)
-    ]
-    optimizer.load_state_dict({"state": state.optimizer["state"], "param_groups": groups})  # moves state to dev
-    ema.load_state_dict(state.ema)
-    ema.to(dev)
-    params = list(unet.parameters())
-    ema.shadow_params = [_like(shadow, param) for shadow, param in zip(ema.shadow_params, params, strict=True)]
-    for param in params:  # fused AdamW wants the moments in the parameters' memory format
-        moments = optimizer.state[param]
-        moments.update({k: _like(v, param) for k, v in moments.items() if k != "step"})
-
-    torch.set_rng_state(state.rng["torch"])
-    if dev.type == "cuda" and "cuda" in state.rng:
-        torch.cuda.set_rng_state(state.rng["cuda"], dev)
-    noise.set_state(state.rng["noise"])
-
-    window.restore(state.tensors["loss_sum"], state.values)
-    return state.step
-
-
-def _like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """`tensor` (loaded contiguous) in `param`'s memory format (channels_last on CUDA)."""
-    return torch.empty_like(param).copy_(tensor)

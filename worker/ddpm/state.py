@@ -1,0 +1,301 @@
+"""What a training run holds between steps, and how a checkpoint saves and restores it.
+
+`LiveState` is the live side of `worker.ddpm.checkpoint.TrainingState` (the on-disk format): the
+U-Net (under DistributedDataParallel in a multi-GPU job), fused AdamW with its `found_inf` skip
+flag, the EMA of the weights, the generator that draws each step's t and eps, and the metric
+window. `LiveState.build` makes a fresh run or resumes one; `snapshot()` copies the state to the
+host for the checkpoint writer; `restore()` loads a saved state, after which the next step is
+exactly the one that would have followed (same random draws, bit-identical tensors).
+
+Everything a step touches stays on the device, so a step never waits for the host; the reads that
+do wait are marked ``# SYNC``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.training_utils import EMAModel
+from torch.nn.parallel import DistributedDataParallel
+
+from app.spec import JobSpec
+from worker.ddpm.checkpoint import TrainingState, load_state, state_path_for
+from worker.ddpm.distributed import Ranks
+from worker.ddpm.model import build_unet
+
+# EMA warm-up (diffusers EMAModel, use_ema_warmup): decay_k = min(ema_decay, 1 - (1 + k)^-power).
+# power 3/4 suits runs of up to ~100k steps (0.999 reached at 10k steps); it is what diffusers'
+# unconditional training example uses.
+EMA_POWER = 0.75
+
+
+def derive_seed(seed: int, stream: str) -> int:
+    """An independent 63-bit seed per random stream, so weights, batches and noise never share one."""
+    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+class Window:
+    """What the loop accumulates between metric points, kept on the device so that a step never
+    waits for the host; read once per metric point or checkpoint (and saved with the state, for
+    exact resume)."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=dev)  # sum of the finite losses since the last point
+        self.loss_count = torch.zeros((), dtype=torch.int64, device=dev)  # finite steps since the last point
+        self.nonfinite_streak = torch.zeros((), dtype=torch.int64, device=dev)  # consecutive skipped steps
+        self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=dev)
+        self.failed_at = torch.zeros((), dtype=torch.int64, device=dev)  # step the streak hit the limit; 0: never
+
+    def add(self, step: int, loss: torch.Tensor, finite: torch.Tensor, max_nonfinite: int) -> None:
+        """Count one step; `finite` (0-d bool) says whether its update was applied."""
+        self.loss_sum.add_(torch.where(finite, loss, 0.0))
+        self.loss_count.add_(finite)
+        self.nonfinite_streak.add_(1).mul_(finite.logical_not())
+        self.nonfinite_total.add_(finite.logical_not())
+        self.failed_at.masked_fill_((self.nonfinite_streak >= max_nonfinite) & (self.failed_at == 0), step)
+
+    def read(self) -> WindowValues:
+        # SYNC: one host read of the window's accumulators (waits for the device to finish the window).
+        mean = self.loss_sum / self.loss_count  # NaN when every step of the window was skipped
+        counters = (self.loss_count, self.nonfinite_streak, self.nonfinite_total, self.failed_at)
+        mean_value, *rest = torch.stack([mean.double(), *(c.double() for c in counters)]).tolist()
+        count, streak, total, failed_at = (int(v) for v in rest)
+        return WindowValues(mean_value, count, streak, total, failed_at)
+
+    def start_next(self, values: WindowValues) -> WindowValues:
+        """Begin a new metric window; returns `values` as they read now (no loss summed yet)."""
+        self.loss_sum.zero_()
+        self.loss_count.zero_()
+        return WindowValues(float("nan"), 0, values.nonfinite_streak, values.nonfinite_total, 0)
+
+    def restore(self, loss_sum: torch.Tensor, values: dict[str, int]) -> None:
+        self.loss_sum.copy_(loss_sum)
+        self.loss_count.fill_(values["loss_count"])
+        self.nonfinite_streak.fill_(values["nonfinite_streak"])
+        self.nonfinite_total.fill_(values["nonfinite_total"])
+
+
+@dataclass(frozen=True)
+class WindowValues:
+    mean_loss: float
+    loss_count: int
+    nonfinite_streak: int
+    nonfinite_total: int
+    failed_at: int  # 0 unless the streak of skipped steps reached max_nonfinite
+
+
+class DeviceEMA:
+    """diffusers' `EMAModel` update, with the update count on the device.
+
+    A skipped (non-finite) step must not advance the EMA; keeping the count on the device lets the
+    update be masked (weight 0) instead of branched on with a host read. The decay follows
+    EMAModel.get_decay with use_ema_warmup: 0 for the first update, then min(ema_decay,
+    1 - k^-power) for the k-th. `ema_model` stays the state's container, so checkpoints keep
+    EMAModel's state_dict format.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, dev: torch.device) -> None:
+        self.ema_model = EMAModel(params, decay=decay, use_ema_warmup=True, power=EMA_POWER, foreach=True)
+        self.params, self.decay, self.dev = params, decay, dev
+        self.updates = torch.full((), float(self.ema_model.optimization_step), dtype=torch.float64, device=dev)
+
+    @torch.no_grad()
+    def step(self, finite: torch.Tensor) -> None:
+        self.updates.add_(finite)  # k, this update included when it applies
+        warm = self.updates - 1  # EMAModel: step = optimization_step - 1
+        decay = torch.where(warm > 0, (1 - (1 + warm) ** -EMA_POWER).clamp(max=self.decay), 0.0)
+        weight = ((1 - decay) * finite).float()  # 0 for a skipped step: the shadow stays exactly as it was
+        delta = torch._foreach_sub(self.params, self.ema_model.shadow_params)  # p - s
+        torch._foreach_mul_(delta, weight)
+        torch._foreach_add_(self.ema_model.shadow_params, delta)  # s + w (p - s)
+
+    def state_dict(self) -> dict[str, Any]:
+        # SYNC: the update count, for EMAModel's state_dict (checkpoints only).
+        self.ema_model.optimization_step = int(self.updates.item())
+        return self.ema_model.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema_model.load_state_dict(state)
+        self.ema_model.to(self.dev)
+        self.ema_model.shadow_params = [
+            _like(shadow, param) for shadow, param in zip(self.ema_model.shadow_params, self.params, strict=True)
+        ]
+        self.updates.fill_(float(self.ema_model.optimization_step))
+
+
+@dataclass
+class LiveState:
+    """One run's training state on the device: what a step changes and a checkpoint saves."""
+
+    spec: JobSpec
+    dev: torch.device
+    unet: torch.nn.Module  # the network whose weights checkpoints save
+    model: torch.nn.Module  # what the step calls: `unet`, or `unet` under DistributedDataParallel
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    skip: torch.Tensor  # the optimizer's `found_inf`: 1.0 while the current step's loss or gradient is NaN/inf
+    ema: DeviceEMA
+    noise: torch.Generator  # draws every step's t and eps
+    window: Window
+    start_step: int = 0  # optimizer steps already done: 0, or the step of the checkpoint resumed from
+
+    @classmethod
+    def build(
+        cls,
+        spec: JobSpec,
+        dev: torch.device,
+        *,
+        layout: torch.memory_format,
+        ranks: Ranks,
+        distributed: bool,
+        resume_from: Path | None,
+    ) -> LiveState:
+        """A fresh run from `training.seed`, or the run saved beside `resume_from` (a served
+        ``step-XXXXXXXX.safetensors``); with `distributed`, the U-Net under DistributedDataParallel.
+
+        Fused AdamW (CPU and CUDA): one kernel per step, and its `found_inf` input skips a
+        non-finite step on the device, without a host branch.
+        """
+        cfg = spec.training
+        torch.manual_seed(cfg.seed)
+        unet = build_unet(spec).to(dev, memory_format=layout).train()
+        params = list(unet.parameters())
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
+        skip = torch.zeros((), device=dev)
+        optimizer.found_inf = skip  # read by AdamW.step(): the fused kernel leaves everything as it was
+        state = cls(
+            spec=spec,
+            dev=dev,
+            unet=unet,
+            model=unet,
+            params=params,
+            optimizer=optimizer,
+            skip=skip,
+            ema=DeviceEMA(params, cfg.ema_decay, dev),
+            noise=torch.Generator(dev).manual_seed(derive_seed(cfg.seed, "noise")),
+            window=Window(dev),
+        )
+        if resume_from is not None:
+            state.start_step = state.restore(Path(resume_from))
+        if not ranks.is_main:
+            # Dropout draws from the global RNG: other ranks draw other masks (rank 0 keeps the
+            # single-process stream, which is what the checkpoint saves), reproducibly per resume step.
+            torch.manual_seed(derive_seed(cfg.seed, f"rank-{ranks.rank}-from-{state.start_step}"))
+        if distributed:
+            # DDP broadcasts rank 0's weights at construction and averages gradients in backward.
+            state.model = DistributedDataParallel(unet, gradient_as_bucket_view=True)
+        return state
+
+    def snapshot(self, step: int, values: WindowValues) -> tuple[dict[str, torch.Tensor], TrainingState]:
+        """What a checkpoint of `step` writes (served EMA weights, training state), copied to the host."""
+        # SYNC: copying the weights, optimizer moments and EMA to the host (and the EMA's update count).
+        optimizer_state = self.optimizer.state_dict()  # references to the live moments: copied below
+        ema_state = self.ema.state_dict()
+        state = TrainingState(
+            step=step,
+            spec_json=self.spec.model_dump_json(),
+            model=_host_copy(self.unet.state_dict()),
+            optimizer={
+                "state": {index: _host_copy(s) for index, s in optimizer_state["state"].items()},
+                "param_groups": optimizer_state["param_groups"],
+            },
+            ema=ema_state | {"shadow_params": list(_host_copy(dict(enumerate(ema_state["shadow_params"]))).values())},
+            rng=self._rng_states(),
+            tensors=_host_copy({"loss_sum": self.window.loss_sum}),
+            values={
+                "loss_count": values.loss_count,
+                "nonfinite_streak": values.nonfinite_streak,
+                "nonfinite_total": values.nonfinite_total,
+            },
+        )
+        return _host_copy(ema_state_dict(self.unet, self.ema.ema_model)), state
+
+    def restore(self, weights: Path) -> int:
+        """Load the state saved beside `weights` into this freshly built run; return its step."""
+        state_path = state_path_for(weights)
+        saved = load_state(state_path)
+        _check_resumable(JobSpec.model_validate_json(saved.spec_json), self.spec, state_path)
+
+        self.unet.load_state_dict(saved.model)
+        # Keep this run's implementation flags (fused on CUDA, not on CPU); restore the rest.
+        flags = ("fused", "foreach", "capturable", "differentiable")
+        groups = [
+            saved_group | {k: group[k] for k in flags if k in group}
+            for saved_group, group in zip(saved.optimizer["param_groups"], self.optimizer.param_groups, strict=True)
+        ]
+        self.optimizer.load_state_dict({"state": saved.optimizer["state"], "param_groups": groups})  # moves to dev
+        self.ema.load_state_dict(saved.ema)
+        for param in self.params:  # fused AdamW wants the moments in the parameters' memory format
+            moments = self.optimizer.state[param]
+            moments.update({k: _like(v, param) for k, v in moments.items() if k != "step"})
+
+        torch.set_rng_state(saved.rng["torch"])
+        if self.dev.type == "cuda" and "cuda" in saved.rng:
+            torch.cuda.set_rng_state(saved.rng["cuda"], self.dev)
+        self.noise.set_state(saved.rng["noise"])
+
+        self.window.restore(saved.tensors["loss_sum"], saved.values)
+        return saved.step
+
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        rng = {"torch": torch.get_rng_state(), "noise": self.noise.get_state()}
+        if self.dev.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.dev)  # dropout on the GPU draws from here
+        return rng
+
+
+def ema_state_dict(unet: torch.nn.Module, ema: EMAModel) -> dict[str, torch.Tensor]:
+    """The U-Net's state_dict with every parameter replaced by its EMA shadow (what is served)."""
+    served = dict(unet.state_dict())
+    served.update(zip((name for name, _ in unet.named_parameters()), ema.shadow_params, strict=True))
+    return served
+
+
+def _host_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies on the host that training can no longer change (on CPU, `.to("cpu")` alone would alias)."""
+    return {name: t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for name, t in tensors.items()}
+
+
+def _like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`tensor` (loaded contiguous) in `param`'s memory format (channels_last on CUDA)."""
+    return torch.empty_like(param).copy_(tensor)
+
+
+# Spec fields that may change between a checkpoint and its resume: none of them changes what
+# the next step computes (more steps extend a run; logging and checkpoint cadence are reporting).
+_RESUMABLE_CHANGES = frozenset(
+    {
+        "name",
+        "training.steps",
+        "training.log_every",
+        "training.checkpoint_every",
+        "training.keep_checkpoints",
+        "training.compile",  # the same computation, compiled or not
+    }
+)
+
+
+def _check_resumable(saved: JobSpec, now: JobSpec, state_path: Path) -> None:
+    """Refuse to resume under a spec that would compute the next step differently."""
+    before, after = _flatten(saved), _flatten(now)
+    changed = sorted(
+        k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and k not in _RESUMABLE_CHANGES
+    )
+    if changed:
+        raise ValueError(f"cannot resume from {state_path}: the spec differs in {', '.join(changed)}")
+
+
+def _flatten(spec: JobSpec) -> dict[str, Any]:
+    """{"training.steps": 2000, "name": None, ...}: one entry per leaf field."""
+    flat: dict[str, Any] = {}
+    for section, values in spec.model_dump().items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
+        else:
+            flat[section] = values
+    return flat
