@@ -35,9 +35,9 @@ class Lease:
     job_id: uuid.UUID
     attempt: int
     timeout_s: float  # settings.lease_timeout_s: the sweeper re-queues a job not renewed for this long
-    renewed_at: float = field(default_factory=time.monotonic)
-    fenced: bool = False
-    _stop: threading.Event = field(default_factory=threading.Event)
+    renewed_at: float = field(default_factory=time.monotonic, init=False)
+    fenced: bool = field(default=False, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     def write(self, session: Session, **values: object) -> bool:
         """Write `values` and a fresh heartbeat to the job row while this attempt owns it. False,
