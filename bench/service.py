@@ -26,9 +26,10 @@ from app.jobs.service import create_job
 from app.models import MetricPoint as MetricRow
 from app.spec import JobSpec, TrainingSpec
 from bench.common import REDIS_URL, Rounds, default_threads, machine, throwaway_database, torch_threads
-from worker import runner as runner_module
+from worker.database_sink import DatabaseSink
 from worker.ddpm.sink import MetricPoint, SavedCheckpoint
 from worker.ddpm.trainer import resolve_device, train
+from worker.runner import JobRunner
 
 
 def job_spec(short: bool) -> JobSpec:
@@ -62,7 +63,7 @@ class _SinkTimer:
         self.seconds: dict[str, list[float]] = {"on_log": [], "on_checkpoint": []}
 
     def __enter__(self) -> _SinkTimer:
-        self._originals = {name: getattr(runner_module.DatabaseSink, name) for name in self.seconds}
+        self._originals = {name: getattr(DatabaseSink, name) for name in self.seconds}
         for name, original in self._originals.items():
 
             def timed(sink: Any, arg: Any, _original: Any = original, _name: str = name) -> None:
@@ -72,12 +73,12 @@ class _SinkTimer:
                 finally:
                     self.seconds[_name].append(time.perf_counter() - start)
 
-            setattr(runner_module.DatabaseSink, name, timed)
+            setattr(DatabaseSink, name, timed)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for name, original in self._originals.items():
-            setattr(runner_module.DatabaseSink, name, original)
+            setattr(DatabaseSink, name, original)
 
 
 def run(short: bool = False, device: str | None = None, threads: int | None = None) -> dict[str, Any]:
@@ -107,7 +108,7 @@ def run(short: bool = False, device: str | None = None, threads: int | None = No
         upgrade_database(settings)
         engine = make_engine(settings)
         factory = make_sessionmaker(engine)
-        runner = runner_module.JobRunner(settings, factory)
+        runner = JobRunner(settings, factory)
 
         def through_worker() -> float:
             with session_scope(factory) as s:

@@ -19,6 +19,7 @@ from app.config import get_settings
 from app.queue import celery_config, celery_queue
 from app.routing import worker_queues
 from worker.capacity import detect_capacity, worker_name
+from worker.shutdown import request_shutdown
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ def _start_sweeper(**_: object) -> None:
 @worker_shutting_down.connect
 def _shut_down(**_: object) -> None:
     """SIGTERM: the running job checkpoints at its next log point and is re-queued."""
-    from worker.runner import request_shutdown
     from worker.sweeper import stop_sweeper
 
     request_shutdown()

@@ -28,7 +28,8 @@ def train(job_id: str) -> None:
 
 @celery_app.task(name="jobs.sample")
 def sample(request_id: str) -> None:
-    from worker.runner import draw_requested_samples, get_runner
+    from worker.runner import get_runner
+    from worker.sample_task import draw_requested_samples
 
     if (parsed := _parse("jobs.sample", request_id)) is not None:
         runner = get_runner()

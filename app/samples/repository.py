@@ -6,7 +6,7 @@ from datetime import datetime
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.models import Sample, SampleRequest, Worker
+from app.models import Sample, SampleRequest, Worker, utcnow
 
 
 class SampleRepository:
@@ -27,6 +27,26 @@ class SampleRepository:
         """Delete the grids after `step` (a resumed attempt draws them again); returns the rest."""
         self.session.execute(delete(Sample).where(Sample.job_id == job_id, Sample.step > step))
         return self.list(job_id)
+
+    def claim(self, request_id: uuid.UUID, worker: str) -> tuple[uuid.UUID, int] | None:
+        """queued -> running for `worker`; returns (job id, checkpoint step), or None when the
+        request is not queued. A conditional update, so a re-delivered task does nothing."""
+        claimed = self.session.execute(
+            update(SampleRequest)
+            .where(SampleRequest.id == request_id, SampleRequest.status == "queued")
+            .values(status="running", worker=worker)
+            .returning(SampleRequest.job_id, SampleRequest.checkpoint_step)
+        ).one_or_none()
+        return None if claimed is None else (claimed.job_id, claimed.checkpoint_step)
+
+    def get_request(self, request_id: uuid.UUID) -> SampleRequest | None:
+        return self.session.get(SampleRequest, request_id)
+
+    def finish(self, request_id: uuid.UUID, **values: object) -> None:
+        """A request's ending: its status, and its files or error (`values`), stamped finished."""
+        self.session.execute(
+            update(SampleRequest).where(SampleRequest.id == request_id).values(finished_at=utcnow(), **values)
+        )
 
 
 def requeue_orphaned_requests(session: Session, seen_after: datetime) -> list[uuid.UUID]:

@@ -22,7 +22,8 @@ from app.models import Checkpoint, Job, MetricPoint, utcnow
 from app.routing import train_queue
 from app.samples.repository import SampleRepository
 from app.spec import JobSpec
-from worker import runner as runner_module
+from worker import shutdown
+from worker.database_sink import DatabaseSink
 from worker.runner import JobRunner
 from worker.sweeper import sweep_once
 
@@ -80,7 +81,7 @@ class TestRun:
     ) -> None:
         spec = TINY | {"training": TINY["training"] | {"steps": 60, "sample_every": 15, "sample_count": 4}}
         job_id = submit(factory, spec)
-        original = runner_module.DatabaseSink.on_log
+        original = DatabaseSink.on_log
 
         def lose_lease_at_step_50(self, point) -> None:
             original(self, point)
@@ -88,7 +89,7 @@ class TestRun:
                 with session_scope(factory) as s:
                     JobRepository(s).requeue_expired(utcnow() + timedelta(hours=1))
 
-        monkeypatch.setattr(runner_module.DatabaseSink, "on_log", lose_lease_at_step_50)
+        monkeypatch.setattr(DatabaseSink, "on_log", lose_lease_at_step_50)
         assert runner.run(job_id) == "fenced"
         assert runner.run(job_id) == "succeeded"  # resumes from the checkpoint at 40
         with session_scope(factory) as s:
@@ -165,7 +166,7 @@ class TestStopping:
 
     def test_a_fenced_runner_stops_and_writes_nothing_more(self, runner: JobRunner, factory, monkeypatch) -> None:
         job_id = submit(factory, TINY | {"training": TINY["training"] | {"steps": 100}})
-        original = runner_module.DatabaseSink.on_log
+        original = DatabaseSink.on_log
 
         def on_log_then_lose_the_lease(self, point) -> None:
             original(self, point)
@@ -175,7 +176,7 @@ class TestStopping:
                 with session_scope(factory) as s:
                     assert JobRepository(s).requeue_expired(utcnow() + timedelta(hours=1)) == [job_id]
 
-        monkeypatch.setattr(runner_module.DatabaseSink, "on_log", on_log_then_lose_the_lease)
+        monkeypatch.setattr(DatabaseSink, "on_log", on_log_then_lose_the_lease)
         assert runner.run(job_id) == "fenced"
         job, points, ckpts = load(factory, job_id)
         assert (job.status, job.step) == ("queued", 30)
@@ -189,7 +190,7 @@ class TestStopping:
         _, straight_points, _ = load(factory, straight)
 
         interrupted = submit(factory, spec)
-        original = runner_module.DatabaseSink.on_log
+        original = DatabaseSink.on_log
 
         def lose_lease_after_step_30(self, point) -> None:
             original(self, point)
@@ -197,7 +198,7 @@ class TestStopping:
                 with session_scope(factory) as s:
                     JobRepository(s).requeue_expired(utcnow() + timedelta(hours=1))
 
-        monkeypatch.setattr(runner_module.DatabaseSink, "on_log", lose_lease_after_step_30)
+        monkeypatch.setattr(DatabaseSink, "on_log", lose_lease_after_step_30)
         assert runner.run(interrupted) == "fenced"
         assert load(factory, interrupted)[0].status == "queued"
         assert runner.run(interrupted) == "succeeded"
@@ -209,18 +210,18 @@ class TestStopping:
         self, runner: JobRunner, factory, monkeypatch, clean_db: Settings
     ) -> None:
         job_id = submit(factory, TINY | {"training": TINY["training"] | {"steps": 100}})
-        original = runner_module.DatabaseSink.on_log
+        original = DatabaseSink.on_log
 
         def sigterm_at_step_30(self, point) -> None:
             if point.step == 30:
-                runner_module.request_shutdown()  # what celery's worker_shutting_down calls
+                shutdown.request_shutdown()  # what celery's worker_shutting_down calls
             original(self, point)
 
-        monkeypatch.setattr(runner_module.DatabaseSink, "on_log", sigterm_at_step_30)
+        monkeypatch.setattr(DatabaseSink, "on_log", sigterm_at_step_30)
         try:
             assert runner.run(job_id) == "requeued"
         finally:
-            runner_module._SHUTDOWN.clear()
+            shutdown._SHUTDOWN.clear()
         job, points, ckpts = load(factory, job_id)
         assert (job.status, job.step, job.worker) == ("queued", 30, None)
         assert job.dispatched_at is not None
@@ -229,7 +230,7 @@ class TestStopping:
         messages = redis.Redis.from_url(clean_db.broker_url).lrange(queue, 0, -1)
         assert any(json.loads(m)["headers"]["argsrepr"] == repr([str(job_id)]) for m in messages)
         # The next attempt resumes at step 30 and finishes.
-        monkeypatch.setattr(runner_module.DatabaseSink, "on_log", original)
+        monkeypatch.setattr(DatabaseSink, "on_log", original)
         assert runner.run(job_id) == "succeeded"
         job, points, _ = load(factory, job_id)
         assert (job.attempt, job.step) == (2, 100)

@@ -20,8 +20,9 @@ from app.main import create_app
 from app.models import Sample, utcnow
 from tests.conftest import MakeUser, bucket_keys, s3_client
 from tests.worker.test_runner import TINY, load, submit
-from worker import runner as runner_module
-from worker.runner import JobRunner, draw_requested_samples
+from worker.database_sink import DatabaseSink
+from worker.runner import JobRunner
+from worker.sample_task import draw_requested_samples
 
 
 @pytest.fixture
@@ -81,7 +82,7 @@ def test_a_new_attempt_resumes_from_the_bucket_and_collects_garbage(
     _, straight_points, _ = load(factory, straight)
 
     interrupted = submit(factory, spec)
-    original = runner_module.DatabaseSink.on_log
+    original = DatabaseSink.on_log
 
     def lose_lease_after_step_30(self, point) -> None:  # type: ignore[no-untyped-def]
         original(self, point)
@@ -89,7 +90,7 @@ def test_a_new_attempt_resumes_from_the_bucket_and_collects_garbage(
             with session_scope(factory) as s:
                 JobRepository(s).requeue_expired(utcnow() + timedelta(hours=1))
 
-    monkeypatch.setattr(runner_module.DatabaseSink, "on_log", lose_lease_after_step_30)
+    monkeypatch.setattr(DatabaseSink, "on_log", lose_lease_after_step_30)
     assert runner.run(interrupted) == "fenced"
     job, _, ckpts = load(factory, interrupted)
     assert (job.status, [c.step for c in ckpts]) == ("queued", [20])

@@ -18,7 +18,7 @@ from app.routing import Resources
 from app.spec import JobSpec
 from tests.conftest import MakeUser
 from worker.ddpm.trainer import train
-from worker.runner import draw_requested_samples
+from worker.sample_task import draw_requested_samples
 from worker.sweeper import check_in, sweep_once
 
 SPEC = {

@@ -1,0 +1,283 @@
+"""One attempt of a job on this worker: claimed, trained under its lease, and ended.
+
+run(job_id) (worker/runner.py):
+  claim the row (queued -> running, attempt + 1; a conditional update, so one runner wins)
+  -> resume from the latest committed checkpoint, if any; files no row names are garbage, removed
+  -> train, with a sink (worker/database_sink.py) that writes metric points, checkpoint rows and
+     heartbeats, each fenced by the attempt number (worker/lease.py): a newer attempt stops this
+     one without another write. A multi-GPU job trains in one process per rank
+     (worker/ranks.py); rank 0 runs the attempt as a single-GPU worker does.
+  -> final status: succeeded, cancelled (cancel requested) or failed (with the reason); re-queued
+     when the worker shuts down; a lost attempt (lease, storage, a rank) is resumed by a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.checkpoints.repository import CheckpointRepository
+from app.checkpoints.store import CheckpointFileError, StorageUnavailable, make_store
+from app.config import Settings
+from app.db import make_engine, make_sessionmaker, session_scope
+from app.jobs.data_roots import resolve_dataset_folder
+from app.jobs.repository import JobRepository
+from app.models import JobStatus, utcnow
+from app.queue import Dispatcher
+from app.routing import train_queue
+from app.samples.repository import SampleRepository
+from app.spec import JobSpec
+from worker.capacity import worker_name
+from worker.database_sink import DatabaseSink, finite_or_none, remove_files
+from worker.ddpm.sink import StopReason
+from worker.lease import Lease
+
+if TYPE_CHECKING:  # torch: the Celery worker and the sweeper start without it
+    from worker.ddpm.distributed import Ranks
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ClaimedAttempt:
+    """What a claim hands to training (and, pickled, to each rank's process)."""
+
+    job_id: uuid.UUID
+    attempt: int
+    spec: JobSpec
+    resume_from: Path | None  # the weights of the latest committed checkpoint, the state beside them
+    cancel_requested: bool
+
+
+class AttemptRunner:
+    """Claims, trains and ends attempts of jobs, on this worker's database, store and settings."""
+
+    def __init__(self, settings: Settings, factory: sessionmaker[Session] | None = None) -> None:
+        self.settings = settings
+        self.sessionmaker = factory or make_sessionmaker(make_engine(settings))
+        self.store = make_store(settings)  # the local root is where training writes, in any case
+        self.worker_name = worker_name()
+
+    # --- claim ----------------------------------------------------------------------------
+    def claim(self, job_id: uuid.UUID) -> ClaimedAttempt | None:
+        """A new attempt of a queued job, ready to train; None when the job is not queued."""
+        result = self.retry_db(lambda: self._claim(job_id))
+        if result is None:
+            return None
+        claimed, committed = result
+        log.info(
+            "job %s: attempt %d claimed by %s (resume from %s)",
+            job_id,
+            claimed.attempt,
+            self.worker_name,
+            claimed.resume_from,
+        )
+        self._collect_garbage(job_id, committed)
+        return claimed
+
+    def _claim(self, job_id: uuid.UUID) -> tuple[ClaimedAttempt, set[str]] | None:
+        with session_scope(self.sessionmaker) as session:
+            repo = JobRepository(session)
+            attempt = repo.claim(job_id, self.worker_name)
+            if attempt is None:
+                job = repo.get(job_id)
+                state = job.status if job else "missing"
+                log.info("job %s is %s, not queued: nothing to do for this delivery", job_id, state)
+                return None
+            job = repo.get(job_id)
+            assert job is not None
+            rows = CheckpointRepository(session).list(job_id)
+            latest = rows[-1] if rows else None
+            resume_step = latest.step if latest else 0
+            # The steps after the checkpoint are re-done by this attempt: their old points and
+            # grids go (the grids' files become garbage, collected by claim()).
+            repo.drop_metrics_after(job_id, resume_step)
+            samples = SampleRepository(session).drop_after(job_id, resume_step)
+            repo.fenced_update(job_id, attempt, step=resume_step)
+            resume_keys = (latest.state_path, latest.path) if latest else None
+            committed = {path for row in rows for path in (row.path, row.state_path)}
+            committed |= {sample.path for sample in samples}
+            spec, cancel_requested = JobSpec.model_validate(job.spec), job.cancel_requested
+        # Committed: the claim is ours. Fetch the files to resume from (S3: downloaded into the
+        # checkpoint root unless this host still has them). If the store is away this raises, the
+        # lease runs out and the sweeper hands the job to another attempt.
+        resume_from = self._resume_files(job_id, *resume_keys) if resume_keys else None
+        return ClaimedAttempt(job_id, attempt, spec, resume_from, cancel_requested), committed
+
+    def _resume_files(self, job_id: uuid.UUID, state_key: str, weights_key: str) -> Path:
+        """The weights file to resume from, with its training state beside it."""
+        try:
+            self.store.resume_copy(state_key)
+            return self.store.resume_copy(weights_key)
+        except CheckpointFileError as exc:
+            # The trainer fails the job, naming the file it cannot read.
+            log.error("job %s: cannot fetch the checkpoint to resume from: %s", job_id, exc)
+            return self.store.resolve(weights_key)
+
+    def _collect_garbage(self, job_id: uuid.UUID, committed: set[str]) -> None:
+        """Files of earlier attempts that no row points at (a write cut short by a crash, a
+        checkpoint whose row never committed) are garbage (invariant 3): delete them, in the
+        store and in this host's scratch. Claimed attempts are fenced, so no live writer can
+        still need them."""
+        try:
+            garbage = sorted(self.store.keys_under(f"{job_id}/") - committed)
+        except StorageUnavailable as exc:
+            log.warning("job %s: garbage not collected this time (%s)", job_id, exc)
+            return
+        for key in garbage:
+            log.info("job %s: removing %s (no checkpoint row points at it)", job_id, key)
+        remove_files(self.store, job_id, garbage)
+
+    # --- train ----------------------------------------------------------------------------
+    def train(self, claimed: ClaimedAttempt, ranks: Ranks | None = None) -> str:
+        """Train a claimed attempt here, holding its lease (in rank 0's process for a multi-GPU job)."""
+        lease = Lease(claimed.job_id, claimed.attempt, self.settings.lease_timeout_s)
+        sink = DatabaseSink(self.sessionmaker, self.store, lease, keep=claimed.spec.training.keep_checkpoints)
+        with lease.heartbeat(self.sessionmaker, self.settings.heartbeat_interval_s):
+            return self._train(claimed, sink, ranks)
+
+    def _train(self, claimed: ClaimedAttempt, sink: DatabaseSink, ranks: Ranks | None) -> str:
+        from worker.ddpm.distributed import is_peer_loss
+        from worker.ddpm.trainer import train
+
+        job_id, attempt, spec = claimed.job_id, claimed.attempt, claimed.spec
+        try:
+            spec = self.resolved_dataset(spec)
+            job_dir, device = self.job_dir(job_id, attempt), self.device(ranks)
+            result = train(spec, job_dir, sink, resume_from=claimed.resume_from, device=device, ranks=ranks)
+        except Exception as exc:
+            if ranks is not None and is_peer_loss(exc):
+                # Another rank is gone (killed, crashed): not this job's fault. The supervising
+                # worker sees which rank failed and hands the job to a new attempt.
+                raise
+            reason = describe_failure(exc, spec)
+            log.exception("job %s: attempt %d failed: %s", job_id, attempt, reason)
+            self.finish(job_id, attempt, status=JobStatus.failed, error=reason)
+            return "failed"
+        if result.stopped is StopReason.fenced:
+            log.warning("job %s: attempt %d fenced off by a newer attempt; stopped", job_id, attempt)
+            return "fenced"
+        if result.stopped is StopReason.cancelled:
+            self.finish(job_id, attempt, status=JobStatus.cancelled)
+            return "cancelled"
+        if result.stopped is StopReason.shutdown:
+            self._requeue(job_id, attempt, spec)
+            return "requeued"
+        if result.stopped is not None:  # lease_lost, storage_unavailable: the sweeper hands it on
+            log.warning("job %s: attempt %d stopped (%s); the job will be resumed", job_id, attempt, result.stopped)
+            return "lease-lost"
+        self.finish(
+            job_id, attempt, status=JobStatus.succeeded, step=result.final_step, loss=finite_or_none(result.last_loss)
+        )
+        return "succeeded"
+
+    def job_dir(self, job_id: uuid.UUID, attempt: int) -> Path:
+        # One folder per attempt: a stale attempt that has not yet noticed it was fenced off can
+        # never replace a file that a newer attempt committed under the same step.
+        job_dir = self.settings.checkpoint_root / str(job_id) / f"attempt-{attempt}"
+        job_dir.mkdir(parents=True, exist_ok=True)
+        return job_dir
+
+    def device(self, ranks: Ranks | None = None) -> str | None:
+        """The device to train on: the setting, CUDA when there is one ("auto"); a rank's own GPU."""
+        from worker.ddpm.trainer import resolve_device
+
+        device = None if self.settings.device == "auto" else self.settings.device
+        return str(ranks.device(resolve_device(device).type)) if ranks is not None else device
+
+    def resolved_dataset(self, spec: JobSpec) -> JobSpec:
+        if spec.dataset.kind != "folder":
+            return spec
+        # Again on the worker (a symlink may have changed since the API checked), and so a
+        # relative path means the same here as there: under the first data root.
+        folder = resolve_dataset_folder(spec.dataset.path or "", self.settings.data_roots)
+        return spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"path": str(folder)})})
+
+    # --- end ------------------------------------------------------------------------------
+    def finish(self, job_id: uuid.UUID, attempt: int, *, status: JobStatus, **values: object) -> None:
+        """The attempt's final status, written only while it is still the job's current one."""
+
+        def write() -> None:
+            with session_scope(self.sessionmaker) as session:
+                if not JobRepository(session).fenced_update(
+                    job_id, attempt, status=status, finished_at=utcnow(), heartbeat_at=utcnow(), **values
+                ):
+                    log.warning("job %s: attempt %d fenced off; final status %s not written", job_id, attempt, status)
+
+        self.retry_db(write)
+        log.info("job %s: attempt %d ended %s", job_id, attempt, status.value)
+
+    def _requeue(self, job_id: uuid.UUID, attempt: int, spec: JobSpec) -> None:
+        """running -> queued after a graceful stop, and sent again so another worker resumes it
+        (if the broker is away, the sweeper sends it later)."""
+
+        def write() -> bool:
+            with session_scope(self.sessionmaker) as session:
+                return JobRepository(session).fenced_update(
+                    job_id, attempt, status=JobStatus.queued, worker=None, dispatched_at=None
+                )
+
+        if not self.retry_db(write):
+            return
+        log.info("job %s: attempt %d checkpointed and re-queued for shutdown", job_id, attempt)
+        self._send(job_id, spec)
+
+    def release_lost(self, job_id: uuid.UUID, attempt: int, spec: JobSpec, reason: str) -> str:
+        """A lost attempt (as the sweeper treats an expired lease, at once): back to the queue and
+        sent, or failed once the job has used `max_attempts`, or cancelled if asked to be."""
+
+        def write() -> JobStatus | None:
+            with session_scope(self.sessionmaker) as session:
+                return JobRepository(session).release_lost(job_id, attempt, self.settings.max_attempts, reason)
+
+        status = self.retry_db(write)
+        if status is None:  # the attempt had already ended (or been fenced off)
+            log.info("job %s: attempt %d is over; %s", job_id, attempt, reason)
+            return "over"
+        log.warning("job %s: attempt %d lost: %s; the job is %s", job_id, attempt, reason, status.value)
+        if status is JobStatus.queued:
+            self._send(job_id, spec)
+        return f"lost ({status.value})"
+
+    def _send(self, job_id: uuid.UUID, spec: JobSpec) -> None:
+        """Hand a re-queued job to the broker, on the queue of workers that can hold it."""
+        try:
+            Dispatcher(self.settings).send_train(str(job_id), train_queue(self.settings.queue, spec))
+        except Exception as exc:  # the sweeper re-sends jobs that were never sent
+            log.warning("job %s: not re-sent now (%s); the sweeper will send it", job_id, exc)
+            return
+        with session_scope(self.sessionmaker) as session:
+            JobRepository(session).mark_dispatched(job_id)
+
+    def retry_db(self, fn: Callable[[], T]) -> T:
+        """Retry a short database step while the database is away, up to the lease timeout."""
+        deadline = time.monotonic() + self.settings.lease_timeout_s
+        delay = 0.5
+        while True:
+            try:
+                return fn()
+            except DBAPIError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("database unavailable (%s); retrying in %.1fs", exc.orig, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+
+def describe_failure(exc: BaseException, spec: JobSpec) -> str:
+    """A reason a user can act on, stored in the job's `error`."""
+    if "out of memory" in str(exc).lower():
+        return (
+            f"out of GPU memory with batch_size={spec.training.batch_size} and "
+            f"image_size={spec.dataset.image_size}: lower training.batch_size or use a smaller model"
+        )
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,157 @@
+"""The training loop's sink on a worker: what a running attempt records, and in which order.
+
+Each report of the loop (worker/ddpm/sink.py) becomes rows, written through the attempt's lease
+(worker/lease.py) so that a fenced-off attempt writes nothing more:
+  on_log: the metric points (and the job's step and loss), then the cancel, lease and shutdown checks;
+  on_sample: the grid's file into the store, then its row;
+  on_checkpoint: both files into the store, then the row (the checkpoint's commit point), then the
+     rows and files of checkpoints older than `keep_checkpoints`.
+Files are stored whole before the row that names them, and deleted only after it is gone
+(invariant 3). A database that is briefly away does not stop training; one that stays away does,
+through the lease check, before the lease runs out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.checkpoints.repository import CheckpointRepository
+from app.checkpoints.store import CheckpointStore, StorageUnavailable
+from app.db import session_scope
+from app.jobs.repository import JobRepository
+from app.models import Checkpoint, Sample
+from app.models import MetricPoint as MetricRow
+from app.samples.repository import SampleRepository
+from worker.ddpm.sink import MetricPoint, SavedCheckpoint, SavedSample, StopReason, StopTraining
+from worker.lease import Lease
+from worker.shutdown import shutdown_requested
+
+log = logging.getLogger(__name__)
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """A window in which every step was skipped has a NaN mean: stored as null (JSON has no NaN)."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def remove_files(store: CheckpointStore, job_id: uuid.UUID, keys: list[str]) -> None:
+    """Delete files that no row names (any more). If the store is away they stay behind as
+    garbage, which a later attempt of the job collects; training is not stopped for it."""
+    for key in keys:
+        try:
+            store.delete(key)
+        except StorageUnavailable as exc:
+            log.warning("job %s: %s left in storage (%s)", job_id, key, exc)
+
+
+class DatabaseSink:
+    """The ML core's TrainingSink, writing under one attempt's lease."""
+
+    def __init__(self, factory: sessionmaker[Session], store: CheckpointStore, lease: Lease, keep: int) -> None:
+        self.sessionmaker = factory
+        self.store = store
+        self.lease = lease
+        self.job_id, self.attempt = lease.job_id, lease.attempt
+        self.keep = keep
+        self.cancel_requested = False
+        # Points not yet written (the database was briefly away); written with the next batch.
+        self._pending: list[MetricPoint] = []
+
+    def on_log(self, point: MetricPoint) -> None:
+        self._pending.append(point)
+        try:
+            with session_scope(self.sessionmaker) as session:
+                self.lease.write_or_stop(session, step=point.step, loss=finite_or_none(point.loss))
+                repo = JobRepository(session)
+                repo.add_metric_points([self._row(p) for p in self._pending])
+                self.cancel_requested = repo.is_cancel_requested(self.job_id)
+            self._pending = []
+            self.lease.renewed()
+        except DBAPIError as exc:
+            # Kept in _pending and written with the next point; if the database stays away,
+            # the lease check stops training before the lease runs out.
+            log.warning("job %s: metrics at step %d not written yet (%s)", self.job_id, point.step, exc.orig)
+        if self.cancel_requested:
+            raise StopTraining(StopReason.cancelled)
+        self.lease.check()
+        if shutdown_requested():
+            raise StopTraining(StopReason.shutdown, "the worker is shutting down")
+
+    def _row(self, point: MetricPoint) -> MetricRow:
+        loss = finite_or_none(point.loss)
+        return MetricRow(job_id=self.job_id, step=point.step, loss=loss, lr=point.lr, images_per_s=point.images_per_s)
+
+    def on_sample(self, saved: SavedSample) -> None:
+        try:
+            key = self.store.publish(saved.path, saved.sha256)  # before its row (invariant 3)
+        except StorageUnavailable as exc:  # a grid is a convenience: training goes on without it
+            log.warning("job %s: sample grid at step %d not stored (%s)", self.job_id, saved.step, exc)
+            return
+        try:
+            with session_scope(self.sessionmaker) as session:
+                self.lease.write_or_stop(session)
+                SampleRepository(session).add(
+                    Sample(
+                        job_id=self.job_id, step=saved.step, path=key, size_bytes=saved.size_bytes, sha256=saved.sha256
+                    )
+                )
+        except DBAPIError as exc:  # a grid is a convenience: training goes on without it
+            log.warning("job %s: sample grid at step %d not recorded (%s)", self.job_id, saved.step, exc.orig)
+            self.lease.check()
+            return
+        self.store.discard_scratch(key)
+
+    def on_checkpoint(self, saved: SavedCheckpoint) -> None:
+        try:
+            # Stored whole before the row that names it (invariant 3); S3: uploaded here.
+            keys = [self.store.publish(saved.state_path), self.store.publish(saved.path, saved.sha256)]
+        except StorageUnavailable as exc:
+            # Without its files there is no checkpoint to record. Stop without finishing: the
+            # lease runs out and the sweeper hands the job to a new attempt, which resumes from
+            # the last recorded checkpoint (and removes these files as garbage).
+            log.warning("job %s: checkpoint at step %d not stored (%s)", self.job_id, saved.step, exc)
+            raise StopTraining(StopReason.storage_unavailable, str(exc)) from exc
+        try:
+            removed = self._record_checkpoint(saved, *keys)
+        except StopTraining:
+            # Rolled back, so never recorded: this attempt's own files are garbage now (the newer
+            # attempt's garbage collection may have run before they were stored).
+            remove_files(self.store, self.job_id, keys)
+            raise
+        except DBAPIError as exc:
+            # Not committed, so not a checkpoint: its files are garbage that the next attempt
+            # removes. Training goes on; the next checkpoint is recorded if the database is back,
+            # and the lease check stops us before the lease runs out if it is not.
+            log.warning("job %s: checkpoint at step %d not recorded (%s)", self.job_id, saved.step, exc.orig)
+            self.lease.check()
+            return
+        for key in keys:
+            self.store.discard_scratch(key)
+        # Files go only after their rows are gone (committed above).
+        remove_files(self.store, self.job_id, [key for old in removed for key in (old.path, old.state_path)])
+        self.lease.renewed()
+
+    def _record_checkpoint(self, saved: SavedCheckpoint, state_key: str, weights_key: str) -> list[Checkpoint]:
+        """Commit the checkpoint's row and drop the rows past `keep`; returns the dropped rows."""
+        with session_scope(self.sessionmaker) as session:
+            # The fenced write takes the row lock, so a concurrent claim cannot slip between the
+            # check and the insert; the committed row is the checkpoint's commit point.
+            self.lease.write_or_stop(session)
+            repo = CheckpointRepository(session)
+            repo.add(
+                Checkpoint(
+                    job_id=self.job_id,
+                    step=saved.step,
+                    path=weights_key,
+                    size_bytes=saved.size_bytes,
+                    sha256=saved.sha256,
+                    state_path=state_key,
+                )
+            )
+            session.flush()
+            return repo.remove_older_than_newest(self.job_id, self.keep)
