@@ -31,6 +31,7 @@ from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs.data_roots import resolve_dataset_folder
 from app.jobs.repository import JobRepository
+from app.jobs.service import release_lost
 from app.models import Checkpoint, Job, JobStatus, MetricPoint, Sample, SampleRequest, utcnow
 from app.queue import Dispatcher
 from app.routing import train_queue
@@ -366,7 +367,7 @@ class JobRunner:
 
         def write() -> JobStatus | None:
             with session_scope(self.sessionmaker) as session:
-                return JobRepository(session).release_lost(job_id, attempt, self.settings.max_attempts, reason)
+                return release_lost(session, job_id, attempt, self.settings.max_attempts, reason)
 
         status = self._retry_db(write)
         if status is None:  # the attempt had already ended (or been fenced off)
