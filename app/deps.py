@@ -20,7 +20,9 @@ bearer_scheme = HTTPBearer(auto_error=False, description="An API key: `Authoriza
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """The request's unit of work: committed after the route returns, rolled back on error."""
+    """The request's unit of work: committed after the route returns and before the response is
+    sent (scope="function" below), so a client is answered only once its writes are committed,
+    and tasks sent after the commit (app/queue.py) are on the broker by then. Rolled back on error."""
     with session_scope(request.app.state.sessionmaker) as session:
         yield session
 
@@ -33,7 +35,7 @@ def get_dispatcher(request: Request) -> Dispatcher:
     return request.app.state.dispatcher
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 

@@ -183,6 +183,8 @@ class SampleRequest(Base):
     worker: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When the task was last handed to the broker (None: not yet, or sending failed), as for jobs.
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Checkpoint(Base):

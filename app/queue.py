@@ -1,17 +1,32 @@
-"""The Celery configuration both sides share, and the API's way of sending work.
+"""The Celery configuration both sides share, and the one way work is sent to the broker.
 
-The API sends tasks by name with the job id only (invariant 2); it never imports the worker.
+A task is sent by name with its row's id only, and only once that row is committed
+(invariant 2): a service calls `send_after_commit(session, dispatcher, Task.train(...))` and the
+session sends it when its transaction commits, then stamps the row's `dispatched_at`. When the
+broker is unreachable the task is logged and `dispatched_at` stays null; the worker's sweeper
+(worker/sweeper.py) sends such rows later with `dispatch`. Nothing here imports the worker.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import enum
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from celery import Celery
 from kombu import Exchange, Queue
+from kombu.exceptions import KombuError
+from sqlalchemy import Connection, Engine, event, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, SessionTransaction
 
 from app.config import Settings
+from app.models import Job, SampleRequest, utcnow
 from app.routing import sample_queue
+
+log = logging.getLogger(__name__)
 
 TRAIN_TASK = "jobs.train"
 SAMPLE_TASK = "jobs.sample"
@@ -71,7 +86,8 @@ def make_celery(settings: Settings) -> Celery:
 
 
 class Dispatcher:
-    """Sends training tasks to the broker for jobs that are already committed."""
+    """Sends tasks to the broker by name, with a row's id only. Services reach it through
+    `send_after_commit`, and the sweeper through `dispatch`, so the row is always committed first."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -88,3 +104,104 @@ class Dispatcher:
     def ping(self) -> None:
         with self._celery.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=3)
+
+
+class Sender(Protocol):
+    """What sends tasks: a Dispatcher, or a test's recorder."""
+
+    def send_train(self, job_id: str, queue: str) -> None: ...
+
+    def send_sample(self, request_id: str) -> None: ...
+
+
+class TaskKind(enum.StrEnum):
+    train = TRAIN_TASK
+    sample = SAMPLE_TASK
+
+
+# The row each kind of task is about; each has a `dispatched_at` column.
+_ROWS: dict[TaskKind, type[Job] | type[SampleRequest]] = {TaskKind.train: Job, TaskKind.sample: SampleRequest}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task for one committed row: its kind, the row's id and, for training, the queue of the
+    workers that can hold the job (app.routing.train_queue). Sample requests go to the queue
+    every worker consumes, which the Dispatcher knows."""
+
+    kind: TaskKind
+    row_id: uuid.UUID
+    queue: str | None = None
+
+    @classmethod
+    def train(cls, job_id: uuid.UUID, queue: str) -> Task:
+        return cls(TaskKind.train, job_id, queue)
+
+    @classmethod
+    def sample(cls, request_id: uuid.UUID) -> Task:
+        return cls(TaskKind.sample, request_id)
+
+    def send(self, sender: Sender) -> None:
+        if self.kind is TaskKind.sample:
+            sender.send_sample(str(self.row_id))
+        else:
+            assert self.queue is not None, "a training task needs the job's queue"
+            sender.send_train(str(self.row_id), self.queue)
+
+
+def dispatch(engine: Engine, sender: Sender, task: Task) -> bool:
+    """Send a task whose row is committed, then stamp the row's `dispatched_at`. False when the
+    broker is unreachable: the row stays undispatched and the sweeper sends it later."""
+    try:
+        task.send(sender)
+    except (KombuError, OSError) as exc:  # kombu wraps the transport's connection errors
+        log.warning("%s %s: not sent to the broker now (%s); the sweeper will send it", task.kind, task.row_id, exc)
+        return False
+    row = _ROWS[task.kind]
+    try:
+        with engine.begin() as conn:
+            conn.execute(update(row).where(row.id == task.row_id).values(dispatched_at=utcnow()))
+    except DBAPIError as exc:  # sent but unstamped: the sweeper may send it once more, which is harmless
+        log.warning("%s %s: sent, but dispatched_at not recorded (%s)", task.kind, task.row_id, exc.orig)
+    return True
+
+
+def engine_of(session: Session) -> Engine:
+    """The engine a session's rows live in, for `dispatch`'s own short connection."""
+    bind = session.get_bind()
+    return bind.engine if isinstance(bind, Connection) else bind
+
+
+_PENDING = "app.queue.pending"  # the session.info key of the tasks waiting for the commit
+
+
+def send_after_commit(session: Session, sender: Sender, task: Task) -> None:
+    """Send `task` once the session's transaction commits; nothing is sent if it rolls back.
+
+    The send runs in the session's after_commit hook, outside any transaction: the row is
+    committed, so a worker always finds it. The hook may not use the session for SQL, so the
+    `dispatched_at` stamp takes its own short connection from the session's engine."""
+    pending: list[tuple[Sender, Task]] | None = session.info.get(_PENDING)
+    if pending is None:
+        pending = session.info[_PENDING] = []
+        event.listen(session, "after_commit", _send_pending)
+        event.listen(session, "after_transaction_end", _drop_pending)
+    pending.append((sender, task))
+
+
+def _send_pending(session: Session) -> None:
+    # after_commit also fires when a savepoint is released; the work is not committed until the
+    # outermost transaction is.
+    if session.get_nested_transaction() is not None:
+        return
+    pending: list[tuple[Sender, Task]] = session.info.get(_PENDING, [])
+    tasks, pending[:] = list(pending), []
+    for sender, task in tasks:
+        dispatch(engine_of(session), sender, task)
+
+
+def _drop_pending(session: Session, transaction: SessionTransaction) -> None:
+    # The outermost transaction ended without a commit (rolled back, or the session closed):
+    # its rows are gone, so are their tasks. After a commit the list is already empty.
+    if transaction.parent is None:
+        session.info.get(_PENDING, []).clear()

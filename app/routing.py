@@ -1,6 +1,6 @@
 """Which Celery queue a job goes to, and which queues a worker consumes.
 
-A job needs `resources.gpus` GPUs with about m GiB each (app/jobs/limits.py's estimate for its
+A job needs `resources.gpus` GPUs with about m GiB each (app/spec_size.py's estimate for its
 share of the global batch). Its queue says so: ``<DDPM_QUEUE>.gpus-<k>.mem-<c>``, where c is m
 rounded up to whole GiB up to 4, and to a multiple of `MEMORY_STEP_GIB` above. A worker with N
 GPUs of M GiB consumes every queue with k <= N and c <= M, so a job only ever reaches a worker
@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from app.jobs.limits import training_memory_bytes
 from app.spec import JobSpec
+from app.spec_size import training_memory_bytes
 
 MEMORY_STEP_GIB = 4
 

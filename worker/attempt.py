@@ -28,10 +28,11 @@ from app.checkpoints.repository import CheckpointRepository
 from app.checkpoints.store import CheckpointFileError, StorageUnavailable, make_store
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
+from app.jobs import service as jobs
 from app.jobs.data_roots import resolve_dataset_folder
 from app.jobs.repository import JobRepository
 from app.models import JobStatus, utcnow
-from app.queue import Dispatcher
+from app.queue import Dispatcher, Task, send_after_commit
 from app.routing import train_queue
 from app.samples.repository import SampleRepository
 from app.spec import JobSpec
@@ -66,6 +67,7 @@ class AttemptRunner:
         self.sessionmaker = factory or make_sessionmaker(make_engine(settings))
         self.store = make_store(settings)  # the local root is where training writes, in any case
         self.worker_name = worker_name()
+        self.dispatcher = Dispatcher(settings)  # re-queued jobs are sent through it after commit
 
     # --- claim ----------------------------------------------------------------------------
     def claim(self, job_id: uuid.UUID) -> ClaimedAttempt | None:
@@ -222,14 +224,15 @@ class AttemptRunner:
 
         def write() -> bool:
             with session_scope(self.sessionmaker) as session:
-                return JobRepository(session).fenced_update(
+                requeued = JobRepository(session).fenced_update(
                     job_id, attempt, status=JobStatus.queued, worker=None, dispatched_at=None
                 )
+                if requeued:
+                    self._send_after_commit(session, job_id, spec)
+                return requeued
 
-        if not self.retry_db(write):
-            return
-        log.info("job %s: attempt %d checkpointed and re-queued for shutdown", job_id, attempt)
-        self._send(job_id, spec)
+        if self.retry_db(write):
+            log.info("job %s: attempt %d checkpointed and re-queued for shutdown", job_id, attempt)
 
     def release_lost(self, job_id: uuid.UUID, attempt: int, spec: JobSpec, reason: str) -> str:
         """A lost attempt (as the sweeper treats an expired lease, at once): back to the queue and
@@ -237,26 +240,22 @@ class AttemptRunner:
 
         def write() -> JobStatus | None:
             with session_scope(self.sessionmaker) as session:
-                return JobRepository(session).release_lost(job_id, attempt, self.settings.max_attempts, reason)
+                status = jobs.release_lost(session, job_id, attempt, self.settings.max_attempts, reason)
+                if status is JobStatus.queued:
+                    self._send_after_commit(session, job_id, spec)
+                return status
 
         status = self.retry_db(write)
         if status is None:  # the attempt had already ended (or been fenced off)
             log.info("job %s: attempt %d is over; %s", job_id, attempt, reason)
             return "over"
         log.warning("job %s: attempt %d lost: %s; the job is %s", job_id, attempt, reason, status.value)
-        if status is JobStatus.queued:
-            self._send(job_id, spec)
         return f"lost ({status.value})"
 
-    def _send(self, job_id: uuid.UUID, spec: JobSpec) -> None:
-        """Hand a re-queued job to the broker, on the queue of workers that can hold it."""
-        try:
-            Dispatcher(self.settings).send_train(str(job_id), train_queue(self.settings.queue, spec))
-        except Exception as exc:  # the sweeper re-sends jobs that were never sent
-            log.warning("job %s: not re-sent now (%s); the sweeper will send it", job_id, exc)
-            return
-        with session_scope(self.sessionmaker) as session:
-            JobRepository(session).mark_dispatched(job_id)
+    def _send_after_commit(self, session: Session, job_id: uuid.UUID, spec: JobSpec) -> None:
+        """Hand a re-queued job to the broker once its row commits, on the queue of workers that
+        can hold it (if the broker is away, the sweeper sends it later)."""
+        send_after_commit(session, self.dispatcher, Task.train(job_id, train_queue(self.settings.queue, spec)))
 
     def retry_db(self, fn: Callable[[], T]) -> T:
         """Retry a short database step while the database is away, up to the lease timeout."""

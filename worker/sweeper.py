@@ -6,7 +6,10 @@
   message went missing (sent long ago and still not claimed), each to its own queue, and
 - records what this worker offers in the `workers` table (seen_at says it is alive), which the
   API reads to explain why a job waits, and
-- re-queues and re-sends sample requests whose worker stopped checking in mid-draw.
+- re-queues sample requests whose worker stopped checking in mid-draw, and sends them and the
+  queued requests never sent or whose message went missing, as for jobs.
+
+Sending goes through app.queue.dispatch, which stamps `dispatched_at` once the broker took it.
 
 All are idempotent, so several workers may sweep at once.
 """
@@ -21,48 +24,41 @@ from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
+from app.jobs import service
 from app.jobs.repository import JobRepository
-from app.models import Job, Worker, utcnow
-from app.queue import Dispatcher
+from app.models import Job, utcnow
+from app.queue import Dispatcher, Sender, Task, dispatch, engine_of
 from app.routing import Resources, train_queue
-from app.samples.repository import requeue_orphaned_requests
+from app.samples.repository import SampleRepository, requeue_orphaned_requests
 from app.spec import JobSpec
+from app.workers.repository import WorkerRepository
 
 log = logging.getLogger(__name__)
 _stop = threading.Event()
 
 
-def sweep_once(settings: Settings, factory, dispatcher: Dispatcher) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+def sweep_once(settings: Settings, factory, dispatcher: Sender) -> tuple[int, int]:  # type: ignore[no-untyped-def]
     """One pass; returns (jobs re-queued after a lost lease, jobs (re-)sent)."""
     now = utcnow()
     older_than = now - timedelta(seconds=settings.resend_after_s)
     with session_scope(factory) as session:
-        requeued = JobRepository(session).requeue_expired(
-            now - timedelta(seconds=settings.lease_timeout_s), settings.max_attempts
+        engine = engine_of(session)
+        requeued = service.requeue_expired(
+            session, now - timedelta(seconds=settings.lease_timeout_s), settings.max_attempts
         )
     for job_id in requeued:
         log.warning("job %s: lease expired; re-queued to resume from its latest checkpoint", job_id)
     with session_scope(factory) as session:
         to_send = {job.id for job in JobRepository(session).queued_needing_dispatch(older_than)} | set(requeued)
-        queues = {job_id: job_queue(settings, session.get(Job, job_id)) for job_id in to_send}
-    sent = 0
-    for job_id, queue in queues.items():
-        try:
-            dispatcher.send_train(str(job_id), queue)
-        except Exception as exc:  # broker still down: try again next sweep
-            log.warning("job %s: could not send to the broker (%s)", job_id, exc)
-            continue
-        with session_scope(factory) as session:
-            JobRepository(session).mark_dispatched(job_id)
-        sent += 1
+        jobs = [Task.train(job_id, job_queue(settings, session.get(Job, job_id))) for job_id in to_send]
+    sent = sum(dispatch(engine, dispatcher, task) for task in jobs)
     with session_scope(factory) as session:
         orphaned = requeue_orphaned_requests(session, now - timedelta(seconds=settings.lease_timeout_s))
+        unsent = {r.id for r in SampleRepository(session).requests_needing_dispatch(older_than)}
     for request_id in orphaned:
         log.warning("sample request %s: its worker is gone; re-queued", request_id)
-        try:
-            dispatcher.send_sample(str(request_id))
-        except Exception as exc:  # it stays queued; POST .../sample again if the broker stays away
-            log.warning("sample request %s: could not send to the broker (%s)", request_id, exc)
+    for request_id in sorted(unsent | set(orphaned)):
+        dispatch(engine, dispatcher, Task.sample(request_id))
     return len(requeued), sent
 
 
@@ -73,16 +69,12 @@ def job_queue(settings: Settings, job: Job | None) -> str:
 def check_in(factory, name: str, settings: Settings, capacity: Resources, device: str) -> None:  # type: ignore[no-untyped-def]
     """Record (or refresh) this worker's row: what it offers, and that it is alive now."""
     with session_scope(factory) as session:
-        row = session.get(Worker, name) or Worker(name=name, started_at=utcnow())
-        row.queue, row.gpus, row.gpu_memory_gb, row.device = settings.queue, capacity.gpus, capacity.memory_gib, device
-        row.seen_at = utcnow()
-        session.add(row)
+        WorkerRepository(session).check_in(name, settings.queue, capacity, device)
 
 
 def check_out(factory, name: str) -> None:  # type: ignore[no-untyped-def]
     with session_scope(factory) as session:
-        if (row := session.get(Worker, name)) is not None:
-            session.delete(row)
+        WorkerRepository(session).check_out(name)
 
 
 def _loop(settings: Settings, name: str, capacity: Resources, device: str) -> None:

@@ -12,10 +12,9 @@ class CheckpointRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def list(self, job_id: uuid.UUID) -> list[Checkpoint]:
-        return list(
-            self.session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step))
-        )
+    def list(self, job_id: uuid.UUID, *, after_step: int = -1) -> list[Checkpoint]:
+        stmt = select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step > after_step)
+        return list(self.session.scalars(stmt.order_by(Checkpoint.step)))
 
     def get(self, job_id: uuid.UUID, step: int) -> Checkpoint | None:
         return self.session.get(Checkpoint, (job_id, step))

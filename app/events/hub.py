@@ -1,8 +1,9 @@
 """Live job events, fanned out in the API.
 
 The worker publishes once: every metric point, checkpoint, sample and status change it makes is a
-database row. The API keeps one poller per watched job (whatever the number of watchers) that
-reads what is new and hands it to every watcher's queue, so watchers cost the training nothing.
+database row, read here through the jobs, metrics, checkpoints and samples repositories. The API
+keeps one poller per watched job (whatever the number of watchers) that reads what is new and
+hands it to every watcher's queue, so watchers cost the training nothing.
 Events are keyed by (step, order); the key is the SSE `id:`, so a reconnect with Last-Event-ID
 replays exactly what came after it from the database, then joins the live feed without repeats.
 """
@@ -18,18 +19,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from anyio import to_thread
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.checkpoints.repository import CheckpointRepository
+from app.jobs.repository import JobRepository
 from app.jobs.schemas import JobOut
-from app.models import Checkpoint, Job, JobStatus, MetricPoint, Sample
+from app.metrics.repository import MetricRepository
+from app.models import Checkpoint, Job, MetricPoint, Sample
+from app.samples.repository import SampleRepository
 from app.samples.schemas import sample_url
+from app.status import TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
 
 # Order of events within one step: the metric point, then the checkpoint, then the sample grid.
 METRIC, CHECKPOINT, SAMPLE = 0, 1, 2
-TERMINAL = {JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.cancelled.value}
 
 
 class InvalidEventId(ValueError):
@@ -55,9 +59,9 @@ class EventKey:
             raise InvalidEventId(f"Last-Event-ID {raw!r} is not an id this stream sent")
         return key
 
-    def first_step_after(self, order: int) -> int:
-        """The smallest step whose event of `order` comes after this key."""
-        return self.step + (0 if order > self.order else 1)
+    def last_step_through(self, order: int) -> int:
+        """The last step whose event of `order` comes at or before this key (later ones are new)."""
+        return self.step - (1 if order > self.order else 0)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,21 @@ def _status_event(job: Job) -> Event:
     return Event("status", JobOut.model_validate(job).model_dump(mode="json"))
 
 
+def _metric_event(p: MetricPoint) -> Event:
+    data = {"step": p.step, "loss": p.loss, "lr": p.lr, "images_per_s": p.images_per_s}
+    return Event("metric", data, EventKey(p.step, METRIC))
+
+
+def _checkpoint_event(c: Checkpoint) -> Event:
+    return Event(
+        "checkpoint", {"step": c.step, "sha256": c.sha256, "size_bytes": c.size_bytes}, EventKey(c.step, CHECKPOINT)
+    )
+
+
+def _sample_event(s: Sample) -> Event:
+    return Event("sample", {"step": s.step, "url": sample_url(s.job_id, s.step)}, EventKey(s.step, SAMPLE))
+
+
 def _signature(event: Event) -> tuple[Any, ...]:
     d = event.data
     return (d["status"], d["attempt"], d["error"], d["cancel_requested"])
@@ -88,34 +107,16 @@ def read_events(factory: sessionmaker[Session], job_id: uuid.UUID, after: EventK
             # One snapshot for all four reads: a row committed between two of them could
             # otherwise be passed by the cursor (SQLite's read transaction is one snapshot anyway).
             session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-        job = session.get(Job, job_id)
+        job = JobRepository(session).get(job_id)
         if job is None:
             raise LookupError(job_id)
         status = _status_event(job)
-        events = [
-            Event("metric", {"step": p.step, "loss": p.loss, "lr": p.lr, "images_per_s": p.images_per_s},
-                  EventKey(p.step, METRIC))
-            for p in session.scalars(
-                select(MetricPoint)
-                .where(MetricPoint.job_id == job_id, MetricPoint.step >= after.first_step_after(METRIC))
-                .order_by(MetricPoint.step)
-            )
-        ]  # fmt: skip
-        events += [
-            Event("checkpoint", {"step": c.step, "sha256": c.sha256, "size_bytes": c.size_bytes},
-                  EventKey(c.step, CHECKPOINT))
-            for c in session.scalars(
-                select(Checkpoint).where(
-                    Checkpoint.job_id == job_id, Checkpoint.step >= after.first_step_after(CHECKPOINT)
-                )
-            )
-        ]  # fmt: skip
-        events += [
-            Event("sample", {"step": s.step, "url": sample_url(job_id, s.step)}, EventKey(s.step, SAMPLE))
-            for s in session.scalars(
-                select(Sample).where(Sample.job_id == job_id, Sample.step >= after.first_step_after(SAMPLE))
-            )
-        ]
+        points = MetricRepository(session).list(job_id, after_step=after.last_step_through(METRIC))
+        checkpoints = CheckpointRepository(session).list(job_id, after_step=after.last_step_through(CHECKPOINT))
+        samples = SampleRepository(session).list(job_id, after_step=after.last_step_through(SAMPLE))
+    events = [_metric_event(p) for p in points]
+    events += [_checkpoint_event(c) for c in checkpoints]
+    events += [_sample_event(s) for s in samples]
     events.sort(key=lambda e: e.key)  # type: ignore[arg-type, return-value]
     return status, events
 
@@ -152,7 +153,7 @@ class EventHub:
             # this read may miss, and the key check below drops what both deliver.
             feed.watchers.add(queue)
             status, replay = await to_thread.run_sync(read_events, self.factory, job_id, last_event_id)
-            replay = [*replay, status] if status.data["status"] in TERMINAL else [status, *replay]
+            replay = [*replay, status] if status.data["status"] in TERMINAL_STATUSES else [status, *replay]
         sent, sent_status = last_event_id, None
         loop = asyncio.get_running_loop()
         quiet_since = loop.time()  # when bytes last went out: keep-alives count from there
@@ -173,7 +174,7 @@ class EventHub:
                         sent_status = _signature(event)
                         yield event.encode()
                         quiet_since = loop.time()
-                    if event.data["status"] in TERMINAL:
+                    if event.data["status"] in TERMINAL_STATUSES:
                         return
                 elif sent is None or event.key > sent:
                     yield event.encode()
@@ -202,7 +203,7 @@ class EventHub:
                 continue
             if events:
                 feed.cursor = events[-1].key
-            terminal = status is None or status.data["status"] in TERMINAL
+            terminal = status is None or status.data["status"] in TERMINAL_STATUSES
             if status is None:  # the job is gone: end every watcher's stream
                 batch: list[Event] = []
             elif terminal:

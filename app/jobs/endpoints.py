@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from typing import Annotated
 
@@ -10,14 +9,12 @@ from fastapi import APIRouter, Body, Header, HTTPException, Query, Response, sta
 
 from app.deps import CurrentUser, DispatcherDep, SessionDep, SettingsDep
 from app.jobs import service
-from app.jobs.repository import InvalidCursor, JobRepository
+from app.jobs.repository import InvalidCursor
 from app.jobs.schemas import JobOut, JobPage
 from app.models import JobStatus
 from app.openapi import AUTHENTICATED, error_responses
-from app.routing import train_queue
 from app.spec import JobSpec
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=AUTHENTICATED)
 
 # OpenAPI links: what a client (and schemathesis' stateful tests) can do with a created job.
@@ -52,20 +49,12 @@ def create_job(
     """Queue a training job, owned by the key's user. `{}` trains the `tiny` model on `digits`.
     With an `Idempotency-Key` header, repeating the request returns the same job (200); the same
     key with another body is 409. Over a limit: 422 naming the field; too many jobs: 429."""
-    job, created = service.create_job(session, spec, owner=user, settings=settings, idempotency_key=idempotency_key)
+    job, created = service.create_job(
+        session, spec, owner=user, settings=settings, dispatcher=dispatcher, idempotency_key=idempotency_key
+    )
     if not created:
         response.status_code = status.HTTP_200_OK
-        return service.job_out(session, job, settings)
-    # Invariant 2: the task is sent only once the row is committed, so a worker always finds it.
-    session.commit()
-    try:
-        dispatcher.send_train(str(job.id), train_queue(settings.queue, spec))
-    except Exception as exc:  # kombu/redis raise many types for "broker unreachable"
-        # The job is stored and stays queued; the worker's sweeper sends it again once the
-        # broker answers. The client has its job either way.
-        log.warning("could not send job %s to the broker (%s); it will be re-sent", job.id, exc)
-    else:
-        JobRepository(session).mark_dispatched(job.id)
+    # SessionDep commits before the answer goes out, and the job is sent to its queue then.
     return service.job_out(session, job, settings)
 
 

@@ -81,9 +81,6 @@ class JobRepository:
             return jobs[:limit], encode_cursor(jobs[limit - 1])
         return jobs, None
 
-    def mark_dispatched(self, job_id: uuid.UUID) -> None:
-        self.session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
-
     def queued_needing_dispatch(self, older_than: datetime, limit: int = 100) -> list[Job]:
         """Queued jobs never sent, or sent long ago and still not claimed (message lost)."""
         stmt = (
@@ -137,43 +134,16 @@ class JobRepository:
         """A resumed attempt re-does the steps after its checkpoint: drop their old points."""
         self.session.execute(delete(MetricPoint).where(MetricPoint.job_id == job_id, MetricPoint.step > step))
 
-    def requeue_expired(self, expired_before: datetime, max_attempts: int = 1_000_000) -> list[uuid.UUID]:
-        """Running jobs whose lease ran out: back to the queue (a new attempt resumes them from
-        the latest checkpoint), cancelled if a cancel was asked for, or failed once they have
-        used `max_attempts` attempts. Returns the ids of the re-queued jobs."""
+    def expired_leases(self, expired_before: datetime) -> list[Job]:
+        """Running jobs whose lease ran out, locked; rows another sweeper holds are skipped."""
         stmt = (
             select(Job)
             .where(Job.status == JobStatus.running, Job.heartbeat_at < expired_before)
             .with_for_update(skip_locked=True)
         )
-        requeued = []
-        for job in self.session.scalars(stmt):
-            reason = f"the worker running attempt {job.attempt} ({job.worker}) stopped renewing its lease"
-            if _release(job, max_attempts, reason) is JobStatus.queued:
-                requeued.append(job.id)
-        self.session.flush()
-        return requeued
+        return list(self.session.scalars(stmt))
 
-    def release_lost(self, job_id: uuid.UUID, attempt: int, max_attempts: int, reason: str) -> JobStatus | None:
-        """One attempt known to be lost (a rank of a multi-GPU job died), released at once as an
-        expired lease would be; None when the attempt is no longer the job's current one."""
+    def get_running_attempt(self, job_id: uuid.UUID, attempt: int) -> Job | None:
+        """The job, locked, while `attempt` is its current running one; None once it is over."""
         stmt = select(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.running)
-        job = self.session.scalars(stmt.with_for_update()).one_or_none()
-        if job is None:
-            return None
-        status = _release(job, max_attempts, reason)
-        self.session.flush()
-        return status
-
-
-def _release(job: Job, max_attempts: int, reason: str) -> JobStatus:
-    """A running job whose attempt is lost: cancelled if a cancel was asked for, failed once it has
-    used `max_attempts` attempts, else back to the queue to resume from its latest checkpoint."""
-    if job.cancel_requested:
-        job.status, job.finished_at = JobStatus.cancelled, utcnow()
-    elif job.attempt >= max_attempts:
-        job.status, job.finished_at = JobStatus.failed, utcnow()
-        job.error = f"gave up after {job.attempt} attempts: {reason} at step {job.step}"
-    else:
-        job.status, job.dispatched_at, job.worker = JobStatus.queued, None, None
-    return JobStatus(job.status)
+        return self.session.scalars(stmt.with_for_update()).one_or_none()

@@ -1,14 +1,13 @@
-"""The rules for jobs: creation (limits, quota), legal state transitions, cancellation, and who
-may see a job: its owner, or an admin. Another user's job does not exist (JobNotFound, a 404).
-Services never commit."""
+"""The rules for jobs: creation (limits, quota), legal state transitions, cancellation, what
+becomes of a job whose attempt is lost, and who may see a job: its owner, or an admin. Another
+user's job does not exist (JobNotFound, a 404). Services never commit."""
 
 from __future__ import annotations
 
 import hashlib
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -18,8 +17,10 @@ from app.jobs.limits import check_spec
 from app.jobs.repository import JobRepository
 from app.jobs.schemas import JobOut
 from app.models import Job, JobStatus, User, Worker, utcnow
-from app.routing import Resources, can_hold, job_resources, queue_name
+from app.queue import Sender, Task, send_after_commit
+from app.routing import Resources, can_hold, job_resources, queue_name, train_queue
 from app.spec import JobSpec
+from app.workers.repository import WorkerRepository
 
 
 class JobNotFound(LookupError):
@@ -50,12 +51,19 @@ def request_sha256(spec: JobSpec) -> str:
 
 
 def create_job(
-    session: Session, spec: JobSpec, *, owner: User, settings: Settings, idempotency_key: str | None = None
+    session: Session,
+    spec: JobSpec,
+    *,
+    owner: User,
+    settings: Settings,
+    dispatcher: Sender | None = None,
+    idempotency_key: str | None = None,
 ) -> tuple[Job, bool]:
-    """Store a queued job for `owner`; returns (job, created). With an idempotency key, a repeat
-    of the same request returns the first job (created=False), even when the repeats race each
-    other. SpecRefused (422) when the spec exceeds the service's limits, QuotaExceeded (429) when
-    the owner has too many queued and running jobs."""
+    """Store a queued job for `owner`, sent to its queue once the session commits (without a
+    dispatcher it is only stored, and the sweeper sends it); returns (job, created). With an
+    idempotency key, a repeat of the same request returns the first job (created=False), even
+    when the repeats race each other. SpecRefused (422) when the spec exceeds the service's
+    limits, QuotaExceeded (429) when the owner has too many queued and running jobs."""
     repo = JobRepository(session)
     digest = request_sha256(spec)
     # One submission per user at a time (PostgreSQL): the quota count and the insert agree.
@@ -91,6 +99,8 @@ def create_job(
         if existing is None:
             raise
         return _replay(existing, digest, idempotency_key), False
+    if dispatcher is not None:
+        send_after_commit(session, dispatcher, Task.train(job.id, train_queue(settings.queue, spec)))
     return job, True
 
 
@@ -136,6 +146,44 @@ def cancel_job(session: Session, job_id: uuid.UUID, user: User) -> Job:
     return job
 
 
+# --- lost attempts (the worker's side) ---------------------------------------------------------
+def requeue_expired(session: Session, expired_before: datetime, max_attempts: int = 1_000_000) -> list[uuid.UUID]:
+    """Running jobs whose lease ran out (their worker died or froze), each released as
+    `release_attempt` decides; returns the ids of the re-queued jobs, to be sent again."""
+    requeued = []
+    for job in JobRepository(session).expired_leases(expired_before):
+        reason = f"the worker running attempt {job.attempt} ({job.worker}) stopped renewing its lease"
+        if release_attempt(job, max_attempts, reason) is JobStatus.queued:
+            requeued.append(job.id)
+    session.flush()
+    return requeued
+
+
+def release_lost(session: Session, job_id: uuid.UUID, attempt: int, max_attempts: int, reason: str) -> JobStatus | None:
+    """One attempt known to be lost (a rank of a multi-GPU job died), released at once as an
+    expired lease would be; None when the attempt is no longer the job's current one."""
+    job = JobRepository(session).get_running_attempt(job_id, attempt)
+    if job is None:
+        return None
+    status = release_attempt(job, max_attempts, reason)
+    session.flush()
+    return status
+
+
+def release_attempt(job: Job, max_attempts: int, reason: str) -> JobStatus:
+    """A running job whose attempt is lost: cancelled if a cancel was asked for, failed once it has
+    used `max_attempts` attempts, else back to the queue (not yet sent) to resume from its latest
+    checkpoint."""
+    if job.cancel_requested:
+        job.status, job.finished_at = JobStatus.cancelled, utcnow()
+    elif job.attempt >= max_attempts:
+        job.status, job.finished_at = JobStatus.failed, utcnow()
+        job.error = f"gave up after {job.attempt} attempts: {reason} at step {job.step}"
+    else:
+        job.status, job.dispatched_at, job.worker = JobStatus.queued, None, None
+    return JobStatus(job.status)
+
+
 # --- what the API shows of a job ------------------------------------------------------------
 def job_out(session: Session, job: Job, settings: Settings) -> JobOut:
     return jobs_out(session, [job], settings)[0]
@@ -151,8 +199,7 @@ def jobs_out(session: Session, jobs: list[Job], settings: Settings) -> list[JobO
         if job.status == JobStatus.queued:
             if workers is None:  # one query per page, only when a queued job needs it
                 seen_after = utcnow() - timedelta(seconds=settings.lease_timeout_s)
-                live = select(Worker).where(Worker.queue == settings.queue, Worker.seen_at >= seen_after)
-                workers = list(session.scalars(live))
+                workers = WorkerRepository(session).live(settings.queue, seen_after)
             reason = waiting_reason(needs, workers)
         routed = {"queue": queue_name(settings.queue, needs), "waiting_reason": reason}
         shown.append(JobOut.model_validate({**_attributes(job), **routed}))

@@ -12,6 +12,10 @@ class MetricRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
 
+    def list(self, job_id: uuid.UUID, *, after_step: int = -1) -> list[MetricPoint]:
+        stmt = select(MetricPoint).where(MetricPoint.job_id == job_id, MetricPoint.step > after_step)
+        return list(self.session.scalars(stmt.order_by(MetricPoint.step)))
+
     def page(self, job_id: uuid.UUID, *, after_step: int, limit: int) -> list[MetricPoint]:
         stmt = (
             select(MetricPoint)

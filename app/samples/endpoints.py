@@ -16,6 +16,7 @@ from app.deps import CurrentUser, DispatcherDep, SessionDep
 from app.jobs import service
 from app.models import SampleRequest
 from app.openapi import AUTHENTICATED, error_responses
+from app.samples import service as samples_service
 from app.samples.repository import SampleRepository
 from app.samples.schemas import SampleOut, SampleRequestIn, SampleRequestOut
 from app.spec import JobSpec
@@ -93,15 +94,8 @@ def request_samples(
         steps=steps,
         status="queued",
     )
-    session.add(request)
-    session.commit()  # invariant 2: the task is sent only once the row is committed
-    try:
-        dispatcher.send_sample(str(request.id))
-    except Exception as exc:  # the broker is away: say so rather than leave it queued for ever
-        session.delete(request)
-        session.commit()
-        raise HTTPException(503, detail=f"broker unavailable, sample request not queued: {exc}") from exc
-    return SampleRequestOut.of(request)
+    # Sent once SessionDep commits; while the broker is away it stays queued for the sweeper.
+    return SampleRequestOut.of(samples_service.queue_request(session, dispatcher, request))
 
 
 def _own_request(session: SessionDep, job_id: uuid.UUID, request_id: uuid.UUID, user: CurrentUser) -> SampleRequest:

@@ -28,6 +28,7 @@ class SampleRepository:
         self.session.execute(delete(Sample).where(Sample.job_id == job_id, Sample.step > step))
         return self.list(job_id)
 
+    # --- sample requests: stored, claimed by a worker, ended; sent again when a message is lost
     def claim(self, request_id: uuid.UUID, worker: str) -> tuple[uuid.UUID, int] | None:
         """queued -> running for `worker`; returns (job id, checkpoint step), or None when the
         request is not queued. A conditional update, so a re-delivered task does nothing."""
@@ -48,17 +49,35 @@ class SampleRepository:
             update(SampleRequest).where(SampleRequest.id == request_id).values(finished_at=utcnow(), **values)
         )
 
+    def add_request(self, request: SampleRequest) -> SampleRequest:
+        self.session.add(request)
+        self.session.flush()
+        return request
+
+    def requests_needing_dispatch(self, older_than: datetime, limit: int = 100) -> list[SampleRequest]:
+        """Queued requests never sent, or sent long ago and still not claimed (message lost)."""
+        stmt = (
+            select(SampleRequest)
+            .where(SampleRequest.status == "queued")
+            .where(or_(SampleRequest.dispatched_at.is_(None), SampleRequest.dispatched_at < older_than))
+            .where(SampleRequest.created_at < older_than)
+            .order_by(SampleRequest.created_at)
+            .limit(limit)
+        )
+        return list(self.session.scalars(stmt))
+
 
 def requeue_orphaned_requests(session: Session, seen_after: datetime) -> list[uuid.UUID]:
     """Running sample requests whose worker stopped checking in (killed mid-draw) go back to the
-    queue; returns their ids, to be sent again. A slow but live worker keeps its request."""
+    queue, not yet sent; returns their ids, to be sent again. A slow but live worker keeps its
+    request."""
     live = select(Worker.name).where(Worker.seen_at >= seen_after)
     orphaned = (
         update(SampleRequest)
         .where(
             SampleRequest.status == "running", or_(SampleRequest.worker.is_(None), SampleRequest.worker.not_in(live))
         )
-        .values(status="queued", worker=None)
+        .values(status="queued", worker=None, dispatched_at=None)
         .returning(SampleRequest.id)
     )
     return list(session.scalars(orphaned))

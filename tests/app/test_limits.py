@@ -12,9 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.jobs.limits import activation_bytes_per_image, training_memory_bytes, unet_parameter_count
 from app.main import create_app
 from app.spec import JobSpec
+from app.spec_size import activation_bytes_per_image, training_memory_bytes, unet_parameter_count
 from tests.conftest import ApiUser
 
 CIFAR = {"model": {"preset": "ddpm-cifar10"}, "dataset": {"image_size": 32, "channels": 3}}

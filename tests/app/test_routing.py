@@ -10,11 +10,11 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
-from app.jobs.limits import training_memory_bytes
 from app.main import create_app
 from app.models import Worker, utcnow
 from app.routing import Resources, can_hold, job_resources, memory_class, queue_name, train_queue, worker_queues
 from app.spec import JobSpec
+from app.spec_size import training_memory_bytes
 from tests.conftest import MakeUser
 from worker.sweeper import check_in, check_out
 

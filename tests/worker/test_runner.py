@@ -17,7 +17,7 @@ from app.auth.service import get_or_create_user
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs.repository import JobRepository
-from app.jobs.service import cancel_job, create_job
+from app.jobs.service import cancel_job, create_job, requeue_expired
 from app.models import Checkpoint, Job, MetricPoint, utcnow
 from app.routing import train_queue
 from app.samples.repository import SampleRepository
@@ -87,7 +87,7 @@ class TestRun:
             original(self, point)
             if point.step == 50 and self.attempt == 1:
                 with session_scope(factory) as s:
-                    JobRepository(s).requeue_expired(utcnow() + timedelta(hours=1))
+                    requeue_expired(s, utcnow() + timedelta(hours=1))
 
         monkeypatch.setattr(DatabaseSink, "on_log", lose_lease_at_step_50)
         assert runner.run(job_id) == "fenced"
@@ -174,7 +174,7 @@ class TestStopping:
                 # What the sweeper does when this worker's lease expires: the job goes back to
                 # the queue, and this attempt is no longer current.
                 with session_scope(factory) as s:
-                    assert JobRepository(s).requeue_expired(utcnow() + timedelta(hours=1)) == [job_id]
+                    assert requeue_expired(s, utcnow() + timedelta(hours=1)) == [job_id]
 
         monkeypatch.setattr(DatabaseSink, "on_log", on_log_then_lose_the_lease)
         assert runner.run(job_id) == "fenced"
@@ -196,7 +196,7 @@ class TestStopping:
             original(self, point)
             if point.step == 30 and self.attempt == 1:
                 with session_scope(factory) as s:
-                    JobRepository(s).requeue_expired(utcnow() + timedelta(hours=1))
+                    requeue_expired(s, utcnow() + timedelta(hours=1))
 
         monkeypatch.setattr(DatabaseSink, "on_log", lose_lease_after_step_30)
         assert runner.run(interrupted) == "fenced"

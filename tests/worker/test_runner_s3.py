@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
-from app.jobs.repository import JobRepository
+from app.jobs.service import requeue_expired
 from app.main import create_app
 from app.models import Sample, utcnow
 from tests.conftest import MakeUser, bucket_keys, s3_client
@@ -88,7 +88,7 @@ def test_a_new_attempt_resumes_from_the_bucket_and_collects_garbage(
         original(self, point)
         if point.step == 30 and self.attempt == 1:
             with session_scope(factory) as s:
-                JobRepository(s).requeue_expired(utcnow() + timedelta(hours=1))
+                requeue_expired(s, utcnow() + timedelta(hours=1))
 
     monkeypatch.setattr(DatabaseSink, "on_log", lose_lease_after_step_30)
     assert runner.run(interrupted) == "fenced"

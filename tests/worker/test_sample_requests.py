@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import uuid
+from datetime import timedelta
 
 import numpy as np
 from fastapi.testclient import TestClient
@@ -13,7 +14,7 @@ from sqlalchemy import select
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.main import create_app
-from app.models import Checkpoint, SampleRequest
+from app.models import Checkpoint, SampleRequest, utcnow
 from app.routing import Resources
 from app.spec import JobSpec
 from tests.conftest import MakeUser
@@ -115,3 +116,41 @@ def test_a_request_whose_worker_died_mid_draw_is_queued_and_sent_again(clean_db:
     assert sent == [str(dead.id)]
     # Re-delivered, the request is drawn as any other (here: claimed and failed on the fake checkpoint).
     assert draw_requested_samples(clean_db, factory, dead.id) == "failed"
+
+
+def test_a_request_made_while_the_broker_is_down_is_queued_and_the_sweeper_sends_it(
+    clean_db: Settings, make_user: MakeUser
+) -> None:
+    factory = make_sessionmaker(make_engine(clean_db))
+    user = make_user("sampler")
+    with TestClient(create_app(clean_db), headers=user.headers) as client:
+        job_id = uuid.UUID(client.post("/v1/jobs", json=SPEC).json()["id"])
+    with session_scope(factory) as s:
+        s.add(Checkpoint(job_id=job_id, step=2, path="x", size_bytes=1, sha256="0" * 64, state_path="y"))
+    down = clean_db.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(down), headers=user.headers) as client:
+        r = client.post(f"/v1/jobs/{job_id}/sample", json={})
+    assert r.status_code == 202, r.text
+    request_id = uuid.UUID(r.json()["id"])
+    with session_scope(factory) as s:
+        request = s.get(SampleRequest, request_id)
+        assert request is not None
+        assert (request.status, request.dispatched_at) == ("queued", None)
+        request.created_at = utcnow() - timedelta(hours=1)
+
+    sent: list[str] = []
+
+    class Recorder:  # the broker is back
+        def send_train(self, job: str, queue: str) -> None:
+            pass
+
+        def send_sample(self, request: str) -> None:
+            sent.append(request)
+
+    sweep_once(clean_db, factory, Recorder())
+    assert sent == [str(request_id)]
+    with session_scope(factory) as s:
+        assert s.get(SampleRequest, request_id).dispatched_at is not None  # type: ignore[union-attr]
+    # Sent just now: not sent again on the next pass.
+    sweep_once(clean_db, factory, Recorder())
+    assert sent == [str(request_id)]
