@@ -9,6 +9,7 @@ import pytest
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs.repository import JobRepository
+from app.jobs.service import requeue_expired
 from app.models import Job, utcnow
 from tests.worker.test_runner import TINY, submit
 from worker.ddpm.sink import StopReason, StopTraining
@@ -42,7 +43,7 @@ class TestFencedWrite:
     def test_a_fenced_off_attempt_writes_nothing_and_stops(self, factory) -> None:
         lease = claimed_lease(factory)
         with session_scope(factory) as s:  # the sweeper: the lease expired, the job is queued again
-            assert JobRepository(s).requeue_expired(utcnow() + timedelta(hours=1)) == [lease.job_id]
+            assert requeue_expired(s, utcnow() + timedelta(hours=1)) == [lease.job_id]
         with session_scope(factory) as s:
             assert lease.write(s, step=7) is False
         assert lease.fenced is True

@@ -150,15 +150,11 @@ def train(
     cfg = spec.training
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    layout = _memory_format(dev)
 
-    # Data: the whole set on the device as uint8; a batch is an index gather, no host copy.
-    images = load_images(spec.dataset).to(dev)  # (N, C, H, W) uint8
-    batches = BatchIndexer(len(images), cfg.batch_size, derive_seed(cfg.seed, "batches"), dev)
-    schedule = NoiseSchedule(spec.diffusion).to(dev)
-
+    # Data: the whole set on the device; each step's noisy batch is drawn from it there.
+    data = _NoisyBatches(spec, dev, ranks)
     # Model, optimizer, EMA, noise generator and metric window: fresh, or resumed from a checkpoint.
-    state = LiveState.build(spec, dev, layout=layout, ranks=ranks, distributed=distributed, resume_from=resume_from)
+    state = LiveState.build(spec, dev, data.layout, ranks=ranks, distributed=distributed, resume_from=resume_from)
     forward_backward = _ForwardBackward(state.model, state.optimizer, dev, compile_options(cfg, dev, distributed))
     step = state.start_step  # optimizer steps done so far
 
@@ -172,14 +168,7 @@ def train(
                 group["lr"] = lr
 
             # Batch: clean images, a timestep per image, Gaussian noise; x_t by eq. 4 of Ho et al. 2020.
-            # Every rank draws the whole global batch's t and eps (the same numbers, same seed) and
-            # keeps its share; one process keeps it all.
-            x0 = to_model_range(images[ranks.share(batches.indices(step - 1))])  # (B/k, C, H, W) in [-1, 1]
-            t = torch.randint(0, spec.diffusion.timesteps, (cfg.batch_size,), generator=state.noise, device=dev)  # (B,)
-            eps = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=state.noise, device=dev)  # (B, C, H, W)
-            t, eps = ranks.share(t), ranks.share(eps)  # (B/k,), (B/k, C, H, W)
-            x_t = schedule.add_noise(x0, eps, t).contiguous(memory_format=layout)  # (B, C, H, W)
-            target = schedule.target(x0, eps, t)  # (B, C, H, W)
+            x_t, t, target = data.draw(step, state.noise)  # (B/k, C, H, W), (B/k,), (B/k, C, H, W)
 
             # Forward / backward (compiled on CUDA; the first call compiles, and falls back to eager if that fails).
             loss = forward_backward(x_t, t, target)
@@ -213,6 +202,30 @@ def train(
                 state.window.start_next(values)
 
     return TrainResult(final_step=step, last_loss=reporter.last_loss)
+
+
+class _NoisyBatches:
+    """The training set on the device (uint8; a batch is an index gather, no host copy) and each
+    step's batch drawn from it: what the U-Net sees and what it should predict."""
+
+    def __init__(self, spec: JobSpec, dev: torch.device, ranks: Ranks) -> None:
+        cfg = spec.training
+        self.images = load_images(spec.dataset).to(dev)  # (N, C, H, W) uint8
+        self.batches = BatchIndexer(len(self.images), cfg.batch_size, derive_seed(cfg.seed, "batches"), dev)
+        self.schedule = NoiseSchedule(spec.diffusion).to(dev)
+        self.layout = _memory_format(dev)
+        self.spec, self.dev, self.ranks = spec, dev, ranks
+
+    def draw(self, step: int, noise: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, t, target) for 1-based `step`. Every rank draws the whole global batch's t and eps
+        (the same numbers, same seed) and keeps its share; one process keeps it all."""
+        batch_size, share = self.spec.training.batch_size, self.ranks.share
+        x0 = to_model_range(self.images[share(self.batches.indices(step - 1))])  # (B/k, C, H, W) in [-1, 1]
+        t = torch.randint(0, self.spec.diffusion.timesteps, (batch_size,), generator=noise, device=self.dev)  # (B,)
+        eps = torch.randn((batch_size, *x0.shape[1:]), generator=noise, device=self.dev)  # (B, C, H, W)
+        t, eps = share(t), share(eps)  # (B/k,), (B/k, C, H, W)
+        x_t = self.schedule.add_noise(x0, eps, t).contiguous(memory_format=self.layout)  # eq. 4: (B/k, C, H, W)
+        return x_t, t, self.schedule.target(x0, eps, t)  # target: (B/k, C, H, W)
 
 
 class _ForwardBackward:
