@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -38,6 +38,8 @@ def get_dispatcher(request: Request) -> Dispatcher:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
+# A training step in a path (/checkpoints/{step}, /samples/{step}.png): what the database's integer holds.
+StepPath = Annotated[int, Path(ge=0, le=2**31 - 1)]
 
 
 def current_user(

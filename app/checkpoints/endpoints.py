@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, Response
 from starlette.background import BackgroundTask
 
@@ -15,7 +15,7 @@ from app.checkpoints.files import checkpoint_store, verified_file_response
 from app.checkpoints.repository import CheckpointRepository
 from app.checkpoints.schemas import CheckpointOut
 from app.checkpoints.store import CheckpointFileError, StorageUnavailable
-from app.deps import CurrentUser, SessionDep
+from app.deps import CurrentUser, SessionDep, StepPath
 from app.jobs import service
 from app.models import Checkpoint
 from app.openapi import AUTHENTICATED, error_responses
@@ -60,11 +60,7 @@ def download_latest(job_id: uuid.UUID, user: CurrentUser, request: Request, sess
 
 @router.get("/{job_id}/checkpoints/{step}", response_class=FileResponse, responses=DOWNLOAD_RESPONSES)
 def download_step(
-    job_id: uuid.UUID,
-    step: Annotated[int, Path(ge=0, le=2**31 - 1)],
-    user: CurrentUser,
-    request: Request,
-    session: SessionDep,
+    job_id: uuid.UUID, step: StepPath, user: CurrentUser, request: Request, session: SessionDep
 ) -> Response:
     service.get_job(session, job_id, user)
     return _download(request, job_id, CheckpointRepository(session).get(job_id, step), f"checkpoint at step {step}")
@@ -84,7 +80,7 @@ def download_step(
 )
 def export_checkpoint(
     job_id: uuid.UUID,
-    step: Annotated[int, Path(ge=0, le=2**31 - 1)],
+    step: StepPath,
     user: CurrentUser,
     request: Request,
     session: SessionDep,

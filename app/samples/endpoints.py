@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import uuid
 from pathlib import PurePath
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, HTTPException, Path, Request
+from fastapi import APIRouter, Body, HTTPException, Request
 from fastapi.responses import FileResponse, Response
 
 from app.checkpoints.files import verified_file_response
 from app.checkpoints.repository import CheckpointRepository
-from app.deps import CurrentUser, DispatcherDep, SessionDep
+from app.deps import CurrentUser, DispatcherDep, SessionDep, StepPath
 from app.jobs import service
 from app.models import SampleRequest
 from app.openapi import AUTHENTICATED, error_responses
@@ -40,13 +40,7 @@ def list_samples(job_id: uuid.UUID, user: CurrentUser, session: SessionDep) -> l
         **error_responses(404, 410, 422),
     },
 )
-def sample_png(
-    job_id: uuid.UUID,
-    step: Annotated[int, Path(ge=0, le=2**31 - 1)],
-    user: CurrentUser,
-    request: Request,
-    session: SessionDep,
-) -> Response:
+def sample_png(job_id: uuid.UUID, step: StepPath, user: CurrentUser, request: Request, session: SessionDep) -> Response:
     service.get_job(session, job_id, user)
     sample = SampleRepository(session).get(job_id, step)
     if sample is None:
@@ -112,36 +106,34 @@ def _result_file(request: Request, r: SampleRequest, path: str | None, sha256: s
     return verified_file_response(request, path, sha256, media_type=media, filename=PurePath(path).name)
 
 
+def _result_responses(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:
+    return {200: {"content": {media_type: {}}, "description": description}, **_REDIRECT, **_RESULT_ERRORS}
+
+
+_RESULT_ERRORS = error_responses(404, 409, 410, 422)
+_PNG, _NPZ = "image/png", "application/octet-stream"
+
+
 @router.get(
-    "/{job_id}/sample/{request_id}.png",
-    response_class=FileResponse,
-    responses={
-        200: {"content": {"image/png": {}}, "description": "The grid"},
-        **_REDIRECT,
-        **error_responses(404, 409, 410, 422),
-    },
+    "/{job_id}/sample/{request_id}.png", response_class=FileResponse, responses=_result_responses(_PNG, "The grid")
 )
 def sample_request_png(
     job_id: uuid.UUID, request_id: uuid.UUID, user: CurrentUser, session: SessionDep, request: Request
 ) -> Response:
     r = _own_request(session, job_id, request_id, user)
-    return _result_file(request, r, r.png_path, r.png_sha256, "image/png")
+    return _result_file(request, r, r.png_path, r.png_sha256, _PNG)
 
 
 @router.get(
     "/{job_id}/sample/{request_id}.npz",
     response_class=FileResponse,
-    responses={
-        200: {"content": {"application/octet-stream": {}}, "description": "numpy .npz, key `images`"},
-        **_REDIRECT,
-        **error_responses(404, 409, 410, 422),
-    },
+    responses=_result_responses(_NPZ, "numpy .npz, key `images`"),
 )
 def sample_request_npz(
     job_id: uuid.UUID, request_id: uuid.UUID, user: CurrentUser, session: SessionDep, request: Request
 ) -> Response:
     r = _own_request(session, job_id, request_id, user)
-    return _result_file(request, r, r.npz_path, r.npz_sha256, "application/octet-stream")
+    return _result_file(request, r, r.npz_path, r.npz_sha256, _NPZ)
 
 
 # After the .png/.npz routes: Starlette takes the first route whose path matches.
