@@ -19,7 +19,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 from kombu.exceptions import KombuError
 from sqlalchemy import Connection, Engine, event, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, SessionTransaction
 
 from app.config import Settings
@@ -161,8 +161,8 @@ def dispatch(engine: Engine, sender: Sender, task: Task) -> bool:
     try:
         with engine.begin() as conn:
             conn.execute(update(row).where(row.id == task.row_id).values(dispatched_at=utcnow()))
-    except DBAPIError as exc:  # sent but unstamped: the sweeper may send it once more, which is harmless
-        log.warning("%s %s: sent, but dispatched_at not recorded (%s)", task.kind, task.row_id, exc.orig)
+    except SQLAlchemyError as exc:  # sent but unstamped: the sweeper may send it once more, which is harmless
+        log.warning("%s %s: sent, but dispatched_at not recorded (%s)", task.kind, task.row_id, exc)
     return True
 
 
@@ -172,36 +172,42 @@ def engine_of(session: Session) -> Engine:
     return bind.engine if isinstance(bind, Connection) else bind
 
 
-_PENDING = "app.queue.pending"  # the session.info key of the tasks waiting for the commit
+_PENDING = "app.queue.pending"  # session.info: tasks whose rows are not committed yet
+_COMMITTED = "app.queue.committed"  # session.info: tasks whose rows are committed, to send
 
 
 def send_after_commit(session: Session, sender: Sender, task: Task) -> None:
     """Send `task` once the session's transaction commits; nothing is sent if it rolls back.
 
-    The send runs in the session's after_commit hook, outside any transaction: the row is
-    committed, so a worker always finds it. The hook may not use the session for SQL, so the
-    `dispatched_at` stamp takes its own short connection from the session's engine."""
+    The send happens when the committed transaction has ended and handed its connection back to
+    the pool: the row is committed, so a worker always finds it, and the `dispatched_at` stamp's
+    own short connection never waits on the one this session still holds (under load, requests
+    holding one connection each while waiting for a second would drain the pool)."""
     pending: list[tuple[Sender, Task]] | None = session.info.get(_PENDING)
     if pending is None:
         pending = session.info[_PENDING] = []
-        event.listen(session, "after_commit", _send_pending)
-        event.listen(session, "after_transaction_end", _drop_pending)
+        session.info[_COMMITTED] = []
+        event.listen(session, "after_commit", _mark_committed)
+        event.listen(session, "after_transaction_end", _send_committed)
     pending.append((sender, task))
 
 
-def _send_pending(session: Session) -> None:
+def _mark_committed(session: Session) -> None:
     # after_commit also fires when a savepoint is released; the work is not committed until the
-    # outermost transaction is.
-    if session.get_nested_transaction() is not None:
+    # outermost transaction is. The connection is still checked out here: send later.
+    if session.get_nested_transaction() is None:
+        pending = session.info[_PENDING]
+        session.info[_COMMITTED].extend(pending)
+        pending.clear()
+
+
+def _send_committed(session: Session, transaction: SessionTransaction) -> None:
+    # The outermost transaction has ended and its connection is back in the pool. Tasks still
+    # pending belong to rows that were rolled back: dropped.
+    if transaction.parent is not None:
         return
-    pending: list[tuple[Sender, Task]] = session.info.get(_PENDING, [])
-    tasks, pending[:] = list(pending), []
+    session.info[_PENDING].clear()
+    committed: list[tuple[Sender, Task]] = session.info[_COMMITTED]
+    tasks, committed[:] = list(committed), []
     for sender, task in tasks:
         dispatch(engine_of(session), sender, task)
-
-
-def _drop_pending(session: Session, transaction: SessionTransaction) -> None:
-    # The outermost transaction ended without a commit (rolled back, or the session closed):
-    # its rows are gone, so are their tasks. After a commit the list is already empty.
-    if transaction.parent is None:
-        session.info.get(_PENDING, []).clear()

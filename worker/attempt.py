@@ -175,7 +175,8 @@ class AttemptRunner:
             self._requeue(job_id, attempt, spec)
             return "requeued"
         if result.stopped is not None:  # lease_lost, storage_unavailable: the sweeper hands it on
-            log.warning("job %s: attempt %d stopped (%s); the job will be resumed", job_id, attempt, result.stopped)
+            why = "lost its lease" if result.stopped is StopReason.lease_lost else "could not store a checkpoint"
+            log.warning("job %s: attempt %d %s; the job will be resumed", job_id, attempt, why)
             return "lease-lost"
         self.finish(
             job_id, attempt, status=JobStatus.succeeded, step=result.final_step, loss=finite_or_none(result.last_loss)

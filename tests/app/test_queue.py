@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 from kombu.exceptions import OperationalError
+from sqlalchemy import create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth.service import get_or_create_user
@@ -79,3 +80,18 @@ class TestSendAfterCommit:
             send_after_commit(session, Recorder(broker_up=False), Task.train(job_id, "q"))
             session.commit()
         assert dispatched_at(factory, job_id) is None
+
+    def test_the_send_waits_for_no_second_connection(self, clean_db: Settings) -> None:
+        """With a pool of one connection, the stamp still gets one: the committing session has
+        handed its own back first. (Under load, requests each holding a connection while waiting
+        for a second drained the pool: 500s from the API.)"""
+        engine = create_engine(clean_db.database_url, pool_size=1, max_overflow=0, pool_timeout=2)
+        sender = Recorder()
+        with make_sessionmaker(engine)() as session:
+            job_id = stored_job(session)
+            send_after_commit(session, sender, Task.train(job_id, "q"))
+            session.commit()
+        assert sender.sent == [(str(job_id), "q")]
+        with make_sessionmaker(engine)() as session:
+            assert session.get(Job, job_id).dispatched_at is not None  # type: ignore[union-attr]
+        engine.dispose()
