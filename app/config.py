@@ -61,6 +61,12 @@ class Settings(BaseSettings):
         None, gt=0, description="Memory per GPU this worker offers, in GiB; default: detected."
     )
 
+    # PostgreSQL connection pool of each process (the API's routes, the worker's sweeper). A
+    # request that waits db_pool_timeout_s for a connection is answered 503 with Retry-After.
+    db_pool_size: int = Field(10, ge=1, description="Connections each process keeps open to PostgreSQL.")
+    db_max_overflow: int = Field(10, ge=0, description="Connections opened beyond db_pool_size under load.")
+    db_pool_timeout_s: float = Field(30.0, gt=0, description="How long a request waits for a free connection.")
+
     # --- keys ---------------------------------------------------------------------------------
     # API keys are stored as HMAC-SHA256(secret_key, key): a leaked table alone opens nothing.
     secret_key: str = Field(DEV_SECRET_KEY, description="HMAC key for API-key hashes; required outside development.")

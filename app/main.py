@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app import health
 from app.auth.service import ensure_bootstrap_key
@@ -32,6 +33,8 @@ from app.samples import endpoints as sample_endpoints
 from app.web import mount_dashboard
 
 log = logging.getLogger(__name__)
+# Seconds a client is asked to wait after a 503 for want of a free database connection.
+POOL_RETRY_AFTER_S = 2
 
 
 def _json_safe(value: Any) -> Any:
@@ -129,5 +132,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("database unavailable: %s", exc.orig)
             return JSONResponse({"detail": "database unavailable; retry shortly"}, status_code=503)
         raise exc
+
+    @app.exception_handler(PoolTimeout)
+    def _pool_exhausted(_: Request, exc: PoolTimeout) -> JSONResponse:
+        # Every pooled connection stayed busy for DDPM_DB_POOL_TIMEOUT_S: load, not the client's fault.
+        log.warning("database connection pool exhausted: %s", exc)
+        return JSONResponse(
+            {"detail": "the service is busy (no free database connection); retry shortly"},
+            status_code=503,
+            headers={"Retry-After": str(POOL_RETRY_AFTER_S)},
+        )
 
     return app

@@ -1,5 +1,6 @@
 """Checkpoint listing and downloads. Files are found by job and step in the database, never by
-a path from the request; downloads carry the sha256 as ETag and honour Range."""
+a path from the request; downloads carry the sha256 as ETag and honour Range and If-None-Match
+(app/checkpoints/files.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, Response
-from starlette.background import BackgroundTask
 
 from app.checkpoints.export import NotACheckpoint, diffusers_pipeline_zip
-from app.checkpoints.files import checkpoint_store, verified_file_response
+from app.checkpoints.files import (
+    CONDITIONAL_RESPONSES,
+    checkpoint_store,
+    temporary_file_response,
+    verified_file_response,
+)
 from app.checkpoints.repository import CheckpointRepository
 from app.checkpoints.schemas import CheckpointOut
 from app.checkpoints.store import CheckpointFileError, StorageUnavailable
@@ -26,9 +31,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["checkpoints"], responses=AUTHENTICA
 _FILE = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "The safetensors file; ETag and X-Checksum-SHA256 carry its sha256", "content": _FILE},
-    206: {"description": "The bytes a Range header asked for", "content": _FILE},
+    **CONDITIONAL_RESPONSES,
+    206: {**CONDITIONAL_RESPONSES[206], "content": _FILE},
     307: {"description": "S3 storage with DDPM_S3_DOWNLOAD=redirect: a presigned URL of the file"},
-    416: {"description": "The Range lies outside the file"},
     **error_responses(404, 410, 422),
 }
 
@@ -85,7 +90,7 @@ def export_checkpoint(
     request: Request,
     session: SessionDep,
     format: Annotated[Literal["diffusers"], Query(description="Only `diffusers` for now")] = "diffusers",
-) -> FileResponse:
+) -> Response:
     job = service.get_job(session, job_id, user)
     checkpoint = CheckpointRepository(session).get(job_id, step)
     if checkpoint is None:
@@ -99,9 +104,6 @@ def export_checkpoint(
         raise HTTPException(410, detail=str(exc)) from exc
     except StorageUnavailable as exc:
         raise HTTPException(503, detail=str(exc)) from exc
-    return FileResponse(
-        archive,
-        media_type="application/zip",
-        filename=f"{job_id}-step-{step:08d}-diffusers.zip",
-        background=BackgroundTask(archive.unlink, missing_ok=True),
+    return temporary_file_response(
+        archive, media_type="application/zip", filename=f"{job_id}-step-{step:08d}-diffusers.zip"
     )

@@ -11,6 +11,7 @@ write into the local root first (atomic, fsynced, sha256 known). Then, in this o
 
 LocalStore: the root is the store (publish and discard_scratch do nothing). S3Store: the root is
 scratch space; a resume downloads into it, export and sampling read from temporary copies.
+Downloads are the same on both: verified_head (size and sha256 against the row), then read.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import os
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, BinaryIO
 
 import boto3
 from boto3.exceptions import Boto3Error
@@ -48,6 +49,41 @@ class CheckpointFileError(Exception):
 
 class StorageUnavailable(Exception):
     """The object store did not answer (or refused us): try again later."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    size_bytes: int
+    sha256: str | None  # S3: from the object's metadata, as publish wrote it
+
+
+def file_blocks(file: BinaryIO, start: int, length: int, chunk: int = _MB) -> Iterator[bytes]:
+    """`length` bytes of an open file from `start` on, `chunk` at a time (fewer if it ends first)."""
+    file.seek(start)
+    while length > 0 and (block := file.read(min(chunk, length))):
+        length -= len(block)
+        yield block
+
+
+def checked_chunks(key: str, blocks: Iterator[bytes], sha256: str | None, close: Callable[[], None]) -> Iterator[bytes]:
+    """`blocks` for a streaming response, then `close()`. With a sha256 (a whole file), what is
+    sent is hashed and the last block held back until the hash matches: a client may see a
+    cut-short body, never a whole wrong one, whatever happened to the file since it was checked."""
+    digest = hashlib.sha256()
+    held = b""
+    try:
+        for block in blocks:
+            if held:
+                yield held
+            digest.update(block)
+            held = block
+        if sha256 is not None and digest.hexdigest() != sha256:
+            log.error("checkpoint file %s is damaged in storage: its bytes do not match the recorded sha256", key)
+            raise CheckpointFileError(f"checkpoint file {key} is damaged: its bytes do not match the record")
+        if held:
+            yield held
+    finally:
+        close()
 
 
 class CheckpointStore(ABC):
@@ -90,6 +126,18 @@ class CheckpointStore(ABC):
     @abstractmethod
     def resume_copy(self, key: str) -> Path:
         """The file at its place under the root (`root / key`), fetched if this host lacks it."""
+
+    @abstractmethod
+    def verified_head(self, key: str, sha256: str, size_bytes: int | None = None) -> StoredObject:
+        """The file's size and sha256, once they match the row; CheckpointFileError otherwise."""
+
+    @abstractmethod
+    def read(
+        self, key: str, sha256: str, byte_range: tuple[int, int] | None = None, chunk: int = _MB
+    ) -> Iterator[bytes]:
+        """The file's bytes, or the inclusive `byte_range`, as an iterator for a streaming response
+        (checked_chunks). The file is opened here, before the first byte is sent, so a missing
+        file is still a 410."""
 
 
 class LocalStore(CheckpointStore):
@@ -149,11 +197,20 @@ class LocalStore(CheckpointStore):
     def resume_copy(self, key: str) -> Path:
         return self.resolve(key)  # the trainer says so if it is missing
 
+    def verified_head(self, key: str, sha256: str, size_bytes: int | None = None) -> StoredObject:
+        return StoredObject(size_bytes=self.verified_path(key, size_bytes, sha256).stat().st_size, sha256=sha256)
 
-@dataclass(frozen=True)
-class StoredObject:
-    size_bytes: int
-    sha256: str | None  # from the object's metadata, as publish wrote it
+    def read(
+        self, key: str, sha256: str, byte_range: tuple[int, int] | None = None, chunk: int = _MB
+    ) -> Iterator[bytes]:
+        path = self.resolve(key)
+        try:
+            file = path.open("rb")
+        except FileNotFoundError as exc:
+            raise CheckpointFileError(f"checkpoint file {key} is missing from storage") from exc
+        start, end = byte_range or (0, os.fstat(file.fileno()).st_size - 1)
+        blocks = file_blocks(file, start, end - start + 1, chunk)
+        return checked_chunks(key, blocks, None if byte_range else sha256, file.close)
 
 
 class S3Store(CheckpointStore):
@@ -248,7 +305,6 @@ class S3Store(CheckpointStore):
         return StoredObject(size_bytes=meta["ContentLength"], sha256=meta.get("Metadata", {}).get("sha256"))
 
     def verified_head(self, key: str, sha256: str, size_bytes: int | None = None) -> StoredObject:
-        """The object's size and sha256, once they match the row; CheckpointFileError otherwise."""
         found = self.head(key)
         if size_bytes is not None and found.size_bytes != size_bytes:
             raise CheckpointFileError(
@@ -300,34 +356,10 @@ class S3Store(CheckpointStore):
     def read(
         self, key: str, sha256: str, byte_range: tuple[int, int] | None = None, chunk: int = _MB
     ) -> Iterator[bytes]:
-        """The object's bytes, or the inclusive `byte_range`, as an iterator for a streaming response.
-
-        get_object runs here, before the first byte is sent, so a missing object is still a 410.
-        A whole read also hashes what it sends and holds back the last chunk until the hash
-        matches: a client may see a cut-short body, never a whole wrong one.
-        """
         extra = {"Range": f"bytes={byte_range[0]}-{byte_range[1]}"} if byte_range else {}
         with self._s3_errors(f"checkpoint file {key}"):
             body = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key), **extra)["Body"]
-        return self._chunks(key, body, None if byte_range else sha256, chunk)
-
-    @staticmethod
-    def _chunks(key: str, body: Any, sha256: str | None, chunk: int) -> Iterator[bytes]:
-        digest = hashlib.sha256()
-        held = b""
-        try:
-            for block in body.iter_chunks(chunk_size=chunk):
-                if held:
-                    yield held
-                digest.update(block)
-                held = block
-            if sha256 is not None and digest.hexdigest() != sha256:
-                log.error("checkpoint file %s is damaged in storage: its bytes do not match the recorded sha256", key)
-                raise CheckpointFileError(f"checkpoint file {key} is damaged: its bytes do not match the record")
-            if held:
-                yield held
-        finally:
-            body.close()
+        return checked_chunks(key, body.iter_chunks(chunk_size=chunk), None if byte_range else sha256, body.close)
 
     def presigned_url(self, key: str, *, media_type: str, filename: str | None) -> str:
         params = {"Bucket": self.bucket, "Key": self.object_key(key), "ResponseContentType": media_type}

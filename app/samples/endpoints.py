@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, HTTPException, Request
 from fastapi.responses import FileResponse, Response
 
-from app.checkpoints.files import verified_file_response
+from app.checkpoints.files import CONDITIONAL_RESPONSES, verified_file_response
 from app.checkpoints.repository import CheckpointRepository
 from app.deps import CurrentUser, DispatcherDep, SessionDep, StepPath
 from app.jobs import service
@@ -22,7 +22,11 @@ from app.samples.schemas import SampleOut, SampleRequestIn, SampleRequestOut
 from app.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["samples"], responses=AUTHENTICATED)
-_REDIRECT = {307: {"description": "S3 storage with DDPM_S3_DOWNLOAD=redirect: a presigned URL of the file"}}
+# Every file route: Range, If-None-Match, and S3's redirect mode (app/checkpoints/files.py).
+_FILE_RESPONSES = {
+    **CONDITIONAL_RESPONSES,
+    307: {"description": "S3 storage with DDPM_S3_DOWNLOAD=redirect: a presigned URL of the file"},
+}
 
 
 @router.get("/{job_id}/samples", response_model=list[SampleOut], responses=error_responses(404, 422))
@@ -36,7 +40,7 @@ def list_samples(job_id: uuid.UUID, user: CurrentUser, session: SessionDep) -> l
     response_class=FileResponse,
     responses={
         200: {"content": {"image/png": {}}, "description": "The sample grid"},
-        **_REDIRECT,
+        **_FILE_RESPONSES,
         **error_responses(404, 410, 422),
     },
 )
@@ -107,7 +111,7 @@ def _result_file(request: Request, r: SampleRequest, path: str | None, sha256: s
 
 
 def _result_responses(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:
-    return {200: {"content": {media_type: {}}, "description": description}, **_REDIRECT, **_RESULT_ERRORS}
+    return {200: {"content": {media_type: {}}, "description": description}, **_FILE_RESPONSES, **_RESULT_ERRORS}
 
 
 _RESULT_ERRORS = error_responses(404, 409, 410, 422)
