@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
-import uvicorn
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.orm import Session
@@ -29,6 +28,7 @@ from app.auth import service as auth
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, session_scope, upgrade_database
 from app.embedded import api_key_path
+from app.server import serve_api
 
 # One process per GPU, solo pool: CUDA is never initialised in a forked parent.
 WORKER_COMMAND = ["celery", "-A", "worker.celery_app", "worker", "--pool=solo", "--concurrency=1", "--loglevel=INFO"]
@@ -55,9 +55,9 @@ def migrate() -> None:
 
 @cli.command()
 def api() -> None:
-    """Serve the HTTP API on DDPM_HOST:DDPM_PORT."""
+    """Serve the HTTP API on DDPM_HOST:DDPM_PORT (read deadlines and limits: app/server.py)."""
     settings = get_settings()
-    uvicorn.run("app.main:create_app", factory=True, host=settings.host, port=settings.port, log_level="info")
+    serve_api(settings)
 
 
 def ensure_local_key(settings: Settings) -> None:
@@ -103,7 +103,7 @@ def serve() -> None:
         f"data in {settings.data_dir.resolve()}"
     )
     try:
-        uvicorn.run("app.main:create_app", factory=True, host=settings.host, port=settings.port, log_level="info")
+        serve_api(settings)
     finally:
         if worker.poll() is None:
             worker.send_signal(signal.SIGTERM)

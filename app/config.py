@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     queue: str = Field("ddpm", description="Celery queue the API sends training tasks to and workers consume.")
     host: str = DEFAULT_HOST
     port: int = Field(DEFAULT_PORT, ge=1, le=65535)
+    # What a client must send in time, and how much of it (app/server.py): a slow or huge request
+    # head or body cannot hold a connection. Responses (event streams, downloads) have no deadline.
+    header_timeout_s: float = Field(10.0, gt=0, description="Seconds a request's head may take to arrive (408).")
+    body_timeout_s: float = Field(30.0, gt=0, description="Seconds a request's body may take after its head (408).")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="Largest request head accepted (431).")
     # How often a running job's worker renews its lease, and when the lease counts as lost.
     heartbeat_interval_s: float = Field(10.0, gt=0)
     lease_timeout_s: float = Field(120.0, gt=0)

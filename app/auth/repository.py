@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from datetime import datetime
 
 from sqlalchemy import func, or_, select, update
@@ -37,6 +38,11 @@ class ApiKeyRepository:
             select(ApiKey, User).join(User, User.id == ApiKey.user_id).where(ApiKey.prefix == prefix)
         ).one_or_none()
         return None if row is None else (row[0], row[1])
+
+    def unrevoked_prefixes(self, prefixes: Collection[str]) -> set[str]:
+        """Those of `prefixes` whose key exists and is not revoked."""
+        stmt = select(ApiKey.prefix).where(ApiKey.prefix.in_(prefixes), ApiKey.revoked_at.is_(None))
+        return set(self.session.scalars(stmt))
 
     def add(self, key: ApiKey) -> ApiKey:
         self.session.add(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -89,6 +90,12 @@ def authenticate(session: Session, secret_key: str, presented: str) -> User:
     if key.last_used_at is None or key.last_used_at < now - LAST_USED_RESOLUTION:
         repo.touch(key.id, now, not_since=now - LAST_USED_RESOLUTION)
     return user
+
+
+def active_key_prefixes(session: Session, prefixes: Collection[str]) -> set[str]:
+    """Which of these keys (by prefix) still open requests. Long-lived responses (event streams)
+    ask this every few seconds and end once their key is revoked."""
+    return ApiKeyRepository(session).unrevoked_prefixes(prefixes) if prefixes else set()
 
 
 def ensure_bootstrap_key(session: Session, secret_key: str, key: str, user_name: str = "admin") -> bool:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 
+from app.auth.keys import key_prefix
 from app.db import session_scope
-from app.deps import CurrentUser
+from app.deps import CurrentUser, bearer_scheme
 from app.events.hub import EventHub, EventKey, InvalidEventId
 from app.jobs import service
 from app.openapi import AUTHENTICATED, error_responses
@@ -17,7 +19,9 @@ from app.openapi import AUTHENTICATED, error_responses
 router = APIRouter(prefix="/v1/jobs", tags=["events"], responses=AUTHENTICATED)
 
 # STEP.ORDER, as the stream's `id:` lines write it (order 0 metric, 1 checkpoint, 2 sample).
-EVENT_ID_PATTERN = r"^[0-9]{1,10}\.[0-2]$"
+# Nine digits hold every step a job can reach (training.steps <= 10,000,000), and nothing
+# this pattern admits overflows the database's integer (EventKey.parse checks that too).
+EVENT_ID_PATTERN = r"^[0-9]{1,9}\.[0-2]$"
 
 
 @router.get(
@@ -52,6 +56,8 @@ def job_events(
     job_id: uuid.UUID,
     user: CurrentUser,
     request: Request,
+    # The key current_user accepted: the stream ends within seconds of its revocation.
+    credentials: Annotated[HTTPAuthorizationCredentials, Depends(bearer_scheme)],
     # Typed `str` (not `str | None`) so the document says "a string of this pattern, optional"
     # rather than "a string or null": a header has no null.
     last_event_id: Annotated[str, Header(pattern=EVENT_ID_PATTERN)] = None,  # type: ignore[assignment]  # noqa: RUF013
@@ -72,7 +78,7 @@ def job_events(
         raise HTTPException(422, detail=[{"loc": loc, "msg": str(exc), "type": "value_error"}]) from exc
     hub: EventHub = request.app.state.event_hub
     return StreamingResponse(
-        hub.stream(job_id, start),
+        hub.stream(job_id, start, key_prefix=key_prefix(credentials.credentials)),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.models import Sample, SampleRequest, Worker, utcnow
@@ -16,6 +16,9 @@ class SampleRepository:
     def list(self, job_id: uuid.UUID, *, after_step: int = -1) -> list[Sample]:
         stmt = select(Sample).where(Sample.job_id == job_id, Sample.step > after_step).order_by(Sample.step)
         return list(self.session.scalars(stmt))
+
+    def last_step(self, job_id: uuid.UUID) -> int | None:
+        return self.session.scalar(select(func.max(Sample.step)).where(Sample.job_id == job_id))
 
     def get(self, job_id: uuid.UUID, step: int) -> Sample | None:
         return self.session.get(Sample, (job_id, step))

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
+from anyio import to_thread
 from fastapi.testclient import TestClient
 from sqlalchemy import update
+from sqlalchemy.exc import DataError
 
+from app.auth.service import create_key, revoke_key
 from app.config import Settings
-from app.db import make_engine, make_sessionmaker, session_scope
-from app.events.hub import EventKey, InvalidEventId
+from app.db import make_engine, make_sessionmaker, session_scope, upgrade_database
+from app.events.hub import EventHub, EventKey, InvalidEventId
+from app.main import create_app
 from app.models import Checkpoint, Job, MetricPoint, Sample
 from tests.conftest import ApiUser
 from tests.e2e.conftest import api_argv, free_port, process, wait_ready
@@ -112,7 +120,7 @@ class TestReplay:
         assert client.get(f"/v1/jobs/{job_id}/events", params={"after": "1.7"}).status_code == 422
         assert client.get(f"/v1/jobs/{uuid.uuid4()}/events").status_code == 404
 
-    @pytest.mark.parametrize("raw", ["", "1", "1.5", "-1.0", "a.b", "1.0.0"])
+    @pytest.mark.parametrize("raw", ["", "1", "1.5", "-1.0", "a.b", "1.0.0", "2147483648.0", "9999999999.2"])
     def test_event_key_parsing_refuses_what_the_stream_never_sends(self, raw: str) -> None:
         with pytest.raises(InvalidEventId):
             EventKey.parse(raw)
@@ -122,17 +130,99 @@ class TestReplay:
         assert [str(k) for k in sorted(keys)] == ["3.2", "10.0", "20.0", "20.1", "20.2"]
 
 
+@pytest.fixture
+def sqlite_client(tmp_path: Path) -> Iterator[TestClient]:
+    """The embedded mode's app (SQLite under tmp_path) with an admin key of its own."""
+    settings = Settings(data_dir=tmp_path)
+    upgrade_database(settings)
+    with session_scope(make_sessionmaker(make_engine(settings))) as s:
+        key = create_key(s, settings.secret_key, "local", admin=True).key
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {key}"}) as c:
+        yield c
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def any_client(request: pytest.FixtureRequest) -> TestClient:
+    return request.getfixturevalue("client" if request.param == "postgresql" else "sqlite_client")
+
+
+class TestOutOfRangeIds:
+    # A finished job: a stream that accepted the id would answer 200 at once (or, on
+    # PostgreSQL, loop on "integer out of range" for ever; the timeout catches that).
+    @pytest.mark.timeout(30)
+    @pytest.mark.parametrize(("where", "loc"), [("query", ["query", "after"]), ("header", ["header", "last-event-id"])])
+    def test_an_id_past_the_database_integer_is_422_naming_the_field(
+        self, any_client: TestClient, where: str, loc: list[str]
+    ) -> None:
+        job_id = any_client.post("/v1/jobs", json={}).json()["id"]
+        assert any_client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+        raw = "9999999999.2"
+        if where == "query":
+            r = any_client.get(f"/v1/jobs/{job_id}/events", params={"after": raw})
+        else:
+            r = any_client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": raw})
+        assert r.status_code == 422
+        assert [e["loc"] for e in r.json()["detail"]] == [loc]
+
+    @pytest.mark.timeout(30)
+    def test_one_watchers_position_never_moves_anothers_stream(self, clean_db: Settings, job_id: str) -> None:
+        rows = Rows(clean_db, job_id)
+        rows.status("running")
+        rows.metric(10)
+        job = uuid.UUID(job_id)
+
+        def produce() -> None:
+            rows.metric(20)
+            rows.checkpoint(20)
+            rows.metric(30)
+            rows.status("succeeded", step=30)
+
+        async def watch() -> list[dict]:
+            hub = EventHub(rows.factory, poll_interval_s=0.05)
+            # The first watcher (the one whose arrival starts the job's feed) is past anything
+            # the job will write; a second one is past the database's integer: its replay fails.
+            ahead = hub.stream(job, EventKey(999_999_999, 2))
+            assert parse_sse(await anext(ahead))[0]["event"] == "status"
+            broken = hub.stream(job, EventKey(2**40, 0))
+            with pytest.raises(DataError):
+                await anext(broken)
+            behind = hub.stream(job, None)
+            got = [await anext(behind), await anext(behind)]  # the status, metric 10
+            await to_thread.run_sync(produce)
+            got += [text async for text in behind]
+            await ahead.aclose()
+            return parse_sse("".join(got))
+
+        events = asyncio.run(watch())
+        assert keyed(events) == [
+            ("status", None),
+            ("metric", "10.0"),
+            ("metric", "20.0"),
+            ("checkpoint", "20.1"),
+            ("metric", "30.0"),
+            ("status", None),
+        ]
+        assert events[-1]["data"]["status"] == "succeeded"
+
+
+@contextmanager
+def live_api(settings_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    """A real `ddpm-jobs api` process polling for events every 0.1 s; yields its base URL."""
+    port = free_port()
+    log = tmp_path / "api.log"
+    env = settings_env | {"DDPM_PORT": str(port), "DDPM_EVENTS_POLL_INTERVAL_S": "0.1"}
+    with process(api_argv(), env, log) as proc:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, proc, log)
+        yield base
+
+
 @pytest.mark.e2e
 class TestLive:
     def test_watchers_get_every_event_once_across_a_reconnect(
         self, clean_db: Settings, settings_env: dict[str, str], alice: ApiUser, tmp_path
     ) -> None:
-        port = free_port()
-        log = tmp_path / "api.log"
-        env = settings_env | {"DDPM_PORT": str(port), "DDPM_EVENTS_POLL_INTERVAL_S": "0.1"}
-        with process(api_argv(), env, log) as proc:
-            base = f"http://127.0.0.1:{port}"
-            wait_ready(base, proc, log)
+        with live_api(settings_env, tmp_path) as base:
             client = httpx.Client(base_url=base, headers=alice.headers, timeout=30)
             job_id = client.post("/v1/jobs", json={}).json()["id"]
             rows = Rows(clean_db, job_id)
@@ -180,3 +270,23 @@ class TestLive:
             assert ids == expected_all  # no gap, no repeat
             statuses = [e["data"]["status"] for e in events if e.get("event") == "status"]
             assert statuses[-1] == "succeeded"
+
+    def test_a_stream_ends_within_seconds_of_its_keys_revocation(
+        self, clean_db: Settings, settings_env: dict[str, str], alice: ApiUser, tmp_path: Path
+    ) -> None:
+        with live_api(settings_env, tmp_path) as base:
+            client = httpx.Client(base_url=base, headers=alice.headers, timeout=10)
+            job_id = client.post("/v1/jobs", json={}).json()["id"]
+            rows = Rows(clean_db, job_id)
+            rows.status("running")
+            with client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+                chunks = r.iter_text()
+                assert "event: status" in next(chunks)
+                with session_scope(rows.factory) as s:
+                    revoke_key(s, alice.prefix)
+                revoked_at = time.monotonic()
+                rest = "".join(chunks)  # a stream that outlives the key runs into the read timeout
+                ended_after = time.monotonic() - revoked_at
+            assert ended_after < 5, ended_after
+            assert "event: metric" not in rest
+            assert client.get(f"/v1/jobs/{job_id}/events").status_code == 401
