@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     device: str = "auto"
     # What this worker advertises (app/routing.py): it consumes only the queues of jobs that fit.
     # Default: the visible CUDA devices (CUDA_VISIBLE_DEVICES) and the smallest one's memory,
-    # rounded up to whole GiB; on a CPU-only worker, 1 "GPU" (a process) with DDPM_GPU_MEMORY_GB.
+    # rounded up to whole GiB; on a CPU-only worker, 1 "GPU" (a process) with the host's memory less
+    # a margin (worker/capacity.py).
     worker_gpus: int | None = Field(None, ge=1, le=64, description="GPUs this worker offers; default: detected.")
     worker_gpu_memory_gb: float | None = Field(
         None, gt=0, description="Memory per GPU this worker offers, in GiB; default: detected."
