@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         apply_bootstrap_key(settings, app)
         yield
-        app.state.dispatcher.close()  # tasks handed to its sender thread still go out
+        app.state.dispatcher.drain()  # tasks handed to its sender thread still go out
 
     app = FastAPI(
         title="ddpm-jobs",

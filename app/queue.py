@@ -99,7 +99,7 @@ class Dispatcher:
     `send_after_commit`, and the sweeper through `dispatch`, so the row is always committed first.
 
     With `in_background` (the API's), `send_after_commit` hands committed tasks to one sender
-    thread (`dispatch_in_background`) and the request goes on; `close` waits for what it holds."""
+    thread (`dispatch_in_background`) and the request goes on; `drain` waits for what it holds."""
 
     def __init__(self, settings: Settings, *, in_background: bool = False) -> None:
         self._settings = settings
@@ -123,10 +123,11 @@ class Dispatcher:
         if not dispatch(engine, self, task):
             self._broker_down_until = time.monotonic() + BROKER_DOWN_BACKOFF_S
 
-    def close(self) -> None:
-        """Wait for the tasks handed to the sender thread (the API's shutdown)."""
+    def drain(self) -> None:
+        """Wait until the tasks handed to the sender thread so far are done (the API's shutdown).
+        The thread stays: an app may be started again (tests serve one app several times)."""
         if self._background is not None:
-            self._background.shutdown(wait=True)
+            self._background.submit(lambda: None).result()  # one thread: earlier tasks are done
 
     def send_train(self, job_id: str, queue: str) -> None:
         """Send to the job's queue (app.routing.train_queue). Raises an error from kombu/redis when

@@ -167,6 +167,6 @@ class TestTheApiSendsInTheBackground:
             assert sent_on == []
             session.commit()
         assert sender_thread.wait(10)
-        dispatcher.close()  # waits for the stamp
+        dispatcher.drain()  # waits for the stamp
         assert sent_on[0].startswith("dispatch") and sent_on[0] != threading.current_thread().name
         assert dispatched_at(factory, job_id) is not None
