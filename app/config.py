@@ -3,16 +3,21 @@
 Every setting has a working default for the embedded mode (`make run`): SQLite and a
 filesystem broker under `DDPM_DATA_DIR`, so nothing outside this machine is needed.
 Deployments set `DDPM_DATABASE_URL` (PostgreSQL) and `DDPM_BROKER_URL` (Redis).
+
+A refused start never shows a secret: errors leave out the input values (pydantic would print the
+whole input, every secret in it, for a model-level error), and no message quotes one.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -22,10 +27,13 @@ from app.embedded import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT
 # Allowed only in development: outside it, Settings refuses to start with these.
 DEV_SECRET_KEY = "dev-insecure-secret"
 DEFAULT_DB_PASSWORDS = frozenset({"postgres", "password", "change-me", "changeme", "ddpm", "secret"})
+# Outside development the secret key must be this long and look this random (see secret_strength_bits).
+MIN_SECRET_LENGTH = 32
+MIN_SECRET_BITS = 128
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore", hide_input_in_errors=True)
 
     env: Literal["development", "production"] = "development"
     data_dir: Path = Field(
@@ -60,7 +68,8 @@ class Settings(BaseSettings):
     device: str = "auto"
     # What this worker advertises (app/routing.py): it consumes only the queues of jobs that fit.
     # Default: the visible CUDA devices (CUDA_VISIBLE_DEVICES) and the smallest one's memory,
-    # rounded up to whole GiB; on a CPU-only worker, 1 "GPU" (a process) with DDPM_GPU_MEMORY_GB.
+    # rounded up to whole GiB; on a CPU-only worker, 1 "GPU" (a process) with the host's memory less
+    # a margin (worker/capacity.py).
     worker_gpus: int | None = Field(None, ge=1, le=64, description="GPUs this worker offers; default: detected.")
     worker_gpu_memory_gb: float | None = Field(
         None, gt=0, description="Memory per GPU this worker offers, in GiB; default: detected."
@@ -74,9 +83,13 @@ class Settings(BaseSettings):
 
     # --- keys ---------------------------------------------------------------------------------
     # API keys are stored as HMAC-SHA256(secret_key, key): a leaked table alone opens nothing.
-    secret_key: str = Field(DEV_SECRET_KEY, description="HMAC key for API-key hashes; required outside development.")
+    secret_key: str = Field(
+        DEV_SECRET_KEY, repr=False, description="HMAC key for API-key hashes; required outside development."
+    )
     # Applied at API start: this key (made by `ddpm-jobs keys generate`) exists as an admin key.
-    bootstrap_api_key: str | None = Field(None, description="An admin API key the API ensures exists at start.")
+    bootstrap_api_key: str | None = Field(
+        None, repr=False, description="An admin API key the API ensures exists at start."
+    )
 
     # --- limits: what one request or one user may ask of the service ----------------------------
     max_queued_jobs_per_user: int = Field(10, ge=1, description="Queued + running jobs one user may have.")
@@ -119,6 +132,20 @@ class Settings(BaseSettings):
             raise ValueError("DDPM_BOOTSTRAP_API_KEY must be a key as `ddpm-jobs keys generate` prints it")
         return value or None
 
+    @field_validator("secret_key")
+    @classmethod
+    def _random_secret_outside_development(cls, value: str, info: ValidationInfo) -> str:
+        env = info.data.get("env", "development")
+        if env == "development":
+            return value
+        if value == DEV_SECRET_KEY or len(value) < MIN_SECRET_LENGTH or secret_strength_bits(value) < MIN_SECRET_BITS:
+            raise ValueError(
+                f"DDPM_SECRET_KEY must be a random value of at least {MIN_SECRET_LENGTH} characters when "
+                f"DDPM_ENV={env}: the one given is too short or too repetitive (under {MIN_SECRET_BITS} bits); "
+                "make one with `openssl rand -hex 32` or `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
+        return value
+
     @field_validator("data_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
@@ -150,20 +177,12 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _no_default_secrets_outside_development(self) -> Settings:
+    def _no_default_database_password_outside_development(self) -> Settings:
         if self.env == "development":
             return self
-        if self.secret_key == DEV_SECRET_KEY or len(self.secret_key) < 32:
-            raise ValueError(
-                f"DDPM_SECRET_KEY must be set to a random value of at least 32 characters when DDPM_ENV={self.env} "
-                "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
-            )
         url = make_url(self.database_url)
         if url.password is not None and url.password.lower() in DEFAULT_DB_PASSWORDS:
-            raise ValueError(
-                f"DDPM_DATABASE_URL uses a default password ({url.password!r}); "
-                f"set a random one when DDPM_ENV={self.env}"
-            )
+            raise ValueError(f"DDPM_DATABASE_URL uses a default password; set a random one when DDPM_ENV={self.env}")
         return self
 
     @property
@@ -179,6 +198,17 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+def secret_strength_bits(value: str) -> float:
+    """A rough strength estimate: length x the Shannon entropy of the value's own characters.
+
+    It refuses what a person types (one character repeated, a short word repeated: few distinct
+    characters) while 32+ characters of `openssl rand -hex` or `secrets.token_urlsafe` clear
+    128 bits with a wide margin. It cannot tell a random value from a long varied phrase."""
+    counts = Counter(value)
+    per_char = -sum(n / len(value) * math.log2(n / len(value)) for n in counts.values()) if value else 0.0
+    return len(value) * per_char
 
 
 @lru_cache

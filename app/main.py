@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         apply_bootstrap_key(settings, app)
         yield
+        app.state.dispatcher.drain()  # tasks handed to its sender thread still go out
 
     app = FastAPI(
         title="ddpm-jobs",
@@ -91,7 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
-    app.state.dispatcher = Dispatcher(settings)
+    # Sends on a background thread: a submit never waits for the broker (app/queue.py).
+    app.state.dispatcher = Dispatcher(settings, in_background=True)
     app.state.checkpoint_store = make_store(settings)
     app.state.event_hub = EventHub(app.state.sessionmaker, poll_interval_s=settings.events_poll_interval_s)
 

@@ -5,13 +5,19 @@ A task is sent by name with its row's id only, and only once that row is committ
 session sends it when its transaction commits, then stamps the row's `dispatched_at`. When the
 broker is unreachable the task is logged and `dispatched_at` stays null; the worker's sweeper
 (worker/sweeper.py) sends such rows later with `dispatch`. Nothing here imports the worker.
+
+The API's Dispatcher sends in the background: the committed tasks go to one sender thread, so a
+request never waits for the broker (seconds of connect timeouts when it is down); the row is
+stored, and sent now or by the sweeper. The worker's and the sweeper's Dispatchers send inline.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,6 +36,9 @@ log = logging.getLogger(__name__)
 
 TRAIN_TASK = "jobs.train"
 SAMPLE_TASK = "jobs.sample"
+# After a failed background send, the sender thread leaves further tasks to the sweeper for this
+# long instead of waiting out another connect timeout for each of them.
+BROKER_DOWN_BACKOFF_S = 10.0
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -87,11 +96,38 @@ def make_celery(settings: Settings) -> Celery:
 
 class Dispatcher:
     """Sends tasks to the broker by name, with a row's id only. Services reach it through
-    `send_after_commit`, and the sweeper through `dispatch`, so the row is always committed first."""
+    `send_after_commit`, and the sweeper through `dispatch`, so the row is always committed first.
 
-    def __init__(self, settings: Settings) -> None:
+    With `in_background` (the API's), `send_after_commit` hands committed tasks to one sender
+    thread (`dispatch_in_background`) and the request goes on; `drain` waits for what it holds."""
+
+    def __init__(self, settings: Settings, *, in_background: bool = False) -> None:
         self._settings = settings
         self._celery = make_celery(settings)
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="dispatch") if in_background else None
+        self._broker_down_until = 0.0  # time.monotonic(); touched by the sender thread only
+
+    @property
+    def in_background(self) -> bool:
+        return self._background is not None
+
+    def dispatch_in_background(self, engine: Engine, task: Task) -> Future[None]:
+        """`dispatch(engine, self, task)` on the sender thread, in the order tasks were handed over."""
+        assert self._background is not None, "this Dispatcher sends inline"
+        return self._background.submit(self._dispatch_unless_broker_down, engine, task)
+
+    def _dispatch_unless_broker_down(self, engine: Engine, task: Task) -> None:
+        if time.monotonic() < self._broker_down_until:
+            log.warning("%s %s: not sent, the broker was down just now; the sweeper sends it", task.kind, task.row_id)
+            return
+        if not dispatch(engine, self, task):
+            self._broker_down_until = time.monotonic() + BROKER_DOWN_BACKOFF_S
+
+    def drain(self) -> None:
+        """Wait until the tasks handed to the sender thread so far are done (the API's shutdown).
+        The thread stays: an app may be started again (tests serve one app several times)."""
+        if self._background is not None:
+            self._background.submit(lambda: None).result()  # one thread: earlier tasks are done
 
     def send_train(self, job_id: str, queue: str) -> None:
         """Send to the job's queue (app.routing.train_queue). Raises an error from kombu/redis when
@@ -210,4 +246,7 @@ def _send_committed(session: Session, transaction: SessionTransaction) -> None:
     committed: list[tuple[Sender, Task]] = session.info[_COMMITTED]
     tasks, committed[:] = list(committed), []
     for sender, task in tasks:
-        dispatch(engine_of(session), sender, task)
+        if isinstance(sender, Dispatcher) and sender.in_background:
+            sender.dispatch_in_background(engine_of(session), task)
+        else:
+            dispatch(engine_of(session), sender, task)

@@ -33,7 +33,7 @@ INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|:\
 SECRET_VARS = {"POSTGRES_PASSWORD", "DDPM_SECRET_KEY", "DDPM_BOOTSTRAP_API_KEY"}
 SECRETS = {
     "POSTGRES_PASSWORD": "pw",
-    "DDPM_SECRET_KEY": "s" * 40,
+    "DDPM_SECRET_KEY": "Jq3vW9xLm2Tz7RkP0cYh5NfB8sDg4AeU",
     "DDPM_BOOTSTRAP_API_KEY": "ddpm_0123abcd_" + "k" * 43,
 }
 

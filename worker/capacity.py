@@ -1,4 +1,9 @@
-"""What this worker offers: how many GPUs, and how much memory each (app/routing.py)."""
+"""What this worker offers: how many GPUs, and how much memory each (app/routing.py).
+
+A CUDA worker offers its devices' memory. A CPU worker trains in host memory, so it offers what
+the host (or its container's memory limit) really has, less a margin for the system and the
+worker itself, shared among its processes: offering more lets it take jobs it cannot hold.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,18 @@ import logging
 import math
 import os
 import socket
+from pathlib import Path
 
 from app.config import Settings
 from app.routing import Resources
 
 log = logging.getLogger(__name__)
+
+# A CPU worker keeps back this share of the host's memory, and at least MIN_MARGIN_GIB.
+MARGIN_FRACTION = 0.1
+MIN_MARGIN_GIB = 2.0
+# A container's memory limit: cgroup v2, then v1 (v1 reports a huge number when unlimited).
+CGROUP_LIMIT_FILES = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
 
 
 def worker_name() -> str:
@@ -19,8 +31,9 @@ def worker_name() -> str:
 
 def detect_capacity(settings: Settings) -> tuple[Resources, str]:
     """(GPUs and GiB per GPU, device type). The visible CUDA devices (CUDA_VISIBLE_DEVICES) and the
-    smallest one's memory rounded up to whole GiB; without CUDA, one CPU "GPU" with
-    DDPM_GPU_MEMORY_GB. DDPM_WORKER_GPUS and DDPM_WORKER_GPU_MEMORY_GB override either."""
+    smallest one's memory rounded up to whole GiB; without CUDA, one CPU "GPU" (process) sharing
+    the host's memory (`cpu_memory_offer_gib`). DDPM_WORKER_GPUS and DDPM_WORKER_GPU_MEMORY_GB
+    override either."""
     import torch
 
     use_cuda = settings.device.startswith("cuda") or (settings.device == "auto" and torch.cuda.is_available())
@@ -32,6 +45,26 @@ def detect_capacity(settings: Settings) -> tuple[Resources, str]:
             log.warning("DDPM_WORKER_GPUS=%d but only %d CUDA devices are visible; offering %d", gpus, found, found)
             gpus = found
     else:
-        memory, gpus = settings.gpu_memory_gb, settings.worker_gpus or 1
+        gpus = settings.worker_gpus or 1
+        memory = cpu_memory_offer_gib(host_memory_bytes() / 2**30, gpus)
     capacity = Resources(gpus, settings.worker_gpu_memory_gb or memory)
     return capacity, "cuda" if use_cuda else "cpu"
+
+
+def cpu_memory_offer_gib(host_gib: float, processes: int) -> float:
+    """Whole GiB each of `processes` may use of `host_gib`, after the margin; at least 1."""
+    usable = host_gib - max(MIN_MARGIN_GIB, host_gib * MARGIN_FRACTION)
+    return float(max(1, math.floor(usable / processes)))
+
+
+def host_memory_bytes(limit_files: tuple[Path, ...] = CGROUP_LIMIT_FILES) -> int:
+    """The physical memory the OS reports, or the container's memory limit where that is lower."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in limit_files:
+        try:
+            text = path.read_text().strip()
+        except OSError:  # no such cgroup file on this system
+            continue
+        if text.isdigit():
+            return min(physical, int(text))
+    return physical

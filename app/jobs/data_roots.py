@@ -1,7 +1,8 @@
 """Confinement of `folder` data sets to the configured data roots (DDPM_DATA_ROOTS).
 
 Checked by the API before a job is queued and again by the worker before it reads a file, since
-a symlink can change in between. A relative path is relative to the first root.
+a symlink can change in between. A relative path is relative to the first root. The files inside
+the folder are confined to it (and so to the roots) where they are read, in worker/ddpm/data.py.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -42,9 +43,12 @@ class TestCreate:
         job_id = job["id"]
         # The tiny model on one GPU: the queue of one-GPU jobs that need at most 1 GiB.
         assert job["queue"] == f"{clean_db.queue}.gpus-1.mem-1"
-        messages = redis.Redis.from_url(clean_db.broker_url).lrange(job["queue"], 0, -1)
-        headers = [json.loads(m)["headers"] for m in messages]
-        mine = [h for h in headers if h["argsrepr"] == repr([job_id])]
+        broker, deadline = redis.Redis.from_url(clean_db.broker_url), time.monotonic() + 10
+        mine: list[dict] = []
+        while not mine and time.monotonic() < deadline:  # the API sends on its background thread
+            headers = [json.loads(m)["headers"] for m in broker.lrange(job["queue"], 0, -1)]
+            mine = [h for h in headers if h["argsrepr"] == repr([job_id])]
+            time.sleep(0.02)
         assert len(mine) == 1
         assert mine[0]["task"] == "jobs.train"
 

@@ -1,11 +1,18 @@
 """app/queue.py's send-after-commit path: a task goes out only once the outermost transaction
-commits, is stamped `dispatched_at`, and is dropped with a rollback."""
+commits, is stamped `dispatched_at`, and is dropped with a rollback; the API's sends happen on a
+background thread, so a submit never waits for the broker."""
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 import uuid
+from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
+from fastapi.testclient import TestClient
 from kombu.exceptions import OperationalError
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -14,9 +21,12 @@ from app.auth.service import get_or_create_user
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker
 from app.jobs.service import create_job
+from app.main import create_app
 from app.models import Job
-from app.queue import Task, send_after_commit
+from app.queue import Dispatcher, Task, send_after_commit
 from app.spec import JobSpec
+from tests.conftest import ApiUser
+from worker.sweeper import sweep_once
 
 
 class Recorder:
@@ -95,3 +105,68 @@ class TestSendAfterCommit:
         with make_sessionmaker(engine)() as session:
             assert session.get(Job, job_id).dispatched_at is not None  # type: ignore[union-attr]
         engine.dispose()
+
+
+@pytest.fixture
+def stalled_broker_url() -> Iterator[str]:
+    """A Redis URL whose connections hang until they time out, as when the broker's host is away:
+    a listening socket that never accepts, its backlog already full."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    host, port = listener.getsockname()
+    fillers = [socket.socket() for _ in range(3)]
+    for filler in fillers:
+        filler.setblocking(False)
+        filler.connect_ex((host, port))
+    yield f"redis://{host}:{port}/0"
+    for sock in (*fillers, listener):
+        sock.close()
+
+
+class TestTheApiSendsInTheBackground:
+    def test_a_submit_does_not_wait_for_an_unreachable_broker(
+        self, clean_db: Settings, alice: ApiUser, factory: sessionmaker[Session], stalled_broker_url: str
+    ) -> None:
+        down = clean_db.model_copy(update={"broker_url": stalled_broker_url})
+        with TestClient(create_app(down), headers=alice.headers) as client:
+            started = time.monotonic()
+            r = client.post("/v1/jobs", json={})
+            elapsed = time.monotonic() - started
+            assert r.status_code == 201, r.text
+            job_id = uuid.UUID(r.json()["id"])
+            assert dispatched_at(factory, job_id) is None
+        # One connect timeout is 3 s (celery_config); the answer came without waiting for one.
+        assert elapsed < 1.5
+        assert dispatched_at(factory, job_id) is None  # the send failed on the sender thread
+
+        with factory() as session:  # the sweeper sends it later, once the broker is back
+            session.get(Job, job_id).created_at -= timedelta(hours=1)  # type: ignore[union-attr]
+            session.commit()
+        sender = Recorder()
+        sweep_once(clean_db, factory, sender)
+        assert (str(job_id), r.json()["queue"]) in sender.sent
+        assert dispatched_at(factory, job_id) is not None
+
+    def test_the_api_sends_after_the_commit_on_its_sender_thread(
+        self, clean_db: Settings, factory: sessionmaker[Session]
+    ) -> None:
+        dispatcher = Dispatcher(clean_db, in_background=True)
+        sent_on: list[str] = []
+        sender_thread = threading.Event()
+
+        def record(job_id: str, queue: str) -> None:
+            sent_on.append(threading.current_thread().name)
+            sender_thread.set()
+
+        dispatcher.send_train = record  # type: ignore[method-assign]
+        with factory() as session:
+            job_id = stored_job(session)
+            send_after_commit(session, dispatcher, Task.train(job_id, "q"))
+            session.flush()
+            assert sent_on == []
+            session.commit()
+        assert sender_thread.wait(10)
+        dispatcher.drain()  # waits for the stamp
+        assert sent_on[0].startswith("dispatch") and sent_on[0] != threading.current_thread().name
+        assert dispatched_at(factory, job_id) is not None

@@ -2,7 +2,8 @@
 
 Submit a job from the form, watch the loss chart gain points while it runs, see it succeed (and
 its sample grid appear where the API serves samples), download a checkpoint and check its sha256
-against the list, cancel a second running job. Screenshots of each stage go to
+against the list, cancel a second running job; job names made of HTML show as text and never
+run. Screenshots of each stage go to
 test-artifacts/dashboard/ (kept by CI).
 """
 
@@ -183,6 +184,47 @@ def test_a_queued_job_says_why_it_waits(api_only: Stack, browser) -> None:
     stats = page.inner_text("#job-stats")
     assert re.search(r"GPUs\s+2", stats, re.IGNORECASE), stats  # dt text is upper-cased by CSS
     shoot(page, "09-job-waiting")
+    assert errors.page_errors == []
+
+
+# Names a page would run if it put them in as HTML; each sets window.__xss.
+HOSTILE_NAMES = [
+    "<script>window.__xss = 'script'</script>",
+    "<img src=x onerror=\"window.__xss = 'img'\">",
+    '"><svg onload="window.__xss = \'svg\'"></svg>',
+]
+
+
+def test_job_names_are_shown_as_text_never_run(api_only: Stack, browser) -> None:
+    """The list, the job page (title, heading, spec) and the submit form's preview."""
+    with api_only.client() as client:
+        ids = []
+        for name in HOSTILE_NAMES:
+            created = client.post("/v1/jobs", json={"name": name})
+            assert created.status_code == 201, created.text
+            ids.append(created.json()["id"])
+    errors = BrowserErrors()
+    page = new_page(browser, errors)
+    page.goto(f"{api_only.base}/#key={api_only.key}")
+    for job_id, name in zip(ids, HOSTILE_NAMES, strict=True):
+        page.wait_for_selector(f'tr.job-row[data-job-id="{job_id}"]')
+        assert page.inner_text(f'tr.job-row[data-job-id="{job_id}"] .job-name') == name
+    for job_id, name in zip(ids, HOSTILE_NAMES, strict=True):
+        page.goto(f"{api_only.base}/#/jobs/{job_id}")
+        page.wait_for_function("(name) => document.querySelector('#job-title')?.textContent === name", arg=name)
+        assert page.title() == f"{name} · ddpm-jobs"
+        page.wait_for_selector("#job-spec:not(:empty)", state="attached")
+        assert json.loads(page.text_content("#job-spec") or "{}")["name"] == name
+    page.click("a[data-nav=new]")
+    page.wait_for_selector("#submit-form")
+    page.fill("#field-name", HOSTILE_NAMES[1])
+    assert json.loads(page.inner_text("#spec-preview"))["name"] == HOSTILE_NAMES[1]
+    page.click("a[data-nav=list]")
+    page.wait_for_selector(f'tr.job-row[data-job-id="{ids[0]}"]')
+    time.sleep(0.2)  # an onerror handler fires once the broken image has failed to load
+    assert page.evaluate("window.__xss ?? null") is None
+    assert page.evaluate("document.querySelectorAll('main img[src=x], main svg[onload], main script').length") == 0
+    shoot(page, "10-hostile-names")
     assert errors.page_errors == []
 
 

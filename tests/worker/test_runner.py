@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import pytest
 import redis
+from PIL import Image
 from sqlalchemy import select
 
 from app.auth.service import get_or_create_user
@@ -145,6 +146,21 @@ class TestRun:
         assert runner.run(job_id) == "failed"
         job = load(factory, job_id)[0]
         assert "outside the data roots" in job.error and str(tmp_path) in job.error
+
+    def test_the_worker_refuses_a_link_to_a_file_outside_the_data_roots(
+        self, runner: JobRunner, factory, clean_db: Settings, tmp_path
+    ) -> None:
+        folder = clean_db.data_roots[0] / "linked-file"
+        folder.mkdir(parents=True, exist_ok=True)
+        outside = tmp_path / "private.png"
+        Image.new("L", (8, 8), 7).save(outside)
+        Image.new("L", (8, 8), 9).save(folder / "a.png")
+        (folder / "b.png").unlink(missing_ok=True)
+        (folder / "b.png").symlink_to(outside)
+        job_id = submit(factory, TINY | {"dataset": {"kind": "folder", "path": "linked-file", "image_size": 8}})
+        assert runner.run(job_id) == "failed"
+        job, points, _ = load(factory, job_id)
+        assert f"resolves to {outside}, outside the folder" in job.error and points == []
 
 
 class TestStopping:

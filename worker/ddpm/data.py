@@ -2,6 +2,10 @@
 
 The whole data set lives on the training device as uint8 (a quarter of float32's memory); a batch
 is gathered by indexing and converted to [-1, 1] there, so no image crosses the bus per step.
+
+A `folder` data set is the images that really lie in its folder: a file whose real path (symlinks
+followed) leads out of the folder refuses the whole data set. The worker has already confined the
+folder to the data roots (app/jobs/data_roots.py), so every file read lies inside them too.
 """
 
 from __future__ import annotations
@@ -58,8 +62,10 @@ def _load_folder(root: Path, image_size: int, channels: int) -> torch.Tensor:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DatasetError(f"dataset folder {root} contains no .png/.jpg/.jpeg images")
+    real_root = root.resolve()
     images = []
     for file in files:
+        _refuse_if_outside(file, root, real_root)
         try:
             with Image.open(file) as img:
                 img.load()
@@ -67,6 +73,17 @@ def _load_folder(root: Path, image_size: int, channels: int) -> torch.Tensor:
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise DatasetError(f"cannot read image {file} in dataset folder {root}: {e}") from e
     return torch.from_numpy(np.stack(images))  # (N, C, H, W)
+
+
+def _refuse_if_outside(file: Path, root: Path, real_root: Path) -> None:
+    """DatasetError when `file` is a link (or lies in a linked folder) leading out of the data set's
+    folder: it could expose any file the worker can read, outside the data roots."""
+    real = file.resolve()
+    if not real.is_relative_to(real_root):
+        raise DatasetError(
+            f"image {file} in dataset folder {root} resolves to {real}, outside the folder; "
+            "a folder data set may only link to files inside it"
+        )
 
 
 def _resize(img: Image.Image, size: int, channels: int) -> np.ndarray:

@@ -69,6 +69,22 @@ class TestFolder:
         with pytest.raises(DatasetError, match=r"cut\.jpg"):
             load_images(DatasetSpec(kind="folder", path=str(tmp_path)))
 
+    def test_a_link_to_a_file_outside_the_folder_refuses_the_data_set(self, tmp_path: Path) -> None:
+        folder, secret = tmp_path / "set", tmp_path / "elsewhere" / "secret.png"
+        _write(folder / "ok.png", (8, 8), (1, 2, 3))
+        _write(secret, (8, 8), (4, 5, 6))
+        (folder / "leak.png").symlink_to(secret)
+        with pytest.raises(DatasetError, match=rf"leak\.png .*resolves to {secret}, outside the folder"):
+            load_images(DatasetSpec(kind="folder", path=str(folder)))
+
+    def test_links_inside_the_folder_are_read(self, tmp_path: Path) -> None:
+        folder = tmp_path / "set"
+        _write(folder / "real" / "a.png", (8, 8), (255, 255, 255))
+        (folder / "alias.png").symlink_to(folder / "real" / "a.png")
+        link = tmp_path / "via-link"  # the folder itself reached through a link
+        link.symlink_to(folder)
+        assert load_images(DatasetSpec(kind="folder", path=str(link), image_size=4)).shape == (2, 1, 4, 4)
+
 
 class TestBatchIndexer:
     def test_pure_function_of_seed_and_step(self) -> None:
