@@ -38,14 +38,28 @@ POOL_RETRY_AFTER_S = 2
 
 
 def _json_safe(value: Any) -> Any:
-    """NaN and infinity are not JSON: echo them back to the client as strings."""
+    """What a client sent, made fit to echo in a JSON answer, whatever it was.
+
+    NaN and infinity are not JSON: they go back as strings. A string UTF-8 cannot encode (a
+    lone surrogate, which JSON's `\\ud800` escape can carry, in a value or a key) goes back
+    with a backslash escape in its place, so a 422 always serialises.
+    """
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_json_safe(v) for v in value]
     return value
+
+
+def _echo(errors: Any) -> Any:
+    """Validation errors as a JSON-ready value: a body that is not UTF-8 comes back as bytes,
+    which are decoded with escapes rather than failing (jsonable_encoder's own decode would)."""
+    encoded = jsonable_encoder(errors, custom_encoder={bytes: lambda b: b.decode("utf-8", "backslashreplace")})
+    return _json_safe(encoded)
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -107,7 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+        return JSONResponse({"detail": _echo(exc.errors())}, status_code=422)
 
     @app.exception_handler(JobNotFound)
     def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:
@@ -115,7 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(SpecRefused)
     def _over_limit(_: Request, exc: SpecRefused) -> JSONResponse:
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors))}, status_code=422)
+        return JSONResponse({"detail": _echo(exc.errors)}, status_code=422)
 
     @app.exception_handler(QuotaExceeded)
     def _quota(_: Request, exc: QuotaExceeded) -> JSONResponse:

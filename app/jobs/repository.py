@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
@@ -15,24 +15,45 @@ from app.models import Job, JobStatus, MetricPoint, utcnow
 
 
 class InvalidCursor(ValueError):
-    pass
+    """A `cursor` that encode_cursor did not write: the client's fault, a 422 naming it."""
 
 
 def encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at.isoformat(), str(job.id)]).encode()
+    """The position just after `job` in the newest-first order: its created_at (UTC) and id."""
+    return _cursor_text(job.created_at.astimezone(UTC), job.id)
+
+
+def _cursor_text(created: datetime, job_id: uuid.UUID) -> str:
+    raw = json.dumps([created.isoformat(), str(job_id)]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The position a cursor from encode_cursor names; InvalidCursor for any other text.
+
+    The client hands the cursor back, so nothing in it is trusted: it must hold a pair of
+    strings, an aware timestamp that exists in UTC (`0001-01-01T00:00:00+05:00` does not) and
+    a UUID, written exactly as encode_cursor writes them.
+    """
+    position = _parse_cursor(cursor)
+    if position is None or _cursor_text(*position) != cursor:
+        raise InvalidCursor("cursor is not one this API returned; list again without it")
+    return position
+
+
+def _parse_cursor(cursor: str) -> tuple[datetime, uuid.UUID] | None:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, job_id = json.loads(raw)
-        when = datetime.fromisoformat(created)
-        if when.tzinfo is None:
-            raise ValueError("naive timestamp")
-        return when, uuid.UUID(job_id)
-    except (ValueError, TypeError) as exc:
-        raise InvalidCursor("cursor is not one this API returned") from exc
+        match json.loads(raw):
+            case [str(created), str(job_id)]:
+                when = datetime.fromisoformat(created)
+                return (when.astimezone(UTC), uuid.UUID(job_id)) if when.tzinfo is not None else None
+            case _:
+                return None
+    # Bad base64, UTF-8, JSON, timestamp or UUID are ValueErrors; a time past datetime's range
+    # once moved to UTC is an OverflowError.
+    except (ValueError, OverflowError):
+        return None
 
 
 class JobRepository:
