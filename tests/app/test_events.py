@@ -8,7 +8,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -25,7 +24,7 @@ from app.events.hub import EventHub, EventKey, InvalidEventId
 from app.main import create_app
 from app.models import Checkpoint, Job, MetricPoint, Sample
 from tests.conftest import ApiUser
-from tests.e2e.conftest import api_argv, free_port, process, wait_ready
+from tests.e2e.conftest import running_api
 
 
 def parse_sse(text: str) -> list[dict]:
@@ -205,16 +204,9 @@ class TestOutOfRangeIds:
         assert events[-1]["data"]["status"] == "succeeded"
 
 
-@contextmanager
-def live_api(settings_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+def live_api(settings_env: dict[str, str], tmp_path: Path):  # type: ignore[no-untyped-def]
     """A real `ddpm-jobs api` process polling for events every 0.1 s; yields its base URL."""
-    port = free_port()
-    log = tmp_path / "api.log"
-    env = settings_env | {"DDPM_PORT": str(port), "DDPM_EVENTS_POLL_INTERVAL_S": "0.1"}
-    with process(api_argv(), env, log) as proc:
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base, proc, log)
-        yield base
+    return running_api(settings_env, tmp_path, DDPM_EVENTS_POLL_INTERVAL_S="0.1")
 
 
 @pytest.mark.e2e

@@ -27,7 +27,7 @@ from tests.chaos.conftest import (
     wait_until,
 )
 from tests.conftest import MakeUser
-from tests.e2e.conftest import api_argv, free_port, process, wait_ready, worker_argv
+from tests.e2e.conftest import api_argv, free_port, process, running_api, wait_ready, worker_argv
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -267,22 +267,20 @@ def test_kill_in_the_middle_of_a_checkpoint_write(
 def test_100_concurrent_posts_with_20_keys_create_20_jobs(
     settings_env: dict[str, str], clean_db: Settings, make_user: MakeUser, tmp_path: Path
 ) -> None:
-    port = free_port()
-    log = tmp_path / "api.log"
-    env = settings_env | {"DDPM_PORT": str(port), "DDPM_MAX_QUEUED_JOBS_PER_USER": "20"}
-    with process(api_argv(), env, log) as proc:
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base, proc, log)
-        with httpx.Client(base_url=base, timeout=60, headers=make_user("submitter").headers) as client:
+    headers = make_user("submitter").headers
+    with (
+        running_api(settings_env, tmp_path, DDPM_MAX_QUEUED_JOBS_PER_USER="20") as base,
+        httpx.Client(base_url=base, timeout=60, headers=headers) as client,
+    ):
 
-            def post(i: int) -> tuple[int, str]:
-                key = f"chaos-{i % 20}"
-                r = client.post("/v1/jobs", json={"name": key}, headers={"Idempotency-Key": key})
-                return r.status_code, r.json()["id"]
+        def post(i: int) -> tuple[int, str]:
+            key = f"chaos-{i % 20}"
+            r = client.post("/v1/jobs", json={"name": key}, headers={"Idempotency-Key": key})
+            return r.status_code, r.json()["id"]
 
-            with ThreadPoolExecutor(max_workers=25) as pool:
-                results = list(pool.map(post, range(100)))
-            listed = client.get("/v1/jobs", params={"limit": 500}).json()["items"]
+        with ThreadPoolExecutor(max_workers=25) as pool:
+            results = list(pool.map(post, range(100)))
+        listed = client.get("/v1/jobs", params={"limit": 500}).json()["items"]
     assert sorted(code for code, _ in results).count(201) == 20
     assert {code for code, _ in results} == {200, 201}
     assert len({job for _, job in results}) == 20

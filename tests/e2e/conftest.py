@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -33,6 +35,18 @@ def wait_ready(base: str, proc: subprocess.Popen, log: Path, timeout: float = 60
 
 def api_argv() -> list[str]:
     return [str(BIN / "ddpm-jobs"), "api"]
+
+
+@contextmanager
+def running_api(env: dict[str, str], tmp_path: Path, **settings: str) -> Iterator[str]:
+    """A real `ddpm-jobs api` process on a free port with `env` plus `settings` (DDPM_* values),
+    logging to tmp_path/api.log; yields its base URL once it answers."""
+    port = free_port()
+    log = tmp_path / "api.log"
+    with process(api_argv(), env | {"DDPM_PORT": str(port), **settings}, log) as proc:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, proc, log)
+        yield base
 
 
 def worker_argv() -> list[str]:
