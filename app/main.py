@@ -31,6 +31,7 @@ from app.metrics import endpoints as metric_endpoints
 from app.queue import Dispatcher
 from app.samples import endpoints as sample_endpoints
 from app.web import mount_dashboard
+from app.web.docs import mount_docs
 
 log = logging.getLogger(__name__)
 # Seconds a client is asked to wait after a 503 for want of a free database connection.
@@ -101,6 +102,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Bodies over the limit are 413 before they are parsed: a Content-Length over it is
         # refused before the body is read, a body without one as soon as it passes it.
         max_body_size=settings.max_request_bytes,
+        # Served from this package by mount_docs (no CDN: the pages work offline).
+        docs_url=None,
+        redoc_url=None,
     )
     engine = make_engine(settings)
     app.state.settings = settings
@@ -118,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sample_endpoints.router)
     app.include_router(event_endpoints.router)
     mount_dashboard(app)
+    mount_docs(app)
 
     @app.exception_handler(RequestValidationError)
     def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

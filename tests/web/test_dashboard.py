@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -184,6 +185,37 @@ def test_a_queued_job_says_why_it_waits(api_only: Stack, browser) -> None:
     stats = page.inner_text("#job-stats")
     assert re.search(r"GPUs\s+2", stats, re.IGNORECASE), stats  # dt text is upper-cased by CSS
     shoot(page, "09-job-waiting")
+    assert errors.page_errors == []
+
+
+def test_api_docs_render_offline(api_only: Stack, browser) -> None:
+    """`/docs` (Swagger UI) and `/redoc` render with every host but this one unreachable."""
+    errors = BrowserErrors()
+    page = new_page(browser, errors)
+    elsewhere: list[str] = []
+
+    def local_only(route) -> None:
+        if urlsplit(route.request.url).hostname == "127.0.0.1":
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort("internetdisconnected")
+
+    page.context.route("**/*", local_only)
+    page.goto(f"{api_only.base}/docs")
+    # Swagger UI has fetched /openapi.json and drawn one block per operation.
+    page.wait_for_selector(".opblock[id$='-create_job']")
+    assert page.locator(".opblock").count() >= 10
+    assert page.inner_text(".opblock[id$='-create_job'] .opblock-summary-path") == "/v1/jobs"
+    shoot(page, "11-api-docs")
+    assert errors.console == []
+    page.goto(f"{api_only.base}/redoc")
+    page.wait_for_selector("[data-section-id*='create_job']", state="attached")
+    shoot(page, "12-api-redoc")
+    # ReDoc's one remote file, its vendor's logo, is refused by the page's CSP and left out.
+    assert [m for m in errors.console if "cdn.redoc.ly" not in m] == []
+    assert page.locator("img[alt='redocly logo']").count() == 0
+    assert elsewhere == []
     assert errors.page_errors == []
 
 

@@ -1,5 +1,6 @@
-"""The dashboard's files without a browser: served without a key, every module import resolves,
-and nothing is loaded from another origin (no CDN; the page must work offline)."""
+"""The dashboard's files and the API's documentation pages without a browser: served without a
+key, every module import and asset resolves, and nothing is loaded from another origin (no CDN;
+the pages must work offline)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,41 @@ class TestServedWithoutKey:
     def test_a_missing_file_is_404(self, client: TestClient) -> None:
         assert client.get("/static/js/nope.js").status_code == 404
         assert client.get("/static/../app/main.py").status_code == 404
+
+
+class TestDocsPagesOffline:
+    """`/docs` and `/redoc`: every URL the page loads is this app's, and the app serves it."""
+
+    @pytest.mark.parametrize(
+        ("page", "assets"),
+        [
+            ("/docs", {"/docs/static/swagger-ui-bundle.js", "/docs/static/swagger-ui.css", "/docs/static/favicon.png"}),
+            ("/redoc", {"/docs/static/redoc.standalone.js", "/docs/static/favicon.png"}),
+        ],
+    )
+    def test_every_asset_is_served_here(self, client: TestClient, page: str, assets: set[str]) -> None:
+        r = client.get(page)
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "text/html; charset=utf-8"
+        csp = r.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "connect-src 'self'" in csp and "https:" not in csp
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert EXTERNAL_URL.findall(r.text) == [], "the page names another origin"
+        # src/href attributes, and the URLs FastAPI's templates pass to the libraries in script.
+        urls = set(re.findall(r'(?:src|href)="([^"]+)"', r.text))
+        urls |= set(re.findall(r"""(?:url|spec-url)[:=]\s*['"]([^'"]+)['"]""", r.text))
+        assert urls == assets | {"/openapi.json"}, urls
+        for url in urls:
+            assert url.startswith("/") and not url.startswith("//"), url
+            served = client.get(url)
+            assert served.status_code == 200, url
+            assert served.content, url
+            if url.endswith(".js"):
+                assert served.headers["content-type"].startswith("text/javascript"), url
+
+    def test_not_in_the_api_document(self, client: TestClient) -> None:
+        paths = client.get("/openapi.json").json()["paths"]
+        assert not any(p.startswith(("/docs", "/redoc")) for p in paths)
 
 
 def test_no_file_loads_from_another_origin() -> None:
