@@ -4,19 +4,34 @@
 # make bench  benchmarks under bench/
 PYTHON ?= python3
 VENV ?= .venv
-# torch is installed first and pinned so pip never swaps it for another build. On a machine
-# with a GPU, set TORCH to the build you want (e.g. TORCH="torch==2.13.0 --index-url ...").
-TORCH ?= torch==2.13.0
+# torch is installed first and pinned so pip never swaps it for another build. Which build pip
+# picks is up to its index: PyPI's Linux x86_64 torch is a CUDA build (several GB of nvidia-*
+# wheels); macOS and Windows get CPU builds. Choose one with TORCH, e.g.
+#   make venv TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+#   make venv TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# Given once, TORCH is remembered: a later `make run` or `make test` keeps that build.
+TORCH_DEFAULT := torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Holds the TORCH the venv was built with; rewritten (so newer than STAMP) only when TORCH changes.
+TORCH_CHOICE := $(VENV)/.torch
+ifeq ($(origin TORCH),undefined)
+TORCH := $(or $(shell cat $(TORCH_CHOICE) 2>/dev/null),$(TORCH_DEFAULT))
+endif
 
-.PHONY: venv run test lint format bench clean
+.PHONY: venv run test lint format bench clean FORCE
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(TORCH_CHOICE): FORCE
+	@mkdir -p $(VENV)
+	@if [ "$$(cat $@ 2>/dev/null)" != '$(TORCH)' ]; then printf '%s\n' '$(TORCH)' > $@; fi
+
+# A changed TORCH in a built venv replaces its torch: pip would keep a 2.13.0+cpu for a 2.13.0+cu128.
+$(STAMP): pyproject.toml $(TORCH_CHOICE)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(if $(and $(wildcard $(STAMP)),$(filter $(TORCH_CHOICE),$?)),$(BIN)/python -m pip uninstall -q -y torch)
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[worker,dev]"
 	touch $(STAMP)
