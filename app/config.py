@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     worker_gpu_memory_gb: float | None = Field(
         None, gt=0, description="Memory per GPU this worker offers, in GiB; default: detected."
     )
+    # A file the worker's sweeper touches after every check-in (so: alive, and its database
+    # answers), removed when the worker stops; compose's worker healthcheck reads its age.
+    worker_health_file: Path | None = Field(None, description="Touched by the worker every sweep; unset = none.")
 
     # PostgreSQL connection pool of each process (the API's routes, the worker's sweeper). A
     # request that waits db_pool_timeout_s for a connection is answered 503 with Retry-After.

@@ -11,7 +11,9 @@
 
 Sending goes through app.queue.dispatch, which stamps `dispatched_at` once the broker took it.
 
-All are idempotent, so several workers may sweep at once.
+All are idempotent, so several workers may sweep at once. After each pass that worked (the
+database answered), it touches DDPM_WORKER_HEALTH_FILE, which compose's worker healthcheck reads
+the age of; the file goes when the worker stops.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import timedelta
+from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
 
@@ -35,6 +38,8 @@ from app.workers.repository import WorkerRepository
 
 log = logging.getLogger(__name__)
 _stop = threading.Event()
+# DDPM_WORKER_HEALTH_FILE of the running sweeper: touched after each pass, removed on stop.
+_health_file: Path | None = None
 
 
 def sweep_once(settings: Settings, factory, dispatcher: Sender) -> tuple[int, int]:  # type: ignore[no-untyped-def]
@@ -85,6 +90,8 @@ def _loop(settings: Settings, name: str, capacity: Resources, device: str) -> No
         try:
             check_in(factory, name, settings, capacity, device)
             sweep_once(settings, factory, dispatcher)
+            if _health_file is not None and not _stop.is_set():
+                _health_file.touch()
         except DBAPIError as exc:  # the database is away; the next pass tries again
             log.warning("sweep skipped, database unavailable (%s); retrying in %.0fs", exc.orig, interval)
         except Exception:
@@ -98,10 +105,15 @@ def _loop(settings: Settings, name: str, capacity: Resources, device: str) -> No
 
 
 def start_sweeper(settings: Settings, name: str, capacity: Resources, device: str) -> None:
+    global _health_file
     _stop.clear()
+    _health_file = settings.worker_health_file
     args = (settings, name, capacity, device)
     threading.Thread(target=_loop, args=args, name="ddpm-sweeper", daemon=True).start()
 
 
 def stop_sweeper() -> None:
+    """Stop sweeping; the health file goes now, so a stopping worker is no longer healthy."""
     _stop.set()
+    if _health_file is not None:
+        _health_file.unlink(missing_ok=True)
