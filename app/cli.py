@@ -1,7 +1,7 @@
 """`ddpm-jobs`: run the service.
 
     ddpm-jobs serve     the embedded default: migrate, then the API and one worker on this machine
-    ddpm-jobs api       the API alone (compose's `api` service)
+    ddpm-jobs api       the API alone (compose's `api` service); prints a first admin key if none exists
     ddpm-jobs migrate   alembic upgrade head (compose's one-shot `migrate` service)
     ddpm-jobs keys      create, list and revoke API keys; generate one for DDPM_BOOTSTRAP_API_KEY
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from app.auth import keys as key_format
@@ -39,6 +40,8 @@ cli.add_typer(keys_cli, name="keys")
 
 # The embedded service's first admin key, readable by its owner only.
 LOCAL_USER = "local"
+# `api`'s first admin key, when no DDPM_BOOTSTRAP_API_KEY makes one (the bootstrap key's user too).
+BOOTSTRAP_USER = "admin"
 
 
 def api_key_file(settings: Settings) -> Path:
@@ -55,9 +58,31 @@ def migrate() -> None:
 
 @cli.command()
 def api() -> None:
-    """Serve the HTTP API on DDPM_HOST:DDPM_PORT (read deadlines and limits: app/server.py)."""
+    """Serve the HTTP API on DDPM_HOST:DDPM_PORT (read deadlines and limits: app/server.py).
+
+    Without DDPM_BOOTSTRAP_API_KEY, a first start (no key stored) prints a new admin key once."""
     settings = get_settings()
+    if not settings.bootstrap_api_key:
+        announce_first_key(settings)
     serve_api(settings)
+
+
+def announce_first_key(settings: Settings) -> None:
+    """`api` without DDPM_BOOTSTRAP_API_KEY on a database that holds no key (compose's first
+    start): an admin key for user "admin", printed this once to the log; later starts print none."""
+    try:
+        with _session(settings) as session:
+            created = auth.create_first_admin_key(session, settings.secret_key, BOOTSTRAP_USER)
+    except IntegrityError:
+        return  # another API replica made the first key at the same moment
+    except DBAPIError as exc:
+        typer.echo(f"ddpm-jobs: could not check for API keys ({exc.orig}); none created", err=True)
+        return
+    if created is None:
+        return
+    typer.echo(f"ddpm-jobs: created admin API key for user {BOOTSTRAP_USER!r} (no key existed); store it now:")
+    typer.echo(f"  {created.key}")
+    typer.echo("  it is not shown again; make per-user keys with: ddpm-jobs keys create --user NAME")
 
 
 def ensure_local_key(settings: Settings) -> None:
@@ -65,11 +90,11 @@ def ensure_local_key(settings: Settings) -> None:
     printed once and saved (mode 0600) where README's curl examples read it."""
     path = api_key_file(settings)
     with _session(settings) as session:
-        if auth.has_any_key(session):
+        created = auth.create_first_admin_key(session, settings.secret_key, LOCAL_USER)
+        if created is None:
             if path.exists():
                 typer.echo(f"ddpm-jobs: API key in {path.resolve()}")
             return
-        created = auth.create_key(session, settings.secret_key, LOCAL_USER, admin=True)
         write_private(path, created.key + "\n")
     typer.echo(f"ddpm-jobs: created admin API key for user {LOCAL_USER!r}, saved to {path.resolve()}:")
     typer.echo(f"  {created.key}")

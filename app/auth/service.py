@@ -122,3 +122,10 @@ def ensure_bootstrap_key(session: Session, secret_key: str, key: str, user_name:
 
 def has_any_key(session: Session) -> bool:
     return ApiKeyRepository(session).count() > 0
+
+
+def create_first_admin_key(session: Session, secret_key: str, user_name: str) -> CreatedKey | None:
+    """A first start: an admin key for `user_name` when no key exists at all; None otherwise."""
+    if has_any_key(session):
+        return None
+    return create_key(session, secret_key, user_name, admin=True)

@@ -1,13 +1,15 @@
 """API keys: format, storage, the 401s, last-used bookkeeping, bootstrap, CLI and the embedded
-service's first key."""
+service's first key, and `ddpm-jobs api`'s first key when no bootstrap key is set."""
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
@@ -21,6 +23,7 @@ from app.db import make_engine, make_sessionmaker, session_scope, upgrade_databa
 from app.main import create_app
 from app.models import ApiKey, User, utcnow
 from tests.conftest import ApiUser, MakeUser
+from tests.e2e.conftest import running_api
 
 
 def _key_row(settings: Settings, prefix: str) -> ApiKey:
@@ -175,3 +178,26 @@ class TestEmbeddedFirstKey:
             users = s.scalars(select(User)).all()
             assert [(u.name, u.is_admin) for u in users] == [("local", True)]
             assert len(s.scalars(select(ApiKey)).all()) == 1
+
+
+class TestApiFirstKey:
+    """`ddpm-jobs api` without DDPM_BOOTSTRAP_API_KEY (compose with the variable unset)."""
+
+    @pytest.mark.slow
+    def test_first_start_prints_one_admin_key_and_later_starts_none(
+        self, clean_db: Settings, settings_env: dict[str, str], tmp_path: Path
+    ) -> None:
+        env = {k: v for k, v in settings_env.items() if k != "DDPM_BOOTSTRAP_API_KEY"}
+        log = tmp_path / "api.log"
+        with running_api(env, tmp_path) as base:
+            printed = re.findall(r"ddpm_[0-9a-f]{8}_[A-Za-z0-9_-]{43}", log.read_text())
+            assert len(printed) == 1, log.read_text()
+            assert KEY_PATTERN.match(printed[0])
+            r = httpx.get(f"{base}/v1/jobs", headers={"Authorization": f"Bearer {printed[0]}"})
+            assert r.status_code == 200, r.text
+        with running_api(env, tmp_path) as base:
+            assert httpx.get(f"{base}/readyz").status_code == 200
+        assert "ddpm_" not in log.read_text()  # the second start's log
+        with session_scope(make_sessionmaker(make_engine(clean_db))) as s:
+            assert [(u.name, u.is_admin) for u in s.scalars(select(User))] == [("admin", True)]
+            assert [k.prefix for k in s.scalars(select(ApiKey))] == [KEY_PATTERN.match(printed[0])["prefix"]]
