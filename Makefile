@@ -8,7 +8,7 @@ VENV ?= .venv
 # picks is up to its index: PyPI's Linux x86_64 torch is a CUDA build (several GB of nvidia-*
 # wheels); macOS and Windows get CPU builds. Choose one with TORCH, e.g.
 #   make venv TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
-#   make venv TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+#   make venv TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"
 # Given once, TORCH is remembered: a later `make run` or `make test` keeps that build.
 TORCH_DEFAULT := torch==2.13.0
 BIN := $(VENV)/bin
@@ -27,7 +27,7 @@ $(TORCH_CHOICE): FORCE
 	@mkdir -p $(VENV)
 	@if [ "$$(cat $@ 2>/dev/null)" != '$(TORCH)' ]; then printf '%s\n' '$(TORCH)' > $@; fi
 
-# A changed TORCH in a built venv replaces its torch: pip would keep a 2.13.0+cpu for a 2.13.0+cu128.
+# A changed TORCH in a built venv replaces its torch: pip would keep a 2.13.0+cpu for a 2.13.0+cu130.
 $(STAMP): pyproject.toml $(TORCH_CHOICE)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

@@ -6,9 +6,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# The same uid as the worker image, so the shared checkpoint volume has one owner.
+# The same uid as the worker image, so the shared volumes have one owner.
 RUN useradd --create-home --uid 10001 --user-group ddpm \
-    && mkdir -p /data/checkpoints \
+    && mkdir -p /data/checkpoints /data/datasets \
     && chown -R ddpm:ddpm /data
 
 WORKDIR /src

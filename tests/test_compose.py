@@ -1,17 +1,21 @@
 """docker-compose.yml and the two Dockerfiles, checked without Docker: the services, their
 commands against the real entrypoints, the settings they pass against `Settings`, secrets, the
-GPU reservation, start-up order, and that the API image installs without torch."""
+GPU reservation, start-up order, the data sets' volume, the workers' healthcheck (run against a
+real worker), the worker image's torch, and that the API image installs without torch."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 import zipfile
+from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ from typer.testing import CliRunner
 
 from app.cli import WORKER_COMMAND, cli
 from app.config import Settings
+from tests.e2e.conftest import process, worker_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -30,12 +35,14 @@ WORKER_DOCKERFILE = ROOT / "docker" / "worker.Dockerfile"
 
 # The forms of interpolation this file may use (compose also knows others; we keep to these).
 INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|:\?)(?P<arg>[^}$]*))?\}")
-SECRET_VARS = {"POSTGRES_PASSWORD", "DDPM_SECRET_KEY", "DDPM_BOOTSTRAP_API_KEY"}
+SECRET_VARS = {"POSTGRES_PASSWORD", "DDPM_SECRET_KEY"}
 SECRETS = {
     "POSTGRES_PASSWORD": "pw",
     "DDPM_SECRET_KEY": "Jq3vW9xLm2Tz7RkP0cYh5NfB8sDg4AeU",
-    "DDPM_BOOTSTRAP_API_KEY": "ddpm_0123abcd_" + "k" * 43,
 }
+BOOTSTRAP_KEY = "ddpm_0123abcd_" + "k" * 43
+WORKERS = ("worker", "worker-gpu1", "worker-node")
+DATASETS_MOUNT = "${DATASETS_DIR:-datasets}:/data/datasets"
 
 
 def interpolate(text: str, env: dict[str, str]) -> str:
@@ -102,7 +109,7 @@ def test_services_and_volumes(compose: dict[str, Any], services: dict[str, dict[
         "api",
         "worker",
     }
-    assert set(compose["volumes"]) == {"pgdata", "redisdata", "checkpoints"}
+    assert set(compose["volumes"]) == {"pgdata", "redisdata", "checkpoints", "datasets"}
     assert services["postgres"]["image"].startswith("postgres:16")
     assert services["redis"]["image"].startswith("redis:7")
     assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
@@ -151,9 +158,16 @@ def test_settings_accept_the_values(raw: str) -> None:
         assert settings.broker_url == "redis://redis:6379/0"
         assert settings.checkpoint_root == Path("/data/checkpoints")
         assert settings.secret_key == SECRETS["DDPM_SECRET_KEY"]
-    api = compose["services"]["api"]["environment"]
-    assert api["DDPM_BOOTSTRAP_API_KEY"] == SECRETS["DDPM_BOOTSTRAP_API_KEY"]
     assert "DDPM_BOOTSTRAP_API_KEY" not in compose["services"]["worker"]["environment"]
+
+
+def test_bootstrap_key_is_optional(raw: str) -> None:
+    """Unset, the API makes and prints the first key itself (tests/app/test_auth.py::TestApiFirstKey);
+    so `docker compose run --rm --no-deps api ddpm-jobs keys generate` works before it exists."""
+    for env, expected in ((SECRETS, None), (SECRETS | {"DDPM_BOOTSTRAP_API_KEY": BOOTSTRAP_KEY}, BOOTSTRAP_KEY)):
+        api = yaml.safe_load(interpolate(raw, env))["services"]["api"]["environment"]
+        settings = Settings(bootstrap_api_key=api["DDPM_BOOTSTRAP_API_KEY"])
+        assert settings.bootstrap_api_key == expected
 
 
 def test_interpolations_are_well_formed(raw: str) -> None:
@@ -191,6 +205,19 @@ def test_worker_has_one_nvidia_gpu_and_time_to_checkpoint(services: dict[str, di
     assert worker["stop_grace_period"] == "2m"
     assert "checkpoints:/data/checkpoints" in worker["volumes"]
     assert "checkpoints:/data/checkpoints:ro" in services["api"]["volumes"]
+
+
+def test_datasets_reach_the_workers_and_the_api_read_only(raw: str, services: dict[str, dict[str, Any]]) -> None:
+    """The volume sits at the data root the services' settings give (Settings.data_roots)."""
+    for name in WORKERS:
+        assert DATASETS_MOUNT in services[name]["volumes"], name
+    assert DATASETS_MOUNT + ":ro" in services["api"]["volumes"]
+    env = yaml.safe_load(interpolate(raw, SECRETS))["services"]["worker"]["environment"]
+    assert Settings(data_dir=env["DDPM_DATA_DIR"]).data_roots == [Path("/data/datasets")]
+    named = yaml.safe_load(interpolate(raw, SECRETS))["services"]
+    assert "datasets:/data/datasets" in named["worker"]["volumes"]  # the named volume, by default
+    bound = yaml.safe_load(interpolate(raw, SECRETS | {"DATASETS_DIR": "/srv/datasets"}))["services"]
+    assert "/srv/datasets:/data/datasets:ro" in bound["api"]["volumes"]  # or a host folder
 
 
 def test_more_workers_one_per_gpu_or_one_for_all(services: dict[str, dict[str, Any]]) -> None:
@@ -257,13 +284,28 @@ def test_api_dockerfile_has_no_torch() -> None:
     assert json.loads(dict(instructions)["CMD"]) == ["ddpm-jobs", "api"]
 
 
-def test_worker_dockerfile() -> None:
+def test_worker_dockerfile(services: dict[str, dict[str, Any]]) -> None:
+    """torch as the tests run it and the Makefile installs it, from a CUDA index, on a base with a
+    C compiler (torch.compile: pytorch#116696) and the API image's Python."""
     instructions = dockerfile_instructions(WORKER_DOCKERFILE)
-    base = dict(instructions)["FROM"]
-    tag = re.fullmatch(r"pytorch/pytorch:(\d+)\.(\d+)\.\d+-cuda[\d.]+-cudnn\d+-runtime", base)
-    assert tag and (int(tag[1]), int(tag[2])) >= (2, 10), base  # pyproject: torch>=2.10
-    runs = " ".join(args for kw, args in instructions if kw == "RUN")
-    assert '".[worker]"' in runs
+    assert dict(instructions)["FROM"] == dict(dockerfile_instructions(API_DOCKERFILE))["FROM"] == "python:3.11-slim"
+    args = dict(arg.split("=", 1) for kw, arg in instructions if kw == "ARG")
+    makefile = re.search(r"^TORCH_DEFAULT := torch==(\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert makefile and args["TORCH_VERSION"] == makefile[1] == services["worker"]["build"]["args"]["TORCH_VERSION"]
+    floor = re.fullmatch(
+        r"torch>=(\d+)\.(\d+)",
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["worker"][0],
+    )
+    assert floor and tuple(map(int, args["TORCH_VERSION"].split(".")[:2])) >= (int(floor[1]), int(floor[2]))
+    assert installed_version("torch").split("+")[0] == args["TORCH_VERSION"]  # the torch these tests run
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", args["TORCH_INDEX_URL"])
+    assert services["worker"]["build"]["args"]["TORCH_INDEX_URL"] == f"${{TORCH_INDEX_URL:-{args['TORCH_INDEX_URL']}}}"
+    runs = [arg for kw, arg in instructions if kw == "RUN"]
+    compiler = next(i for i, r in enumerate(runs) if "apt-get install" in r)
+    assert {"gcc", "g++"} <= set(runs[compiler].split())
+    torch = next(i for i, r in enumerate(runs) if '"torch==${TORCH_VERSION}"' in r)
+    assert '--index-url "${TORCH_INDEX_URL}"' in runs[torch]
+    assert torch < next(i for i, r in enumerate(runs) if '".[worker]"' in r)  # so pip keeps that build
     assert ("USER", "ddpm") in instructions
     assert json.loads(dict(instructions)["CMD"]) == WORKER_COMMAND
 
@@ -310,3 +352,47 @@ def test_api_image_installs_without_torch(tmp_path: Path) -> None:
     assert not any(n.startswith("worker/") for n in names)
     # The dashboard ships in the package (package-data), so the API image serves it.
     assert "app/web/static/index.html" in names and "app/web/static/vendor/chart.umd.min.js" in names
+
+
+# --- the workers' healthcheck ----------------------------------------------------------------
+
+
+def healthcheck(services: dict[str, dict[str, Any]], name: str, health_file: Path) -> int:
+    """Run service `name`'s healthcheck command here, as Docker would in its container."""
+    test = services[name]["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[1] == "python"
+    env = {"PATH": "/usr/bin:/bin", "DDPM_WORKER_HEALTH_FILE": str(health_file)}
+    return subprocess.run([sys.executable, *test[2:]], env=env, capture_output=True, timeout=30).returncode
+
+
+def test_every_worker_has_the_heartbeat_healthcheck(services: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    check = services["worker"]["healthcheck"]
+    for name in WORKERS:
+        assert services[name]["healthcheck"] == check, name
+        assert services[name]["environment"]["DDPM_WORKER_HEALTH_FILE"].startswith("/"), name
+    assert check["start_period"] == "2m"  # torch's import and the broker come before the first sweep
+    alive = tmp_path / "alive"
+    assert healthcheck(services, "worker", alive) != 0  # absent: not started, or stopped
+    alive.touch()
+    assert healthcheck(services, "worker", alive) == 0
+    old = time.time() - 120
+    os.utime(alive, (old, old))
+    assert healthcheck(services, "worker", alive) != 0  # the sweeper stopped checking in
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_running_worker_passes_its_healthcheck_and_a_stopped_one_fails(
+    services: dict[str, dict[str, Any]], settings_env: dict[str, str], tmp_path: Path
+) -> None:
+    alive = tmp_path / "alive"
+    log = tmp_path / "worker.log"
+    with process(worker_argv(), settings_env | {"DDPM_WORKER_HEALTH_FILE": str(alive)}, log) as worker:
+        deadline = time.monotonic() + 120
+        while healthcheck(services, "worker", alive) != 0:
+            assert worker.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no heartbeat file after 120 s:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
+    assert worker.returncode is not None
+    assert not alive.exists()
+    assert healthcheck(services, "worker", alive) != 0

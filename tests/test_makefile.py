@@ -15,7 +15,7 @@ FAKE_PYTHON = """#!/bin/sh
 echo "$*" >> "$(dirname "$0")/../calls.log"
 """
 CPU = "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
-CUDA = "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+CUDA = "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
