@@ -5,7 +5,7 @@
     job = client.submit({"training": {"steps": 500}})
     for event in client.events(job["id"]):             # live: metric, checkpoint, sample, status
         print(event.event, event.data)
-    client.download(job["id"], Path("."))              # the newest checkpoint, sha256 checked
+    client.download(job["id"], "runs/")                # the newest checkpoint into runs/, sha256 checked
 
 Every method raises `ApiError` (the server's status code and detail) for an error answer and
 `ServerUnreachable` when no answer came. Server and key: explicit arguments, then
@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,10 @@ class ServerUnreachable(DdpmError):
 
 class ChecksumMismatch(DdpmError):
     """A downloaded file's sha256 is not the one the server recorded; the file was removed."""
+
+
+class SampleFailed(DdpmError):
+    """A sample request ended failed on its worker; `str()` holds the worker's reason."""
 
 
 def format_detail(detail: Any) -> str:
@@ -197,6 +202,51 @@ class DdpmClient:
         body = {k: v for k, v in request.items() if v is not None}
         return self._request("POST", f"/v1/jobs/{job_id}/sample", json=body).json()
 
+    def sample_request(self, job_id: str, request_id: str) -> dict[str, Any]:
+        """A sample request as it stands: status, and once succeeded `png_url` and `npz_url`."""
+        return self._request("GET", f"/v1/jobs/{job_id}/sample/{request_id}").json()
+
+    def wait_for_sample(
+        self,
+        job_id: str,
+        request_id: str,
+        timeout: float | None = None,
+        poll_interval: float = 0.25,
+        max_poll_interval: float = 2.0,
+    ) -> dict[str, Any]:
+        """Poll a sample request until it has succeeded (growing the wait between polls from
+        `poll_interval` to `max_poll_interval`) and return it. Raises SampleFailed with the
+        worker's reason if it failed, DdpmError if `timeout` seconds pass first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = poll_interval
+        while True:
+            request = self.sample_request(job_id, request_id)
+            if request["status"] == "succeeded":
+                return request
+            if request["status"] == "failed":
+                raise SampleFailed(f"sample request {request_id} failed: {request.get('error') or 'no reason given'}")
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise DdpmError(f"sample request {request_id} is still {request['status']} after {timeout:g} s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, max_poll_interval)
+
+    def download_sample(
+        self,
+        request: dict[str, Any],
+        folder: str | os.PathLike[str] = ".",
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Path]:
+        """Download a succeeded sample request's PNG grid and .npz (key `images`, uint8
+        (N, H, W, C)) into `folder` (created if missing), each checked against the sha256 the
+        server sends with it; returns both paths."""
+        if request.get("status") != "succeeded":
+            raise DdpmError(f"sample request {request['id']} is {request.get('status')}, not succeeded")
+        paths = []
+        for url, suffix in ((request["png_url"], "png"), (request["npz_url"], "npz")):
+            fallback = f"sample-{request['id']}.{suffix}"
+            paths.append(self._save(url, as_folder(folder), fallback, progress=progress))
+        return paths
+
     # --- checkpoints --------------------------------------------------------------------------
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
         """`[{"step", "size_bytes", "sha256", "created_at"}]`, oldest first."""
@@ -205,11 +255,13 @@ class DdpmClient:
     def download(
         self,
         job_id: str,
-        dest: Path,
+        dest: str | os.PathLike[str] = ".",
         step: int | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> Path:
-        """Download a checkpoint (the newest when `step` is None) to `dest`, a file or a folder.
+        """Download a checkpoint (the newest when `step` is None) to `dest`: a folder, where it
+        keeps the server's name (`<job>-step-00000120.safetensors`), or a file name (see
+        `download_target` for which is which). Returns the file's path.
 
         The body goes to a temporary file beside the destination and is renamed into place only
         when its sha256 matches both the download's ETag / X-Checksum-SHA256 and the job's
@@ -231,10 +283,37 @@ class DdpmClient:
                 raise ChecksumMismatch(
                     f"the server sent checkpoint {step} with sha256 {header_sha}, but lists {entry['sha256']}"
                 )
-            target = dest / f"{job_id}-step-{step:08d}.safetensors" if dest.is_dir() else dest
+            target = download_target(dest, _server_filename(response, f"{job_id}-step-{step:08d}.safetensors"))
             total = int(response.headers.get("content-length") or entry["size_bytes"])
             _stream_to_file(response, target, entry["sha256"], total, progress)
         return target
+
+    def export(
+        self,
+        job_id: str,
+        dest: str | os.PathLike[str] = ".",
+        step: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Path:
+        """Download a checkpoint (the newest when `step` is None) as a zip of a diffusers
+        pipeline folder (`DDPMPipeline.from_pretrained` loads it unpacked); `dest` as for
+        `download`. The zip is made for this request, so it has no recorded sha256."""
+        if step is None:
+            listed = self.checkpoints(job_id)
+            if not listed:
+                raise ApiError(404, f"job {job_id} has no checkpoint yet")
+            step = max(c["step"] for c in listed)
+        path = f"/v1/jobs/{job_id}/checkpoints/{step}/export"
+        fallback = f"{job_id}-step-{step:08d}-diffusers.zip"
+        return self._save(path, dest, fallback, progress=progress, params={"format": "diffusers"})
+
+    def download_grid(
+        self, job_id: str, step: int, dest: str | os.PathLike[str] = ".", sha256: str | None = None
+    ) -> Path:
+        """Download the sample grid drawn during training at `step` (a PNG); `dest` as for
+        `download`. `sha256` (from `samples()`) is checked when given, else the server's ETag."""
+        fallback = f"{job_id}-samples-{step:08d}.png"
+        return self._save(f"/v1/jobs/{job_id}/samples/{step}.png", dest, fallback, sha256=sha256)
 
     # --- the live event stream ----------------------------------------------------------------
     def events(
@@ -294,10 +373,34 @@ class DdpmClient:
         _raise_for_status(response, hint_key=self.api_key is None)
         return response
 
+    def _save(
+        self,
+        path: str,
+        dest: str | os.PathLike[str],
+        fallback_name: str,
+        *,
+        sha256: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> Path:
+        """GET `path` into `download_target(dest, <the server's file name, else fallback_name>)`,
+        crash-safely; the body must hash to `sha256` (if given) and to the sha256 the server
+        sends with it (if it does)."""
+        with self._stream("GET", path, params=params) as response:
+            header_sha = _header_sha256(response)
+            if sha256 is not None and header_sha is not None and header_sha != sha256:
+                raise ChecksumMismatch(f"the server sent {path} with sha256 {header_sha}, but lists {sha256}")
+            target = download_target(dest, _server_filename(response, fallback_name))
+            total = int(response.headers.get("content-length") or 0)
+            _stream_to_file(response, target, sha256 or header_sha, total, progress)
+        return target
+
     @contextlib.contextmanager
-    def _stream(self, method: str, path: str) -> Iterator[httpx.Response]:
+    def _stream(self, method: str, path: str, params: dict[str, str] | None = None) -> Iterator[httpx.Response]:
         try:
-            with self._http.stream(method, path) as response:
+            # A download may answer 307 with a presigned S3 URL (DDPM_S3_DOWNLOAD=redirect); httpx
+            # drops the Authorization header on the way to another origin.
+            with self._http.stream(method, path, params=params, follow_redirects=True) as response:
                 if response.is_error:
                     response.read()
                 _raise_for_status(response, hint_key=self.api_key is None)
@@ -375,6 +478,10 @@ def _event_order(event_id: str | None) -> tuple[int, ...] | None:
 
 
 def _header_sha256(response: httpx.Response) -> str | None:
+    """The sha256 the API sends with a file (ETag, X-Checksum-SHA256); None when it sends none, or
+    when the file came from where a redirect pointed (S3's ETag is an MD5, not our sha256)."""
+    if response.history:
+        return None
     values = {
         v.strip().strip('"').lower()
         for v in (response.headers.get("x-checksum-sha256"), response.headers.get("etag"))
@@ -395,15 +502,55 @@ def _step_from_disposition(response: httpx.Response) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
+def download_target(dest: str | os.PathLike[str], filename: str) -> Path:
+    """Where a download goes when asked to save it at `dest`, its own name being `filename`:
+
+    - into the folder `dest`, under `filename`, when `dest` is an existing folder, ends in a path
+      separator (`runs/`), or is a name without a file extension that is not an existing file
+      (`runs`); the folder is created;
+    - else to the file `dest` itself (`model.safetensors`, or an existing file), whose folder is
+      created.
+
+    `filename` must be a bare name (see `_server_filename`): nothing lands outside the folder."""
+    path = Path(dest)
+    raw = os.fspath(dest)
+    as_folder = path.is_dir() or raw.endswith(("/", os.sep)) or (not path.suffix and not path.exists())
+    target = path / filename if as_folder else path
+    if as_folder and target.parent != path:  # a name with a separator would climb out
+        raise DdpmError(f"refusing to write {filename!r}: not a plain file name")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def as_folder(folder: str | os.PathLike[str]) -> str:
+    """`folder` spelt as a folder for `download_target` (a trailing separator), whatever its name."""
+    raw = os.fspath(folder)
+    return raw if raw.endswith(("/", os.sep)) else raw + os.sep
+
+
+def _server_filename(response: httpx.Response, fallback: str) -> str:
+    """The file name the server suggests in Content-Disposition (`filename*=` included), reduced
+    to a safe bare name: path components stripped, and `fallback` instead of an empty, dot-led
+    (`..`, hidden), or control-character name. A crafted name can never point outside the folder."""
+    message = Message()
+    message["content-disposition"] = response.headers.get("content-disposition", "")
+    suggested = message.get_filename() or ""
+    name = suggested.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    if not name or name.startswith(".") or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return fallback
+    return name
+
+
 def _stream_to_file(
     response: httpx.Response,
     target: Path,
-    sha256: str,
+    sha256: str | None,
     total: int,
     progress: Callable[[int, int], None] | None,
 ) -> None:
     """Write the body crash-safely to `target` (app.files.atomic_file), renamed into place only
-    if its sha256 is `sha256`. Whatever goes wrong, the temporary file does not stay behind."""
+    if its sha256 is `sha256` (when one is known). Whatever goes wrong, the temporary file does
+    not stay behind."""
     target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     done = 0
@@ -414,7 +561,7 @@ def _stream_to_file(
             done += len(chunk)
             if progress is not None:
                 progress(done, total)
-        if digest.hexdigest() != sha256:
+        if sha256 is not None and digest.hexdigest() != sha256:
             raise ChecksumMismatch(
                 f"downloaded {done} bytes with sha256 {digest.hexdigest()}, expected {sha256}; nothing was saved"
             )

@@ -1,8 +1,15 @@
 """`ddpm`: submit, watch and fetch training jobs from the terminal.
 
-    ddpm submit spec.yaml           prints the new job's id (`-` reads the spec from stdin)
-    ddpm watch ID                   a live progress bar until the job ends; exit 0 if it succeeded
-    ddpm list / status / cancel / metrics [--csv] / download [--step] / sample
+    ddpm submit spec.yaml                  prints the new job's id (`-` reads the spec from stdin)
+    ddpm watch ID                          a live progress bar until the job ends; exit 0 if it succeeded
+    ddpm list / status / cancel / metrics  tables (metrics --csv); --json prints the API's objects
+    ddpm checkpoints / samples ID          what a job has saved; samples --out DIR fetches the grids
+    ddpm download / export ID --out runs/  a checkpoint (--step N, default the newest), or a diffusers zip
+    ddpm sample ID --wait --out DIR        draw new samples, then fetch the PNG grid and the .npz
+
+Piped or redirected, tables are plain aligned columns (nothing wrapped or cut). A download goes
+into `--out` when it is a folder (existing, or ending in `/`, or a name without an extension),
+under its own name, or else to that file name.
 
 The server and key come from --server / --key, else DDPM_SERVER / DDPM_API_KEY, else the
 embedded default (`ddpm-jobs serve`: http://127.0.0.1:8000 and the key it saved in var/api-key).
@@ -14,11 +21,11 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from itertools import islice
@@ -37,8 +44,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
-from app.client.api import ApiError, DdpmClient, DdpmError, Event, format_detail
+from app.client.api import ApiError, DdpmClient, DdpmError, Event, as_folder, format_detail
 from app.spec_file import SpecFileError, parse_spec_document, read_spec_document
 from app.status import JobStatus
 
@@ -119,42 +127,50 @@ def submit(
 
 
 # --- list, status, cancel ----------------------------------------------------------------------
+JobId = Annotated[str, typer.Argument(metavar="ID", help="The job's id (as `ddpm submit` and `ddpm list` print it).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of a table.")]
+
+
 @app.command("list")
 @reports_errors
 def list_(
     ctx: typer.Context,
     status: Annotated[JobStatus | None, typer.Option("--status", help="Only jobs in this state.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Show at most this many (newest first).")] = 50,
+    as_json: AsJson = False,
 ) -> None:
     """The jobs this key may see, newest first."""
     with client_for(ctx) as client:
         jobs = list(islice(client.list_jobs(status.value if status else None, limit=min(limit, 500)), limit))
-    table = Table(box=None, header_style="bold")
-    table.add_column("id", no_wrap=True, min_width=36)  # whole: it is what the other commands take
-    for column in ("name", "status", "step", "loss", "created"):
-        table.add_column(column, overflow="fold")
-    for job in jobs:
-        table.add_row(
-            job["id"],
-            job.get("name") or "",
-            _status(job["status"]),
-            f"{job['step']}/{job['total_steps']}",
-            _loss(job.get("loss")),
-            _when(job.get("created_at")),
-        )
-    if jobs:
-        out.print(table)
+    if as_json:
+        print_json(jobs)
+    elif jobs:
+        rows = [
+            [
+                job["id"],
+                job.get("name") or "",
+                job["status"],
+                f"{job['step']}/{job['total_steps']}",
+                _loss(job.get("loss")),
+                _when(job.get("created_at")),
+            ]
+            for job in jobs
+        ]
+        print_table(JOB_COLUMNS, rows)
     else:
         err.print("no jobs" + (f" with status {status.value}" if status else ""))
 
 
 @app.command()
 @reports_errors
-def status(ctx: typer.Context, job_id: str = typer.Argument(..., metavar="ID")) -> None:
+def status(ctx: typer.Context, job_id: JobId, as_json: AsJson = False) -> None:
     """A job's state, progress and timings."""
     with client_for(ctx) as client:
         job = client.get(job_id)
-    out.print(job_panel(job))
+    if as_json:
+        print_json(job)
+    else:
+        out.print(job_panel(job))
 
 
 def job_panel(job: dict[str, Any]) -> Panel:
@@ -189,7 +205,7 @@ def job_panel(job: dict[str, Any]) -> Panel:
 
 @app.command()
 @reports_errors
-def cancel(ctx: typer.Context, job_id: str = typer.Argument(..., metavar="ID")) -> None:
+def cancel(ctx: typer.Context, job_id: JobId) -> None:
     """Cancel a job: a queued one at once, a running one at its next log point."""
     with client_for(ctx) as client:
         job = client.cancel(job_id)
@@ -199,7 +215,7 @@ def cancel(ctx: typer.Context, job_id: str = typer.Argument(..., metavar="ID")) 
         out.print(f"job {job_id} is {_status(job['status'])}; it stops at its next log point")
 
 
-# --- metrics -----------------------------------------------------------------------------------
+# --- metrics, checkpoints, samples ---------------------------------------------------------------
 METRIC_FIELDS = ("step", "loss", "lr", "images_per_s", "created_at")
 
 
@@ -207,10 +223,13 @@ METRIC_FIELDS = ("step", "loss", "lr", "images_per_s", "created_at")
 @reports_errors
 def metrics(
     ctx: typer.Context,
-    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    job_id: JobId,
     as_csv: Annotated[bool, typer.Option("--csv", help="Write CSV to stdout (every point, no table).")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """The job's loss history."""
+    if as_csv and as_json:
+        raise DdpmError("choose one of --csv and --json")
     with client_for(ctx) as client:
         if as_csv:
             writer = csv.writer(sys.stdout, lineterminator="\n")
@@ -219,42 +238,106 @@ def metrics(
                 writer.writerow(["" if point.get(f) is None else point[f] for f in METRIC_FIELDS])
             return
         points = list(client.metrics(job_id))
-    if not points:
+    if as_json:
+        print_json(points)
+    elif not points:
         err.print(f"job {job_id} has no metrics yet")
-        return
-    table = Table("step", "loss", "lr", "images/s", "at", box=None, header_style="bold")
-    for point in points:
-        table.add_row(
-            str(point["step"]),
-            _loss(point.get("loss")),
-            f"{point['lr']:.3g}",
-            f"{point['images_per_s']:.1f}",
-            _when(point.get("created_at")),
-        )
-    out.print(table)
+    else:
+        rows = [
+            [
+                str(point["step"]),
+                _loss(point.get("loss")),
+                f"{point['lr']:.3g}",
+                f"{point['images_per_s']:.1f}",
+                _when(point.get("created_at")),
+            ]
+            for point in points
+        ]
+        print_table([Column("step"), Column("loss"), Column("lr"), Column("images/s"), Column("at")], rows)
 
 
-# --- download ----------------------------------------------------------------------------------
 @app.command()
 @reports_errors
-def download(
+def checkpoints(ctx: typer.Context, job_id: JobId, as_json: AsJson = False) -> None:
+    """The job's checkpoints, oldest first (`ddpm download` fetches one, `ddpm export` as diffusers)."""
+    with client_for(ctx) as client:
+        listed = client.checkpoints(job_id)
+    if as_json:
+        print_json(listed)
+    elif not listed:
+        err.print(f"job {job_id} has no checkpoints yet")
+    else:
+        rows = [[str(c["step"]), f"{c['size_bytes']:,}", c["sha256"], _when(c.get("created_at"))] for c in listed]
+        columns = [Column("step"), Column("bytes", drop=2), Column("sha256", shrink=True), Column("created", drop=1)]
+        print_table(columns, rows)
+
+
+@app.command()
+@reports_errors
+def samples(
     ctx: typer.Context,
-    job_id: Annotated[str, typer.Argument(metavar="ID")],
-    step: Annotated[int | None, typer.Option("--step", help="This step's checkpoint (default: newest).")] = None,
-    out_path: Annotated[str, typer.Option("--out", "-o", help="A file name, or a folder (ending in /).")] = ".",
+    job_id: JobId,
+    as_json: AsJson = False,
+    out_dir: Annotated[str | None, typer.Option("--out", "-o", help="Download the grids into this folder.")] = None,
+    step: Annotated[int | None, typer.Option("--step", help="With --out: only the grid of this step.")] = None,
 ) -> None:
+    """The sample grids drawn during training (every sample_every steps); --out downloads them."""
+    with client_for(ctx) as client:
+        listed = [s for s in client.samples(job_id) if step is None or s["step"] == step]
+        if out_dir is not None:
+            if not listed:
+                raise DdpmError(f"job {job_id} has no sample grid" + (f" at step {step}" if step is not None else ""))
+            for grid in listed:
+                typer.echo(str(client.download_grid(job_id, grid["step"], as_folder(out_dir), grid["sha256"])))
+            return
+    if as_json:
+        print_json(listed)
+    elif not listed:
+        err.print(f"job {job_id} has no sample grids yet")
+    else:
+        rows = [[str(s["step"]), s["url"], _when(s.get("created_at"))] for s in listed]
+        print_table([Column("step"), Column("url", shrink=True), Column("created", drop=1)], rows)
+
+
+# --- download, export --------------------------------------------------------------------------
+OutPath = Annotated[
+    str,
+    typer.Option(
+        "--out",
+        "-o",
+        help="A folder (one that exists, or a path ending in / or without an extension: created), "
+        "where the file keeps its own name; or a file name.",
+    ),
+]
+Step = Annotated[int | None, typer.Option("--step", help="This step's checkpoint (default: the newest).")]
+
+
+@app.command()
+@reports_errors
+def download(ctx: typer.Context, job_id: JobId, step: Step = None, out_path: OutPath = ".") -> None:
     """Download a checkpoint (safetensors), checking its sha256."""
-    dest = Path(out_path)
-    if out_path.endswith(("/", os.sep)):
-        dest.mkdir(parents=True, exist_ok=True)
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with client_for(ctx) as client, Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task(f"checkpoint {'newest' if step is None else step}", total=None)
-        path = client.download(
-            job_id, dest, step=step, progress=lambda done, total: bar.update(task, completed=done, total=total)
-        )
+    with client_for(ctx) as client, download_progress(f"checkpoint {'newest' if step is None else step}") as progress:
+        path = client.download(job_id, out_path, step=step, progress=progress)
     typer.echo(str(path))
     err.print(f"[green]sha256 verified[/] ({path.stat().st_size:,} bytes)")
+
+
+@app.command()
+@reports_errors
+def export(ctx: typer.Context, job_id: JobId, step: Step = None, out_path: OutPath = ".") -> None:
+    """Download a checkpoint as a diffusers pipeline zip (unpacked, DDPMPipeline.from_pretrained loads it)."""
+    with client_for(ctx) as client, download_progress(f"export {'newest' if step is None else step}") as progress:
+        path = client.export(job_id, out_path, step=step, progress=progress)
+    typer.echo(str(path))
+
+
+@contextmanager
+def download_progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A transient progress bar on stderr, and the callback that moves it."""
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total or None)
 
 
 # --- sample ------------------------------------------------------------------------------------
@@ -262,24 +345,27 @@ def download(
 @reports_errors
 def sample(
     ctx: typer.Context,
-    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    job_id: JobId,
     count: Annotated[int | None, typer.Option("--count", min=1, help="Images to draw.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed (same seed, same images).")] = None,
     sampler: Annotated[Sampler | None, typer.Option("--sampler", help="ddpm: full chain; ddim: --steps.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Denoising steps (ddim).")] = None,
     checkpoint_step: Annotated[int | None, typer.Option("--checkpoint-step", help="Default: the newest.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until the worker has drawn them.")] = False,
+    out_dir: Annotated[
+        str | None, typer.Option("--out", "-o", help="Wait, then download the PNG grid and the .npz into this folder.")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", min=0, metavar="SECONDS", help="Give up waiting after this long.")
+    ] = None,
 ) -> None:
-    """Ask a worker to draw samples from a job's checkpoint."""
+    """Ask a worker to draw samples from a job's checkpoint.
+
+    Prints the request (JSON); with --wait, once drawn; with --out, the paths of its PNG grid and .npz."""
+    options = {"count": count, "seed": seed, "steps": steps, "checkpoint_step": checkpoint_step}
     with client_for(ctx) as client:
         try:
-            result = client.sample(
-                job_id,
-                count=count,
-                seed=seed,
-                sampler=sampler.value if sampler else None,
-                steps=steps,
-                checkpoint_step=checkpoint_step,
-            )
+            request = client.sample(job_id, sampler=sampler.value if sampler else None, **options)
         except ApiError as exc:
             # A route the server does not have: FastAPI's plain "Not Found", or 405.
             if exc.status_code == 405 or (exc.status_code == 404 and exc.detail == "Not Found"):
@@ -288,13 +374,20 @@ def sample(
                     "upgrade the server, or see the grids drawn during training: GET /v1/jobs/{id}/samples"
                 ) from exc
             raise
-    out.print_json(json.dumps(result))
+        if wait or out_dir is not None:
+            with err.status(f"waiting for sample request {request['id']}"):
+                request = client.wait_for_sample(job_id, request["id"], timeout=timeout)
+        if out_dir is not None:
+            for path in client.download_sample(request, out_dir):
+                typer.echo(str(path))
+            return
+    print_json(request)
 
 
 # --- watch -------------------------------------------------------------------------------------
 @app.command()
 @reports_errors
-def watch(ctx: typer.Context, job_id: str = typer.Argument(..., metavar="ID")) -> None:
+def watch(ctx: typer.Context, job_id: JobId) -> None:
     """Follow a job live until it ends; exit 0 if it succeeded, 1 otherwise."""
     with client_for(ctx) as client:
         final = follow(client, job_id, out)
@@ -386,6 +479,68 @@ def follow(client: DdpmClient, job_id: str, console: Console) -> dict[str, Any] 
 
 
 # --- formatting --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Column:
+    """A table column. At a terminal too narrow for every column whole, the `shrink` column (free
+    text, such as a name) is cut short with an ellipsis, then the columns with a `drop` rank are
+    left out, the highest first; the others are never cut nor wrapped."""
+
+    header: str
+    drop: int = 0
+    shrink: bool = False
+    style: Callable[[str], str] | None = None
+
+
+JOB_COLUMNS = [
+    Column("id"),  # whole: it is what the other commands take
+    Column("name", drop=3, shrink=True),
+    Column("status", style=lambda value: STATUS_STYLE.get(value, "white")),
+    Column("step", drop=2),
+    Column("loss", drop=4),
+    Column("created", drop=1),
+]
+GAP = 2  # spaces between columns
+MIN_SHRUNK = 8  # the narrowest a `shrink` column gets before it is dropped
+
+
+def print_table(columns: list[Column], rows: list[list[str]]) -> None:
+    """Rows of plain cells. Piped or redirected (stdout not a terminal): aligned text columns,
+    nothing cut or wrapped, like `docker ps`. At a terminal: a rich table whose cells never wrap
+    mid-word; when it is too narrow, columns shrink or go as `Column` says."""
+    widths = [max(len(c.header), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+    if not out.is_terminal:
+        for line in [[c.header for c in columns], *rows]:
+            typer.echo((" " * GAP).join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+        return
+    kept = list(range(len(columns)))
+
+    def needed() -> int:
+        return sum(min(widths[i], MIN_SHRUNK) if columns[i].shrink else widths[i] for i in kept) + GAP * (len(kept) - 1)
+
+    for i in sorted((i for i, c in enumerate(columns) if c.drop), key=lambda i: -columns[i].drop):
+        if needed() <= out.width:
+            break
+        kept.remove(i)
+    fixed = sum(widths[i] for i in kept if not columns[i].shrink) + GAP * (len(kept) - 1)
+    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, GAP // 2))
+    for i in kept:
+        shrink = columns[i].shrink
+        table.add_column(
+            columns[i].header,
+            no_wrap=True,
+            overflow="ellipsis" if shrink else "ignore",
+            max_width=max(out.width - fixed, MIN_SHRUNK) if shrink else None,
+        )
+    for row in rows:
+        table.add_row(*(Text(row[i], style=columns[i].style(row[i]) if columns[i].style else "") for i in kept))
+    out.print(table)
+
+
+def print_json(value: Any) -> None:
+    """`value` as indented JSON on stdout, never wrapped or styled."""
+    typer.echo(json.dumps(value, indent=2))
+
+
 def _status(value: str) -> str:
     return f"[{STATUS_STYLE.get(value, 'white')}]{value}[/]"
 

@@ -107,7 +107,9 @@ def _own_request(session: SessionDep, job_id: uuid.UUID, request_id: uuid.UUID, 
 def _result_file(request: Request, r: SampleRequest, path: str | None, sha256: str | None, media: str) -> Response:
     if r.status != "succeeded" or path is None or sha256 is None:
         raise HTTPException(409, detail=f"sample request {r.id} is {r.status}, not succeeded")
-    return verified_file_response(request, path, sha256, media_type=media, filename=PurePath(path).name)
+    # Named by the request, so the files of several requests can share a download folder.
+    name = f"sample-{r.id}{PurePath(path).suffix}"
+    return verified_file_response(request, path, sha256, media_type=media, filename=name)
 
 
 def _result_responses(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:

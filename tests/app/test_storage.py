@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.checkpoints.store import CheckpointFileError, LocalStore, S3Store, StorageUnavailable, make_store
+from app.client import DdpmClient
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.main import create_app
@@ -214,9 +215,12 @@ class TestS3Downloads:
         with pytest.raises(CheckpointFileError, match="do not match"):
             s3_client_for.get(f"/v1/jobs/{job_id}/checkpoints/10")
 
-    def test_redirect_mode_sends_a_presigned_url(self, s3_settings: Settings, make_user: MakeUser) -> None:
+    def test_redirect_mode_sends_a_presigned_url(
+        self, s3_settings: Settings, make_user: MakeUser, tmp_path: Path
+    ) -> None:
         settings = s3_settings.model_copy(update={"s3_download": "redirect"})
-        with TestClient(create_app(settings), headers=make_user("alice").headers) as client:
+        user = make_user("alice")
+        with TestClient(create_app(settings), headers=user.headers) as client:
             job_id = client.post("/v1/jobs", json={}).json()["id"]
             add_checkpoint(settings, job_id, 10, PAYLOAD)
             r = client.get(f"/v1/jobs/{job_id}/checkpoints/10", follow_redirects=False)
@@ -231,6 +235,23 @@ class TestS3Downloads:
             )
             assert fetched.headers["content-type"] == "application/octet-stream"
             assert httpx.get(location, headers={"Range": "bytes=0-9"}).content == PAYLOAD[:10]
+            # The client follows it, without sending the API key to S3, and checks the listed sha256.
+            sent_to_s3: list[str | None] = []
+
+            class ApiThenNetwork(httpx.BaseTransport):
+                network = httpx.HTTPTransport()
+
+                def handle_request(self, request: httpx.Request) -> httpx.Response:
+                    if request.url.host == "testserver":
+                        answer = client.request(request.method, request.url.raw_path.decode(), follow_redirects=False)
+                        return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
+                    sent_to_s3.append(request.headers.get("authorization"))
+                    return self.network.handle_request(request)
+
+            with DdpmClient("http://testserver", user.key, transport=ApiThenNetwork()) as ddpm:
+                saved = ddpm.download(job_id, tmp_path)
+            assert saved == tmp_path / f"{job_id}-step-00000010.safetensors" and saved.read_bytes() == PAYLOAD
+            assert sent_to_s3 == [None]
             # A damaged object is still a 410, not a redirect.
             s3_client(settings).delete_object(
                 Bucket=settings.s3_bucket, Key=f"ckpt/{job_id}/attempt-1/step-00000010.safetensors"

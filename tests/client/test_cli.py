@@ -1,6 +1,8 @@
 """The `ddpm` command through typer's CliRunner: against the real API process for submit, list,
-status, cancel, metrics and download; against mock transports for sample (a server without the
-route) and watch (exit codes by final status)."""
+status, cancel, metrics, the --json listings, download and export into folders, and sample
+--wait --out with a real worker; against mock transports for tables (piped, narrow terminals),
+sample (a server without the route, waiting) and watch (exit codes by final status); and help
+text on every parameter."""
 
 from __future__ import annotations
 
@@ -9,20 +11,28 @@ import hashlib
 import io
 import json
 import uuid
+import zipfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import typer
+from PIL import Image
+from rich.console import Console
+from rich.text import Text
 from typer.testing import CliRunner
 
 from app.client import DdpmClient
 from app.client import cli as cli_module
 from app.client.cli import app
+from app.routing import sample_queue
 from tests.app.test_spec_file import SCIENTIFIC_JSON, SCIENTIFIC_YAML
 from tests.client.conftest import RunningApi, TrainedJob
 from tests.client.sse_server import sse
+from tests.e2e.conftest import process, worker_argv
 
 runner = CliRunner()
 
@@ -144,17 +154,78 @@ class TestAgainstTheApi:
         assert result.stdout.split()[:5] == ["step", "loss", "lr", "images/s", "at"]
         assert f"{trained.job['loss']:.4f}" in result.stdout
 
-    def test_download(self, api: RunningApi, trained: TrainedJob, tmp_path: Path) -> None:
-        folder = tmp_path / "new" / "runs"
-        result = ddpm(api, trained.key, "download", trained.job["id"], "--step", "20", "--out", f"{folder}/")
-        assert result.exit_code == 0, result.output
-        path = Path(result.stdout.strip())
-        assert path == folder / f"{trained.job['id']}-step-00000020.safetensors"
+    def test_download_and_export_into_folders_or_files(
+        self, api: RunningApi, trained: TrainedJob, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.chdir(tmp_path)
+        job_id = trained.job["id"]
         with DdpmClient(api.base, trained.key) as client:
-            listed = {c["step"]: c["sha256"] for c in client.checkpoints(trained.job["id"])}
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == listed[20]
-        assert "sha256 verified" in result.stderr
-        assert_clean_error(ddpm(api, trained.key, "download", trained.job["id"], "--step", "7"), "error (404)")
+            listed = {c["step"]: c["sha256"] for c in client.checkpoints(job_id)}
+        name = f"{job_id}-step-00000020.safetensors"
+        (tmp_path / "existing").mkdir()
+        outs = {
+            "new/runs/": Path("new/runs", name),  # a trailing slash: created
+            "runs": Path("runs", name),  # no extension: a folder, created
+            "existing": Path("existing", name),
+            "ten.safetensors": Path("ten.safetensors"),  # a file name
+        }
+        for out, expected in outs.items():
+            result = ddpm(api, trained.key, "download", job_id, "--step", "20", "--out", out)
+            assert result.exit_code == 0, result.output
+            assert Path(result.stdout.strip()) == expected and "sha256 verified" in result.stderr
+            assert hashlib.sha256(expected.read_bytes()).hexdigest() == listed[20]
+        assert_clean_error(ddpm(api, trained.key, "download", job_id, "--step", "7"), "error (404)")
+
+        exported = ddpm(api, trained.key, "export", job_id, "--out", "exports")
+        assert exported.exit_code == 0, exported.output
+        path = Path(exported.stdout.strip())
+        assert path == Path("exports", f"{job_id}-step-00000030-diffusers.zip")
+        with zipfile.ZipFile(path) as archive:
+            assert "model_index.json" in archive.namelist()
+
+        grids = ddpm(api, trained.key, "samples", job_id, "--out", "grids")
+        assert grids.exit_code == 0, grids.output
+        assert grids.stdout.splitlines() == [str(Path("grids", f"{job_id}-samples-00000030.png"))]
+        assert Path("grids", f"{job_id}-samples-00000030.png").read_bytes().startswith(b"\x89PNG")
+        files = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+        assert files == {str(p) for p in outs.values()} | {str(path), grids.stdout.strip()}  # nothing else
+
+    def test_listings_as_json_and_piped(self, api: RunningApi, trained: TrainedJob) -> None:
+        job_id = trained.job["id"]
+        with DdpmClient(api.base, trained.key) as client:
+            expected = {
+                ("list",): list(client.list_jobs()),
+                ("status", job_id): client.get(job_id),
+                ("metrics", job_id): list(client.metrics(job_id)),
+                ("checkpoints", job_id): client.checkpoints(job_id),
+                ("samples", job_id): client.samples(job_id),
+            }
+        for args, value in expected.items():
+            result = ddpm(api, trained.key, *args, "--json")
+            assert result.exit_code == 0, result.output
+            assert json.loads(result.stdout) == value, args
+        piped = ddpm(api, trained.key, "checkpoints", job_id).stdout.splitlines()
+        assert [line.split()[:3] for line in piped] == [["step", "bytes", "sha256"]] + [
+            [str(c["step"]), f"{c['size_bytes']:,}", c["sha256"]] for c in expected[("checkpoints", job_id)]
+        ]
+
+    @pytest.mark.slow
+    def test_sample_wait_out_downloads_the_grid_and_the_npz(
+        self, api: RunningApi, trained: TrainedJob, tmp_path: Path
+    ) -> None:
+        job_id, log = trained.job["id"], api.logs / "sample-worker.log"
+        args = ["--count", "4", "--steps", "5", "--out", str(tmp_path / "drawn"), "--timeout", "240"]
+        # A worker on the sample requests' queue only, so the jobs other tests queue stay queued.
+        with process([*worker_argv(), "-Q", sample_queue(api.env["DDPM_QUEUE"])], api.env, log):
+            result = ddpm(api, trained.key, "sample", job_id, *args)
+        assert result.exit_code == 0, result.output + log.read_text()[-3000:]
+        png, npz = (Path(line) for line in result.stdout.splitlines())
+        assert png.parent == npz.parent == tmp_path / "drawn"
+        assert png.name.startswith("sample-") and png.with_suffix(".npz") == npz  # sample-<request id>
+        with Image.open(png) as grid:
+            assert grid.size == (19, 19)  # 2x2 grid of 8x8 digits, 1 px padding
+        images = np.load(npz)["images"]
+        assert (images.shape, images.dtype) == ((4, 8, 8, 1), np.uint8)
 
 
 def use_transport(monkeypatch: pytest.MonkeyPatch, handler: Callable[[httpx.Request], httpx.Response]) -> None:
@@ -190,6 +261,59 @@ class TestSample:
         assert result.exit_code == 0, result.output
         assert seen == [{"count": 4, "seed": 7, "sampler": "ddim", "steps": 50, "checkpoint_step": 20}]
         assert json.loads(result.stdout) == {"id": "s1", "status": "queued"}
+
+
+class TestSampleWait:
+    """`ddpm sample --wait [--out DIR]` against a scripted server: polls until the request ends."""
+
+    PNG, NPZ = b"\x89PNG fake grid", b"PK fake npz"
+
+    def serve(self, monkeypatch: pytest.MonkeyPatch, statuses: list[str], error: str | None = None) -> list[str]:
+        seen: list[str] = []
+        base = "/v1/jobs/j1/sample/s1"
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(f"{request.method} {request.url.path}")
+            if request.method == "POST":
+                return httpx.Response(202, json={"id": "s1", "status": "queued"})
+            for suffix, body in ((".png", self.PNG), (".npz", self.NPZ)):
+                if request.url.path == base + suffix:
+                    sha = hashlib.sha256(body).hexdigest()
+                    disposition = f'attachment; filename="sample-s1{suffix}"'
+                    return httpx.Response(
+                        200, content=body, headers={"ETag": f'"{sha}"', "Content-Disposition": disposition}
+                    )
+            state = statuses.pop(0) if len(statuses) > 1 else statuses[0]
+            done = state == "succeeded"
+            body = {"id": "s1", "status": state, "error": error if state == "failed" else None}
+            return httpx.Response(
+                200,
+                json=body | {"png_url": base + ".png" if done else None, "npz_url": base + ".npz" if done else None},
+            )
+
+        use_transport(monkeypatch, handler)
+        return seen
+
+    def test_waits_then_downloads_both_files(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        seen = self.serve(monkeypatch, ["queued", "running", "succeeded"])
+        result = ddpm(None, "k", "sample", "j1", "--out", str(tmp_path / "drawn"))
+        assert result.exit_code == 0, result.output
+        png, npz = (tmp_path / "drawn" / "sample-s1.png", tmp_path / "drawn" / "sample-s1.npz")
+        assert result.stdout.splitlines() == [str(png), str(npz)]
+        assert (png.read_bytes(), npz.read_bytes()) == (self.PNG, self.NPZ)
+        polls = [s for s in seen if s == "GET /v1/jobs/j1/sample/s1"]
+        assert seen[0] == "POST /v1/jobs/j1/sample" and len(polls) == 3
+
+    def test_a_failed_request_is_a_clean_error(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.serve(monkeypatch, ["running", "failed"], error="the checkpoint at step 20 is gone")
+        result = ddpm(None, "k", "sample", "j1", "--wait")
+        assert_clean_error(result, "sample request s1 failed: the checkpoint at step 20 is gone")
+
+    def test_gives_up_after_the_timeout(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        self.serve(monkeypatch, ["queued"])
+        result = ddpm(None, "k", "sample", "j1", "--out", str(tmp_path), "--timeout", "0")
+        assert_clean_error(result, "sample request s1 is still queued after 0 s")
+        assert list(tmp_path.iterdir()) == []
 
 
 def event_stream(*chunks: str) -> Callable[[httpx.Request], httpx.Response]:
@@ -236,3 +360,88 @@ class TestWatch:
     def test_exit_1_for_an_unknown_job(self, monkeypatch: pytest.MonkeyPatch) -> None:
         use_transport(monkeypatch, lambda r: httpx.Response(404, json={"detail": "job j1 not found"}))
         assert_clean_error(ddpm(None, "k", "watch", "j1"), "job j1 not found")
+
+
+class TestHelp:
+    def test_every_command_and_parameter_has_help(self) -> None:
+        group = typer.main.get_command(app)
+        assert isinstance(group, typer.core.TyperGroup)
+        missing = [f"ddpm {p.name}" for p in group.params if not getattr(p, "help", None)]
+        for name, command in group.commands.items():
+            assert command.help, f"ddpm {name} has no help"
+            missing += [f"ddpm {name} {p.name}" for p in command.params if not getattr(p, "help", None)]
+            shown = runner.invoke(app, [name, "--help"], terminal_width=200)
+            assert shown.exit_code == 0, shown.output
+            names = [p.opts[0] if isinstance(p, typer.core.TyperOption) else p.metavar for p in command.params]
+            assert all(n in shown.stdout for n in names), (name, names, shown.stdout)
+        assert missing == []
+        listed = runner.invoke(app, ["--help"], terminal_width=200).stdout
+        expected = {"submit", "list", "status", "cancel", "metrics", "checkpoints", "samples", "download", "export"}
+        assert all(f" {name} " in listed for name in expected | {"sample", "watch"})
+
+
+LISTED_JOBS = [
+    {
+        "id": "0b7f6a3e-1c2d-4e5f-8a9b-0c1d2e3f4a5b",
+        "name": "a long name with several words in it",
+        "status": "succeeded",
+        "step": 2000,
+        "total_steps": 2000,
+        "loss": 0.03125,
+        "created_at": "2026-11-30T06:28:57+00:00",
+    },
+    {
+        "id": "9e8d7c6b-5a4f-4e3d-8c2b-1a0f9e8d7c6b",
+        "name": None,
+        "status": "queued",
+        "step": 0,
+        "total_steps": 30,
+        "loss": None,
+        "created_at": "2026-11-30T07:01:02+00:00",
+    },
+]
+
+
+class TestTables:
+    """`ddpm list` (and every table) piped, at a narrow terminal, and as JSON."""
+
+    @pytest.fixture(autouse=True)
+    def jobs(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        use_transport(monkeypatch, lambda r: httpx.Response(200, json={"items": LISTED_JOBS, "next_cursor": None}))
+
+    def test_piped_output_is_plain_aligned_columns(self) -> None:
+        result = ddpm(None, "k", "list")
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()
+        assert len(lines) == 3 and "\x1b" not in result.stdout  # a header and one line per job, no colour
+        starts = [lines[0].index(h) for h in ("id", "name", "status", "step", "loss", "created")]
+        when = [cli_module._when(j["created_at"]) for j in LISTED_JOBS]
+        for line, job, created in zip(lines[1:], LISTED_JOBS, when, strict=True):
+            cells = [job["id"], job["name"] or "", job["status"], f"{job['step']}/{job['total_steps']}"]
+            cells += [cli_module._loss(job["loss"]), created]
+            assert [line[start:].split("  ")[0].strip() for start in starts] == cells, line
+
+    def test_a_terminal_too_narrow_shortens_the_name_then_leaves_columns_out(self, monkeypatch) -> None:
+        first, when = LISTED_JOBS[0], cli_module._when(LISTED_JOBS[0]["created_at"])
+        shown = {
+            200: ["id", "name", "status", "step", "loss", "created"],
+            100: ["id", "name", "status", "step", "loss", "created"],  # the name cut short (…)
+            80: ["id", "status", "step", "created"],
+            60: ["id", "status"],
+        }
+        for width, headers in shown.items():
+            monkeypatch.setattr(cli_module, "out", Console(force_terminal=True, width=width))
+            result = ddpm(None, "k", "list")
+            assert result.exit_code == 0, result.output
+            lines = Text.from_ansi(result.stdout).plain.splitlines()
+            assert len(lines) == 3 and all(len(line) <= width for line in lines), lines
+            assert lines[0].split() == headers
+            assert lines[1].startswith(f"{first['id']}  ") and f"  {first['status']}" in lines[1]
+            assert (when in lines[1]) == ("created" in headers)
+            assert (first["name"] in lines[1]) == (width == 200)
+            assert ("  a long nam…  " in lines[1]) == (width == 100)
+
+    def test_json(self) -> None:
+        result = ddpm(None, "k", "list", "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout) == LISTED_JOBS

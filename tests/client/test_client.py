@@ -24,6 +24,9 @@ QUICK = {"training": {"steps": 1}}  # queued and never trained here: no worker i
 def client(api: RunningApi, new_key: Callable[[], str]) -> Iterator[DdpmClient]:
     with DdpmClient(api.base, new_key()) as c:
         yield c
+        # Left queued, this test's jobs would be trained first by the worker of `trained`.
+        for job in list(c.list_jobs(status="queued")):
+            c.cancel(job["id"])
 
 
 @pytest.mark.e2e
@@ -166,6 +169,67 @@ class TestDownloadRefusesWrongBytes:
         with DdpmClient("http://test", "k", transport=self.serve(self.BODY, self.SHA, self.SHA)) as c:
             path = c.download("j1", tmp_path / "out.safetensors")
         assert path.read_bytes() == self.BODY
+
+
+class TestDownloadTargets:
+    """Where a download lands: into a folder under the server's (sanitised) name, or at a file name;
+    never outside the folder given, whatever name a server sends."""
+
+    BODY = b"weights" * 100
+    SHA = hashlib.sha256(BODY).hexdigest()
+
+    def serve(self, disposition: str | None) -> httpx.MockTransport:
+        def handler(request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/v1/jobs/j1/checkpoints":
+                listed = {
+                    "step": 5,
+                    "size_bytes": len(self.BODY),
+                    "sha256": self.SHA,
+                    "created_at": "2026-01-01T00:00:00Z",
+                }
+                return httpx.Response(200, json=[listed])
+            headers = {"ETag": f'"{self.SHA}"'} | ({"Content-Disposition": disposition} if disposition else {})
+            return httpx.Response(200, content=self.BODY, headers=headers)
+
+        return httpx.MockTransport(handler)
+
+    def download(self, dest, disposition: str | None = 'attachment; filename="j1-step-00000005.safetensors"') -> Path:
+        with DdpmClient("http://test", "k", transport=self.serve(disposition)) as c:
+            return c.download("j1", dest)
+
+    def test_folders_and_file_names(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.chdir(tmp_path)
+        name = "j1-step-00000005.safetensors"
+        (tmp_path / "existing.d").mkdir()
+        assert self.download(Path("runs")) == Path("runs", name)  # no extension, not there: a new folder
+        assert self.download("slash.d/") == Path("slash.d", name)  # a trailing separator: a folder
+        assert self.download(tmp_path / "existing.d") == tmp_path / "existing.d" / name
+        assert self.download(".") == Path(name)
+        assert self.download("deep/model.safetensors") == Path("deep/model.safetensors")  # a file name
+        (tmp_path / "plain").write_bytes(b"old")
+        assert self.download("plain") == Path("plain")  # an existing file is replaced
+        found = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+        assert found == sorted(
+            [f"runs/{name}", f"slash.d/{name}", f"existing.d/{name}", name, "deep/model.safetensors", "plain"]
+        )
+        assert all((tmp_path / f).read_bytes() == self.BODY for f in found)
+
+    @pytest.mark.parametrize(
+        ("disposition", "saved_as"),
+        [
+            ('attachment; filename="../../escaped.safetensors"', "escaped.safetensors"),
+            ('attachment; filename="..\\..\\escaped.safetensors"', "escaped.safetensors"),
+            ("attachment; filename*=UTF-8''%2Fetc%2Fescaped.safetensors", "escaped.safetensors"),
+            ('attachment; filename=".."', "j1-step-00000005.safetensors"),
+            ('attachment; filename=".bashrc"', "j1-step-00000005.safetensors"),
+            ('attachment; filename="a\x01b"', "j1-step-00000005.safetensors"),
+            (None, "j1-step-00000005.safetensors"),
+        ],
+    )
+    def test_a_crafted_server_name_stays_in_the_folder(self, tmp_path: Path, disposition, saved_as: str) -> None:
+        folder = tmp_path / "a" / "b"
+        assert self.download(f"{folder}/", disposition) == folder / saved_as
+        assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()] == [Path("a/b", saved_as)]
 
 
 def job_json(status: str, step: int, attempt: int = 1) -> dict:
