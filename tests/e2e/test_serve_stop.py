@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -94,6 +95,9 @@ def check_stopped(serve, workers: list[int], data_dir: Path, job_id: str, exit_c
     serve.wait(timeout=150)
     assert serve.returncode == exit_code, log.read_text()[-4000:]
     assert [pid for pid in workers if alive(pid)] == [], "a worker outlived serve"
+    assert processes_of(data_dir) == []  # nor anything they started
+    # The worker stopped consuming before it re-queued the job: it did not take it back.
+    assert log.read_text().count(" claimed by ") == 1, log.read_text()[-4000:]
     job, steps = stored(data_dir, job_id)
     # Queued at once (not `running` until a lease runs out), resumable from the step it stopped
     # at, and the stop did not use up an attempt.
@@ -139,3 +143,32 @@ def test_serve_stops_its_workers_and_requeues_the_running_job(tmp_path: Path) ->
         os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
         second = check_stopped(serve, workers, data_dir, job_id, 128 + signal.SIGINT, log2)
     assert second.step > first.step
+
+
+def processes_of(data_dir: Path) -> list[int]:
+    """Live processes started with DDPM_DATA_DIR=data_dir (serve and its workers)."""
+    marker = f"DDPM_DATA_DIR={data_dir}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return [pid for pid in found if alive(pid)]
+
+
+def test_serve_that_cannot_start_its_api_stops_its_workers(tmp_path: Path) -> None:
+    """An error in the API (here: its port is taken) ends `serve` with its workers."""
+    data_dir = tmp_path / "var"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DDPM_")}
+        env |= {"DDPM_DATA_DIR": str(data_dir), "DDPM_PORT": str(taken.getsockname()[1])}
+        log = tmp_path / "serve.log"
+        with process([str(BIN / "ddpm-jobs"), "serve"], env, log) as serve:
+            serve.wait(timeout=120)
+            assert serve.returncode != 0
+            assert "address already in use" in log.read_text().lower()
+            assert processes_of(data_dir) == [], log.read_text()[-4000:]
