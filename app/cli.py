@@ -1,19 +1,23 @@
 """`ddpm-jobs`: run the service.
 
-    ddpm-jobs serve     the embedded default: migrate, then the API and one worker on this machine
+    ddpm-jobs serve     the embedded default: migrate, then the API and two workers on this machine
     ddpm-jobs api       the API alone (compose's `api` service); prints a first admin key if none exists
     ddpm-jobs migrate   alembic upgrade head (compose's one-shot `migrate` service)
     ddpm-jobs keys      create, list and revoke API keys; generate one for DDPM_BOOTSTRAP_API_KEY
 
-Workers run as `celery -A worker.celery_app worker --pool=solo --concurrency=1` (WORKER_COMMAND).
+Workers run as `celery -A worker.celery_app worker --pool=solo --concurrency=1` (WORKER_COMMAND);
+DDPM_WORKER_ROLE=samples makes one that only draws on-demand samples.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +25,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
@@ -29,10 +34,16 @@ from app.auth import service as auth
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, session_scope, upgrade_database
 from app.embedded import api_key_path
+from app.models import Worker
 from app.server import serve_api
 
 # One process per GPU, solo pool: CUDA is never initialised in a forked parent.
 WORKER_COMMAND = ["celery", "-A", "worker.celery_app", "worker", "--pool=solo", "--concurrency=1", "--loglevel=INFO"]
+# `serve`'s workers: without Celery's banner, so the dashboard link stays in view. One trains
+# (and draws samples when idle), one only draws samples: a request never waits behind training.
+EMBEDDED_WORKER_COMMAND = [WORKER_COMMAND[0], "--quiet", *WORKER_COMMAND[1:]]
+EMBEDDED_WORKER_ROLES = ("all", "samples")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 cli = typer.Typer(add_completion=False, help="Run the ddpm-jobs service.")
 keys_cli = typer.Typer(add_completion=False, help="API keys: shown once at creation, stored as a hash.")
@@ -86,20 +97,16 @@ def announce_first_key(settings: Settings) -> None:
 
 
 def ensure_local_key(settings: Settings) -> None:
-    """First start of the embedded service (no key at all): an admin key for user "local",
-    printed once and saved (mode 0600) where README's curl examples read it."""
+    """First start of the embedded service (no key at all): an admin key for user "local", saved
+    (mode 0600) where README's curl examples read it. `serve` shows its dashboard link at every
+    start, once the service is ready (`announce`)."""
     path = api_key_file(settings)
     with _session(settings) as session:
         created = auth.create_first_admin_key(session, settings.secret_key, LOCAL_USER)
         if created is None:
-            if path.exists():
-                typer.echo(f"ddpm-jobs: API key in {path.resolve()}")
             return
         write_private(path, created.key + "\n")
-    typer.echo(f"ddpm-jobs: created admin API key for user {LOCAL_USER!r}, saved to {path.resolve()}:")
-    typer.echo(f"  {created.key}")
-    typer.echo(f"  dashboard: http://{settings.host}:{settings.port}/#key={created.key}")
-    typer.echo(f'  curl -H "Authorization: Bearer $(cat {path})" http://{settings.host}:{settings.port}/v1/jobs')
+    typer.echo(f"ddpm-jobs: created admin API key for user {LOCAL_USER!r}, saved to {path.resolve()}: {created.key}")
 
 
 def write_private(path: Path, text: str) -> None:
@@ -115,27 +122,111 @@ def write_private(path: Path, text: str) -> None:
 
 @cli.command()
 def serve() -> None:
-    """The embedded default: SQLite and a filesystem broker under DDPM_DATA_DIR, the API and a worker."""
+    """The embedded default: SQLite and a filesystem broker under DDPM_DATA_DIR, the API, a worker
+    and a samples-only worker. SIGTERM or Ctrl-C stops all three: a running job checkpoints and
+    goes back to the queue (DDPM_STOP_GRACE_S to do so, then its worker is killed)."""
     settings = get_settings()
     upgrade_database(settings)
     ensure_local_key(settings)
     settings.checkpoint_root.mkdir(parents=True, exist_ok=True)
-    # Same process group: whoever stops `serve` as a group (a terminal's Ctrl-C, a supervisor)
-    # stops its worker too, and the `finally` below covers a plain SIGTERM to serve alone.
-    worker = subprocess.Popen([sys.executable, "-m", *WORKER_COMMAND], env=os.environ.copy())
-    typer.echo(
-        f"ddpm-jobs: API on http://{settings.host}:{settings.port}, worker pid {worker.pid}, "
-        f"data in {settings.data_dir.resolve()}"
-    )
+    with _exit_on_stop_signals(), embedded_workers(settings) as workers:
+        serve_api(settings, on_started=lambda: _announce_when_ready(settings, workers))
+
+
+@contextmanager
+def _exit_on_stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT end `serve` with SystemExit (exit 143, 130), so its cleanup runs.
+
+    Uvicorn catches both while it serves, shuts down gracefully, then raises the signal again
+    with the handler in place before it started: with the default SIGTERM handler that would end
+    the process there, before any `finally` could stop the workers."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
-        serve_api(settings)
+        yield
     finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def embedded_workers(settings: Settings) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """`serve`'s workers, one per role, stopped on the way out however `serve` ends.
+
+    They share serve's process group: a terminal's Ctrl-C reaches them too (Celery's warm
+    shutdown, as on SIGTERM), and whoever stops the group stops them with it."""
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        for role in EMBEDDED_WORKER_ROLES:
+            env = os.environ | {"DDPM_WORKER_ROLE": role}
+            workers.append(subprocess.Popen([sys.executable, "-m", *EMBEDDED_WORKER_COMMAND], env=env))
+        yield workers
+    finally:
+        stop_workers(workers, settings.stop_grace_s)
+
+
+def stop_workers(workers: list[subprocess.Popen[bytes]], grace_s: float) -> None:
+    """SIGTERM to every worker (a running job checkpoints at its next log point and goes back to
+    the queue), then wait for all of them for up to `grace_s`, and kill what is left. Further
+    stop signals are ignored meanwhile: the wait is what keeps a job from being left `running`."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for worker in workers:
             try:
-                worker.wait(timeout=30)
+                worker.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                typer.echo(f"ddpm-jobs: worker pid {worker.pid} did not stop within {grace_s:g} s; killed", err=True)
                 worker.kill()
+                worker.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _announce_when_ready(settings: Settings, workers: list[subprocess.Popen[bytes]]) -> None:
+    """Called by the API once it listens: print the dashboard link when the workers are ready too
+    (checked in), so it is the last thing on the console at start, below their logs."""
+    threading.Thread(target=announce, args=(settings, workers), name="announce", daemon=True).start()
+
+
+def announce(settings: Settings, workers: list[subprocess.Popen[bytes]], timeout_s: float = 120.0) -> None:
+    names = {f"{socket.gethostname()}:{worker.pid}" for worker in workers}
+    engine = make_engine(settings)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and all(worker.poll() is None for worker in workers):
+            with engine.connect() as conn:
+                if set(conn.scalars(select(Worker.name).where(Worker.name.in_(names)))) == names:
+                    break
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
+    print(ready_message(settings, workers), flush=True)
+
+
+def ready_message(settings: Settings, workers: list[subprocess.Popen[bytes]]) -> str:
+    url, path = f"http://{settings.host}:{settings.port}", api_key_file(settings)
+    roles = {"all": "training", "samples": "samples"}
+    pids = " and ".join(f"{w.pid} ({roles[r]})" for w, r in zip(workers, EMBEDDED_WORKER_ROLES, strict=False))
+    lines = [f"ddpm-jobs: ready. API on {url}, workers pid {pids}, data in {settings.data_dir.resolve()}"]
+    lines += [f"ddpm-jobs: worker pid {w.pid} exited with code {w.returncode}" for w in workers if w.poll() is not None]
+    if path.exists():
+        key = path.read_text().strip()
+        lines += [
+            f"  dashboard: {url}/#key={key}",
+            f'  curl -H "Authorization: Bearer $(cat {path.resolve()})" {url}/v1/jobs',
+        ]
+    else:
+        lines.append(f"  dashboard: {url}/ (sign in with a key from `ddpm-jobs keys create --user NAME`)")
+    lines.append("  stop: Ctrl-C or SIGTERM (a running job saves a checkpoint and goes back to the queue)")
+    return "\n".join(lines)
 
 
 @keys_cli.command("create")

@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     # A file the worker's sweeper touches after every check-in (so: alive, and its database
     # answers), removed when the worker stops; compose's worker healthcheck reads its age.
     worker_health_file: Path | None = Field(None, description="Touched by the worker every sweep; unset = none.")
+    # "samples": a light worker that only draws on-demand samples (its own queue), so a request
+    # never waits behind training; "all" (a regular worker) trains and draws samples too.
+    worker_role: Literal["all", "samples"] = Field("all", description="What this worker consumes.")
+    # `ddpm-jobs serve` gives its workers this long to checkpoint and exit before it kills them.
+    stop_grace_s: float = Field(60.0, gt=0, description="Seconds serve waits for its workers to stop.")
 
     # PostgreSQL connection pool of each process (the API's routes, the worker's sweeper). A
     # request that waits db_pool_timeout_s for a connection is answered 503 with Retry-After.

@@ -6,7 +6,7 @@ rounded up to whole GiB up to 4, and to a multiple of `MEMORY_STEP_GIB` above. A
 GPUs of M GiB consumes every queue with k <= N and c <= M, so a job only ever reaches a worker
 that can hold it, and Celery with Redis spreads the jobs over all such workers, on any host.
 Workers also record what they hold in the `workers` table, which is how the API tells a user why
-a job is still waiting.
+a job is still waiting. Sample requests go to ``<DDPM_QUEUE>.samples`` (`sample_queue`).
 """
 
 from __future__ import annotations
@@ -57,8 +57,10 @@ def train_queue(base: str, spec: JobSpec) -> str:
 
 
 def sample_queue(base: str) -> str:
-    """Drawing samples takes one GPU and little memory: every worker consumes this queue."""
-    return queue_name(base, Resources(1, 1))
+    """On-demand samples have a queue of their own: every worker consumes it, and so does a light
+    samples-only worker (DDPM_WORKER_ROLE=samples), so a request is drawn beside training instead
+    of waiting for it."""
+    return f"{base}.samples"
 
 
 def can_hold(capacity: Resources, needs: Resources) -> bool:

@@ -17,13 +17,18 @@ Responses have no deadline: an event stream or a slow download lasts as long as 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
+import socket
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
 import h11
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.config import Settings
@@ -127,9 +132,27 @@ class DeadlineH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def serve_api(settings: Settings) -> None:
-    """Serve the API on settings.host:settings.port until stopped."""
-    uvicorn.run(
+class _Server(uvicorn.Server):
+    """Uvicorn's server, calling `on_started` once it listens (after its "running on" line)."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None] | None) -> None:
+        super().__init__(config)
+        self.on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
+
+
+def serve_api(settings: Settings, on_started: Callable[[], None] | None = None) -> None:
+    """Serve the API on settings.host:settings.port until stopped; `on_started` (which must not
+    block) is called once it listens.
+
+    A SIGTERM or SIGINT stops it gracefully; uvicorn then raises the signal again with the
+    handler that was in place before it started (the default one ends the process at once: a
+    caller with cleanup to do installs its own, as `ddpm-jobs serve` does)."""
+    config = uvicorn.Config(
         "app.main:create_app",
         factory=True,
         host=settings.host,
@@ -137,3 +160,8 @@ def serve_api(settings: Settings) -> None:
         log_level="info",
         http=partial(DeadlineH11Protocol, limits=ReadLimits.of(settings)),  # type: ignore[arg-type]
     )
+    server = _Server(config, on_started)
+    with contextlib.suppress(KeyboardInterrupt):  # SIGINT, raised again after shutdown (as uvicorn.run)
+        server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)

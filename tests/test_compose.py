@@ -24,7 +24,7 @@ import yaml
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from app.cli import WORKER_COMMAND, cli
+from app.cli import EMBEDDED_WORKER_COMMAND, EMBEDDED_WORKER_ROLES, WORKER_COMMAND, cli
 from app.config import Settings
 from tests.e2e.conftest import process, worker_argv
 
@@ -41,7 +41,7 @@ SECRETS = {
     "DDPM_SECRET_KEY": "Jq3vW9xLm2Tz7RkP0cYh5NfB8sDg4AeU",
 }
 BOOTSTRAP_KEY = "ddpm_0123abcd_" + "k" * 43
-WORKERS = ("worker", "worker-gpu1", "worker-node")
+WORKERS = ("worker", "worker-samples", "worker-gpu1", "worker-node")
 DATASETS_MOUNT = "${DATASETS_DIR:-datasets}:/data/datasets"
 
 
@@ -100,7 +100,16 @@ def copy_sources(path: Path) -> list[str]:
 
 def test_services_and_volumes(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
     assert "version" not in compose
-    assert set(services) == {"postgres", "redis", "migrate", "api", "worker", "worker-gpu1", "worker-node"}
+    assert set(services) == {
+        "postgres",
+        "redis",
+        "migrate",
+        "api",
+        "worker",
+        "worker-samples",
+        "worker-gpu1",
+        "worker-node",
+    }
     # Only the default set starts with a plain `docker compose up`; the other workers are opt-in.
     assert {name for name, svc in services.items() if "profiles" not in svc} == {
         "postgres",
@@ -108,6 +117,7 @@ def test_services_and_volumes(compose: dict[str, Any], services: dict[str, dict[
         "migrate",
         "api",
         "worker",
+        "worker-samples",
     }
     assert set(compose["volumes"]) == {"pgdata", "redisdata", "checkpoints", "datasets"}
     assert services["postgres"]["image"].startswith("postgres:16")
@@ -122,8 +132,11 @@ def test_services_and_volumes(compose: dict[str, Any], services: dict[str, dict[
 def test_commands_are_the_real_entrypoints(services: dict[str, dict[str, Any]]) -> None:
     assert command_of(services["migrate"]) == ["ddpm-jobs", "migrate"]
     assert command_of(services["api"]) == ["ddpm-jobs", "api"]
-    for name in ("worker", "worker-gpu1", "worker-node"):
+    for name in ("worker", "worker-samples", "worker-gpu1", "worker-node"):
         assert command_of(services[name]) == WORKER_COMMAND, name
+    # `ddpm-jobs serve` runs the same workers, without Celery's banner, one of each role.
+    assert [arg for arg in EMBEDDED_WORKER_COMMAND if arg != "--quiet"] == WORKER_COMMAND
+    assert ("all", services["worker-samples"]["environment"]["DDPM_WORKER_ROLE"]) == EMBEDDED_WORKER_ROLES
     assert services["migrate"]["restart"] == "no"  # a string: YAML would read a bare no as False
 
 
@@ -144,7 +157,7 @@ def test_every_ddpm_setting_is_a_settings_field(compose: dict[str, Any], service
     unknown = {key for key in keys if key.removeprefix("DDPM_").lower() not in Settings.model_fields}
     assert not unknown, f"not fields of app.config.Settings: {sorted(unknown)}"
     # The shared block reaches every service built from this project (YAML merge key).
-    for name in ("migrate", "api", "worker", "worker-gpu1", "worker-node"):
+    for name in ("migrate", "api", "worker", "worker-samples", "worker-gpu1", "worker-node"):
         assert compose["x-ddpm-env"].items() <= services[name]["environment"].items(), name
 
 
@@ -235,6 +248,22 @@ def test_more_workers_one_per_gpu_or_one_for_all(services: dict[str, dict[str, A
         assert worker["depends_on"] == services["worker"]["depends_on"]
 
 
+def test_samples_worker_draws_samples_only_beside_the_training_worker(
+    raw: str, services: dict[str, dict[str, Any]]
+) -> None:
+    """worker-samples: the worker's image and entrypoint, on the same GPU, consuming only the
+    samples queue (the role `ddpm-jobs serve` gives its second worker)."""
+    samples, worker = services["worker-samples"], services["worker"]
+    assert "profiles" not in samples  # starts with a plain `docker compose up`
+    assert samples["environment"]["DDPM_WORKER_ROLE"] == "samples"
+    assert samples["environment"]["CUDA_VISIBLE_DEVICES"] == worker["environment"]["CUDA_VISIBLE_DEVICES"]
+    assert samples["deploy"] == worker["deploy"]
+    assert samples["volumes"] == worker["volumes"] and samples["depends_on"] == worker["depends_on"]
+    env = yaml.safe_load(interpolate(raw, SECRETS))["services"]["worker-samples"]["environment"]
+    values = {k.removeprefix("DDPM_").lower(): v for k, v in env.items() if k.startswith("DDPM_")}
+    assert Settings(**values).worker_role == "samples"
+
+
 def test_start_order(services: dict[str, dict[str, Any]]) -> None:
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     for name in ("api", "worker"):
@@ -261,7 +290,7 @@ def test_api_port_and_healthcheck(services: dict[str, dict[str, Any]]) -> None:
 
 def test_every_build_has_its_dockerfile_and_sources(services: dict[str, dict[str, Any]]) -> None:
     built = {name: svc["build"] for name, svc in services.items() if "build" in svc}
-    assert set(built) == {"migrate", "api", "worker", "worker-gpu1", "worker-node"}
+    assert set(built) == {"migrate", "api", "worker", "worker-samples", "worker-gpu1", "worker-node"}
     for name, build in built.items():
         context = ROOT / build["context"]
         dockerfile = context / build["dockerfile"]
@@ -270,7 +299,7 @@ def test_every_build_has_its_dockerfile_and_sources(services: dict[str, dict[str
             assert (context / src).exists(), f"{dockerfile.name} copies {src}, which is missing"
     assert built["migrate"] == built["api"] and built["api"]["dockerfile"] == "docker/api.Dockerfile"
     assert built["worker"]["dockerfile"] == "docker/worker.Dockerfile"
-    assert built["worker-gpu1"] == built["worker-node"] == built["worker"]
+    assert built["worker-gpu1"] == built["worker-node"] == built["worker-samples"] == built["worker"]
 
 
 def test_api_dockerfile_has_no_torch() -> None:

@@ -7,8 +7,10 @@ run(job_id) (worker/runner.py):
      heartbeats, each fenced by the attempt number (worker/lease.py): a newer attempt stops this
      one without another write. A multi-GPU job trains in one process per rank
      (worker/ranks.py); rank 0 runs the attempt as a single-GPU worker does.
-  -> final status: succeeded, cancelled (cancel requested) or failed (with the reason); re-queued
-     when the worker shuts down; a lost attempt (lease, storage, a rank) is resumed by a new one.
+  -> final status: succeeded, cancelled (cancel requested; a checkpoint of the step it stopped
+     at is kept) or failed (with the reason); re-queued when the worker shuts down (checkpoint
+     first, the attempt's number given back); a lost attempt (lease, storage, a rank) is resumed
+     by a new one.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from worker.capacity import worker_name
 from worker.database_sink import DatabaseSink, finite_or_none, remove_files
 from worker.ddpm.sink import StopReason
 from worker.lease import Lease
+from worker.shutdown import stop_consuming
 
 if TYPE_CHECKING:  # torch: the Celery worker and the sweeper start without it
     from worker.ddpm.distributed import Ranks
@@ -145,7 +148,13 @@ class AttemptRunner:
         lease = Lease(claimed.job_id, claimed.attempt, self.settings.lease_timeout_s)
         sink = DatabaseSink(self.sessionmaker, self.store, lease, keep=claimed.spec.training.keep_checkpoints)
         with lease.heartbeat(self.sessionmaker, self.settings.heartbeat_interval_s):
-            return self._train(claimed, sink, ranks)
+            outcome = self._train(claimed, sink, ranks)
+        if outcome == "shutdown":
+            # The heartbeat has stopped and the checkpoint writer is closed: nothing of this
+            # attempt writes once the row is handed back.
+            self._requeue(claimed.job_id, claimed.attempt, claimed.spec)
+            return "requeued"
+        return outcome
 
     def _train(self, claimed: ClaimedAttempt, sink: DatabaseSink, ranks: Ranks | None) -> str:
         from worker.ddpm.distributed import is_peer_loss
@@ -172,8 +181,7 @@ class AttemptRunner:
             self.finish(job_id, attempt, status=JobStatus.cancelled)
             return "cancelled"
         if result.stopped is StopReason.shutdown:
-            self._requeue(job_id, attempt, spec)
-            return "requeued"
+            return "shutdown"  # re-queued by train(), once the heartbeat has stopped
         if result.stopped is not None:  # lease_lost, storage_unavailable: the sweeper hands it on
             why = "lost its lease" if result.stopped is StopReason.lease_lost else "could not store a checkpoint"
             log.warning("job %s: attempt %d %s; the job will be resumed", job_id, attempt, why)
@@ -220,14 +228,18 @@ class AttemptRunner:
         log.info("job %s: attempt %d ended %s", job_id, attempt, status.value)
 
     def _requeue(self, job_id: uuid.UUID, attempt: int, spec: JobSpec) -> None:
-        """running -> queued after a graceful stop, and sent again so another worker resumes it
-        (if the broker is away, the sweeper sends it later)."""
+        """running -> queued after a graceful stop (its checkpoint is committed), and sent again
+        so a worker resumes it (if the broker is away, the sweeper sends it later).
+
+        This worker stops consuming first, so it cannot take the job back on its way out. The
+        attempt gives its number back (the next claim is `attempt` again): a stop is no failure,
+        so restarts never use up DDPM_MAX_ATTEMPTS. Fencing still holds, as nothing of this
+        attempt writes any more (heartbeat stopped, checkpoint writer closed)."""
+        stop_consuming()
 
         def write() -> bool:
             with session_scope(self.sessionmaker) as session:
-                requeued = JobRepository(session).fenced_update(
-                    job_id, attempt, status=JobStatus.queued, worker=None, dispatched_at=None
-                )
+                requeued = JobRepository(session).requeue_for_shutdown(job_id, attempt)
                 if requeued:
                     self._send_after_commit(session, job_id, spec)
                 return requeued

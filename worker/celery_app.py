@@ -5,21 +5,24 @@
 The solo pool runs the task in the worker process itself: no fork, so CUDA is never
 initialised in a forked parent, and one job at a time holds the GPUs. A multi-GPU job's ranks
 are spawned (fresh) processes, supervised from here. The worker consumes only the queues of jobs
-it can hold (app/routing.py), from the GPUs and memory it detects or is told.
+it can hold (app/routing.py), from the GPUs and memory it detects or is told, and the queue of
+on-demand samples. With DDPM_WORKER_ROLE=samples it consumes only the samples queue: a light
+worker beside a training one, so a sample request never waits for training to end.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 
 from app.config import get_settings
 from app.queue import celery_config, celery_queue
-from app.routing import worker_queues
+from app.routing import sample_queue, worker_queues
 from worker.capacity import detect_capacity, worker_name
-from worker.shutdown import request_shutdown
+from worker.shutdown import on_stop_consuming, request_shutdown
 
 log = logging.getLogger(__name__)
 
@@ -27,16 +30,25 @@ _settings = get_settings()
 CAPACITY, DEVICE = detect_capacity(_settings)
 celery_app = Celery("ddpm-jobs", include=["worker.tasks"])
 celery_app.config_from_object(celery_config(_settings))
-celery_app.conf.task_queues = [celery_queue(name) for name in worker_queues(_settings.queue, CAPACITY)]
+SAMPLES_ONLY = _settings.worker_role == "samples"
+_queues = [sample_queue(_settings.queue)]
+if not SAMPLES_ONLY:
+    _queues += worker_queues(_settings.queue, CAPACITY)
+celery_app.conf.task_queues = [celery_queue(name) for name in _queues]
 app = celery_app  # `celery -A worker.celery_app` looks for `app` or `celery`
 
 
 @worker_ready.connect
-def _start_sweeper(**_: object) -> None:
+def _start_sweeper(sender: Any = None, **_: object) -> None:
     from worker.sweeper import start_sweeper
 
-    log.info("worker %s offers %s (%s)", worker_name(), CAPACITY.describe(), DEVICE)
-    start_sweeper(get_settings(), worker_name(), CAPACITY, DEVICE)
+    if sender is not None:  # the worker's Consumer: how a shutting-down job stops further deliveries
+        on_stop_consuming(lambda: sender.task_consumer.cancel())
+    if SAMPLES_ONLY:
+        log.info("worker %s draws on-demand samples only (%s)", worker_name(), DEVICE)
+    else:
+        log.info("worker %s offers %s (%s)", worker_name(), CAPACITY.describe(), DEVICE)
+    start_sweeper(get_settings(), worker_name(), CAPACITY, DEVICE, sweep=not SAMPLES_ONLY)
 
 
 @worker_shutting_down.connect

@@ -22,7 +22,7 @@ from app.jobs.repository import JobRepository
 from app.models import JobStatus
 from worker.attempt import AttemptRunner, ClaimedAttempt
 from worker.ddpm.sink import NullSink
-from worker.shutdown import request_shutdown, shutdown_requested
+from worker.shutdown import request_shutdown, shutdown_requested, stop_consuming
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ def run_ranks(runner: AttemptRunner, claimed: ClaimedAttempt) -> str:
     rank0_done_at: float | None = None
     try:
         while not ranks.join(timeout=1.0, grace_period=10.0):
-            if shutdown_requested():
+            if shutdown_requested() and not shutdown.is_set():
+                stop_consuming()  # before rank 0 re-queues the job: this worker must not take it back
                 shutdown.set()  # rank 0 checkpoints at its next log point and re-queues the job
             if ranks.processes[0].exitcode is not None:
                 # Rank 0 has ended the attempt; the others leave with it (a hung collective

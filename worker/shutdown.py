@@ -1,15 +1,23 @@
-"""The worker's shutdown flag: set on SIGTERM, read by the running job at its next log point.
+"""The worker's shutdown: a flag set on SIGTERM, and the way to stop taking new tasks.
 
 Celery's `worker_shutting_down` (worker/celery_app.py) and a rank's SIGTERM handler
-(worker/ranks.py) set it; the database sink then stops the loop with `StopReason.shutdown`, so the
-job saves a checkpoint of that step and goes back to the queue inside the stop grace period.
+(worker/ranks.py) set the flag; the database sink then stops the loop with `StopReason.shutdown`,
+so the job saves a checkpoint of that step and goes back to the queue inside the stop grace period.
+
+Before a job goes back to the queue, the worker stops consuming (`stop_consuming`): Celery's loop
+drains the broker once more on its way out, and would otherwise take the very job it just
+re-queued and claim it again, leaving it `running` on a worker about to exit. The consumers are
+cancelled from the task's own thread (the solo pool runs tasks on Celery's loop thread), never
+from the signal handler, which may interrupt kombu mid-poll.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 _SHUTDOWN = threading.Event()
+_stop_consuming: Callable[[], None] | None = None
 
 
 def request_shutdown() -> None:
@@ -18,3 +26,17 @@ def request_shutdown() -> None:
 
 def shutdown_requested() -> bool:
     return _SHUTDOWN.is_set()
+
+
+def on_stop_consuming(stop: Callable[[], None] | None) -> None:
+    """Register how this worker stops taking tasks (its Celery consumer's cancel); None: forget it."""
+    global _stop_consuming
+    _stop_consuming = stop
+
+
+def stop_consuming() -> None:
+    """Take no more tasks from the broker (once; nothing to do outside a Celery worker)."""
+    global _stop_consuming
+    stop, _stop_consuming = _stop_consuming, None
+    if stop is not None:
+        stop()

@@ -31,7 +31,7 @@ from app.jobs import service
 from app.jobs.repository import JobRepository
 from app.models import Job, utcnow
 from app.queue import Dispatcher, Sender, Task, dispatch, engine_of
-from app.routing import Resources, train_queue
+from app.routing import Resources, sample_queue, train_queue
 from app.samples.repository import SampleRepository, requeue_orphaned_requests
 from app.spec import JobSpec
 from app.workers.repository import WorkerRepository
@@ -71,10 +71,13 @@ def job_queue(settings: Settings, job: Job | None) -> str:
     return train_queue(settings.queue, JobSpec.model_validate(job.spec if job is not None else {}))
 
 
-def check_in(factory, name: str, settings: Settings, capacity: Resources, device: str) -> None:  # type: ignore[no-untyped-def]
-    """Record (or refresh) this worker's row: what it offers, and that it is alive now."""
+def check_in(factory, name: str, settings: Settings, capacity: Resources, device: str, sweep: bool = True) -> None:  # type: ignore[no-untyped-def]
+    """Record (or refresh) this worker's row: what it offers, and that it is alive now. A
+    samples-only worker (`sweep` False) checks in under its queue's name, not DDPM_QUEUE: alive
+    for the requests it draws, but never counted as a worker that could train a waiting job."""
+    queue = settings.queue if sweep else sample_queue(settings.queue)
     with session_scope(factory) as session:
-        WorkerRepository(session).check_in(name, settings.queue, capacity, device)
+        WorkerRepository(session).check_in(name, queue, capacity, device)
 
 
 def check_out(factory, name: str) -> None:  # type: ignore[no-untyped-def]
@@ -82,14 +85,15 @@ def check_out(factory, name: str) -> None:  # type: ignore[no-untyped-def]
         WorkerRepository(session).check_out(name)
 
 
-def _loop(settings: Settings, name: str, capacity: Resources, device: str) -> None:
+def _loop(settings: Settings, name: str, capacity: Resources, device: str, sweep: bool) -> None:
     factory = make_sessionmaker(make_engine(settings))
     dispatcher = Dispatcher(settings)
     interval = max(1.0, min(settings.heartbeat_interval_s, settings.resend_after_s / 2))
     while True:
         try:
-            check_in(factory, name, settings, capacity, device)
-            sweep_once(settings, factory, dispatcher)
+            check_in(factory, name, settings, capacity, device, sweep)
+            if sweep:
+                sweep_once(settings, factory, dispatcher)
             if _health_file is not None and not _stop.is_set():
                 _health_file.touch()
         except DBAPIError as exc:  # the database is away; the next pass tries again
@@ -104,11 +108,12 @@ def _loop(settings: Settings, name: str, capacity: Resources, device: str) -> No
             return
 
 
-def start_sweeper(settings: Settings, name: str, capacity: Resources, device: str) -> None:
+def start_sweeper(settings: Settings, name: str, capacity: Resources, device: str, sweep: bool = True) -> None:
+    """The sweeper thread; with `sweep` False (a samples-only worker) it only checks in."""
     global _health_file
     _stop.clear()
     _health_file = settings.worker_health_file
-    args = (settings, name, capacity, device)
+    args = (settings, name, capacity, device, sweep)
     threading.Thread(target=_loop, args=args, name="ddpm-sweeper", daemon=True).start()
 
 

@@ -1,11 +1,18 @@
-"""Thin Celery tasks: they take an id and hand it to the runner, which re-fetches the row."""
+"""Thin Celery tasks: they take an id and hand it to the runner, which re-fetches the row.
+
+A worker that is shutting down takes no new work: a task delivered after the signal (Celery's
+loop drains the broker once more on its way out) goes back to the queue untouched.
+"""
 
 from __future__ import annotations
 
 import logging
 import uuid
 
+from celery.exceptions import Reject
+
 from worker.celery_app import celery_app
+from worker.shutdown import shutdown_requested, stop_consuming
 
 log = logging.getLogger(__name__)
 
@@ -18,10 +25,18 @@ def _parse(task: str, raw: str) -> uuid.UUID | None:
         return None
 
 
+def _refuse_while_shutting_down(task: str, raw: str) -> None:
+    if shutdown_requested():
+        stop_consuming()
+        log.info("%s %s: this worker is shutting down; the message goes back to the queue", task, raw)
+        raise Reject("the worker is shutting down", requeue=True)
+
+
 @celery_app.task(name="jobs.train")
 def train(job_id: str) -> None:
     from worker.runner import get_runner
 
+    _refuse_while_shutting_down("jobs.train", job_id)
     if (parsed := _parse("jobs.train", job_id)) is not None:
         get_runner().run(parsed)
 
@@ -31,6 +46,7 @@ def sample(request_id: str) -> None:
     from worker.runner import get_runner
     from worker.sample_task import draw_requested_samples
 
+    _refuse_while_shutting_down("jobs.sample", request_id)
     if (parsed := _parse("jobs.sample", request_id)) is not None:
         runner = get_runner()
         draw_requested_samples(runner.settings, runner.sessionmaker, parsed)

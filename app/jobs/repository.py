@@ -145,6 +145,17 @@ class JobRepository:
         )
         return result.rowcount == 1
 
+    def requeue_for_shutdown(self, job_id: uuid.UUID, attempt: int) -> bool:
+        """running -> queued, not yet sent, giving the attempt's number back (the next claim takes
+        it again): a graceful stop is not a failure, so it does not count against max_attempts.
+        Only for an attempt that writes nothing more; False when fenced off."""
+        result = self.session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.running)
+            .values(status=JobStatus.queued, worker=None, dispatched_at=None, attempt=attempt - 1)
+        )
+        return result.rowcount == 1
+
     def is_cancel_requested(self, job_id: uuid.UUID) -> bool:
         return bool(self.session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 

@@ -12,7 +12,16 @@ from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.main import create_app
 from app.models import Worker, utcnow
-from app.routing import Resources, can_hold, job_resources, memory_class, queue_name, train_queue, worker_queues
+from app.routing import (
+    Resources,
+    can_hold,
+    job_resources,
+    memory_class,
+    queue_name,
+    sample_queue,
+    train_queue,
+    worker_queues,
+)
 from app.spec import JobSpec
 from app.spec_size import training_memory_bytes
 from tests.conftest import MakeUser
@@ -35,6 +44,8 @@ def test_a_worker_consumes_exactly_the_queues_of_the_jobs_it_can_hold() -> None:
             needs = Resources(gpus, gib)
             assert (queue_name("q", needs) in consumed) == can_hold(worker, needs), needs
     assert worker_queues("q", worker)[0] == "q.gpus-2.mem-8"  # the largest jobs first
+    # Sample requests have a queue of their own, which is no training queue.
+    assert sample_queue("q") == "q.samples" and sample_queue("q") not in worker_queues("q", Resources(64, 1024))
 
 
 def test_a_job_needs_its_share_of_the_batch_on_each_gpu() -> None:
@@ -75,6 +86,11 @@ class TestWaitingReason:
         job = client.post("/v1/jobs", json={"training": {"batch_size": 8}, "resources": {"gpus": 2}}).json()
         assert job["queue"] == f"{clean_db.queue}.gpus-2.mem-1"
         assert job["waiting_reason"].startswith("no worker is running")
+
+        # A samples-only worker is alive (for the requests it draws) but trains nothing.
+        check_in(factory, "host-s:9", clean_db, Resources(8, 80), "cuda", sweep=False)
+        assert client.get(f"/v1/jobs/{job['id']}").json()["waiting_reason"].startswith("no worker is running")
+        # (tests/worker/test_sample_requests.py: the requests it draws are not orphaned.)
 
         check_in(factory, "host-a:1", clean_db, Resources(1, 16), "cuda")
         reason = client.get(f"/v1/jobs/{job['id']}").json()["waiting_reason"]

@@ -164,8 +164,11 @@ class TestRun:
 
 
 class TestStopping:
-    def test_cancel_stops_a_running_job_at_a_log_boundary(self, runner: JobRunner, factory) -> None:
-        job_id = submit(factory, TINY | {"training": TINY["training"] | {"steps": 100_000, "checkpoint_every": 10}})
+    def test_cancel_stops_a_running_job_at_a_log_boundary_and_keeps_a_checkpoint_there(
+        self, runner: JobRunner, factory
+    ) -> None:
+        # Checkpoints every 30 steps, logs every 10: the step it stops at is rarely one of them.
+        job_id = submit(factory, TINY | {"training": TINY["training"] | {"steps": 100_000, "checkpoint_every": 30}})
         thread = threading.Thread(target=runner.run, args=(job_id,))
         thread.start()
         deadline = time.monotonic() + 60
@@ -177,8 +180,10 @@ class TestStopping:
         job, points, ckpts = load(factory, job_id)
         assert job.status == "cancelled"
         assert 20 <= job.step < 100_000
-        assert ckpts, "a cancelled job keeps its checkpoints"
         assert points[-1].step == job.step
+        # A checkpoint of the step it stopped at, committed (so it can be sampled, exported, resumed).
+        assert ckpts[-1].step == job.step
+        assert runner.store.resolve(ckpts[-1].path).is_file()
 
     def test_a_fenced_runner_stops_and_writes_nothing_more(self, runner: JobRunner, factory, monkeypatch) -> None:
         job_id = submit(factory, TINY | {"training": TINY["training"] | {"steps": 100}})
@@ -234,12 +239,19 @@ class TestStopping:
             original(self, point)
 
         monkeypatch.setattr(DatabaseSink, "on_log", sigterm_at_step_30)
+        # What celery_app registers: cancel the worker's consumer. It must run before the job is
+        # back in the queue, or the worker takes it again on its way out.
+        status_when_consuming_stopped: list[str] = []
+        shutdown.on_stop_consuming(lambda: status_when_consuming_stopped.append(load(factory, job_id)[0].status))
         try:
             assert runner.run(job_id) == "requeued"
         finally:
             shutdown._SHUTDOWN.clear()
+            shutdown.on_stop_consuming(None)
+        assert status_when_consuming_stopped == ["running"]
         job, points, ckpts = load(factory, job_id)
-        assert (job.status, job.step, job.worker) == ("queued", 30, None)
+        # The stop gave its attempt back: restarts do not use up DDPM_MAX_ATTEMPTS.
+        assert (job.status, job.step, job.worker, job.attempt) == ("queued", 30, None, 0)
         assert job.dispatched_at is not None
         assert [c.step for c in ckpts] == [20, 30]
         queue = train_queue(clean_db.queue, JobSpec.model_validate(job.spec))
@@ -249,7 +261,7 @@ class TestStopping:
         monkeypatch.setattr(DatabaseSink, "on_log", original)
         assert runner.run(job_id) == "succeeded"
         job, points, _ = load(factory, job_id)
-        assert (job.attempt, job.step) == (2, 100)
+        assert (job.attempt, job.step) == (1, 100)
         assert [p.step for p in points] == list(range(10, 101, 10))
 
 

@@ -42,7 +42,7 @@ class SavedSample:
 class StopReason(enum.StrEnum):
     """Why a sink stopped the loop; the worker decides the job's next status from it."""
 
-    cancelled = "cancelled"  # the user asked: the job ends cancelled
+    cancelled = "cancelled"  # the user asked: checkpoint this step, then the job ends cancelled
     fenced = "fenced"  # a newer attempt owns the job: write nothing more
     shutdown = "shutdown"  # the worker is stopping: checkpoint this step, then back to the queue
     lease_lost = "lease_lost"  # the lease could not be renewed: a new attempt resumes the job
@@ -51,8 +51,9 @@ class StopReason(enum.StrEnum):
 
     @property
     def checkpoint_first(self) -> bool:
-        """Whether the loop saves a checkpoint of the step it stops at before it returns."""
-        return self is StopReason.shutdown
+        """Whether the loop saves a checkpoint of the step it stops at before it returns: a job
+        stopped by its user or by a shutdown keeps what it trained (to sample, export or resume)."""
+        return self in (StopReason.shutdown, StopReason.cancelled)
 
 
 class StopTraining(Exception):

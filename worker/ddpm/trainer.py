@@ -311,7 +311,7 @@ class _Reporter:
     the background is reported, once its files are whole, before anything newer: a metric point, a
     checkpoint or a sample grid. A `StopTraining` from the sink ends the run at the step of what it
     was just told (that pending checkpoint's step, else this step); a stop at a metric point whose
-    reason is `checkpoint_first` (a shutdown) first saves and reports a checkpoint of this step.
+    reason is `checkpoint_first` (a shutdown, a cancel) first saves and reports a checkpoint of this step.
     Waiting for checkpoint writes and drawing sample grids are kept out of images/s.
     """
 
