@@ -109,7 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Sends on a background thread: a submit never waits for the broker (app/queue.py).
     app.state.dispatcher = Dispatcher(settings, in_background=True)
     app.state.checkpoint_store = make_store(settings)
-    app.state.event_hub = EventHub(app.state.sessionmaker, poll_interval_s=settings.events_poll_interval_s)
+    app.state.event_hub = EventHub(app.state.sessionmaker, settings, poll_interval_s=settings.events_poll_interval_s)
 
     app.include_router(health.router)
     app.include_router(job_endpoints.router)
