@@ -95,6 +95,8 @@ def serve() -> None:
     upgrade_database(settings)
     ensure_local_key(settings)
     settings.checkpoint_root.mkdir(parents=True, exist_ok=True)
+    if (default_root := (settings.data_dir / "datasets").resolve()) in settings.data_roots:
+        default_root.mkdir(parents=True, exist_ok=True)  # where `folder` data sets go by default
     # Same process group: whoever stops `serve` as a group (a terminal's Ctrl-C, a supervisor)
     # stops its worker too, and the `finally` below covers a plain SIGTERM to serve alone.
     worker = subprocess.Popen([sys.executable, "-m", *WORKER_COMMAND], env=os.environ.copy())

@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     # dataset.path is relative to the first. Default: [data_dir/datasets]. Env: JSON list or
     # comma-separated paths.
     data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    # Whether the API also checks at submit that a `folder` data set is a directory holding
+    # images: "auto" when the data root it lies under exists on the API's host (the embedded
+    # mode, or a container with the data volume mounted), "always", or "never" (the workers'
+    # data is out of the API's sight: they report a missing folder when the job starts).
+    dataset_folder_check: Literal["auto", "always", "never"] = "auto"
 
     # --- checkpoint storage: the local checkpoint directory, or an S3-compatible bucket ---------
     # With "s3", workers still write every file into checkpoint_dir first (scratch), upload it,

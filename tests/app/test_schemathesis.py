@@ -45,7 +45,7 @@ SETTINGS = hypothesis.settings(
 # - GET /v1/jobs: `cursor` is opaque; only cursors this API returned are valid;
 # - POST /v1/jobs/{job_id}/sample: `steps` is for ddim only, and integers are strict (60.0 is not 60).
 ACCEPTS_VALID_OR_422 = {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "404", "409", "422", "429"]}}
-# A job just created has no checkpoint yet: its latest checkpoint is a (documented) 404, which a
+# A job just created has no checkpoint yet: its latest (or any) checkpoint is a (documented) 404, which a
 # stateful run reaching it from POST /v1/jobs took for a created resource gone missing.
 NO_CHECKPOINT_YET_IS_404 = {"ensure_resource_availability": {"enabled": False}}
 
@@ -63,7 +63,13 @@ def fuzzer_config(key: str) -> schemathesis.config.SchemathesisConfig:
                     {"include-name": name, "checks": ACCEPTS_VALID_OR_422}
                     for name in ("POST /v1/jobs", "GET /v1/jobs", "POST /v1/jobs/{job_id}/sample")
                 ),
-                {"include-name": "GET /v1/jobs/{job_id}/checkpoints/latest", "checks": NO_CHECKPOINT_YET_IS_404},
+                *(
+                    {"include-name": name, "checks": NO_CHECKPOINT_YET_IS_404}
+                    for name in (
+                        "GET /v1/jobs/{job_id}/checkpoints/{step}",
+                        "GET /v1/jobs/{job_id}/checkpoints/{step}/export",
+                    )
+                ),
             ],
         }
     )
