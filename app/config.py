@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     lease_timeout_s: float = Field(120.0, gt=0)
     # A job whose worker is lost this many times (lease expired) fails instead of resuming again.
     max_attempts: int = Field(5, ge=1)
+    # The log lines a worker keeps of one attempt (GET /v1/jobs/{id}/logs); past it, one line says
+    # the rest were dropped (they are still on the worker's console). 0: keep none.
+    job_log_max_lines: int = Field(10_000, ge=0, le=1_000_000)
     # How long a queued job may wait before the worker's sweeper sends its task again
     # (a message lost while the broker was down, or a job queued before a restart).
     resend_after_s: float = Field(60.0, gt=0)

@@ -27,6 +27,7 @@ from app.events.hub import EventHub
 from app.jobs import endpoints as job_endpoints
 from app.jobs.limits import SpecRefused
 from app.jobs.service import IdempotencyConflict, InvalidTransition, JobNotFound, QuotaExceeded
+from app.logs import endpoints as log_endpoints
 from app.metrics import endpoints as metric_endpoints
 from app.queue import Dispatcher
 from app.samples import endpoints as sample_endpoints
@@ -117,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(checkpoint_endpoints.router)
     app.include_router(sample_endpoints.router)
     app.include_router(event_endpoints.router)
+    app.include_router(log_endpoints.router)
     mount_dashboard(app)
 
     @app.exception_handler(RequestValidationError)

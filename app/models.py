@@ -220,3 +220,18 @@ class Worker(Base):
     device: Mapped[str] = mapped_column(String(64))  # "cuda" or "cpu"
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class JobLogLine(Base):
+    """One log record of a job's attempt, as the worker's console showed it (worker/job_log.py).
+    `seq` orders an attempt's lines; an attempt keeps at most DDPM_JOB_LOG_MAX_LINES of them."""
+
+    __tablename__ = "job_log_lines"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)  # when the record was made, not written
+    level: Mapped[str] = mapped_column(String(16))  # INFO, WARNING, ERROR, ...
+    logger: Mapped[str] = mapped_column(String(255))
+    message: Mapped[str] = mapped_column(Text)  # the formatted message, a traceback included

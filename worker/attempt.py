@@ -39,6 +39,7 @@ from app.spec import JobSpec
 from worker.capacity import worker_name
 from worker.database_sink import DatabaseSink, finite_or_none, remove_files
 from worker.ddpm.sink import StopReason
+from worker.job_log import capture_job_log
 from worker.lease import Lease
 
 if TYPE_CHECKING:  # torch: the Celery worker and the sweeper start without it
@@ -144,7 +145,8 @@ class AttemptRunner:
         """Train a claimed attempt here, holding its lease (in rank 0's process for a multi-GPU job)."""
         lease = Lease(claimed.job_id, claimed.attempt, self.settings.lease_timeout_s)
         sink = DatabaseSink(self.sessionmaker, self.store, lease, keep=claimed.spec.training.keep_checkpoints)
-        with lease.heartbeat(self.sessionmaker, self.settings.heartbeat_interval_s):
+        job_log = capture_job_log(self.sessionmaker, claimed.job_id, claimed.attempt, self.settings.job_log_max_lines)
+        with job_log, lease.heartbeat(self.sessionmaker, self.settings.heartbeat_interval_s):
             return self._train(claimed, sink, ranks)
 
     def _train(self, claimed: ClaimedAttempt, sink: DatabaseSink, ranks: Ranks | None) -> str:

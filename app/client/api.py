@@ -186,6 +186,19 @@ class DdpmClient:
                 return
             params["after_step"] = page["next_after_step"]
 
+    def logs(self, job_id: str, attempt: int | None = None, page_size: int = 1000) -> Iterator[dict[str, Any]]:
+        """The worker's log lines for the job (one attempt's, or every attempt's in order), every
+        page: `{"attempt", "seq", "at", "level", "logger", "message"}`."""
+        params: dict[str, Any] = {"limit": page_size}
+        if attempt is not None:
+            params["attempt"] = attempt
+        while True:
+            page = self._request("GET", f"/v1/jobs/{job_id}/logs", params=params).json()
+            yield from page["items"]
+            if not page.get("next_cursor"):
+                return
+            params["cursor"] = page["next_cursor"]
+
     # --- samples ------------------------------------------------------------------------------
     def samples(self, job_id: str) -> list[dict[str, Any]]:
         """The sample grids drawn during training: `[{"step", "url", "created_at"}]`."""

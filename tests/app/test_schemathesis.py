@@ -42,7 +42,8 @@ SETTINGS = hypothesis.settings(
 # - POST /v1/jobs: some rules cannot be written in JSON Schema (beta_end > beta_start, channels
 #   divisible by norm_groups, image_size by the levels), and the service's limits (DDPM_MAX_*,
 #   the GPU memory estimate, data roots) depend on its configuration;
-# - GET /v1/jobs: `cursor` is opaque; only cursors this API returned are valid;
+# - GET /v1/jobs and GET /v1/jobs/{job_id}/logs: `cursor` is opaque; only cursors this API
+#   returned are valid (and an `attempt` past the job's own is 422);
 # - POST /v1/jobs/{job_id}/sample: `steps` is for ddim only, and integers are strict (60.0 is not 60).
 ACCEPTS_VALID_OR_422 = {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "404", "409", "422", "429"]}}
 # A job just created has no checkpoint yet: its latest (or any) checkpoint is a (documented) 404, which a
@@ -61,7 +62,12 @@ def fuzzer_config(key: str) -> schemathesis.config.SchemathesisConfig:
             "operations": [
                 *(
                     {"include-name": name, "checks": ACCEPTS_VALID_OR_422}
-                    for name in ("POST /v1/jobs", "GET /v1/jobs", "POST /v1/jobs/{job_id}/sample")
+                    for name in (
+                        "POST /v1/jobs",
+                        "GET /v1/jobs",
+                        "POST /v1/jobs/{job_id}/sample",
+                        "GET /v1/jobs/{job_id}/logs",
+                    )
                 ),
                 *(
                     {"include-name": name, "checks": NO_CHECKPOINT_YET_IS_404}

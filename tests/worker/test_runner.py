@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 import uuid
@@ -19,7 +20,7 @@ from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs.repository import JobRepository
 from app.jobs.service import cancel_job, create_job, requeue_expired
-from app.models import Checkpoint, Job, MetricPoint, utcnow
+from app.models import Checkpoint, Job, JobLogLine, MetricPoint, utcnow
 from app.routing import train_queue
 from app.samples.repository import SampleRepository
 from app.spec import JobSpec
@@ -79,8 +80,9 @@ class TestRun:
             assert (len(data), hashlib.sha256(data).hexdigest()) == (c.size_bytes, c.sha256)
 
     def test_sample_grids_are_recorded_and_a_resume_redraws_the_ones_it_redoes(
-        self, runner: JobRunner, factory, clean_db: Settings, monkeypatch
+        self, runner: JobRunner, factory, clean_db: Settings, monkeypatch, caplog
     ) -> None:
+        caplog.set_level(logging.INFO, logger="worker")  # as the worker runs (--loglevel=INFO)
         spec = TINY | {"training": TINY["training"] | {"steps": 60, "sample_every": 15, "sample_count": 4}}
         job_id = submit(factory, spec)
         original = DatabaseSink.on_log
@@ -88,6 +90,10 @@ class TestRun:
         def lose_lease_at_step_50(self, point) -> None:
             original(self, point)
             if point.step == 50 and self.attempt == 1:
+                # Meanwhile the sweeper (another thread) speaks of another job: not this job's log.
+                other = threading.Thread(target=logging.getLogger("worker.sweeper").warning, args=("another job",))
+                other.start()
+                other.join()
                 with session_scope(factory) as s:
                     requeue_expired(s, utcnow() + timedelta(hours=1))
 
@@ -103,6 +109,17 @@ class TestRun:
             assert hashlib.sha256((clean_db.checkpoint_root / x.path).read_bytes()).hexdigest() == x.sha256
         left = sorted(p.name for p in (clean_db.checkpoint_root / str(job_id)).rglob("*.png"))
         assert left == [f"step-{n:08d}.png" for n in (15, 30, 45, 60)], "the first attempt's grid at 45 is gone"
+        # Each attempt kept its own log lines (worker/job_log.py), and only its own.
+        with session_scope(factory) as s:
+            rows = s.scalars(select(JobLogLine).where(JobLogLine.job_id == job_id).order_by("attempt", "seq"))
+            kept = [(r.attempt, r.seq, r.level, r.logger, r.message) for r in rows]
+        first = [line[2:] for line in kept if line[0] == 1]
+        assert [line[1] for line in kept if line[0] == 1] == list(range(len(first)))
+        fenced = f"job {job_id}: attempt 1 fenced off by a newer attempt; stopped"
+        assert ("WARNING", "worker.attempt", fenced) in first
+        assert kept[-1][:2] == (2, len(kept) - len(first) - 1)
+        assert kept[-1][2:] == ("INFO", "worker.attempt", f"job {job_id}: attempt 2 ended succeeded")
+        assert not [line for line in kept if "another job" in line[4] or (line[0] == 1 and "attempt 2" in line[4])]
 
     def test_a_second_delivery_does_nothing(self, runner: JobRunner, factory) -> None:
         job_id = submit(factory, TINY)
