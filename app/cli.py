@@ -129,6 +129,8 @@ def serve() -> None:
     upgrade_database(settings)
     ensure_local_key(settings)
     settings.checkpoint_root.mkdir(parents=True, exist_ok=True)
+    if (default_root := (settings.data_dir / "datasets").resolve()) in settings.data_roots:
+        default_root.mkdir(parents=True, exist_ok=True)  # where `folder` data sets go by default
     with _exit_on_stop_signals(), embedded_workers(settings) as workers:
         serve_api(settings, on_started=lambda: _announce_when_ready(settings, workers))
 

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     lease_timeout_s: float = Field(120.0, gt=0)
     # A job whose worker is lost this many times (lease expired) fails instead of resuming again.
     max_attempts: int = Field(5, ge=1)
+    # The log lines a worker keeps of one attempt (GET /v1/jobs/{id}/logs); past it, one line says
+    # the rest were dropped (they are still on the worker's console). 0: keep none.
+    job_log_max_lines: int = Field(10_000, ge=0, le=1_000_000)
     # How long a queued job may wait before the worker's sweeper sends its task again
     # (a message lost while the broker was down, or a job queued before a restart).
     resend_after_s: float = Field(60.0, gt=0)
@@ -116,6 +119,11 @@ class Settings(BaseSettings):
     # dataset.path is relative to the first. Default: [data_dir/datasets]. Env: JSON list or
     # comma-separated paths.
     data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    # Whether the API also checks at submit that a `folder` data set is a directory holding
+    # images: "auto" when the data root it lies under exists on the API's host (the embedded
+    # mode, or a container with the data volume mounted), "always", or "never" (the workers'
+    # data is out of the API's sight: they report a missing folder when the job starts).
+    dataset_folder_check: Literal["auto", "always", "never"] = "auto"
 
     # --- checkpoint storage: the local checkpoint directory, or an S3-compatible bucket ---------
     # With "s3", workers still write every file into checkpoint_dir first (scratch), upload it,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import Field, PlainValidator, TypeAdapter, ValidationError, WithJsonSchema
 from sqlalchemy.orm import Session
 
 from app.auth.service import InvalidApiKey, authenticate
@@ -38,8 +39,35 @@ def get_dispatcher(request: Request) -> Dispatcher:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
-# A training step in a path (/checkpoints/{step}, /samples/{step}.png): what the database's integer holds.
+# A training step in a path (/samples/{step}.png): what the database's integer holds.
 StepPath = Annotated[int, Path(ge=0, le=2**31 - 1)]
+MAX_STEP = 2**31 - 1
+
+
+_STEP = TypeAdapter(Annotated[int, Field(ge=0, le=MAX_STEP)])
+
+
+def _checkpoint_step(value: object) -> int | str:
+    """`latest`, or a step as a path's integer is read (10.0 is 10): one error naming the field
+    otherwise, where a plain union would give one per alternative."""
+    if value == "latest":
+        return "latest"
+    try:
+        return _STEP.validate_python(value)
+    except ValidationError:
+        raise ValueError(f"a checkpoint step (0 to {MAX_STEP}) or `latest`, not {str(value)[:40]!r}") from None
+
+
+# A checkpoint in a path (/checkpoints/{step}, /checkpoints/{step}/export): a step, or `latest`
+# for the newest; every such route resolves it with app.checkpoints.endpoints.checkpoint_or_404.
+CheckpointStepPath = Annotated[
+    int | Literal["latest"],
+    PlainValidator(_checkpoint_step),
+    WithJsonSchema(
+        {"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_STEP}, {"type": "string", "const": "latest"}]}
+    ),
+    Path(description="A checkpoint's step, or `latest` for the newest"),
+]
 
 
 def current_user(

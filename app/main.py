@@ -27,6 +27,7 @@ from app.events.hub import EventHub
 from app.jobs import endpoints as job_endpoints
 from app.jobs.limits import SpecRefused
 from app.jobs.service import IdempotencyConflict, InvalidTransition, JobNotFound, QuotaExceeded
+from app.logs import endpoints as log_endpoints
 from app.metrics import endpoints as metric_endpoints
 from app.queue import Dispatcher
 from app.samples import endpoints as sample_endpoints
@@ -113,7 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Sends on a background thread: a submit never waits for the broker (app/queue.py).
     app.state.dispatcher = Dispatcher(settings, in_background=True)
     app.state.checkpoint_store = make_store(settings)
-    app.state.event_hub = EventHub(app.state.sessionmaker, poll_interval_s=settings.events_poll_interval_s)
+    app.state.event_hub = EventHub(app.state.sessionmaker, settings, poll_interval_s=settings.events_poll_interval_s)
 
     app.include_router(health.router)
     app.include_router(job_endpoints.router)
@@ -121,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(checkpoint_endpoints.router)
     app.include_router(sample_endpoints.router)
     app.include_router(event_endpoints.router)
+    app.include_router(log_endpoints.router)
     mount_dashboard(app)
     mount_docs(app)
 

@@ -113,6 +113,9 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     # Fencing token: bumped by every claim; writes carry the attempt they were made under.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts that ended in a graceful stop (worker shutdown): they do not count against
+    # DDPM_MAX_ATTEMPTS, so restarting workers never uses up a job's budget.
+    stops: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     worker: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
@@ -220,3 +223,18 @@ class Worker(Base):
     device: Mapped[str] = mapped_column(String(64))  # "cuda" or "cpu"
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class JobLogLine(Base):
+    """One log record of a job's attempt, as the worker's console showed it (worker/job_log.py).
+    `seq` orders an attempt's lines; an attempt keeps at most DDPM_JOB_LOG_MAX_LINES of them."""
+
+    __tablename__ = "job_log_lines"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)  # when the record was made, not written
+    level: Mapped[str] = mapped_column(String(16))  # INFO, WARNING, ERROR, ...
+    logger: Mapped[str] = mapped_column(String(255))
+    message: Mapped[str] = mapped_column(Text)  # the formatted message, a traceback included

@@ -24,6 +24,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+# The files a `folder` data set is made of (the worker reads them; the API checks one is there).
+FOLDER_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+
+
 class DatasetSpec(_Section):
     kind: DatasetKind = Field("digits", description="`digits` (8x8 scikit-learn digits, offline) or `folder`.")
     path: str | None = Field(

@@ -9,7 +9,7 @@ run(job_id) (worker/runner.py):
      (worker/ranks.py); rank 0 runs the attempt as a single-GPU worker does.
   -> final status: succeeded, cancelled (cancel requested; a checkpoint of the step it stopped
      at is kept) or failed (with the reason); re-queued when the worker shuts down (checkpoint
-     first, the attempt's number given back); a lost attempt (lease, storage, a rank) is resumed
+     first; a stop does not count against DDPM_MAX_ATTEMPTS); a lost attempt (lease, storage, a rank) is resumed
      by a new one.
 """
 
@@ -41,6 +41,7 @@ from app.spec import JobSpec
 from worker.capacity import worker_name
 from worker.database_sink import DatabaseSink, finite_or_none, remove_files
 from worker.ddpm.sink import StopReason
+from worker.job_log import capture_job_log
 from worker.lease import Lease
 from worker.shutdown import stop_consuming
 
@@ -147,14 +148,16 @@ class AttemptRunner:
         """Train a claimed attempt here, holding its lease (in rank 0's process for a multi-GPU job)."""
         lease = Lease(claimed.job_id, claimed.attempt, self.settings.lease_timeout_s)
         sink = DatabaseSink(self.sessionmaker, self.store, lease, keep=claimed.spec.training.keep_checkpoints)
-        with lease.heartbeat(self.sessionmaker, self.settings.heartbeat_interval_s):
-            outcome = self._train(claimed, sink, ranks)
-        if outcome == "shutdown":
-            # The heartbeat has stopped and the checkpoint writer is closed: nothing of this
-            # attempt writes once the row is handed back.
-            self._requeue(claimed.job_id, claimed.attempt, claimed.spec)
-            return "requeued"
-        return outcome
+        job_log = capture_job_log(self.sessionmaker, claimed.job_id, claimed.attempt, self.settings.job_log_max_lines)
+        with job_log:
+            with lease.heartbeat(self.sessionmaker, self.settings.heartbeat_interval_s):
+                outcome = self._train(claimed, sink, ranks)
+            if outcome == "shutdown":
+                # The heartbeat has stopped and the checkpoint writer is closed: nothing of this
+                # attempt writes once the row is handed back.
+                self._requeue(claimed.job_id, claimed.attempt, claimed.spec)
+                return "requeued"
+            return outcome
 
     def _train(self, claimed: ClaimedAttempt, sink: DatabaseSink, ranks: Ranks | None) -> str:
         from worker.ddpm.distributed import is_peer_loss
@@ -232,9 +235,9 @@ class AttemptRunner:
         so a worker resumes it (if the broker is away, the sweeper sends it later).
 
         This worker stops consuming first, so it cannot take the job back on its way out. The
-        attempt gives its number back (the next claim is `attempt` again): a stop is no failure,
-        so restarts never use up DDPM_MAX_ATTEMPTS. Fencing still holds, as nothing of this
-        attempt writes any more (heartbeat stopped, checkpoint writer closed)."""
+        stop is counted in `jobs.stops`, not as a lost attempt: restarts never use up
+        DDPM_MAX_ATTEMPTS. The next claim is a new attempt as ever, so attempt numbers stay
+        unique (fencing tokens, checkpoint folders, log lines)."""
         stop_consuming()
 
         def write() -> bool:

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, Response
+from sqlalchemy.orm import Session
 
 from app.checkpoints.export import NotACheckpoint, diffusers_pipeline_zip
 from app.checkpoints.files import (
@@ -20,7 +21,7 @@ from app.checkpoints.files import (
 from app.checkpoints.repository import CheckpointRepository
 from app.checkpoints.schemas import CheckpointOut
 from app.checkpoints.store import CheckpointFileError, StorageUnavailable
-from app.deps import CurrentUser, SessionDep, StepPath
+from app.deps import CheckpointStepPath, CurrentUser, SessionDep
 from app.jobs import service
 from app.models import Checkpoint
 from app.openapi import AUTHENTICATED, error_responses
@@ -44,9 +45,24 @@ def list_checkpoints(job_id: uuid.UUID, user: CurrentUser, session: SessionDep) 
     return [CheckpointOut.model_validate(c) for c in CheckpointRepository(session).list(job_id)]
 
 
-def _download(request: Request, job_id: uuid.UUID, checkpoint: Checkpoint | None, what: str) -> Response:
+def checkpoint_or_404(session: Session, job_id: uuid.UUID, step: int | Literal["latest"]) -> Checkpoint:
+    """The checkpoint a `{step}` path names (`latest`: the newest); 404 saying which is missing.
+    The caller has checked that the user may see the job."""
+    checkpoints = CheckpointRepository(session)
+    checkpoint = checkpoints.latest(job_id) if step == "latest" else checkpoints.get(job_id, step)
     if checkpoint is None:
-        raise HTTPException(404, detail=f"job {job_id} has no {what}")
+        what = "no checkpoint yet" if step == "latest" else f"no checkpoint at step {step}"
+        raise HTTPException(404, detail=f"job {job_id} has {what}")
+    return checkpoint
+
+
+@router.get("/{job_id}/checkpoints/{step}", response_class=FileResponse, responses=DOWNLOAD_RESPONSES)
+def download_checkpoint(
+    job_id: uuid.UUID, step: CheckpointStepPath, user: CurrentUser, request: Request, session: SessionDep
+) -> Response:
+    """The checkpoint's safetensors file; `latest` is the newest."""
+    service.get_job(session, job_id, user)
+    checkpoint = checkpoint_or_404(session, job_id, step)
     return verified_file_response(
         request,
         checkpoint.path,
@@ -55,20 +71,6 @@ def _download(request: Request, job_id: uuid.UUID, checkpoint: Checkpoint | None
         media_type="application/octet-stream",
         filename=f"{job_id}-step-{checkpoint.step:08d}.safetensors",
     )
-
-
-@router.get("/{job_id}/checkpoints/latest", response_class=FileResponse, responses=DOWNLOAD_RESPONSES)
-def download_latest(job_id: uuid.UUID, user: CurrentUser, request: Request, session: SessionDep) -> Response:
-    service.get_job(session, job_id, user)
-    return _download(request, job_id, CheckpointRepository(session).latest(job_id), "checkpoint yet")
-
-
-@router.get("/{job_id}/checkpoints/{step}", response_class=FileResponse, responses=DOWNLOAD_RESPONSES)
-def download_step(
-    job_id: uuid.UUID, step: StepPath, user: CurrentUser, request: Request, session: SessionDep
-) -> Response:
-    service.get_job(session, job_id, user)
-    return _download(request, job_id, CheckpointRepository(session).get(job_id, step), f"checkpoint at step {step}")
 
 
 @router.get(
@@ -85,16 +87,15 @@ def download_step(
 )
 def export_checkpoint(
     job_id: uuid.UUID,
-    step: StepPath,
+    step: CheckpointStepPath,
     user: CurrentUser,
     request: Request,
     session: SessionDep,
     format: Annotated[Literal["diffusers"], Query(description="Only `diffusers` for now")] = "diffusers",
 ) -> Response:
+    """A diffusers pipeline of the checkpoint (`latest`: the newest), zipped."""
     job = service.get_job(session, job_id, user)
-    checkpoint = CheckpointRepository(session).get(job_id, step)
-    if checkpoint is None:
-        raise HTTPException(404, detail=f"job {job_id} has no checkpoint at step {step}")
+    checkpoint = checkpoint_or_404(session, job_id, step)
     store = checkpoint_store(request)
     try:
         # S3: a verified temporary copy, gone once the zip holds it.
@@ -105,5 +106,5 @@ def export_checkpoint(
     except StorageUnavailable as exc:
         raise HTTPException(503, detail=str(exc)) from exc
     return temporary_file_response(
-        archive, media_type="application/zip", filename=f"{job_id}-step-{step:08d}-diffusers.zip"
+        archive, media_type="application/zip", filename=f"{job_id}-step-{checkpoint.step:08d}-diffusers.zip"
     )

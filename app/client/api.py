@@ -191,6 +191,19 @@ class DdpmClient:
                 return
             params["after_step"] = page["next_after_step"]
 
+    def logs(self, job_id: str, attempt: int | None = None, page_size: int = 1000) -> Iterator[dict[str, Any]]:
+        """The worker's log lines for the job (one attempt's, or every attempt's in order), every
+        page: `{"attempt", "seq", "at", "level", "logger", "message"}`."""
+        params: dict[str, Any] = {"limit": page_size}
+        if attempt is not None:
+            params["attempt"] = attempt
+        while True:
+            page = self._request("GET", f"/v1/jobs/{job_id}/logs", params=params).json()
+            yield from page["items"]
+            if not page.get("next_cursor"):
+                return
+            params["cursor"] = page["next_cursor"]
+
     # --- samples ------------------------------------------------------------------------------
     def samples(self, job_id: str) -> list[dict[str, Any]]:
         """The sample grids drawn during training: `[{"step", "url", "created_at"}]`."""
@@ -327,7 +340,8 @@ class DdpmClient:
         A dropped connection (a network error, a 5xx, or a stream that ends before the job
         has) is reopened with `Last-Event-ID`, after a growing delay, so each metric, checkpoint
         and sample event is yielded once. A status event comes on every connect; one that
-        repeats the previous status and attempt is not yielded again. `on_reconnect(reason,
+        repeats the previous status and attempt is not yielded again. A finished job's terminal
+        status comes last, after its history. `on_reconnect(reason,
         delay_s)` is told of each drop before the wait."""
         url = f"/v1/jobs/{job_id}/events"
         timeout = httpx.Timeout(self._http.timeout.connect, read=STREAM_READ_TIMEOUT_S)
@@ -340,16 +354,30 @@ class DdpmClient:
             try:
                 with connect_sse(self._http, "GET", url, headers=headers, timeout=timeout) as source:
                     _raise_for_status(source.response, hint_key=self.api_key is None, allow_retry=True)
+                    # Every connection opens with a status snapshot. A terminal one is held back:
+                    # the history that follows it comes first, and the stream ends with that
+                    # status again (or just ends, when there was nothing to replay).
+                    held: Event | None = None
+                    opened = True  # no event read yet on this connection
                     for sse in source.iter_sse():
                         if sse.retry is not None:  # the server's own reconnection time
                             base_delay = sse.retry / 1000
                         event = _decode_event(sse.event, sse.id, sse.data)
-                        if event is None or not position.advance(event):
+                        if event is None:
+                            continue
+                        snapshot, opened = opened, False
+                        if snapshot and event.is_terminal:
+                            held = event
+                            continue
+                        if not position.advance(event):
                             continue
                         failures, delay = 0, base_delay  # progress: the next drop starts afresh
                         yield event
                         if event.is_terminal:
                             return
+                    if held is not None and position.advance(held):
+                        yield held
+                        return
             except _Retryable as exc:
                 reason = str(exc)
             except httpx.TransportError as exc:

@@ -256,6 +256,27 @@ def metrics(
         print_table([Column("step"), Column("loss"), Column("lr"), Column("images/s"), Column("at")], rows)
 
 
+# --- logs --------------------------------------------------------------------------------------
+@app.command()
+@reports_errors
+def logs(
+    ctx: typer.Context,
+    job_id: JobId,
+    attempt: Annotated[
+        int | None, typer.Option("--attempt", min=1, help="Only this attempt's lines; default: every attempt.")
+    ] = None,
+) -> None:
+    """What the worker logged while it ran the job, attempt by attempt (plain lines)."""
+    shown = 0
+    with client_for(ctx) as client:
+        for line in client.logs(job_id, attempt):
+            head = f"{_when(line.get('at'))} #{line['attempt']} {line['level']:<7} {line['logger']}:"
+            typer.echo(f"{head} {line['message']}")
+            shown += 1
+    if not shown:
+        err.print(f"job {job_id} has no log lines yet" + (f" for attempt {attempt}" if attempt else ""))
+
+
 @app.command()
 @reports_errors
 def checkpoints(ctx: typer.Context, job_id: JobId, as_json: AsJson = False) -> None:

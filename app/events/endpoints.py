@@ -31,8 +31,9 @@ EVENT_ID_PATTERN = r"^[0-9]{1,9}\.[0-2]$"
         200: {
             "description": (
                 "text/event-stream. `metric` (id `STEP.0`), `checkpoint` (`STEP.1`) and `sample` (`STEP.2`) "
-                "events, and `status` events (the whole job, no id) first and on every change; the stream "
-                "ends after a terminal status. Reconnect with Last-Event-ID to continue without gaps."
+                "events, and `status` events (the whole job as GET shows it, no id) first and on every change; "
+                "the last event is the terminal status (sent again after a finished job's history), then the stream "
+                "ends. Reconnect with Last-Event-ID to continue without gaps."
             ),
             # One schema per event, as SSE tooling (and schemathesis) reads a text/event-stream.
             "content": {

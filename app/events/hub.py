@@ -29,8 +29,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth.service import active_key_prefixes
 from app.checkpoints.repository import CheckpointRepository
+from app.config import Settings
 from app.jobs.repository import JobRepository
-from app.jobs.schemas import JobOut
+from app.jobs.service import job_out
 from app.metrics.repository import MetricRepository
 from app.models import Checkpoint, Job, MetricPoint, Sample
 from app.samples.repository import SampleRepository
@@ -85,8 +86,9 @@ class Event:
         return head + f"data: {json.dumps(self.data, separators=(',', ':'))}\n\n"
 
 
-def _status_event(job: Job) -> Event:
-    return Event("status", JobOut.model_validate(job).model_dump(mode="json"))
+def _status_event(session: Session, job: Job, settings: Settings) -> Event:
+    """The whole job as GET /v1/jobs/{id} shows it, `queue` and `waiting_reason` included."""
+    return Event("status", job_out(session, job, settings).model_dump(mode="json"))
 
 
 def _metric_event(p: MetricPoint) -> Event:
@@ -106,7 +108,7 @@ def _sample_event(s: Sample) -> Event:
 
 def _signature(event: Event) -> tuple[Any, ...]:
     d = event.data
-    return (d["status"], d["attempt"], d["error"], d["cancel_requested"])
+    return (d["status"], d["attempt"], d["error"], d["cancel_requested"], d["waiting_reason"])
 
 
 def _one_snapshot(session: Session) -> None:
@@ -116,7 +118,9 @@ def _one_snapshot(session: Session) -> None:
         session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
 
 
-def read_events(factory: sessionmaker[Session], job_id: uuid.UUID, after: EventKey | None) -> tuple[Event, list[Event]]:
+def read_events(
+    factory: sessionmaker[Session], settings: Settings, job_id: uuid.UUID, after: EventKey | None
+) -> tuple[Event, list[Event]]:
     """The job's status, and its keyed events after `after` in key order (a blocking read)."""
     after = after or EventKey(-1, SAMPLE)
     with factory() as session:
@@ -124,7 +128,7 @@ def read_events(factory: sessionmaker[Session], job_id: uuid.UUID, after: EventK
         job = JobRepository(session).get(job_id)
         if job is None:
             raise LookupError(job_id)
-        status = _status_event(job)
+        status = _status_event(session, job, settings)
         points = MetricRepository(session).list(job_id, after_step=after.last_step_through(METRIC))
         checkpoints = CheckpointRepository(session).list(job_id, after_step=after.last_step_through(CHECKPOINT))
         samples = SampleRepository(session).list(job_id, after_step=after.last_step_through(SAMPLE))
@@ -206,11 +210,13 @@ class EventHub:
     def __init__(
         self,
         factory: sessionmaker[Session],
+        settings: Settings,
         poll_interval_s: float = 0.5,
         keepalive_s: float = 15.0,
         key_check_s: float = 2.0,
     ) -> None:
         self.factory = factory
+        self.settings = settings  # the queue names and worker lease that `waiting_reason` needs
         self.poll_interval_s = poll_interval_s
         self.keepalive_s = keepalive_s
         self.key_check_s = key_check_s  # how soon a revoked key's streams end
@@ -234,14 +240,22 @@ class EventHub:
             # `sent` drops what both deliver.
             await feed.started.wait()
             try:
-                status, replay = await to_thread.run_sync(read_events, self.factory, job_id, last_event_id)
+                status, replay = await to_thread.run_sync(
+                    read_events, self.factory, self.settings, job_id, last_event_id
+                )
             except LookupError:
                 return
-            for event in [*replay, status] if _is_terminal(status) else [status, *replay]:
+            # The status snapshot always comes first. A finished job's stream is that snapshot,
+            # what happened after `last_event_id`, and the terminal status once more as its last
+            # event (when anything came between): a client reads until a terminal status that
+            # is not the first event of its connection, or until the stream ends.
+            for event in [status, *replay]:
                 if text := sent.admit(event):
                     yield text
-                if _is_terminal(event):
-                    return
+            if _is_terminal(status):
+                if replay:
+                    yield status.encode()
+                return
             async for text in self._follow(watcher.queue, sent):
                 yield text
         finally:
@@ -313,7 +327,7 @@ class EventHub:
         next_key_check = loop.time() + self.key_check_s
         while feed.watchers:
             try:
-                status, events = await self._read(job_id, read_events, self.factory, job_id, feed.cursor)
+                status, events = await self._read(job_id, read_events, self.factory, self.settings, job_id, feed.cursor)
             except LookupError:
                 return  # the job is gone: every watcher's stream ends
             if events:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.config import Settings
-from app.jobs.data_roots import DatasetPathRefused, resolve_dataset_folder
+from app.jobs.data_roots import DatasetPathRefused, check_dataset_folder
 from app.spec import JobSpec
 from app.spec_size import BYTES_PER_PARAMETER, activation_bytes_per_image, training_memory_bytes, unet_parameter_count
 
@@ -56,7 +56,7 @@ def check_spec(spec: JobSpec, settings: Settings) -> None:
             refused.add(loc, "must not contain a NUL character", text)
     if spec.dataset.kind == "folder" and spec.dataset.path is not None and "\0" not in spec.dataset.path:
         try:
-            resolve_dataset_folder(spec.dataset.path, settings.data_roots)
+            check_dataset_folder(spec.dataset.path, settings.data_roots, settings.dataset_folder_check)
         except DatasetPathRefused as exc:
             refused.add(("dataset", "path"), str(exc), spec.dataset.path)
     if refused.errors:

@@ -146,13 +146,13 @@ class JobRepository:
         return result.rowcount == 1
 
     def requeue_for_shutdown(self, job_id: uuid.UUID, attempt: int) -> bool:
-        """running -> queued, not yet sent, giving the attempt's number back (the next claim takes
-        it again): a graceful stop is not a failure, so it does not count against max_attempts.
-        Only for an attempt that writes nothing more; False when fenced off."""
+        """running -> queued, not yet sent, after a graceful stop: counted in `stops`, so it does
+        not count against max_attempts (the next claim is a new attempt, as ever: attempt
+        numbers stay unique fencing tokens). False when fenced off."""
         result = self.session.execute(
             update(Job)
             .where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.running)
-            .values(status=JobStatus.queued, worker=None, dispatched_at=None, attempt=attempt - 1)
+            .values(status=JobStatus.queued, worker=None, dispatched_at=None, stops=Job.stops + 1)
         )
         return result.rowcount == 1
 

@@ -35,7 +35,7 @@ class JobOut(BaseModel):
     waiting_reason: str | None = Field(
         None,
         description="While queued: why the job has not started (e.g. no running worker can hold it). "
-        "GET /v1/jobs/{id} and the job list fill in `queue` and this; live status events leave them out.",
+        "GET /v1/jobs/{id}, the job list and the status events of GET /v1/jobs/{id}/events fill it in.",
     )
 
 

@@ -172,13 +172,14 @@ def release_lost(session: Session, job_id: uuid.UUID, attempt: int, max_attempts
 
 def release_attempt(job: Job, max_attempts: int, reason: str) -> JobStatus:
     """A running job whose attempt is lost: cancelled if a cancel was asked for, failed once it has
-    used `max_attempts` attempts, else back to the queue (not yet sent) to resume from its latest
-    checkpoint."""
+    used `max_attempts` attempts (graceful stops not counted), else back to the queue (not yet
+    sent) to resume from its latest checkpoint."""
+    lost = job.attempt - (job.stops or 0)
     if job.cancel_requested:
         job.status, job.finished_at = JobStatus.cancelled, utcnow()
-    elif job.attempt >= max_attempts:
+    elif lost >= max_attempts:
         job.status, job.finished_at = JobStatus.failed, utcnow()
-        job.error = f"gave up after {job.attempt} attempts: {reason} at step {job.step}"
+        job.error = f"gave up after {lost} attempts: {reason} at step {job.step}"
     else:
         job.status, job.dispatched_at, job.worker = JobStatus.queued, None, None
     return JobStatus(job.status)

@@ -89,6 +89,18 @@ class TestCheckpoints:
         assert client.get(f"/v1/jobs/{uuid.uuid4()}/checkpoints").status_code == 404
         assert client.get(f"/v1/jobs/{uuid.uuid4()}/checkpoints/latest").status_code == 404
 
+    def test_latest_with_no_checkpoint_says_so_and_a_bad_step_is_one_422(self, client: TestClient, job_id: str) -> None:
+        for path in ("latest", "latest/export"):
+            r = client.get(f"/v1/jobs/{job_id}/checkpoints/{path}")
+            assert (r.status_code, r.json()) == (404, {"detail": f"job {job_id} has no checkpoint yet"})
+        r = client.get(f"/v1/jobs/{job_id}/checkpoints/5/export")
+        assert (r.status_code, r.json()) == (404, {"detail": f"job {job_id} has no checkpoint at step 5"})
+        for bad in ("newest", "Latest", "-1", "1.5", "2147483648", "٣"):
+            for path in (bad, f"{bad}/export"):
+                r = client.get(f"/v1/jobs/{job_id}/checkpoints/{path}")
+                assert r.status_code == 422, (path, r.text)
+                assert [e["loc"] for e in r.json()["detail"]] == [["path", "step"]], (path, r.text)
+
     def test_a_row_pointing_outside_the_root_is_refused(
         self, client: TestClient, clean_db: Settings, job_id: str
     ) -> None:

@@ -88,7 +88,9 @@ class TestReplay:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         events = parse_sse(r.text)
+        # The status snapshot first, the history, and the terminal status again as the last event.
         assert keyed(events) == [
+            ("status", None),
             ("metric", "10.0"),
             ("metric", "20.0"),
             ("checkpoint", "20.1"),
@@ -96,9 +98,33 @@ class TestReplay:
             ("metric", "30.0"),
             ("status", None),
         ]
-        assert events[0]["data"] == {"step": 10, "loss": 0.1, "lr": 1e-4, "images_per_s": 10.0}
-        assert events[3]["data"] == {"step": 20, "url": f"/v1/jobs/{job_id}/samples/20.png"}
+        assert events[1]["data"] == {"step": 10, "loss": 0.1, "lr": 1e-4, "images_per_s": 10.0}
+        assert events[4]["data"] == {"step": 20, "url": f"/v1/jobs/{job_id}/samples/20.png"}
+        assert events[0]["data"] == events[-1]["data"]
         assert events[-1]["data"]["status"] == "succeeded" and events[-1]["data"]["id"] == job_id
+        # Like GET /v1/jobs/{id}: the same job, queue included (no waiting reason once it ran).
+        assert events[-1]["data"] == client.get(f"/v1/jobs/{job_id}").json()
+        assert events[-1]["data"]["queue"] and events[-1]["data"]["waiting_reason"] is None
+
+    def test_a_queued_jobs_status_says_where_and_why_it_waits(
+        self, client: TestClient, clean_db: Settings, job_id: str
+    ) -> None:
+        async def first_event() -> dict:
+            hub = EventHub(Rows(clean_db, job_id).factory, clean_db, poll_interval_s=0.05)
+            stream = hub.stream(uuid.UUID(job_id), None)
+            try:
+                return parse_sse(await anext(stream))[0]
+            finally:
+                await stream.aclose()
+
+        event = asyncio.run(first_event())
+        shown = client.get(f"/v1/jobs/{job_id}").json()
+        assert event["event"] == "status" and event["data"]["status"] == "queued"
+        assert {k: event["data"][k] for k in ("queue", "waiting_reason")} == {
+            "queue": shown["queue"],
+            "waiting_reason": shown["waiting_reason"],
+        }
+        assert shown["waiting_reason"].startswith("no worker is running")
 
     def test_last_event_id_continues_after_it(self, client: TestClient, clean_db: Settings, job_id: str) -> None:
         rows = Rows(clean_db, job_id)
@@ -108,9 +134,9 @@ class TestReplay:
         rows.sample(20)
         rows.status("failed", error="boom")
         r = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "20.1"})
-        assert keyed(parse_sse(r.text)) == [("sample", "20.2"), ("metric", "30.0"), ("status", None)]
+        assert keyed(parse_sse(r.text)) == [("status", None), ("sample", "20.2"), ("metric", "30.0"), ("status", None)]
         r = client.get(f"/v1/jobs/{job_id}/events", params={"after": "30.0"})
-        assert keyed(parse_sse(r.text)) == [("status", None)]
+        assert keyed(parse_sse(r.text)) == [("status", None)]  # nothing after it: the status once
 
     def test_a_bad_last_event_id_is_422_and_another_job_404(self, client: TestClient, job_id: str) -> None:
         r = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "ten"})
@@ -177,7 +203,7 @@ class TestOutOfRangeIds:
             rows.status("succeeded", step=30)
 
         async def watch() -> list[dict]:
-            hub = EventHub(rows.factory, poll_interval_s=0.05)
+            hub = EventHub(rows.factory, clean_db, poll_interval_s=0.05)
             # The first watcher (the one whose arrival starts the job's feed) is past anything
             # the job will write; a second one is past the database's integer: its replay fails.
             ahead = hub.stream(job, EventKey(999_999_999, 2))

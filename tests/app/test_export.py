@@ -71,6 +71,13 @@ def test_export_loads_into_ddpm_pipeline_and_samples(client: TestClient, clean_d
                       output_type="np").images  # fmt: skip
     assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
 
+    # `latest` names the same checkpoint (it downloads, and it exports).
+    latest = client.get(f"/v1/jobs/{job_id}/checkpoints/latest/export")
+    assert latest.status_code == 200, latest.text
+    assert latest.headers["content-disposition"] == r.headers["content-disposition"]
+    assert f"{job_id}-step-00000002-diffusers.zip" in latest.headers["content-disposition"]
+    with zipfile.ZipFile(io.BytesIO(latest.content)) as a, zipfile.ZipFile(io.BytesIO(r.content)) as b:
+        assert {n: a.read(n) for n in a.namelist()} == {n: b.read(n) for n in b.namelist()}
     assert client.get(f"/v1/jobs/{job_id}/checkpoints/4/export").status_code == 404
     assert client.get(f"/v1/jobs/{job_id}/checkpoints/2/export", params={"format": "onnx"}).status_code == 422
     assert client.get(f"/v1/jobs/{uuid.uuid4()}/checkpoints/2/export").status_code == 404

@@ -179,7 +179,8 @@ class TestDataRoots:
     @pytest.fixture
     def roots(self, tmp_path: Path, limited) -> tuple[Path, Path, TestClient]:
         root, outside = tmp_path / "datasets", tmp_path / "elsewhere"
-        (root / "mnist").mkdir(parents=True)
+        (root / "mnist" / "train").mkdir(parents=True)
+        (root / "mnist" / "train" / "0.png").write_bytes(b"an image")  # the API looks for one, never reads it
         outside.mkdir()
         os.symlink(outside, root / "escape")
         os.symlink(root / "mnist", root / "alias")
@@ -201,6 +202,36 @@ class TestDataRoots:
         r = c.post("/v1/jobs", json=self.folder(path.replace("OUTSIDE", str(outside))))
         refused(r, ["body", "dataset", "path"])
         assert c.get("/v1/jobs").json()["items"] == []
+
+    @pytest.mark.parametrize(
+        ("path", "says"),
+        [
+            ("no-such-folder", "does not exist"),
+            ("mnist/train/0.png", "is not a directory"),
+            ("empty", "holds no .jpeg/.jpg/.png image"),
+            ("dangling", "does not exist"),
+        ],
+    )
+    def test_a_folder_the_api_sees_missing_or_empty_is_422_at_submit(self, roots, path: str, says: str) -> None:
+        root, _, c = roots
+        (root / "empty" / "sub").mkdir(parents=True)
+        (root / "empty" / "notes.txt").write_text("no image here")
+        os.symlink(root / "gone", root / "dangling")
+        r = c.post("/v1/jobs", json=self.folder(path))
+        refused(r, ["body", "dataset", "path"])
+        assert says in r.json()["detail"][0]["msg"] and path in r.json()["detail"][0]["msg"]
+        assert c.get("/v1/jobs").json()["items"] == []
+
+    def test_a_root_the_api_cannot_see_is_left_to_the_worker_unless_always(self, tmp_path: Path, limited) -> None:
+        unseen = tmp_path / "on-the-workers-only"
+        body = self.folder("mnist")
+        assert limited(data_roots=[unseen]).post("/v1/jobs", json=body).status_code == 201
+        always = limited(data_roots=[unseen], dataset_folder_check="always").post("/v1/jobs", json=body)
+        refused(always, ["body", "dataset", "path"])
+        assert "does not exist" in always.json()["detail"][0]["msg"]
+        # Outside the roots is refused whatever the setting.
+        never = limited(data_roots=[unseen], dataset_folder_check="never")
+        refused(never.post("/v1/jobs", json=self.folder("/etc")), ["body", "dataset", "path"])
 
     def test_a_nul_in_text_fields_is_422_not_500(self, client: TestClient) -> None:
         refused(client.post("/v1/jobs", json={"name": "a\u0000b"}), ["body", "name"])

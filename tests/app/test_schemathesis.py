@@ -42,10 +42,11 @@ SETTINGS = hypothesis.settings(
 # - POST /v1/jobs: some rules cannot be written in JSON Schema (beta_end > beta_start, channels
 #   divisible by norm_groups, image_size by the levels), and the service's limits (DDPM_MAX_*,
 #   the GPU memory estimate, data roots) depend on its configuration;
-# - GET /v1/jobs: `cursor` is opaque; only cursors this API returned are valid;
+# - GET /v1/jobs and GET /v1/jobs/{job_id}/logs: `cursor` is opaque; only cursors this API
+#   returned are valid (and an `attempt` past the job's own is 422);
 # - POST /v1/jobs/{job_id}/sample: `steps` is for ddim only, and integers are strict (60.0 is not 60).
 ACCEPTS_VALID_OR_422 = {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "404", "409", "422", "429"]}}
-# A job just created has no checkpoint yet: its latest checkpoint is a (documented) 404, which a
+# A job just created has no checkpoint yet: its latest (or any) checkpoint is a (documented) 404, which a
 # stateful run reaching it from POST /v1/jobs took for a created resource gone missing.
 NO_CHECKPOINT_YET_IS_404 = {"ensure_resource_availability": {"enabled": False}}
 
@@ -61,9 +62,20 @@ def fuzzer_config(key: str) -> schemathesis.config.SchemathesisConfig:
             "operations": [
                 *(
                     {"include-name": name, "checks": ACCEPTS_VALID_OR_422}
-                    for name in ("POST /v1/jobs", "GET /v1/jobs", "POST /v1/jobs/{job_id}/sample")
+                    for name in (
+                        "POST /v1/jobs",
+                        "GET /v1/jobs",
+                        "POST /v1/jobs/{job_id}/sample",
+                        "GET /v1/jobs/{job_id}/logs",
+                    )
                 ),
-                {"include-name": "GET /v1/jobs/{job_id}/checkpoints/latest", "checks": NO_CHECKPOINT_YET_IS_404},
+                *(
+                    {"include-name": name, "checks": NO_CHECKPOINT_YET_IS_404}
+                    for name in (
+                        "GET /v1/jobs/{job_id}/checkpoints/{step}",
+                        "GET /v1/jobs/{job_id}/checkpoints/{step}/export",
+                    )
+                ),
             ],
         }
     )

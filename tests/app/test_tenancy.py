@@ -123,10 +123,10 @@ def test_the_matrix_covers_every_route(world: World) -> None:
         ("POST", "/v1/jobs/{job_id}/cancel"),
         ("GET", "/v1/jobs/{job_id}/metrics"),
         ("GET", "/v1/jobs/{job_id}/checkpoints"),
-        ("GET", "/v1/jobs/{job_id}/checkpoints/latest"),
-        ("GET", "/v1/jobs/{job_id}/checkpoints/{step}"),
+        ("GET", "/v1/jobs/{job_id}/checkpoints/{step}"),  # a step, or `latest`
         ("GET", "/v1/jobs/{job_id}/checkpoints/{step}/export"),
         ("GET", "/v1/jobs/{job_id}/events"),
+        ("GET", "/v1/jobs/{job_id}/logs"),
         ("GET", "/v1/jobs/{job_id}/loss.png"),
         ("GET", "/v1/jobs/{job_id}/samples"),
         ("GET", "/v1/jobs/{job_id}/samples/{step}.png"),

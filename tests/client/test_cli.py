@@ -316,6 +316,39 @@ class TestSampleWait:
         assert list(tmp_path.iterdir()) == []
 
 
+class TestLogs:
+    def test_prints_every_page_of_lines_and_sends_the_attempt(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        seen: list[dict] = []
+        line = {"at": "2026-01-01T00:00:00Z", "level": "INFO", "logger": "worker.attempt"}
+        pages = {
+            None: {"items": [line | {"attempt": 2, "seq": 0, "message": "resumed [step 20]"}], "next_cursor": "2.0"},
+            "2.0": {"items": [line | {"attempt": 2, "seq": 1, "message": "ended\n  two lines"}], "next_cursor": None},
+        }
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(dict(request.url.params))
+            return httpx.Response(200, json=pages[request.url.params.get("cursor")])
+
+        use_transport(monkeypatch, handler)
+        result = ddpm(None, "k", "logs", "j1", "--attempt", "2")
+        assert result.exit_code == 0, result.output
+        assert seen == [{"limit": "1000", "attempt": "2"}, {"limit": "1000", "attempt": "2", "cursor": "2.0"}]
+        out = result.stdout.splitlines()
+        assert [o.split(" #", 1)[-1] for o in out] == [
+            "2 INFO    worker.attempt: resumed [step 20]",  # as logged: no markup read into it
+            "2 INFO    worker.attempt: ended",
+            "  two lines",
+        ]
+
+    def test_none_yet_says_so_and_a_bad_attempt_is_the_servers_422(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        use_transport(monkeypatch, lambda r: httpx.Response(200, json={"items": [], "next_cursor": None}))
+        result = ddpm(None, "k", "logs", "j1")
+        assert result.exit_code == 0 and result.stdout == "" and "no log lines yet" in result.stderr
+        detail = [{"loc": ["query", "attempt"], "msg": "job j1 has had 1 attempt; attempt 3 has no lines"}]
+        use_transport(monkeypatch, lambda r: httpx.Response(422, json={"detail": detail}))
+        assert_clean_error(ddpm(None, "k", "logs", "j1", "--attempt", "3"), "attempt 3 has no lines")
+
+
 def event_stream(*chunks: str) -> Callable[[httpx.Request], httpx.Response]:
     def handler(request: httpx.Request) -> httpx.Response:
         body = "".join(chunks).encode()

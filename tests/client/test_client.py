@@ -306,6 +306,15 @@ class TestEventStream:
         statuses = [(e.data["status"], e.data["attempt"]) for e in events if e.event == "status"]
         assert statuses == [("running", 1), ("running", 2), ("succeeded", 2)]
 
+    def test_a_finished_jobs_terminal_snapshot_comes_after_its_history(self) -> None:
+        # The server opens with the status snapshot and ends with the terminal status again.
+        finished = [status("succeeded", 20), metric(10), metric(20), status("succeeded", 20)]
+        events, requests = self.stream([Reply(finished)])
+        assert kinds(events) == [("metric", "10.0"), ("metric", "20.0"), ("status", "succeeded")]
+        # A stream that ends after a terminal snapshot without repeating it: that status, no reconnect.
+        events, requests = self.stream([Reply([status("cancelled", 0), metric(10)])])
+        assert kinds(events) == [("metric", "10.0"), ("status", "cancelled")] and len(requests) == 1
+
     def test_resumes_from_a_given_last_event_id(self) -> None:
         events, requests = self.stream([Reply([status("succeeded", 30)])], last_event_id="30.1")
         assert kinds(events) == [("status", "succeeded")]

@@ -142,7 +142,7 @@ def test_sigterm_checkpoints_all_ranks_at_one_step_and_a_cancel_stops_them(
             deadline = time.monotonic() + 240
             while client.get(f"/v1/jobs/{job_id}").json()["step"] < job["step"] + 10 and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert client.get(f"/v1/jobs/{job_id}").json()["attempt"] == 1  # the shutdown gave its attempt back
+            assert client.get(f"/v1/jobs/{job_id}").json()["attempt"] == 2  # a new attempt; the stop is not lost
             client.post(f"/v1/jobs/{job_id}/cancel")
             done = wait_for_status(client, job_id, {"cancelled", "failed"}, timeout=120, logs=[log2])
             assert done["status"] == "cancelled", done["error"]

@@ -56,7 +56,7 @@ def test_sigterm_checkpoints_requeues_and_another_worker_resumes(
         log2 = tmp_path / "worker-2.log"
         with process(worker_argv(), settings_env, log2):
             resumed = wait_step(client, job_id, job["step"] + 20, timeout=120, log=log2)
-            assert resumed["attempt"] == 1  # a shutdown gives its attempt back (DDPM_MAX_ATTEMPTS)
+            assert resumed["attempt"] == 2  # a new attempt; the stop is not counted against DDPM_MAX_ATTEMPTS
             client.post(f"/v1/jobs/{job_id}/cancel")
             final = wait_for_status(client, job_id, {"cancelled"}, timeout=60, logs=[log2])
         points = client.get(f"/v1/jobs/{job_id}/metrics", params={"limit": 10_000}).json()["items"]

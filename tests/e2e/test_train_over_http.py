@@ -82,6 +82,10 @@ def check_full_flow(client: httpx.Client, logs: list[Path], tmp_path: Path) -> d
     with torch.no_grad():
         out = unet(torch.zeros(2, 1, 8, 8), torch.tensor([0, 999])).sample
     assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+    # The worker's own lines for the job, written by the real worker process (worker/job_log.py).
+    lines = client.get(f"/v1/jobs/{job_id}/logs").json()["items"]
+    assert lines and {line["attempt"] for line in lines} == {1}
+    assert (lines[-1]["logger"], lines[-1]["message"]) == ("worker.attempt", f"job {job_id}: attempt 1 ended succeeded")
     print(f"\ne2e job {job_id}: wall {wall:.1f}s, loss {first:.4f} -> {last:.4f}")
     return job
 
@@ -117,6 +121,10 @@ def test_embedded_default_serve(tmp_path: Path) -> None:
         assert httpx.get(f"{base}/v1/jobs").status_code == 401
         with httpx.Client(base_url=base, timeout=30, headers=headers) as client:
             job = check_full_flow(client, [log], tmp_path)
+            # The default data root exists, so the API checks a folder data set at submit.
+            assert (tmp_path / "var" / "datasets").is_dir()
+            missing = client.post("/v1/jobs", json={"dataset": {"kind": "folder", "path": "mnist"}})
+            assert missing.status_code == 422 and missing.json()["detail"][0]["loc"] == ["body", "dataset", "path"]
     assert (tmp_path / "var" / "ddpm.db").exists()
     # Restarted, the embedded service still has the job, and the same key (no new one is made).
     with process([str(BIN / "ddpm-jobs"), "serve"], env, tmp_path / "serve2.log") as serve:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 import uuid
@@ -19,7 +20,7 @@ from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs.repository import JobRepository
 from app.jobs.service import cancel_job, create_job, requeue_expired
-from app.models import Checkpoint, Job, MetricPoint, utcnow
+from app.models import Checkpoint, Job, JobLogLine, MetricPoint, utcnow
 from app.routing import train_queue
 from app.samples.repository import SampleRepository
 from app.spec import JobSpec
@@ -44,8 +45,9 @@ def runner(clean_db: Settings, factory) -> JobRunner:
     return JobRunner(clean_db, factory)
 
 
-# The runner's tests submit folder data sets from tmp_path: any path is inside this root.
-SUBMIT_SETTINGS = Settings(data_roots=["/"])
+# The runner's tests submit folder data sets from tmp_path: any path is inside this root, and
+# the API does not look inside (as when it cannot see the workers' data): the worker must.
+SUBMIT_SETTINGS = Settings(data_roots=["/"], dataset_folder_check="never")
 
 
 def submit(factory, spec: dict) -> uuid.UUID:
@@ -78,8 +80,9 @@ class TestRun:
             assert (len(data), hashlib.sha256(data).hexdigest()) == (c.size_bytes, c.sha256)
 
     def test_sample_grids_are_recorded_and_a_resume_redraws_the_ones_it_redoes(
-        self, runner: JobRunner, factory, clean_db: Settings, monkeypatch
+        self, runner: JobRunner, factory, clean_db: Settings, monkeypatch, caplog
     ) -> None:
+        caplog.set_level(logging.INFO, logger="worker")  # as the worker runs (--loglevel=INFO)
         spec = TINY | {"training": TINY["training"] | {"steps": 60, "sample_every": 15, "sample_count": 4}}
         job_id = submit(factory, spec)
         original = DatabaseSink.on_log
@@ -87,6 +90,10 @@ class TestRun:
         def lose_lease_at_step_50(self, point) -> None:
             original(self, point)
             if point.step == 50 and self.attempt == 1:
+                # Meanwhile the sweeper (another thread) speaks of another job: not this job's log.
+                other = threading.Thread(target=logging.getLogger("worker.sweeper").warning, args=("another job",))
+                other.start()
+                other.join()
                 with session_scope(factory) as s:
                     requeue_expired(s, utcnow() + timedelta(hours=1))
 
@@ -102,6 +109,17 @@ class TestRun:
             assert hashlib.sha256((clean_db.checkpoint_root / x.path).read_bytes()).hexdigest() == x.sha256
         left = sorted(p.name for p in (clean_db.checkpoint_root / str(job_id)).rglob("*.png"))
         assert left == [f"step-{n:08d}.png" for n in (15, 30, 45, 60)], "the first attempt's grid at 45 is gone"
+        # Each attempt kept its own log lines (worker/job_log.py), and only its own.
+        with session_scope(factory) as s:
+            rows = s.scalars(select(JobLogLine).where(JobLogLine.job_id == job_id).order_by("attempt", "seq"))
+            kept = [(r.attempt, r.seq, r.level, r.logger, r.message) for r in rows]
+        first = [line[2:] for line in kept if line[0] == 1]
+        assert [line[1] for line in kept if line[0] == 1] == list(range(len(first)))
+        fenced = f"job {job_id}: attempt 1 fenced off by a newer attempt; stopped"
+        assert ("WARNING", "worker.attempt", fenced) in first
+        assert kept[-1][:2] == (2, len(kept) - len(first) - 1)
+        assert kept[-1][2:] == ("INFO", "worker.attempt", f"job {job_id}: attempt 2 ended succeeded")
+        assert not [line for line in kept if "another job" in line[4] or (line[0] == 1 and "attempt 2" in line[4])]
 
     def test_a_second_delivery_does_nothing(self, runner: JobRunner, factory) -> None:
         job_id = submit(factory, TINY)
@@ -250,8 +268,8 @@ class TestStopping:
             shutdown.on_stop_consuming(None)
         assert status_when_consuming_stopped == ["running"]
         job, points, ckpts = load(factory, job_id)
-        # The stop gave its attempt back: restarts do not use up DDPM_MAX_ATTEMPTS.
-        assert (job.status, job.step, job.worker, job.attempt) == ("queued", 30, None, 0)
+        # The stop is counted apart: restarts do not use up DDPM_MAX_ATTEMPTS.
+        assert (job.status, job.step, job.worker, job.attempt, job.stops) == ("queued", 30, None, 1, 1)
         assert job.dispatched_at is not None
         assert [c.step for c in ckpts] == [20, 30]
         queue = train_queue(clean_db.queue, JobSpec.model_validate(job.spec))
@@ -261,7 +279,7 @@ class TestStopping:
         monkeypatch.setattr(DatabaseSink, "on_log", original)
         assert runner.run(job_id) == "succeeded"
         job, points, _ = load(factory, job_id)
-        assert (job.attempt, job.step) == (1, 100)
+        assert (job.attempt, job.stops, job.step) == (2, 1, 100)
         assert [p.step for p in points] == list(range(10, 101, 10))
 
 
@@ -296,12 +314,16 @@ class TestSweeper:
             def send_train(self, job: str, queue: str) -> None:
                 pass
 
-        for attempt in (1, 2):
+        for stop in (1, 2, 3):  # graceful stops (worker restarts) are not lost attempts
             with session_scope(factory) as s:
-                assert JobRepository(s).claim(job_id, f"worker-{attempt}") == attempt
+                assert JobRepository(s).claim(job_id, "restarting-worker") == stop
+                assert JobRepository(s).requeue_for_shutdown(job_id, stop)
+        for lost in (1, 2):
+            with session_scope(factory) as s:
+                assert JobRepository(s).claim(job_id, f"worker-{lost}") == 3 + lost
                 s.get(Job, job_id).heartbeat_at = utcnow() - timedelta(hours=1)
             requeued, _ = sweep_once(settings, factory, Recorder())
-            assert requeued == (1 if attempt == 1 else 0)
+            assert requeued == (1 if lost == 1 else 0)
         job = load(factory, job_id)[0]
         assert job.status == "failed"
         assert job.error.startswith("gave up after 2 attempts") and "worker-2" in job.error

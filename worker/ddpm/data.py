@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from app.spec import FOLDER_IMAGE_SUFFIXES as IMAGE_SUFFIXES
 from app.spec import DatasetSpec
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 RESAMPLE = Image.Resampling.BICUBIC
 
 

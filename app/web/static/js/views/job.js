@@ -162,7 +162,7 @@ export function jobView(root, jobId) {
     stats.replaceChildren(...items.map(([k, v]) => el("div", {}, el("dt", {}, k), el("dd", {}, v))));
     errorBox.hidden = !job.error;
     errorBox.textContent = job.error || "";
-    // Only GET /v1/jobs/{id} says why a queued job waits; a status event means it moved on.
+    // GET /v1/jobs/{id} and every status event say why a queued job waits.
     if (job.status !== "queued") waitingBox.hidden = true;
     else if (job.waiting_reason) {
       waitingBox.hidden = false;
