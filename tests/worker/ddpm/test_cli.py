@@ -147,4 +147,5 @@ class TestTrainCommand:
         with pytest.raises(SystemExit) as exit_info:
             main(["--help"])
         assert exit_info.value.code == 0
-        assert "--resume" in capsys.readouterr().out
+        help_text = capsys.readouterr().out
+        assert all(option in help_text for option in ("--resume", "--sampler", "--sampling-steps"))
