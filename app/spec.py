@@ -1,7 +1,9 @@
 """The training-job spec: what a user POSTs, what the worker trains, what a checkpoint records.
 
 Pure Pydantic (no torch, no SQL) so the API validates it and the ML core consumes it. Every
-field has a default, so ``{}`` is a valid spec: the ``tiny`` U-Net on the ``digits`` data set.
+field has a default, so ``{}`` is a valid spec: a quick demo (about a minute on two CPU cores),
+the ``tiny`` U-Net trained 500 steps on the ``digits`` data set at its own 8x8 size. The Ho et al.
+2020 values are a preset (`ddpm-cifar10`) and the diffusion defaults.
 Presets fill the model fields a user leaves out; the resolved spec (every field concrete) is
 what the API returns and what each checkpoint carries in its metadata.
 """
@@ -34,7 +36,10 @@ class DatasetSpec(_Section):
         None, max_length=4096, description="`folder` only: a directory of PNG/JPEG images on the worker."
     )
     image_size: int = Field(
-        16, ge=4, le=1024, description="Images are resized (shorter side) and centre-cropped to this square size."
+        8,  # the digits' own size: no upscaling, and 4x cheaper than 16 (the {} demo's speed)
+        ge=4,
+        le=1024,
+        description="Images are resized (shorter side) and centre-cropped to this square size.",
     )
     channels: Literal[1, 3] = Field(1, description="1 (grayscale) or 3 (RGB).")
 
@@ -137,7 +142,8 @@ class DiffusionSpec(_Section):
 
 
 class TrainingSpec(_Section):
-    steps: int = Field(2000, ge=1, le=10_000_000, description="Optimizer steps to train for.")
+    # 500 steps at batch 64 draw recognisable digits with `tiny` at 8x8 (the {} demo: about a minute).
+    steps: int = Field(500, ge=1, le=10_000_000, description="Optimizer steps to train for.")
     batch_size: int = Field(64, ge=1, le=4096, description="Images per step.")
     learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="AdamW peak learning rate.")
     warmup_steps: int = Field(100, ge=0, le=10_000_000, description="Linear warm-up from 0 to learning_rate.")
@@ -153,7 +159,7 @@ class TrainingSpec(_Section):
     )
     keep_checkpoints: int = Field(3, ge=1, le=1000, description="How many of the newest checkpoints to keep.")
     sample_every: int = Field(
-        500,
+        250,  # the {} demo draws one halfway and one at the end; each is 50 DDIM steps of 16 images
         ge=0,
         le=10_000_000,
         description="Steps between sample grids drawn from the EMA weights (and one at the end); 0 = none.",

@@ -33,7 +33,7 @@ class TestCreate:
         assert job["status"] == "queued"
         assert job["spec"] == JobSpec().model_dump(mode="json")
         assert job["spec"]["model"]["channels"] == [32, 64]
-        assert job["total_steps"] == 2000
+        assert job["total_steps"] == 500
         assert job["step"] == 0
         assert job["created_at"].endswith(("Z", "+00:00"))
         assert job["started_at"] is None and job["finished_at"] is None

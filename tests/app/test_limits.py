@@ -113,7 +113,7 @@ class TestMemory:
         big = JobSpec.model_validate({"training": {"batch_size": 2}})
         per_image = training_memory_bytes(big) - training_memory_bytes(small)
         assert per_image == activation_bytes_per_image(small) > 0
-        attn = JobSpec.model_validate({"model": {"attention_resolutions": [16]}})
+        attn = JobSpec.model_validate({"model": {"attention_resolutions": [small.dataset.image_size]}})
         assert activation_bytes_per_image(attn) > activation_bytes_per_image(small)
 
     def test_ddpm_cifar10_at_its_paper_batch_fits_the_default_gpu(self, client: TestClient) -> None:

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from app.spec import JobSpec
 from app.spec_file import read_spec_document
 from worker.ddpm.checkpoint import CheckpointError, load_unet, prune_checkpoints
 from worker.ddpm.data import DatasetError
 from worker.ddpm.sampling import sample_images, save_grid_png
-from worker.ddpm.sink import MetricPoint, SavedCheckpoint, SavedSample
+from worker.ddpm.sink import MetricPoint, SavedCheckpoint, SavedSample, TrainResult
 from worker.ddpm.trainer import NonFiniteLossError, resolve_device, train
 
 app = typer.Typer(add_completion=False, help=__doc__)
+
+DEFAULT_SAMPLING_STEPS = 50  # DDIM steps for samples.png: seconds, where the DDPM chain takes T network calls
+
+
+class Sampler(StrEnum):
+    ddim = "ddim"
+    ddpm = "ddpm"
 
 
 @dataclass
@@ -25,21 +37,34 @@ class PrintingSink:
     """Prints progress; keeps only the newest `keep` checkpoints (the local run owns its directory)."""
 
     out: Path
-    keep: int
+    spec: JobSpec
     last: SavedCheckpoint | None = None
+    points: int = 0  # metric points printed: none when there was nothing left to train
 
     def on_log(self, point: MetricPoint) -> None:
+        self.points += 1
+        steps = self.spec.training.steps
         typer.echo(
-            f"step {point.step:>8d}  loss {point.loss:.5f}  lr {point.lr:.2e}  {point.images_per_s:,.0f} images/s"
+            f"step {point.step:>{len(str(steps))}d}/{steps}  loss {point.loss:.5f}  lr {point.lr:.2e}  "
+            f"{point.images_per_s:,.0f} images/s  ETA {self._eta(point)}"
         )
 
     def on_checkpoint(self, saved: SavedCheckpoint) -> None:
         self.last = saved
         typer.echo(f"checkpoint {saved.path}  sha256 {saved.sha256}")
-        prune_checkpoints(self.out, self.keep)
+        prune_checkpoints(self.out, self.spec.training.keep_checkpoints)
 
     def on_sample(self, saved: SavedSample) -> None:
         typer.echo(f"samples {saved.path}")
+
+    def _eta(self, point: MetricPoint) -> str:
+        """The steps left at the throughput of the latest window (checkpoints and grids not counted)."""
+        images_left = (self.spec.training.steps - point.step) * self.spec.training.batch_size
+        if images_left <= 0:
+            return "0:00:00"
+        if not math.isfinite(point.images_per_s) or point.images_per_s <= 0:
+            return "?"
+        return str(timedelta(seconds=round(images_left / point.images_per_s)))
 
 
 @app.command()
@@ -49,23 +74,62 @@ def run(
     resume: Annotated[Path | None, typer.Option("--resume", help="A step-XXXXXXXX.safetensors to continue.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if any)")] = None,
     samples: Annotated[int, typer.Option("--samples", min=0, help="Images in samples.png (0: none).")] = 16,
+    sampler: Annotated[
+        Sampler, typer.Option("--sampler", help="samples.png: ddim (--sampling-steps steps) or ddpm (all T steps).")
+    ] = Sampler.ddim,
+    sampling_steps: Annotated[
+        int | None,
+        typer.Option("--sampling-steps", min=1, help=f"DDIM steps for samples.png (default {DEFAULT_SAMPLING_STEPS})."),
+    ] = None,
 ) -> None:
-    """Train SPEC_FILE, printing one line per metric point and checkpoint; then write DIR/samples.png."""
+    """Train SPEC_FILE, printing one line per metric point, checkpoint and sample grid; then draw DIR/samples.png."""
+    if sampler is Sampler.ddpm and sampling_steps is not None:
+        raise typer.BadParameter("is for ddim; ddpm runs all T steps", param_hint="--sampling-steps")
     try:
         # Read as `ddpm submit` reads it, so the same file is the same spec here and in the service.
         spec = JobSpec.model_validate(read_spec_document(spec_file))
-        sink = PrintingSink(out=out, keep=spec.training.keep_checkpoints)
+        sink = PrintingSink(out=out, spec=spec)
         result = train(spec, out, sink, resume_from=resume, device=device)
     except (ValidationError, ValueError, DatasetError, CheckpointError, NonFiniteLossError) as e:
         typer.echo(f"ddpm-train: {e}", err=True)
         raise typer.Exit(1) from e
-    typer.echo(f"done at step {result.final_step}, last loss {result.last_loss}")
+    typer.echo(_summary(result, sink))
     final = sink.last.path if sink.last else resume
     if samples and final is not None:
-        dev = resolve_device(device)
-        images = sample_images(load_unet(final, dev), spec, samples, seed=spec.training.seed, device=dev)
-        save_grid_png(images, out / "samples.png")
-        typer.echo(f"samples {out / 'samples.png'}")
+        steps = spec.diffusion.timesteps if sampler is Sampler.ddpm else (sampling_steps or DEFAULT_SAMPLING_STEPS)
+        _draw_samples(spec, final, out / "samples.png", samples, sampler, steps, device)
+
+
+def _summary(result: TrainResult, sink: PrintingSink) -> str:
+    steps = sink.spec.training.steps
+    if sink.points == 0 or result.last_loss is None:  # a run that trained a step logged its last one
+        return f"nothing to train: the checkpoint is already at step {result.final_step} of {steps}"
+    return f"done at step {result.final_step} of {steps}, last loss {result.last_loss:.5f}"
+
+
+def _draw_samples(
+    spec: JobSpec, weights: Path, path: Path, count: int, sampler: Sampler, steps: int, device: str | None
+) -> None:
+    """`count` images from `weights` into one PNG grid, with a progress bar on stderr (on a terminal it
+    moves; in a log it is printed once, when done)."""
+    steps = min(steps, spec.diffusion.timesteps)
+    typer.echo(f"drawing {count} images from {weights.name}: {sampler.value}, {steps} steps")
+    dev = resolve_device(device)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, TimeRemainingColumn(), console=Console(stderr=True)) as bar:
+        task = bar.add_task(f"{sampler.value} steps", total=steps)
+        images = sample_images(
+            load_unet(weights, dev),
+            spec,
+            count,
+            seed=spec.training.seed,
+            device=dev,
+            sampler=sampler.value,
+            steps=steps,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    save_grid_png(images, path)
+    typer.echo(f"samples {path}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -39,11 +40,13 @@ def sample_images(
     *,
     sampler: Sampler = "ddpm",
     steps: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """`count` images in [-1, 1], shape (count, C, H, W), from x_T ~ N(0, I) down to x_0.
 
     `ddpm` runs all T steps; `ddim` runs `steps` (default 50) deterministic steps. Only the
     seeded generator is drawn from: the global RNG (training's dropout) is left untouched.
+    `progress(done, total)` is called after each denoising step.
     """
     dev = torch.device(device)
     size, channels = spec.dataset.image_size, spec.dataset.channels
@@ -56,9 +59,11 @@ def sample_images(
     generator = torch.Generator(dev).manual_seed(seed)
     unet = unet.to(dev).eval()
     x = torch.randn((count, channels, size, size), generator=generator, device=dev)  # x_T, (B, C, H, W)
-    for t in scheduler.timesteps:
+    for done, t in enumerate(scheduler.timesteps, start=1):
         model_output = unet(x, t).sample  # (B, C, H, W): x0, eps or v, as trained
         x = scheduler.step(model_output, t, x, generator=generator).prev_sample  # x_{t-1}, (B, C, H, W)
+        if progress is not None:
+            progress(done, len(scheduler.timesteps))
     return x.clamp(-1, 1)
 
 

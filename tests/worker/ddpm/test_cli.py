@@ -46,28 +46,39 @@ def runner() -> CliRunner:
 class TestTrainCommand:
     def test_json_spec(self, tmp_path: Path, runner: CliRunner) -> None:
         spec_file = tmp_path / "spec.json"
-        spec_file.write_text(json.dumps(SPEC))
+        spec_file.write_text(json.dumps(SPEC | {"training": SPEC["training"] | {"sample_every": 2}}))
         out = tmp_path / "out"
         result = runner.invoke(app, [str(spec_file), "--out", str(out), "--device", "cpu", "--samples", "4"])
         assert result.exit_code == 0, result.output
         lines = result.output.splitlines()
-        assert [int(m.group(1)) for line in lines if (m := re.match(r"step +(\d+) +loss [\d.]+ +lr ", line))] == [2, 4]
+        # A line per metric point: step of steps, loss, lr, throughput and the time left.
+        progress = r"step +(\d+)/4 +loss [\d.]+ +lr [\d.e+-]+ +[\d,]+ images/s +ETA (\d+:\d\d:\d\d|\?)$"
+        points = [m.groups() for line in lines if (m := re.match(progress, line))]
+        assert [int(step) for step, _ in points] == [2, 4]
+        assert points[-1][1] == "0:00:00"
         checkpoints = [line.split() for line in lines if line.startswith("checkpoint ")]
         assert [Path(c[1]).name for c in checkpoints] == [f"step-{s:08d}.safetensors" for s in (1, 2, 3, 4)]
         assert checkpoints[-1][3] == sha256_file(checkpoints[-1][1])
         # keep_checkpoints=2: older pairs pruned
         assert sorted(p.name for p in out.iterdir()) == [
-            "samples",  # the spec's sample_every grids (default 500: the last step's alone)
+            "samples",
             "samples.png",
             "step-00000003.safetensors",
             "step-00000003.state.safetensors",
             "step-00000004.safetensors",
             "step-00000004.state.safetensors",
         ]
+        # sample_every=2: a grid at steps 2 and 4, each printed when drawn.
+        assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
+        grid_lines = [line for line in lines if line.startswith(f"samples {out / 'samples'}/")]
+        assert grid_lines == [f"samples {out / 'samples' / f'step-0000000{s}.png'}" for s in (2, 4)]
+        # samples.png: DDIM by default (its 50 steps capped at T=10), with a progress bar.
+        assert re.search(r"done at step 4 of 4, last loss [\d.]+\n", result.output)
+        assert "drawing 4 images from step-00000004.safetensors: ddim, 10 steps" in lines
+        assert re.search(r"ddim steps .* 10/10", result.output)
+        assert lines[-1] == f"samples {out / 'samples.png'}"
         with Image.open(out / "samples.png") as grid:
             assert grid.size == (19, 19)
-        assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-00000004.png"]
-        assert f"samples {out / 'samples' / 'step-00000004.png'}" in lines
 
     def test_yaml_spec_and_resume(self, tmp_path: Path, runner: CliRunner) -> None:
         spec_file = tmp_path / "spec.yaml"
@@ -75,15 +86,36 @@ class TestTrainCommand:
         out = tmp_path / "out"
         first = runner.invoke(app, [str(spec_file), "--out", str(out), "--device", "cpu", "--samples", "0"])
         assert first.exit_code == 0, first.output
-        assert not (out / "samples.png").exists()
+        assert not (out / "samples.png").exists() and "drawing" not in first.output
 
         spec_file.write_text(yaml.safe_dump(SPEC))
         resume = out / "step-00000002.safetensors"
         args = [str(spec_file), "--out", str(out), "--resume", str(resume), "--device", "cpu", "--samples", "1"]
-        second = runner.invoke(app, args)
+        second = runner.invoke(app, [*args, "--sampling-steps", "3"])
         assert second.exit_code == 0, second.output
-        assert "step        4" in second.output and "step        2" not in second.output
+        assert "step 4/4" in second.output and "step 2/4" not in second.output
+        assert "drawing 1 images from step-00000004.safetensors: ddim, 3 steps" in second.output
         assert (out / "samples.png").exists()
+
+        # Resumed at the last step: nothing to train, and samples.png from the checkpoint given.
+        (out / "samples.png").unlink()
+        done = out / "step-00000004.safetensors"
+        args = [str(spec_file), "--out", str(out), "--resume", str(done), "--device", "cpu", "--samples", "1"]
+        third = runner.invoke(app, [*args, "--sampler", "ddpm"])
+        assert third.exit_code == 0, third.output
+        assert third.output.splitlines()[0] == "nothing to train: the checkpoint is already at step 4 of 4"
+        assert "None" not in third.output and "step 4/4" not in third.output
+        assert "drawing 1 images from step-00000004.safetensors: ddpm, 10 steps" in third.output
+        assert (out / "samples.png").exists()
+
+    def test_sampling_steps_are_for_ddim(self, tmp_path: Path, runner: CliRunner) -> None:
+        spec_file = tmp_path / "spec.json"
+        spec_file.write_text(json.dumps(SPEC))
+        args = [str(spec_file), "--out", str(tmp_path / "out"), "--sampler", "ddpm", "--sampling-steps", "5"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2
+        assert "--sampling-steps" in result.output and "ddpm runs all T steps" in result.output
+        assert not (tmp_path / "out").exists()  # refused before training
 
     def test_yaml_scientific_notation_trains_the_json_equivalent(self, tmp_path: Path, runner: CliRunner) -> None:
         # PyYAML alone reads `2e-4` as a string, which the strict spec refused; `ddpm submit` did not.
@@ -115,4 +147,5 @@ class TestTrainCommand:
         with pytest.raises(SystemExit) as exit_info:
             main(["--help"])
         assert exit_info.value.code == 0
-        assert "--resume" in capsys.readouterr().out
+        help_text = capsys.readouterr().out
+        assert all(option in help_text for option in ("--resume", "--sampler", "--sampling-steps"))

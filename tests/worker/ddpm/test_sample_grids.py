@@ -68,11 +68,16 @@ class TestSampleGrids:
 
         spec = tiny_spec()
         unet = build_unet(spec)
-        for sampler in ("ddpm", "ddim"):
-            one = sample_images(unet, spec, 2, seed=5, sampler=sampler, steps=5)
-            two = sample_images(unet, spec, 2, seed=5, sampler=sampler, steps=5)
+        for sampler, steps in (("ddpm", None), ("ddim", 5)):
+            calls: list[tuple[int, int]] = []
+            one = sample_images(unet, spec, 2, seed=5, sampler=sampler, steps=steps)
+            two = sample_images(
+                unet, spec, 2, seed=5, sampler=sampler, steps=steps, progress=lambda *c, calls=calls: calls.append(c)
+            )
             assert one.shape == (2, 1, 8, 8) and torch.equal(one, two)
             assert one.min() >= -1 and one.max() <= 1
+            total = 5 if sampler == "ddim" else spec.diffusion.timesteps  # ddpm: the whole chain of T steps
+            assert calls == [(done, total) for done in range(1, total + 1)]
 
 
 class OrderSink(SamplingSink):

@@ -8,14 +8,14 @@ const FIELDS = [
   { path: "name", label: "Name", type: "text", placeholder: "a label for people" },
   { path: "dataset.kind", label: "Dataset", options: ["digits", "folder"], placeholder: "digits" },
   { path: "dataset.path", label: "Folder path", type: "text", placeholder: "folder only, on the worker" },
-  { path: "dataset.image_size", label: "Image size", type: "int", placeholder: "16" },
+  { path: "dataset.image_size", label: "Image size", type: "int", placeholder: "8" },
   { path: "dataset.channels", label: "Channels", options: ["1", "3"], placeholder: "1", int: true },
   { path: "model.preset", label: "Model", options: ["tiny", "ddpm-cifar10", "custom"], placeholder: "tiny" },
-  { path: "training.steps", label: "Steps", type: "int", placeholder: "2000" },
+  { path: "training.steps", label: "Steps", type: "int", placeholder: "500" },
   { path: "training.batch_size", label: "Batch size", type: "int", placeholder: "64" },
   { path: "training.learning_rate", label: "Learning rate", type: "float", placeholder: "2e-4" },
   { path: "training.checkpoint_every", label: "Checkpoint every", type: "int", placeholder: "500" },
-  { path: "training.sample_every", label: "Samples every", type: "int", placeholder: "500" },
+  { path: "training.sample_every", label: "Samples every", type: "int", placeholder: "250" },
 ];
 
 const DRAFT = "ddpm-jobs.draft-spec";
