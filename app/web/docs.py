@@ -44,16 +44,18 @@ def mount_docs(app: FastAPI) -> None:
     """`/docs` and `/redoc` from local files. The app is made with docs_url=None, redoc_url=None."""
     app.mount(ASSETS_URL, StaticFiles(directory=DOCS_ASSETS), name="docs-static")
 
+    # The pages read the app from the request: a closure over `app` would make a reference cycle
+    # (app -> route -> app) that keeps the app and its connection pool alive until a full GC.
     def assets(request: Request) -> tuple[str, str]:
         root = request.scope.get("root_path", "")
-        return f"{root}{app.openapi_url}", f"{root}{ASSETS_URL}"
+        return f"{root}{request.app.openapi_url}", f"{root}{ASSETS_URL}"
 
     @app.get("/docs", include_in_schema=False)
     def swagger_ui(request: Request) -> HTMLResponse:
         openapi_url, static = assets(request)
         page = get_swagger_ui_html(
             openapi_url=openapi_url,
-            title=f"{app.title} - Swagger UI",
+            title=f"{request.app.title} - Swagger UI",
             swagger_js_url=f"{static}/swagger-ui-bundle.js",
             swagger_css_url=f"{static}/swagger-ui.css",
             swagger_favicon_url=f"{static}/favicon.png",
@@ -68,7 +70,7 @@ def mount_docs(app: FastAPI) -> None:
         openapi_url, static = assets(request)
         page = get_redoc_html(
             openapi_url=openapi_url,
-            title=f"{app.title} - ReDoc",
+            title=f"{request.app.title} - ReDoc",
             redoc_js_url=f"{static}/redoc.standalone.js",
             redoc_favicon_url=f"{static}/favicon.png",
             with_google_fonts=False,
