@@ -61,14 +61,14 @@ class RecordingSink:
 
     stop_on_log_at: int | None = None
     stop_on_checkpoint_at: int | None = None
-    checkpoint_on_stop: bool = False  # what a graceful worker shutdown asks for
+    stop_reason: StopReason = StopReason.fenced  # why on_log stops it (shutdown, cancelled: checkpoint first)
     points: list[MetricPoint] = field(default_factory=list)
     checkpoints: list[SavedCheckpoint] = field(default_factory=list)
 
     def on_log(self, point: MetricPoint) -> None:
         self.points.append(point)
         if point.step == self.stop_on_log_at:
-            raise StopTraining(StopReason.shutdown if self.checkpoint_on_stop else StopReason.cancelled)
+            raise StopTraining(self.stop_reason)
 
     def on_checkpoint(self, saved: SavedCheckpoint) -> None:
         self.checkpoints.append(saved)

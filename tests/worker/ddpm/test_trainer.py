@@ -132,11 +132,20 @@ class TestExactResume:
 
 
 class TestStopping:
-    def test_stop_on_log_saves_nothing_more(self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any) -> None:
-        sink = make_sink(stop_on_log_at=3)
+    def test_a_fenced_stop_saves_nothing_more(self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any) -> None:
+        sink = make_sink(stop_on_log_at=2)  # a newer attempt owns the job: not one more write
         result = train(tiny_spec(), tmp_path, sink, device="cpu")
-        assert result == TrainResult(final_step=3, last_loss=sink.points[-1].loss, stopped=StopReason.cancelled)
+        assert result == TrainResult(final_step=2, last_loss=sink.points[-1].loss, stopped=StopReason.fenced)
         assert sink.checkpoints == [] and list(tmp_path.iterdir()) == []
+
+    def test_a_cancel_keeps_a_checkpoint_of_the_step_it_stopped_at(
+        self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any
+    ) -> None:
+        sink = make_sink(stop_on_log_at=2, stop_reason=StopReason.cancelled)
+        result = train(tiny_spec(), tmp_path, sink, device="cpu")
+        assert result == TrainResult(final_step=2, last_loss=sink.points[-1].loss, stopped=StopReason.cancelled)
+        assert [c.step for c in sink.checkpoints] == [2]
+        assert _files(tmp_path) == ["step-00000002.safetensors", "step-00000002.state.safetensors"]
 
     def test_graceful_stop_saves_the_step_it_stopped_at_and_resumes_exactly(
         self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any
@@ -145,7 +154,7 @@ class TestStopping:
         straight = make_sink()
         train(spec, tmp_path / "straight", straight, device="cpu")
 
-        stopped = make_sink(stop_on_log_at=2, checkpoint_on_stop=True)
+        stopped = make_sink(stop_on_log_at=2, stop_reason=StopReason.shutdown)
         result = train(spec, tmp_path / "stopped", stopped, device="cpu")
         assert result.stopped is StopReason.shutdown and result.final_step == 2
         assert [c.step for c in stopped.checkpoints] == [2]
