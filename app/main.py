@@ -35,7 +35,7 @@ from app.web import mount_dashboard
 from app.web.docs import mount_docs
 
 log = logging.getLogger(__name__)
-# Seconds a client is asked to wait after a 503 for want of a free database connection.
+# Seconds a client is asked to wait after a 503: no free database connection, or none at all.
 POOL_RETRY_AFTER_S = 2
 
 
@@ -126,6 +126,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     mount_dashboard(app)
     mount_docs(app)
 
+    add_error_handlers(app)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """How the service's own errors become HTTP answers: 4xx naming the problem, 503 for a
+    database that is away or busy (never a 500)."""
+
     @app.exception_handler(RequestValidationError)
     def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _echo(exc.errors())}, status_code=422)
@@ -153,7 +161,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # A connection-level failure is the database being away, not the client's fault.
         if isinstance(exc, OperationalError) or exc.connection_invalidated:
             log.warning("database unavailable: %s", exc.orig)
-            return JSONResponse({"detail": "database unavailable; retry shortly"}, status_code=503)
+            return JSONResponse(
+                {"detail": "database unavailable; retry shortly"},
+                status_code=503,
+                headers={"Retry-After": str(POOL_RETRY_AFTER_S)},
+            )
         raise exc
 
     @app.exception_handler(PoolTimeout)
@@ -165,5 +177,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             status_code=503,
             headers={"Retry-After": str(POOL_RETRY_AFTER_S)},
         )
-
-    return app

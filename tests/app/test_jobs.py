@@ -196,8 +196,9 @@ class TestDependencies:
     def test_database_down_is_503_not_500(self, clean_db: Settings, alice: ApiUser) -> None:
         down = clean_db.model_copy(update={"database_url": "postgresql+psycopg://postgres@127.0.0.1:1/nope"})
         with TestClient(create_app(down), raise_server_exceptions=False, headers=alice.headers) as c:
-            assert c.get("/v1/jobs").status_code == 503
-            assert c.post("/v1/jobs", json={}).status_code == 503
+            listed, posted = c.get("/v1/jobs"), c.post("/v1/jobs", json={})
+            assert (listed.status_code, posted.status_code) == (503, 503)
+            assert listed.headers["Retry-After"] == posted.headers["Retry-After"] == "2"
             ready = c.get("/readyz")
         assert ready.status_code == 503
         assert set(ready.json()["detail"]) == {"database"}
