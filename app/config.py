@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -201,6 +203,11 @@ class Settings(BaseSettings):
             raise ValueError(f"DDPM_DATABASE_URL uses a default password; set a random one when DDPM_ENV={self.env}")
         return self
 
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """repr() and logs of the settings show the database and broker URLs without a password."""
+        for name, value in super().__repr_args__():
+            yield name, (without_password(value) if name in ("database_url", "broker_url") else value)
+
     @property
     def checkpoint_root(self) -> Path:
         assert self.checkpoint_dir is not None  # filled in by the validator
@@ -214,6 +221,16 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+def without_password(url: str) -> str:
+    """`url` with its password, if any, shown as `***` (for repr and messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def secret_strength_bits(value: str) -> float:

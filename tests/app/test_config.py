@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from sqlalchemy.engine import make_url
 
 from app.config import DEV_SECRET_KEY, Settings
 
@@ -67,9 +68,14 @@ def test_no_refusal_shows_a_secret() -> None:
         assert not {part for part in fragments(secret) if part in shown}
 
 
-def test_settings_repr_leaves_out_the_secret_key() -> None:
-    s = Settings(env="production", secret_key=GOOD_SECRET, database_url=GOOD_DB)
-    assert GOOD_SECRET not in repr(s)
+def test_settings_repr_leaves_out_the_secret_key_and_url_passwords() -> None:
+    broker = "redis://:Rb7Kq2Zx9Lm4@redis:6379/0"
+    s = Settings(env="production", secret_key=GOOD_SECRET, database_url=GOOD_DB, broker_url=broker)
+    shown = repr(s)
+    for secret in (GOOD_SECRET, make_url(GOOD_DB).password, "Rb7Kq2Zx9Lm4"):
+        assert secret and secret not in shown
+    assert "redis://:***@redis:6379/0" in shown and f"{make_url(GOOD_DB).username}:***@" in shown
+    assert s.database_url == GOOD_DB  # only what is shown changes
 
 
 def test_a_refused_api_start_shows_no_part_of_the_secret(tmp_path: Path) -> None:
