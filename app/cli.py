@@ -33,7 +33,7 @@ from app.auth import keys as key_format
 from app.auth import service as auth
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, session_scope, upgrade_database
-from app.embedded import api_key_path
+from app.embedded import PARENT_VARIABLE, api_key_path
 from app.models import Worker
 from app.server import serve_api
 
@@ -159,11 +159,12 @@ def embedded_workers(settings: Settings) -> Iterator[list[subprocess.Popen[bytes
     """`serve`'s workers, one per role, stopped on the way out however `serve` ends.
 
     They share serve's process group: a terminal's Ctrl-C reaches them too (Celery's warm
-    shutdown, as on SIGTERM), and whoever stops the group stops them with it."""
+    shutdown, as on SIGTERM), and whoever stops the group stops them with it. Should serve die
+    without a chance to stop them (SIGKILL), the kernel sends them SIGTERM (PARENT_VARIABLE)."""
     workers: list[subprocess.Popen[bytes]] = []
     try:
         for role in EMBEDDED_WORKER_ROLES:
-            env = os.environ | {"DDPM_WORKER_ROLE": role}
+            env = os.environ | {"DDPM_WORKER_ROLE": role, PARENT_VARIABLE: str(os.getpid())}
             workers.append(subprocess.Popen([sys.executable, "-m", *EMBEDDED_WORKER_COMMAND], env=env))
         yield workers
     finally:

@@ -15,6 +15,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_DATA_DIR = Path("var")
 DATA_DIR_VARIABLE = "DDPM_DATA_DIR"
+# `serve` puts its pid here in its workers' environment: they stop when it dies (worker/shutdown.py).
+PARENT_VARIABLE = "DDPM_STOP_WITH_PARENT"
 
 
 def api_key_path(data_dir: Path) -> Path:

@@ -22,10 +22,11 @@ from app.config import get_settings
 from app.queue import celery_config, celery_queue
 from app.routing import sample_queue, worker_queues
 from worker.capacity import detect_capacity, worker_name
-from worker.shutdown import on_stop_consuming, request_shutdown
+from worker.shutdown import on_stop_consuming, request_shutdown, stop_with_parent
 
 log = logging.getLogger(__name__)
 
+stop_with_parent()
 _settings = get_settings()
 CAPACITY, DEVICE = detect_capacity(_settings)
 celery_app = Celery("ddpm-jobs", include=["worker.tasks"])

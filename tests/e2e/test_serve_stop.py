@@ -158,6 +158,24 @@ def processes_of(data_dir: Path) -> list[int]:
     return [pid for pid in found if alive(pid)]
 
 
+def test_workers_stop_when_serve_is_killed(tmp_path: Path) -> None:
+    """SIGKILL leaves serve no chance to stop its workers: the kernel sends them SIGTERM."""
+    data_dir = tmp_path / "var"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DDPM_")}
+    env |= {"DDPM_DATA_DIR": str(data_dir), "DDPM_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "serve.log"
+    with process([str(BIN / "ddpm-jobs"), "serve"], env, log) as serve:
+        wait_for_ready_message(serve, log)
+        workers = children(serve.pid)
+        assert len(workers) == 2
+        serve.kill()
+        serve.wait(timeout=10)
+        deadline = time.monotonic() + 60
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [pid for pid in workers if alive(pid)] == [], log.read_text()[-4000:]
+
+
 def test_serve_that_cannot_start_its_api_stops_its_workers(tmp_path: Path) -> None:
     """An error in the API (here: its port is taken) ends `serve` with its workers."""
     data_dir = tmp_path / "var"
