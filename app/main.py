@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         apply_bootstrap_key(settings, app)
         yield
         app.state.dispatcher.drain()  # tasks handed to its sender thread still go out
+        app.state.engine.dispose()  # the pool's connections close now, not when the app is collected
 
     app = FastAPI(
         title="ddpm-jobs",
