@@ -23,14 +23,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from app.auth import keys as key_format
 from app.auth import service as auth
+from app.client.cli import Column, print_json, print_table
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, session_scope, upgrade_database
 from app.embedded import PARENT_VARIABLE, api_key_path
@@ -246,19 +245,48 @@ def keys_create(
     typer.echo(f"key {created.prefix} for {role} {user!r}; store it now, it is not shown again", err=True)
 
 
+KEY_COLUMNS = [
+    Column("prefix"),
+    Column("user", shrink=True),
+    Column("admin"),
+    Column("created", drop=1),
+    Column("last used", drop=2),
+    Column("revoked"),
+]
+
+
 @keys_cli.command("list")
-def keys_list() -> None:
+def keys_list(
+    as_json: bool = typer.Option(False, "--json", help="Print the keys as JSON objects instead of a table."),
+) -> None:
     """Every key: prefix, user, admin, created, last used, revoked. Never the key itself."""
     settings = get_settings()
     with _session(settings) as session:
-        rows = auth.list_keys(session)
-    table = Table("prefix", "user", "admin", "created", "last used", "revoked", box=None)
-    for key, user in rows:
-        when = [
-            c.isoformat(timespec="seconds") if c else "-" for c in (key.created_at, key.last_used_at, key.revoked_at)
+        listed = [
+            {
+                "prefix": key.prefix,
+                "user": user.name,
+                "admin": user.is_admin,
+                **{
+                    name: when.isoformat(timespec="seconds") if when else None
+                    for name, when in (
+                        ("created_at", key.created_at),
+                        ("last_used_at", key.last_used_at),
+                        ("revoked_at", key.revoked_at),
+                    )
+                },
+            }
+            for key, user in auth.list_keys(session)
         ]
-        table.add_row(key.prefix, user.name, "yes" if user.is_admin else "no", *when)
-    Console(width=160).print(table)
+    if as_json:
+        print_json(listed)
+        return
+    rows = [
+        [k["prefix"], k["user"], "yes" if k["admin"] else "no"]
+        + [k[name] or "-" for name in ("created_at", "last_used_at", "revoked_at")]
+        for k in listed
+    ]
+    print_table(KEY_COLUMNS, rows)
 
 
 @keys_cli.command("revoke")

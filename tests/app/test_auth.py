@@ -3,6 +3,7 @@ service's first key, and `ddpm-jobs api`'s first key when no bootstrap key is se
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -147,8 +148,15 @@ class TestCli:
         with TestClient(create_app(clean_db), headers={"Authorization": f"Bearer {key}"}) as c:
             assert c.get("/v1/jobs").status_code == 200
         listed = runner.invoke(cli_module.cli, ["keys", "list"], env=env)
-        assert prefix in listed.stdout and "dave" in listed.stdout and "yes" in listed.stdout
-        assert key not in listed.stdout and key[14:] not in listed.stdout
+        head, row = listed.stdout.splitlines()  # piped: plain aligned columns, nothing wrapped
+        assert head.split() == ["prefix", "user", "admin", "created", "last", "used", "revoked"]
+        assert row.split()[:3] == [prefix, "dave", "yes"] and row.split()[-1] == "-"  # used above, not revoked
+        assert row.index("dave") == head.index("user") and row.index("yes") == head.index("admin")
+        as_json = json.loads(runner.invoke(cli_module.cli, ["keys", "list", "--json"], env=env).stdout)
+        assert [(k["prefix"], k["user"], k["admin"], k["revoked_at"]) for k in as_json] == [
+            (prefix, "dave", True, None)
+        ]
+        assert key not in listed.stdout + json.dumps(as_json) and key[14:] not in listed.stdout
         assert runner.invoke(cli_module.cli, ["keys", "revoke", prefix], env=env).exit_code == 0
         with TestClient(create_app(clean_db), headers={"Authorization": f"Bearer {key}"}) as c:
             assert c.get("/v1/jobs").status_code == 401
