@@ -311,13 +311,9 @@ class DdpmClient:
         """Download a checkpoint (the newest when `step` is None) as a zip of a diffusers
         pipeline folder (`DDPMPipeline.from_pretrained` loads it unpacked); `dest` as for
         `download`. The zip is made for this request, so it has no recorded sha256."""
-        if step is None:
-            listed = self.checkpoints(job_id)
-            if not listed:
-                raise ApiError(404, f"job {job_id} has no checkpoint yet")
-            step = max(c["step"] for c in listed)
-        path = f"/v1/jobs/{job_id}/checkpoints/{step}/export"
-        fallback = f"{job_id}-step-{step:08d}-diffusers.zip"
+        # The server resolves `latest` and names the file after the step it exported.
+        path = f"/v1/jobs/{job_id}/checkpoints/{'latest' if step is None else step}/export"
+        fallback = f"{job_id}-step-{'latest' if step is None else f'{step:08d}'}-diffusers.zip"
         return self._save(path, dest, fallback, progress=progress, params={"format": "diffusers"})
 
     def download_grid(
