@@ -127,6 +127,34 @@ class Settings(BaseSettings):
     # data is out of the API's sight: they report a missing folder when the job starts).
     dataset_folder_check: Literal["auto", "always", "never"] = "auto"
 
+    # --- data sets (POST /v1/datasets): uploads, sources, preparation ---------------------------
+    max_dataset_bytes: int = Field(
+        20 * 2**30, ge=1, description="Largest upload or fetched source accepted, in bytes (413 above it)."
+    )
+    dataset_quota_bytes: int = Field(
+        100 * 2**30, ge=1, description="Storage one user's data sets may take together, in bytes (429 above it)."
+    )
+    max_datasets_per_user: int = Field(200, ge=1, description="Data sets one user may hold (429 above it).")
+    # Preparation refuses an archive that unpacks to more than this, or more than
+    # dataset_max_ratio times its own size (a zip bomb), and skips an image of more pixels.
+    dataset_max_unpacked_bytes: int = Field(
+        100 * 2**30, ge=1, description="Largest total size an archive's members may unpack to."
+    )
+    dataset_max_ratio: float = Field(200.0, gt=1, description="Largest unpacked/packed size ratio of an archive.")
+    dataset_max_image_pixels: int = Field(
+        64_000_000, ge=1, description="Images with more pixels are skipped (decompression bombs)."
+    )
+    dataset_min_image_side: int = Field(8, ge=1, description="Images narrower or lower than this are skipped.")
+    # An upload that stops arriving (broken off and never resumed) is deleted, bytes and row,
+    # this long after its last byte.
+    dataset_upload_expiry_s: float = Field(24 * 3600.0, gt=0, description="Seconds an idle upload is kept.")
+    # https:// sources: loopback, private, link-local and other non-global addresses are refused
+    # (no request forgery through the service) unless this is set (tests, a private mirror).
+    dataset_url_allow_private: bool = False
+    # hf:// sources: a local directory standing in for the Hub (hf://ns/name reads <dir>/ns/name
+    # with the same `datasets` code path); empty = the Hub itself.
+    hf_datasets_dir: Path | None = None
+
     # --- checkpoint storage: the local checkpoint directory, or an S3-compatible bucket ---------
     # With "s3", workers still write every file into checkpoint_dir first (scratch), upload it,
     # then record its row; the API reads from the bucket. Keys are the same relative paths.

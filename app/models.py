@@ -129,10 +129,63 @@ class Job(Base):
     # repeat (same body) from a conflicting reuse of the key (another body).
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_sha256: Mapped[str | None] = mapped_column(String(64))
+    # The uploaded data set the job trains on (spec dataset.kind "dataset"): a data set in use by a
+    # queued or running job cannot be deleted.
+    dataset_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
 
     checkpoints: Mapped[list[Checkpoint]] = relationship(
         back_populates="job", lazy="raise", order_by="Checkpoint.step", passive_deletes=True
     )
+
+
+DATASET_STATUSES = ("uploading", "preparing", "ready", "failed")
+
+
+class Dataset(Base):
+    """A user's data set: an uploaded archive or a source URI, prepared once by a worker into a
+    content-addressed image set (worker/datasets/). uploading -> preparing -> ready | failed.
+
+    Files live in the checkpoint store under `datasets/<id>/`: the upload while it arrives and
+    until it is prepared (`archive_key`), then the prepared set (`prepared_key`, an uncompressed
+    tar of the accepted images) and its preview grid. `sha256` (of the prepared tar) addresses the
+    decoded arrays cached for jobs under `datasets/cache/<sha256>/`."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (CheckConstraint(f"status IN {DATASET_STATUSES!r}", name="status_valid"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), index=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), index=True, default="uploading")
+    # "upload", or the URI it is read from: s3://bucket/prefix/, https://host/images.zip, hf://ns/name
+    source: Mapped[str] = mapped_column(String(2048))
+    split: Mapped[str | None] = mapped_column(String(100))  # hf:// only
+    archive_format: Mapped[str | None] = mapped_column(String(8))  # zip | tar | tar.gz (uploads)
+    archive_key: Mapped[str | None] = mapped_column(String(1024))
+    received_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # of the upload, so far
+    upload_length: Mapped[int | None] = mapped_column(BigInteger)  # declared total (Upload-Length)
+    archive_sha256: Mapped[str | None] = mapped_column(String(64))  # of the whole upload
+    # Storage the data set takes, counted against the owner's quota: the upload until it is
+    # prepared, then the prepared set and its preview.
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    prepared_key: Mapped[str | None] = mapped_column(String(1024))
+    sha256: Mapped[str | None] = mapped_column(String(64))  # of the prepared tar: the content address
+    prepared_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    image_count: Mapped[int | None] = mapped_column(Integer)
+    skipped: Mapped[int | None] = mapped_column(Integer)
+    # {"sizes": [{"width", "height", "count"}], "modes": {mode: n}, "skipped_reasons": {reason: n},
+    #  "skipped_examples": [{"name", "reason"}], "source_bytes": n, "seconds": s}
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    preview_key: Mapped[str | None] = mapped_column(String(1024))
+    preview_sha256: Mapped[str | None] = mapped_column(String(64))
+    preview_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # The worker (host:pid) preparing it; the sweeper re-sends a preparation whose worker is gone.
+    worker: Mapped[str | None] = mapped_column(String(255))
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    prepared_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class MetricPoint(Base):

@@ -29,13 +29,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, SessionTransaction
 
 from app.config import Settings
-from app.models import Job, SampleRequest, utcnow
+from app.models import Dataset, Job, SampleRequest, utcnow
 from app.routing import sample_queue
 
 log = logging.getLogger(__name__)
 
 TRAIN_TASK = "jobs.train"
 SAMPLE_TASK = "jobs.sample"
+PREPARE_TASK = "datasets.prepare"
 # After a failed background send, the sender thread leaves further tasks to the sweeper for this
 # long instead of waiting out another connect timeout for each of them.
 BROKER_DOWN_BACKOFF_S = 10.0
@@ -137,6 +138,10 @@ class Dispatcher:
     def send_sample(self, request_id: str) -> None:
         self._celery.send_task(SAMPLE_TASK, args=[request_id], queue=sample_queue(self._settings.queue), retry=False)
 
+    def send_prepare(self, dataset_id: str) -> None:
+        """Preparing a data set is CPU work beside training: the queue samples go to."""
+        self._celery.send_task(PREPARE_TASK, args=[dataset_id], queue=sample_queue(self._settings.queue), retry=False)
+
     def ping(self) -> None:
         with self._celery.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=3)
@@ -149,14 +154,21 @@ class Sender(Protocol):
 
     def send_sample(self, request_id: str) -> None: ...
 
+    def send_prepare(self, dataset_id: str) -> None: ...
+
 
 class TaskKind(enum.StrEnum):
     train = TRAIN_TASK
     sample = SAMPLE_TASK
+    prepare = PREPARE_TASK
 
 
 # The row each kind of task is about; each has a `dispatched_at` column.
-_ROWS: dict[TaskKind, type[Job] | type[SampleRequest]] = {TaskKind.train: Job, TaskKind.sample: SampleRequest}
+_ROWS: dict[TaskKind, type[Job] | type[SampleRequest] | type[Dataset]] = {
+    TaskKind.train: Job,
+    TaskKind.sample: SampleRequest,
+    TaskKind.prepare: Dataset,
+}
 
 
 @dataclass(frozen=True)
@@ -177,9 +189,15 @@ class Task:
     def sample(cls, request_id: uuid.UUID) -> Task:
         return cls(TaskKind.sample, request_id)
 
+    @classmethod
+    def prepare(cls, dataset_id: uuid.UUID) -> Task:
+        return cls(TaskKind.prepare, dataset_id)
+
     def send(self, sender: Sender) -> None:
         if self.kind is TaskKind.sample:
             sender.send_sample(str(self.row_id))
+        elif self.kind is TaskKind.prepare:
+            sender.send_prepare(str(self.row_id))
         else:
             assert self.queue is not None, "a training task needs the job's queue"
             sender.send_train(str(self.row_id), self.queue)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DatasetKind = Literal["digits", "folder"]
+DatasetKind = Literal["digits", "folder", "dataset"]
 ModelPreset = Literal["tiny", "ddpm-cifar10", "custom"]
 BetaSchedule = Literal["linear", "cosine"]
 Prediction = Literal["x0", "eps", "v"]
@@ -30,10 +30,31 @@ class _Section(BaseModel):
 FOLDER_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 
 
+# The images of the built-in `digits` set (scikit-learn's 8x8 digits).
+DIGITS_IMAGE_COUNT = 1797
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+
+
 class DatasetSpec(_Section):
-    kind: DatasetKind = Field("digits", description="`digits` (8x8 scikit-learn digits, offline) or `folder`.")
+    kind: DatasetKind = Field(
+        "digits",
+        description="`digits` (8x8 scikit-learn digits, offline), `dataset` (one of yours: POST /v1/datasets) "
+        "or `folder` (a directory on the workers, under a data root).",
+    )
     path: str | None = Field(
         None, max_length=4096, description="`folder` only: a directory of PNG/JPEG images on the worker."
+    )
+    id: str | None = Field(
+        None, pattern=UUID_PATTERN, description="`dataset` only: the id of a ready data set of yours."
+    )
+    image_count: int | None = Field(
+        None,
+        ge=1,
+        description="Filled in by the service (what you send is replaced): the images in the data set, "
+        "where it is known before training (`digits`, `dataset`).",
+    )
+    random_flip: bool = Field(
+        False, description="Flip each training image horizontally with probability 1/2 (Ho et al. 2020 on CIFAR-10)."
     )
     image_size: int = Field(
         8,  # the digits' own size: no upscaling, and 4x cheaper than 16 (the {} demo's speed)
@@ -47,8 +68,18 @@ class DatasetSpec(_Section):
     def _path_matches_kind(self) -> DatasetSpec:
         if self.kind == "folder" and not self.path:
             raise ValueError("dataset.path is required when dataset.kind is 'folder'")
-        if self.kind == "digits" and self.path is not None:
+        if self.kind != "folder" and self.path is not None:
             raise ValueError("dataset.path is only valid when dataset.kind is 'folder'")
+        if self.kind == "dataset" and not self.id:
+            raise ValueError("dataset.id is required when dataset.kind is 'dataset' (an id from POST /v1/datasets)")
+        if self.kind != "dataset" and self.id is not None:
+            raise ValueError("dataset.id is only valid when dataset.kind is 'dataset'")
+        if self.id is not None:
+            object.__setattr__(self, "id", self.id.lower())  # one spelling per data set
+        if self.kind == "digits":
+            object.__setattr__(self, "image_count", DIGITS_IMAGE_COUNT)
+        elif self.kind == "folder":
+            object.__setattr__(self, "image_count", None)  # unknown until a worker reads the folder
         return self
 
 

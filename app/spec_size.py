@@ -88,8 +88,36 @@ def activation_bytes_per_image(spec: JobSpec) -> int:
     return floats * FLOAT_BYTES
 
 
+# A training set (uint8) up to this size is kept on the GPU, where a batch is an index gather; a
+# larger one stays in host memory and each batch is copied over ahead of its step
+# (worker/ddpm/data.py). The worker also keeps it on the host when it would take more than
+# DEVICE_DATASET_SHARE of the GPU's memory, so the estimate below never counts too little.
+DEVICE_DATASET_MAX_BYTES = 8 * 2**30
+DEVICE_DATASET_SHARE = 0.25
+
+
+def dataset_bytes(spec: JobSpec) -> int | None:
+    """The training set's size as uint8 at the job's image size and channels; None when the
+    image count is not known before training (a `folder` data set)."""
+    d = spec.dataset
+    if d.image_count is None:
+        return None
+    return d.image_count * d.channels * d.image_size * d.image_size
+
+
+def dataset_on_device(spec: JobSpec, device_memory_bytes: int | None = None) -> bool:
+    """Whether the training set goes on the GPU (see DEVICE_DATASET_MAX_BYTES); a set of unknown
+    size is read before this is decided, so the worker asks again with the real count."""
+    size = dataset_bytes(spec) or 0
+    if device_memory_bytes is not None and size > DEVICE_DATASET_SHARE * device_memory_bytes:
+        return False
+    return size <= DEVICE_DATASET_MAX_BYTES
+
+
 def training_memory_bytes(spec: JobSpec, params: int | None = None) -> int:
-    """On each GPU: weights, gradients, optimizer state and EMA, plus its share of the batch's activations."""
+    """On each GPU: weights, gradients, optimizer state and EMA, its share of the batch's
+    activations, and the training set when it is kept there (each rank holds a whole copy)."""
     params = unet_parameter_count(spec) if params is None else params
     share = spec.training.batch_size // spec.resources.gpus
-    return params * BYTES_PER_PARAMETER + share * activation_bytes_per_image(spec)
+    data = (dataset_bytes(spec) or 0) if dataset_on_device(spec) else 0
+    return params * BYTES_PER_PARAMETER + share * activation_bytes_per_image(spec) + data

@@ -66,7 +66,7 @@ def service_settings(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempP
 def clean_db(service_settings: Settings) -> Iterator[Settings]:
     engine = make_engine(service_settings)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE jobs, metric_points, checkpoints, api_keys, users, workers CASCADE"))
+        conn.execute(text("TRUNCATE jobs, metric_points, checkpoints, datasets, api_keys, users, workers CASCADE"))
     engine.dispose()
     yield service_settings
 
