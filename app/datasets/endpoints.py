@@ -140,7 +140,7 @@ async def create_dataset(
     "/{dataset_id}/upload",
     response_model=DatasetOut,
     max_body_size=NO_BODY_LIMIT,
-    openapi_extra={"requestBody": {"required": False, "content": {"application/offset+octet-stream": _BINARY}}},
+    openapi_extra={"requestBody": {"required": False, "content": {"application/octet-stream": _BINARY}}},
     responses={**error_responses(404, 422), **_UPLOAD_ERRORS},
 )
 async def upload_more(

@@ -80,6 +80,7 @@ class DatasetSourceIn(BaseModel):
         description="s3://bucket/prefix/ (this service's S3 storage), https://host/images.zip|.tar|.tar.gz "
         "or hf://namespace/name (a Hugging Face data set)",
         examples=["hf://ylecun/mnist"],
+        json_schema_extra={"pattern": "^(s3|https|hf)://"},
     )
     split: str | None = Field(None, max_length=100, description="hf:// only: the split (default `train`)")
     name: str | None = Field(None, max_length=200)

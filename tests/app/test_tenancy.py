@@ -14,6 +14,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from app.config import Settings
+from app.datasets.keys import preview_key
+from app.datasets.repository import DatasetRepository
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.main import create_app
 from app.models import ApiKey, Checkpoint, MetricPoint, Sample, SampleRequest, utcnow
@@ -23,12 +25,14 @@ PUBLIC = {"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirec
 SECRET_NAME = f"alice-secret-{uuid.uuid4().hex}"
 PAYLOAD = b"alice's weights " + uuid.uuid4().bytes
 PNG = b"\x89PNG\r\n\x1a\nalice's samples " + uuid.uuid4().hex.encode()
+PREVIEW = b"\x89PNG\r\n\x1a\nalice's data set " + uuid.uuid4().hex.encode()
 # Routes that stream until the job ends: checked for 401/404, not read to the end as the owner.
 STREAMS = {"/v1/jobs/{job_id}/events"}
+ZIP = {"Content-Type": "application/zip"}
 
 
 class World:
-    """Alice's job with metrics and a checkpoint; keys of every kind."""
+    """Alice's job with metrics and a checkpoint, her ready data set with its preview; keys of every kind."""
 
     def __init__(self, settings: Settings, make_user: MakeUser) -> None:
         self.settings = settings
@@ -41,6 +45,9 @@ class World:
             r = c.post("/v1/jobs", json={"name": SECRET_NAME}, headers={"Idempotency-Key": "shared-key"})
             assert r.status_code == 201, r.text
             self.job = r.json()
+            r = c.post(f"/v1/datasets?name={SECRET_NAME}", content=b"PK\x05\x06" + bytes(18), headers=ZIP)
+            assert r.status_code == 201, r.text
+            self.dataset_id = r.json()["id"]
         job_id = self.job["id"]
         (settings.checkpoint_root / job_id).mkdir(parents=True, exist_ok=True)
         (settings.checkpoint_root / job_id / "step-00000010.safetensors").write_bytes(PAYLOAD)
@@ -84,6 +91,7 @@ class World:
             s.flush()
             self.request_id = str(request.id)
             s.execute(update(ApiKey).where(ApiKey.prefix == revoked.prefix).values(revoked_at=utcnow()))
+            self.dataset_sha256 = self._ready_dataset(s)
         self.credentials: dict[str, dict[str, str]] = {
             "no key": {},
             "malformed key": {"Authorization": "Bearer ddpm_nope"},
@@ -99,14 +107,27 @@ class World:
             "0.123456789",
             PAYLOAD.decode(errors="replace"),
             PNG[8:].decode(),
+            self.dataset_id,
+            self.dataset_sha256,
+            PREVIEW[8:].decode(),
         ]
+
+    def _ready_dataset(self, s) -> str:  # type: ignore[no-untyped-def]
+        """Alice's data set, as a worker leaves it prepared: ready, with a preview file."""
+        key = preview_key(self.dataset_id)
+        (self.settings.checkpoint_root / key).write_bytes(PREVIEW)
+        sha256 = hashlib.sha256(PREVIEW).hexdigest()
+        values = {"image_count": 3, "sha256": "cd" * 32, "preview_sha256": sha256, "preview_bytes": len(PREVIEW)}
+        DatasetRepository(s).update(uuid.UUID(self.dataset_id), status="ready", preview_key=key, **values)
+        return sha256
 
     def routes(self) -> list[tuple[str, str]]:
         paths = self.app.openapi()["paths"]
         return [(m.upper(), path) for path, ops in paths.items() if path not in PUBLIC for m in ops]
 
-    def url(self, path: str, job_id: str | None = None) -> str:
+    def url(self, path: str, job_id: str | None = None, dataset_id: str | None = None) -> str:
         path = path.replace("{job_id}", job_id or self.job["id"]).replace("{step}", "10")
+        path = path.replace("{dataset_id}", dataset_id or self.dataset_id)
         return path.replace("{request_id}", self.request_id)
 
 
@@ -134,10 +155,17 @@ def test_the_matrix_covers_every_route(world: World) -> None:
         ("GET", "/v1/jobs/{job_id}/sample/{request_id}"),
         ("GET", "/v1/jobs/{job_id}/sample/{request_id}.png"),
         ("GET", "/v1/jobs/{job_id}/sample/{request_id}.npz"),
+        ("POST", "/v1/datasets"),
+        ("GET", "/v1/datasets"),
+        ("GET", "/v1/datasets/{dataset_id}"),
+        ("GET", "/v1/datasets/{dataset_id}/preview.png"),
+        ("PATCH", "/v1/datasets/{dataset_id}/upload"),
+        ("DELETE", "/v1/datasets/{dataset_id}"),
     }
     paths = world.app.openapi()["paths"]
     for method, path in world.routes():
-        assert not re.search(r"\{(?!job_id\}|step\}|request_id\})", path), f"{method} {path}: teach this test"
+        taught = r"\{(?!job_id\}|step\}|request_id\}|dataset_id\})"
+        assert not re.search(taught, path), f"{method} {path}: teach this test"
         assert paths[path][method.lower()]["security"] == [{"HTTPBearer": []}], (method, path)
     assert {p for p in paths if p in PUBLIC} == {"/healthz", "/readyz"}
     assert all("security" not in op for p in ("/healthz", "/readyz") for op in paths[p].values())
@@ -179,17 +207,45 @@ def test_another_tenant_gets_404_on_every_job_route_and_sees_nothing(world: Worl
         assert [j["id"] for j in c.get("/v1/jobs").json()["items"]] == [world.job["id"]]
 
 
+def test_another_tenant_gets_404_on_every_dataset_route_and_sees_nothing(world: World) -> None:
+    """As for jobs: the answer for a data set that does not exist, and nothing of alice's changes."""
+    wrong, unknown = [], str(uuid.uuid4())
+    headers = {"Upload-Offset": "22", **ZIP}  # PATCH's required header: its refusal must be the 404
+    secrets = [f for f in world.fingerprints if f != world.dataset_id]  # the id bob sent is all it repeats
+    with TestClient(world.app, headers=world.bob.headers) as c:
+        for method, path in world.routes():
+            if "{dataset_id}" not in path:
+                continue
+            r = c.request(method, world.url(path), headers=headers, content=b"PK")
+            nobody = c.request(method, world.url(path, dataset_id=unknown), headers=headers, content=b"PK")
+            same = r.text.replace(world.dataset_id, unknown) == nobody.text
+            if r.status_code != 404 or not same or any(f in r.text for f in secrets):
+                wrong.append((method, path, r.status_code, r.text[:200]))
+        assert c.get("/v1/datasets").json() == {"items": [], "next_cursor": None}
+        job = {"dataset": {"kind": "dataset", "id": world.dataset_id}}
+        r = c.post("/v1/jobs", json=job)  # nor train on it
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "dataset", "id"]
+        assert not any(f in r.text for f in secrets)
+    assert wrong == []
+    with TestClient(world.app, headers=world.alice.headers) as c:
+        mine = c.get(world.url("/v1/datasets/{dataset_id}")).json()
+        assert (mine["status"], mine["name"]) == ("ready", SECRET_NAME), "bob's requests changed nothing"
+        assert c.get(world.url("/v1/datasets/{dataset_id}/preview.png")).content == PREVIEW
+
+
 def test_the_owner_and_an_admin_see_the_job(world: World) -> None:
     for who in (world.alice, world.admin):
         with TestClient(world.app, headers=who.headers) as c:
             for method, path in world.routes():
-                if method == "GET" and "{job_id}" in path and path not in STREAMS:
+                if method == "GET" and ("{job_id}" in path or "{dataset_id}" in path) and path not in STREAMS:
                     r = c.get(world.url(path))
                     # Let in: not 401/403/404 (exporting these fake weights is a 410).
                     assert r.status_code in {200, 410}, (who.user.name, path, r.text)
             assert world.job["id"] in [j["id"] for j in c.get("/v1/jobs").json()["items"]]
             assert c.get(world.url("/v1/jobs/{job_id}/checkpoints/latest")).content == PAYLOAD
             assert c.get(world.url("/v1/jobs/{job_id}/samples/{step}.png")).content == PNG
+            assert world.dataset_id in [d["id"] for d in c.get("/v1/datasets").json()["items"]]
+            assert c.get(world.url("/v1/datasets/{dataset_id}/preview.png")).content == PREVIEW
     with TestClient(world.app, headers=world.admin.headers) as c:
         assert c.post(world.url("/v1/jobs/{job_id}/cancel")).json()["status"] == "cancelled"
 
