@@ -7,7 +7,10 @@
 - records what this worker offers in the `workers` table (seen_at says it is alive), which the
   API reads to explain why a job waits, and
 - re-queues sample requests whose worker stopped checking in mid-draw, and sends them and the
-  queued requests never sent or whose message went missing, as for jobs.
+  queued requests never sent or whose message went missing, as for jobs, and
+- for data sets: deletes uploads broken off and idle for DDPM_DATASET_UPLOAD_EXPIRY_S (row and
+  bytes), frees preparations whose worker stopped checking in, and sends the prepare task of
+  those never sent, sent long ago and never taken, or freed.
 
 Sending goes through app.queue.dispatch, which stamps `dispatched_at` once the broker took it.
 
@@ -25,7 +28,10 @@ from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
 
+from app.checkpoints.store import CheckpointStore, make_store
 from app.config import Settings
+from app.datasets import service as datasets
+from app.datasets.repository import DatasetRepository
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs import service
 from app.jobs.repository import JobRepository
@@ -42,7 +48,9 @@ _stop = threading.Event()
 _health_file: Path | None = None
 
 
-def sweep_once(settings: Settings, factory, dispatcher: Sender) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+def sweep_once(  # type: ignore[no-untyped-def]
+    settings: Settings, factory, dispatcher: Sender, store: CheckpointStore | None = None
+) -> tuple[int, int]:
     """One pass; returns (jobs re-queued after a lost lease, jobs (re-)sent)."""
     now = utcnow()
     older_than = now - timedelta(seconds=settings.resend_after_s)
@@ -64,7 +72,30 @@ def sweep_once(settings: Settings, factory, dispatcher: Sender) -> tuple[int, in
         log.warning("sample request %s: its worker is gone; re-queued", request_id)
     for request_id in sorted(unsent | set(orphaned)):
         dispatch(engine, dispatcher, Task.sample(request_id))
+    sweep_datasets(settings, factory, dispatcher, store or make_store(settings))
     return len(requeued), sent
+
+
+def sweep_datasets(settings: Settings, factory, dispatcher: Sender, store: CheckpointStore) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """The data set passes; returns (stale uploads deleted, preparations (re-)sent)."""
+    now = utcnow()
+    with session_scope(factory) as session:
+        engine = engine_of(session)
+        keys = datasets.expire_stale_uploads(session, now - timedelta(seconds=settings.dataset_upload_expiry_s))
+    for key in keys:
+        log.warning("data set upload %s: idle for %.0f s; deleted", key, settings.dataset_upload_expiry_s)
+    datasets.remove_files(store, keys)  # once no row names them
+    with session_scope(factory) as session:
+        repo = DatasetRepository(session)
+        orphaned = repo.requeue_orphaned_preparations(now - timedelta(seconds=settings.lease_timeout_s))
+    for dataset_id in orphaned:
+        log.warning("data set %s: the worker preparing it is gone; sent again", dataset_id)
+    with session_scope(factory) as session:
+        older_than = now - timedelta(seconds=settings.resend_after_s)
+        unsent = {d.id for d in DatasetRepository(session).preparations_needing_dispatch(older_than)}
+    to_send = sorted(unsent | set(orphaned))
+    sent = sum(dispatch(engine, dispatcher, Task.prepare(dataset_id)) for dataset_id in to_send)
+    return len(keys), sent
 
 
 def job_queue(settings: Settings, job: Job | None) -> str:
@@ -88,12 +119,13 @@ def check_out(factory, name: str) -> None:  # type: ignore[no-untyped-def]
 def _loop(settings: Settings, name: str, capacity: Resources, device: str, sweep: bool) -> None:
     factory = make_sessionmaker(make_engine(settings))
     dispatcher = Dispatcher(settings)
+    store = make_store(settings)
     interval = max(1.0, min(settings.heartbeat_interval_s, settings.resend_after_s / 2))
     while True:
         try:
             check_in(factory, name, settings, capacity, device, sweep)
             if sweep:
-                sweep_once(settings, factory, dispatcher)
+                sweep_once(settings, factory, dispatcher, store)
             if _health_file is not None and not _stop.is_set():
                 _health_file.touch()
         except DBAPIError as exc:  # the database is away; the next pass tries again

@@ -15,6 +15,7 @@ import logging
 import socket
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy.orm import Session
 
@@ -255,6 +256,23 @@ def create_from_source(
     if dispatcher is not None:
         send_after_commit(session, dispatcher, Task.prepare(dataset.id))
     return dataset
+
+
+# --- the sweeper's side -------------------------------------------------------------------------
+def expire_stale_uploads(session: Session, idle_since: datetime) -> list[str]:
+    """Uploads broken off and not resumed since `idle_since`: their rows go (re-checked under a
+    row lock, so a PATCH that just recorded progress keeps its upload); returns the keys of
+    their bytes, to remove once this commits."""
+    repo = DatasetRepository(session)
+    keys = []
+    for stale in repo.stale_uploads(idle_since):
+        dataset = repo.get(stale.id, for_update=True)
+        if dataset is None or dataset.status != "uploading" or dataset.updated_at >= idle_since:
+            continue
+        if dataset.archive_key:
+            keys.append(dataset.archive_key)
+        repo.delete(dataset)
+    return keys
 
 
 # --- deletion -----------------------------------------------------------------------------------
