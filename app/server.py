@@ -76,6 +76,9 @@ class DeadlineH11Protocol(H11Protocol):
         self.conn = _Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self._reading: Reading | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        # An upload's body: its deadline is an idle one, from the last bytes that came.
+        self._upload = False
+        self._last_bytes_at = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -84,8 +87,8 @@ class DeadlineH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         self._follow_client()
-        if self._reading == "body" and self._streams_upload():
-            self._restart_deadline()  # an upload's deadline is per chunk
+        if self._upload:
+            self._last_bytes_at = self.loop.time()  # read when the deadline fires (no timer per chunk)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -113,6 +116,8 @@ class DeadlineH11Protocol(H11Protocol):
             self._deadline.cancel()
             self._deadline = None
         self._reading = reading
+        self._upload = reading == "body" and self._streams_upload()
+        self._last_bytes_at = self.loop.time()
         if reading is not None:
             timeout = self.limits.header_timeout_s if reading == "head" else self.limits.body_timeout_s
             self._deadline = self.loop.call_later(timeout, self._expired, reading, timeout)
@@ -121,17 +126,18 @@ class DeadlineH11Protocol(H11Protocol):
         scope = getattr(self, "scope", None)
         return scope is not None and is_upload_request(scope["method"], scope["path"])
 
-    def _restart_deadline(self) -> None:
-        reading, self._reading = self._reading, None
-        self._wait_for(reading)
-
     def _expired(self, reading: Reading, timeout: float) -> None:
         self._deadline = None
         if self.transport.is_closing():
             return
-        if reading == "body" and self.flow.read_paused and self._streams_upload():
-            self._restart_deadline()  # the application has not read what came: not the client's delay
-            return
+        if self._upload and reading == "body":
+            # Bytes came within the last `timeout`, or the application has not read what came
+            # (reading paused: the server's delay, not the client's): the deadline moves on.
+            idle = self.loop.time() - self._last_bytes_at
+            if idle < timeout or self.flow.read_paused:
+                wait = timeout if self.flow.read_paused else timeout - idle
+                self._deadline = self.loop.call_later(wait, self._expired, reading, timeout)
+                return
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
         self.logger.info("%s: request %s not received within %g s; closing the connection", client, reading, timeout)
         if reading == "head" or not self.cycle.response_started:

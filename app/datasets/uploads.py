@@ -10,11 +10,13 @@ bytes on disk, to be resumed with PATCH.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import hashlib
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -56,7 +58,7 @@ _SUFFIXES: tuple[tuple[str, ArchiveFormat], ...] = (
     (".tar", "tar"),
 )
 
-WRITE_BATCH = 1 << 20  # bytes gathered before one write (on a thread)
+WRITE_BATCH = 1 << 20  # bytes gathered before one write and hash (on a thread)
 PROGRESS_EVERY_S = 10.0  # received_bytes (and the sweeper's sign of life) at most this stale
 MULTIPART_SLACK = 1 << 20  # what a form may carry besides the archive (boundaries, headers, name)
 _MAX_PART_HEADERS = 16 * 1024
@@ -114,34 +116,42 @@ class PartFile:
                 raise DatasetConflict("another request is sending this upload's bytes now; retry once it ends") from exc
             raise
         self.size = os.fstat(self._fd).st_size
+        self._writing = threading.Lock()
         self._digest = hashlib.sha256()
         with path.open("rb") as stored:  # a resumed upload: the stored prefix, hashed again
             while block := stored.read(WRITE_BATCH):
                 self._digest.update(block)
 
-    def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        self._digest.update(data)
-        self.size += len(data)
+    def write(self, chunks: list[bytes]) -> None:
+        # One write and one hash update for the batch: each lets go of the GIL, and getting it
+        # back (up to sys.getswitchinterval() with the event loop busy) is paid once per batch.
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        with self._writing:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            self._digest.update(data)
+            self.size += len(data)
 
     def sync(self) -> None:
-        os.fsync(self._fd)
+        with self._writing:
+            os.fsync(self._fd)
 
     def sha256(self) -> str:
         return self._digest.hexdigest()
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)  # and the lock with it
-            self._fd = -1
+        with self._writing:  # never under a write still running on its thread
+            if self._fd >= 0:
+                os.close(self._fd)  # and the lock with it
+                self._fd = -1
 
 
 class Sink:
     """Where one request's bytes go: checked against the upload's allowance before they are
-    kept (413/429 past it), gathered into batches written on a thread, and the row's progress
-    recorded every PROGRESS_EVERY_S."""
+    kept (413/429 past it), gathered into batches that a thread writes and hashes while the next
+    batch arrives (one batch in flight at most), and the row's progress recorded every
+    PROGRESS_EVERY_S."""
 
     def __init__(
         self, factory: sessionmaker[Session], dataset_id: uuid.UUID, part: PartFile, allowed: Allowance
@@ -150,25 +160,41 @@ class Sink:
         self.dataset_id = dataset_id
         self.part = part
         self.allowed = allowed
-        self._batch = bytearray()
+        self.received = part.size
+        self._batch: list[bytes] = []
+        self._batch_bytes = 0
+        self._in_flight: asyncio.Future[None] | None = None
         self._recorded_at = time.monotonic()
 
-    @property
-    def received(self) -> int:
-        return self.part.size + len(self._batch)
-
     async def add(self, data: bytes) -> None:
-        self.allowed.check(self.received + len(data))
-        self._batch += data
-        if len(self._batch) >= WRITE_BATCH:
-            await self.flush()
+        try:
+            self.allowed.check(self.received + len(data))
+        except Exception:
+            await self._written()
+            raise
+        self._batch.append(data)
+        self._batch_bytes += len(data)
+        self.received += len(data)
+        if self._batch_bytes >= WRITE_BATCH:
+            await self._write_behind()
         if time.monotonic() - self._recorded_at >= PROGRESS_EVERY_S:
             await self.record()
 
+    async def _write_behind(self) -> None:
+        await self._written()
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        self._in_flight = asyncio.get_running_loop().run_in_executor(None, self.part.write, batch)
+
+    async def _written(self) -> None:
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            await in_flight
+
     async def flush(self) -> None:
+        """Every byte received so far is on disk (not yet fsynced)."""
         if self._batch:
-            data, self._batch = bytes(self._batch), bytearray()
-            await run_in_threadpool(self.part.write, data)
+            await self._write_behind()
+        await self._written()
 
     async def record(self) -> None:
         await self.flush()
