@@ -95,9 +95,12 @@ def archive_format(path: Path) -> str:
 
 
 def _is_tar_header(block: bytes) -> bool:
-    """An old (v7) tar without the ustar magic: its first header's checksum is right."""
+    """An old (v7) tar without the ustar magic (its first header's checksum is right), or an
+    empty tar (a zero block: its end-of-archive marker)."""
     try:
-        tarfile.TarInfo.frombuf(block.ljust(tarfile.BLOCKSIZE, b"\0"), "utf-8", "surrogateescape")
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.EOFHeaderError:
+        return True
     except (tarfile.HeaderError, ValueError):
         return False
     return True
