@@ -166,9 +166,8 @@ def _screen(name: str) -> str | None:
     return name_skip_reason(name)
 
 
-def _candidate(name: str, size: int, read: Callable[[], bytes], reason: str | None = None) -> Member | Skipped:
-    """The member, or Skipped: `reason` if given, else the name's (`_screen`), else too large."""
-    reason = reason or _screen(name)
+def _candidate(name: str, size: int, read: Callable[[], bytes], reason: str | None) -> Member | Skipped:
+    """The member, or Skipped: for `reason` (the name's, see `_screen`) if any, or as too large."""
     if reason is None and size > MAX_MEMBER_BYTES:
         reason = f"too large ({size:,} bytes, over {MAX_MEMBER_BYTES:,})"
     return Member(display_name(name), size, read) if reason is None else Skipped(display_name(name), reason)
@@ -187,12 +186,12 @@ def _zip_members(path: Path, budget: _Budget) -> Iterator[Member | Skipped]:
             kind = stat.S_IFMT(info.external_attr >> 16)  # the unix file type; 0 from other systems
             if info.is_dir() or stat.S_ISDIR(kind):
                 continue
-            reason = None
+            reason = _screen(info.filename)
             if kind and not stat.S_ISREG(kind):
                 reason = LINK if stat.S_ISLNK(kind) else NOT_REGULAR
-            elif _screen(info.filename) is None and info.flag_bits & 0x1:
+            elif reason is None and info.flag_bits & 0x1:
                 reason = "encrypted"
-            elif _screen(info.filename) is None and info.compress_type not in ZIP_METHODS:
+            elif reason is None and info.compress_type not in ZIP_METHODS:
                 reason = f"unsupported compression (method {info.compress_type})"
             yield _candidate(info.filename, info.file_size, _zip_reader(zf, info, budget, count), reason)
 
@@ -302,7 +301,7 @@ def _tar_item(
             raise PreparationFailed(f"{DAMAGED}: member {count} ({display_name(header.name)}) is cut short")
         return data
 
-    return _candidate(header.name, header.size, read)
+    return _candidate(header.name, header.size, read, _screen(header.name))
 
 
 def _check_tar_end(end: _TarState, count: int, last: str) -> None:

@@ -22,7 +22,6 @@ import io
 import re
 import warnings
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -67,7 +66,8 @@ def name_skip_reason(name: str) -> str | None:
     parts = [p for p in re.split(r"[\\/]", name) if p not in ("", ".")]
     if any(p.startswith(".") or p == "__MACOSX" for p in parts):
         return HIDDEN_FILE
-    if not parts or PurePosixPath(parts[-1]).suffix.lower() not in IMAGE_SUFFIXES:
+    stem, dot, suffix = parts[-1].rpartition(".") if parts else ("", "", "")
+    if not (stem and dot) or f".{suffix.lower()}" not in IMAGE_SUFFIXES:
         return NOT_AN_IMAGE_FILE
     return None
 
