@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import os
 import re
 import stat
+import struct
 import tarfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -47,6 +49,8 @@ RATIO_FLOOR_BYTES = 1 << 20  # a high ratio over less than this is no bomb (a zi
 MAX_MEMBER_BYTES = 512 << 20  # larger members are skipped, never read into memory
 MAX_HEADER_BYTES = 1 << 20  # a tar long-name or pax header larger than this is hostile
 READ_CHUNK = 1 << 20
+MAX_CENTRAL_DIRECTORY_BYTES = 128 << 20  # a zip's list of files (about 100 bytes per file)
+_EOCD_SEARCH_BYTES = 22 + 65535  # the end record and the longest comment
 ZIP_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA})
 LINK = "link"
 NOT_REGULAR = "not a regular file"
@@ -65,8 +69,13 @@ _OTHER_FORMATS = (  # magic numbers of what people upload by mistake, for a clea
 
 def archive_members(path: Path, limits: Limits) -> Iterator[Member | Skipped]:
     """The members of the archive at `path`, in the archive's order (see the module docstring)."""
+    size = path.stat().st_size
+    if size > limits.max_source_bytes:
+        raise PreparationFailed(
+            f"the archive is {size:,} bytes, over the limit of {limits.max_source_bytes:,} (DDPM_MAX_DATASET_BYTES)"
+        )
     kind = archive_format(path)
-    budget = _Budget(limits, path.stat().st_size)
+    budget = _Budget(limits, size)
     if kind == ZIP:
         yield from _zip_members(path, budget)
     else:
@@ -177,6 +186,12 @@ def _candidate(name: str, size: int, read: Callable[[], bytes], reason: str | No
 
 
 def _zip_members(path: Path, budget: _Budget) -> Iterator[Member | Skipped]:
+    directory = central_directory_bytes(path)
+    if directory > MAX_CENTRAL_DIRECTORY_BYTES:
+        raise PreparationFailed(
+            f"the zip's list of files takes {directory:,} bytes, over the limit of {MAX_CENTRAL_DIRECTORY_BYTES:,} "
+            "(about a million files); split it into several data sets, or upload a tar"
+        )
     with _damage_is_failure():
         zf = zipfile.ZipFile(path)
     with zf:
@@ -194,6 +209,28 @@ def _zip_members(path: Path, budget: _Budget) -> Iterator[Member | Skipped]:
             elif reason is None and info.compress_type not in ZIP_METHODS:
                 reason = f"unsupported compression (method {info.compress_type})"
             yield _candidate(info.filename, info.file_size, _zip_reader(zf, info, budget, count), reason)
+
+
+def central_directory_bytes(path: Path) -> int:
+    """The size of a zip's central directory as its end record declares it (zip64's too), read
+    before zipfile loads all of it and a ZipInfo per entry into memory (which it does whatever
+    the size: millions of tiny entries are a memory bomb); 0 when no end record is found (zipfile
+    then says what is wrong). Never more than the file's size (zipfile reads no more than that)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - _EOCD_SEARCH_BYTES))
+        tail = f.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < 22:
+            return 0
+        declared = struct.unpack_from("<I", tail, at + 12)[0]
+        locator = at - 20  # the zip64 locator, if any, sits right before the end record
+        if locator >= 0 and tail[locator : locator + 4] == b"PK\x06\x07":
+            f.seek(struct.unpack_from("<Q", tail, locator + 8)[0])
+            record = f.read(56)
+            if len(record) == 56 and record[:4] == b"PK\x06\x06":
+                declared = max(declared, struct.unpack_from("<Q", record, 40)[0])
+    return min(declared, size)
 
 
 def _zip_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _Budget, count: int) -> Callable[[], bytes]:

@@ -8,6 +8,7 @@ import dataclasses
 import gzip
 import random
 import stat
+import struct
 import tarfile
 import zipfile
 from collections.abc import Callable
@@ -201,6 +202,40 @@ class TestBombs:
         monkeypatch.setattr(archive, "MAX_HEADER_BYTES", 200)
         path = write_tar(tmp_path / "a", {"d/" * 150 + "a.png": PNG})  # GNU long name: 306 bytes (with its NUL)
         assert failure(path) == "the archive is truncated or damaged: a 306-byte name or pax header"
+
+
+class TestSizes:
+    def test_an_archive_over_the_source_limit(self, tmp_path: Path) -> None:
+        path = write_zip(tmp_path / "a.zip", {"a.png": PNG})
+        size = path.stat().st_size
+        limits = dataclasses.replace(LIMITS, max_source_bytes=size - 1)
+        assert failure(path, limits) == (
+            f"the archive is {size:,} bytes, over the limit of {size - 1:,} (DDPM_MAX_DATASET_BYTES)"
+        )
+
+    def test_a_zip_listing_too_many_files(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        path = write_zip(tmp_path / "a.zip", {f"{i}.png": b"" for i in range(20)})
+        with zipfile.ZipFile(path) as zf:
+            listed = sum(46 + len(info.filename) + len(info.extra) for info in zf.infolist())
+        assert archive.central_directory_bytes(path) == listed
+        monkeypatch.setattr(archive, "MAX_CENTRAL_DIRECTORY_BYTES", listed)
+        assert len(read_all(path)) == 20
+        monkeypatch.setattr(archive, "MAX_CENTRAL_DIRECTORY_BYTES", listed - 1)
+        assert failure(path) == (
+            f"the zip's list of files takes {listed:,} bytes, over the limit of {listed - 1:,} (about a million "
+            "files); split it into several data sets, or upload a tar"
+        )
+
+    def test_a_zip64_end_record_is_read_too(self, tmp_path: Path) -> None:
+        data = write_zip(tmp_path / "a.zip", {"a.png": PNG}).read_bytes()
+        end = data.rfind(b"PK\x05\x06")
+        count, listed, offset = struct.unpack_from("<HII", data, end + 10)
+        record = struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, 10**12, offset)
+        locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, end, 1)
+        (tmp_path / "a.zip").write_bytes(data[:end] + record + locator + data[end:])
+        assert archive.central_directory_bytes(tmp_path / "a.zip") == len(data) + 76  # at most the file
+        assert archive.central_directory_bytes(write_zip(tmp_path / "b.zip", {"a.png": PNG})) == listed
+        assert archive.central_directory_bytes(write_tar(tmp_path / "c.tar", {"a.png": PNG})) == 0
 
 
 class TestDamage:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.worker.datasets.sample_images import LIMITS, SIXTEEN_BIT, encode, every_mode, solid
-from worker.datasets import Skipped
+from worker.datasets import Skipped, images
 from worker.datasets.images import (
     HIDDEN_FILE,
     NOT_AN_IMAGE,
@@ -121,6 +121,16 @@ class TestConverted:
         img = Image.fromarray(np.array([[-5, 70_000, 257, 65535]], dtype=np.int32))
         assert img.mode == "I"
         assert np.asarray(to_8bit(img)).tolist() == [[0, 255, 1, 255]]
+
+    def test_block_by_block_math_matches_the_formula(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(images, "BLOCK_PIXELS", 30)  # 13 columns: 2 rows per block, the last one short
+        rng = np.random.default_rng(5)
+        rgba = rng.integers(0, 256, (9, 13, 4), dtype=np.uint8)
+        grey16 = rng.integers(0, 65536, (9, 13), dtype=np.uint16)
+        expected_rgb = np.floor(rgba[..., :3] * (rgba[..., 3:] / 255) + 255 * (1 - rgba[..., 3:] / 255) + 0.5)
+        assert np.array_equal(np.asarray(images.composite_on_white(Image.fromarray(rgba))), expected_rgb)
+        expected_l = np.floor(grey16 / 257 + 0.5)
+        assert np.array_equal(np.asarray(images.sixteen_bit_to_l(Image.fromarray(grey16))), expected_l)
 
     def test_float_images_are_not_guessed_at(self) -> None:
         assert to_8bit(Image.new("F", (8, 8))) is None
