@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import struct
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,16 @@ def sixteen_bit_png() -> bytes:
     values = np.zeros((8, 8), dtype=np.uint16)
     values[0] = SIXTEEN_BIT
     return encode(Image.fromarray(values), "PNG")
+
+
+def png_with_size(width: int, height: int) -> bytes:
+    """A valid 8x8 PNG whose IHDR then claims width x height (its CRC recomputed): a header that
+    declares a huge image in a few bytes."""
+    data = bytearray(encode(solid("L", 0, (8, 8)), "PNG"))
+    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(data)
 
 
 def every_mode() -> dict[str, bytes]:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import random
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.worker.datasets.sample_images import LIMITS, SIXTEEN_BIT, encode, every_mode, solid
+from tests.worker.datasets.sample_images import LIMITS, SIXTEEN_BIT, encode, every_mode, png_with_size, solid
 from worker.datasets import Skipped, images
 from worker.datasets.images import (
     HIDDEN_FILE,
@@ -38,16 +36,6 @@ def pixels(result: Decoded) -> np.ndarray:
     with Image.open(io.BytesIO(result.data)) as img:
         assert img.mode == result.image.mode
         return np.asarray(img)
-
-
-def png_with_size(width: int, height: int) -> bytes:
-    """A valid 8x8 PNG whose IHDR then claims width x height (its CRC recomputed): a header that
-    declares a huge image in a few bytes."""
-    data = bytearray(encode(solid("L", 0, (8, 8)), "PNG"))
-    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
-    return bytes(data)
 
 
 class TestKeptAsTheyAre:

@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.worker.datasets.sample_images import LIMITS, encode, every_mode, solid, write_tar, write_zip
+from tests.worker.datasets.sample_images import (
+    LIMITS,
+    encode,
+    every_mode,
+    png_with_size,
+    solid,
+    special,
+    write_tar,
+    write_zip,
+)
 from worker.datasets import Member, PreparationFailed, Skipped
 from worker.datasets.archive import archive_members
 from worker.datasets.prepare import Prepared, prepare
@@ -25,6 +34,9 @@ BAD = {
     "readme.md": b"# hello\n",
     ".DS_Store": b"\0\0\0\1Bud1",
 }
+
+
+PNG = encode(solid("RGB", (1, 2, 3)), "PNG")
 
 
 def dataset() -> dict[str, bytes]:
@@ -66,27 +78,36 @@ class TestPreparedTar:
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["images.tar", "preview.png"]
 
     def test_the_summary(self, tmp_path: Path) -> None:
-        files = dataset()
-        result = prepared_from(archive_of("tar", tmp_path / "a.tar", files), tmp_path / "out")
+        files = dataset() | {"huge.png": png_with_size(100_000, 100_000), "../evil.png": PNG}
+        links = [special("sym.png", tarfile.SYMTYPE, "/etc/passwd"), special("hard.png", tarfile.LNKTYPE, "l.png")]
+        result = prepared_from(write_tar(tmp_path / "a.tar", files, extra=links), tmp_path / "out")
+        assert (result.image_count, result.skipped) == (13, 9)
         summary = dict(result.summary)
         assert 0 <= summary.pop("seconds") < 10
         assert summary == {
             "sizes": [{"width": 12, "height": 10, "count": 12}, {"width": 8, "height": 8, "count": 1}],
             "modes": {"1": 1, "CMYK": 1, "I;16": 1, "L": 2, "LA": 1, "P": 2, "RGB": 3, "RGBA": 2},
             "skipped_reasons": {
+                "link": 2,
                 "damaged image": 1,
                 "hidden or macOS metadata file": 1,
                 "not a PNG, JPEG or WebP image": 1,
                 "not an image file": 1,
+                "too many pixels": 1,
                 "too small": 1,
+                "unsafe path": 1,
             },
             "skipped_examples": [  # in the archive's order; the hidden file is not an example
                 {"name": "dot.png", "reason": "too small (1x1)"},
                 {"name": "text.png", "reason": "not a PNG, JPEG or WebP image"},
                 {"name": "cut.png", "reason": summary["skipped_examples"][2]["reason"]},
                 {"name": "readme.md", "reason": "not an image file"},
+                {"name": "huge.png", "reason": "too many pixels (over Pillow's bound of 89,478,485)"},
+                {"name": "../evil.png", "reason": "unsafe path"},
+                {"name": "sym.png", "reason": "link"},
+                {"name": "hard.png", "reason": "link"},
             ],
-            "source_bytes": sum(len(files[n]) for n in files if n not in ("readme.md", ".DS_Store")),
+            "source_bytes": sum(len(files[n]) for n in files if n not in ("readme.md", ".DS_Store", "../evil.png")),
         }
         assert summary["skipped_examples"][2]["reason"].startswith("damaged image: ")
 
