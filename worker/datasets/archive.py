@@ -234,9 +234,14 @@ def central_directory_bytes(path: Path) -> int:
 
 
 def _zip_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _Budget, count: int) -> Callable[[], bytes]:
+    where = f" at member {count} ({display_name(info.filename)})"
+
     def read() -> bytes:
-        with _damage_is_failure(f" at member {count} ({display_name(info.filename)})"), zf.open(info) as f:
-            return budget.read(f)
+        with _damage_is_failure(where), zf.open(info) as f:
+            data = budget.read(f)  # zipfile stops at the declared size; a CRC check catches more
+        if len(data) != info.file_size:
+            raise PreparationFailed(f"{DAMAGED}{where}: {len(data):,} bytes where it declares {info.file_size:,}")
+        return data
 
     return read
 
@@ -326,16 +331,16 @@ def _tar_item(
     if not header.isreg() or header.issparse():
         return Skipped(display_name(header.name), NOT_REGULAR)
 
+    where = f" at member {count} ({display_name(header.name)})"
+
     def read() -> bytes:
         if state.current is not header:
             raise RuntimeError("a tar member's read() was called after the next member was taken")
-        with _damage_is_failure(f" at member {count} ({display_name(header.name)})"):
+        with _damage_is_failure(where):
             f = tar.extractfile(header)
-            if f is None:
-                raise PreparationFailed(f"{DAMAGED}: member {count} has no data")
-            data = budget.read(f)
+            data = budget.read(f) if f is not None else b""
         if len(data) != header.size:
-            raise PreparationFailed(f"{DAMAGED}: member {count} ({display_name(header.name)}) is cut short")
+            raise PreparationFailed(f"{DAMAGED}{where}: {len(data):,} bytes where it declares {header.size:,}")
         return data
 
     return _candidate(header.name, header.size, read, _screen(header.name))

@@ -299,6 +299,16 @@ class TestDamage:
             "the archive is truncated or damaged at member 1 (a.png): Bad CRC-32 for file 'a.png'"
         )
 
+    @pytest.mark.parametrize(("declared", "message"), [(50, "Bad CRC-32 for file 'a.png'"), (None, "")])
+    def test_zip_member_unlike_its_declared_size(self, tmp_path: Path, declared: int | None, message: str) -> None:
+        data = bytearray(write_zip(tmp_path / "a.zip", {"a.png": PNG}).read_bytes())
+        entry = data.index(b"PK\x01\x02")  # the central directory's entry: its uncompressed size at +24
+        declared = declared or len(PNG) + 1000
+        data[entry + 24 : entry + 28] = declared.to_bytes(4, "little")
+        (tmp_path / "a.zip").write_bytes(bytes(data))
+        message = message or f"{len(PNG):,} bytes where it declares {declared:,}"
+        assert failure(tmp_path / "a.zip") == f"the archive is truncated or damaged at member 1 (a.png): {message}"
+
     def test_members_before_the_damage_were_handed_on_then_it_fails(self, tmp_path: Path) -> None:
         (tmp_path / "a.tar").write_bytes(tar_bytes({"a.png": PNG, "b.png": PNG})[:1600])
         seen = []
