@@ -20,7 +20,9 @@ broke off is far likelier than a user who wants the first part of an archive, an
 that silently lacks files would be worse than a clear error. That includes a tar that ends
 without its end-of-archive marker (cut off, which Python's tarfile would take as the end) and a
 gzip stream whose trailer is missing or whose CRC does not match. A zip member that is encrypted
-or uses an unknown compression method is skipped with that reason (the zip is not damaged).
+or compressed with bzip2 or a method zipfile lacks is skipped with that reason (the zip is not
+damaged). A zip whose list of files is over MAX_CENTRAL_DIRECTORY_BYTES is refused before
+zipfile loads it (a ZipInfo per entry: millions of tiny entries would fill memory).
 
 `read()` of a tar member must be called before the next item is taken from the iterator (a
 tar.gz is a stream); a zip member's any time while the iterator is open.
@@ -51,7 +53,11 @@ MAX_HEADER_BYTES = 1 << 20  # a tar long-name or pax header larger than this is 
 READ_CHUNK = 1 << 20
 MAX_CENTRAL_DIRECTORY_BYTES = 128 << 20  # a zip's list of files (about 100 bytes per file)
 _EOCD_SEARCH_BYTES = 22 + 65535  # the end record and the longest comment
-ZIP_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA})
+# Zip compression methods read. zipfile bounds deflate's output per read; LZMA's it does not,
+# so LZMA members are read 4 KiB of input at a time (at most ~7,000x: ~30 MB out). bzip2 cannot
+# be bounded (4 KiB of it can hold gigabytes), so bzip2 members are skipped.
+ZIP_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_LZMA})
+LZMA_READ = 4096
 LINK = "link"
 NOT_REGULAR = "not a regular file"
 UNSAFE_PATH = "unsafe path"
@@ -145,10 +151,10 @@ class _Budget:
                 f"over the limit of {self.limits.max_ratio:g} (DDPM_DATASET_MAX_RATIO); is it a zip bomb?"
             )
 
-    def read(self, f: BinaryIO) -> bytes:
+    def read(self, f: BinaryIO, size: int = READ_CHUNK) -> bytes:
         """All of `f` (a member being unpacked), counted chunk by chunk."""
         chunks = []
-        while chunk := f.read(READ_CHUNK):
+        while chunk := f.read(size):
             self.add(len(chunk))
             chunks.append(chunk)
         return b"".join(chunks)
@@ -206,6 +212,8 @@ def _zip_members(path: Path, budget: _Budget) -> Iterator[Member | Skipped]:
                 reason = LINK if stat.S_ISLNK(kind) else NOT_REGULAR
             elif reason is None and info.flag_bits & 0x1:
                 reason = "encrypted"
+            elif reason is None and info.compress_type == zipfile.ZIP_BZIP2:
+                reason = "unsupported compression (bzip2, a decompression bomb risk; zip it with deflate)"
             elif reason is None and info.compress_type not in ZIP_METHODS:
                 reason = f"unsupported compression (method {info.compress_type})"
             yield _candidate(info.filename, info.file_size, _zip_reader(zf, info, budget, count), reason)
@@ -237,8 +245,9 @@ def _zip_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _Budget, cou
     where = f" at member {count} ({display_name(info.filename)})"
 
     def read() -> bytes:
+        chunk = LZMA_READ if info.compress_type == zipfile.ZIP_LZMA else READ_CHUNK
         with _damage_is_failure(where), zf.open(info) as f:
-            data = budget.read(f)  # zipfile stops at the declared size; a CRC check catches more
+            data = budget.read(f, chunk)  # zipfile stops at the declared size; a CRC check catches more
         if len(data) != info.file_size:
             raise PreparationFailed(f"{DAMAGED}{where}: {len(data):,} bytes where it declares {info.file_size:,}")
         return data

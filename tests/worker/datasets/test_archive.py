@@ -156,6 +156,17 @@ class TestNotRegularFiles:
         ]
 
 
+class TestZipMethods:
+    def test_stored_deflated_and_lzma_are_read(self, tmp_path: Path) -> None:
+        for method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_LZMA):
+            assert read_all(write_zip(tmp_path / "a.zip", {"a.png": PNG * 30}, method)) == [("a.png", PNG * 30)]
+
+    def test_bzip2_is_skipped(self, tmp_path: Path) -> None:
+        path = write_zip(tmp_path / "a.zip", {"a.png": PNG}, zipfile.ZIP_BZIP2)
+        reason = "unsupported compression (bzip2, a decompression bomb risk; zip it with deflate)"
+        assert read_all(path) == [Skipped("a.png", reason)]
+
+
 class TestBombs:
     ZEROS = b"\0" * (3 << 20)  # 3 MiB of zeros: a few KiB packed
 
