@@ -171,7 +171,9 @@ def write_images_tar(path: Path, entries: list[_Entry], spool: IO[bytes]) -> tup
 
 @dataclass
 class _Tally:
-    """What the summary counts."""
+    """What the summary counts: kept images' sizes (after orientation) and their files' own
+    modes, skips by reason category (examples: the first EXAMPLES, hidden files left out), and
+    source_bytes, the bytes of every member read (the candidates, not the skipped by name)."""
 
     sizes: Counter[tuple[int, int]] = field(default_factory=Counter)
     modes: Counter[str] = field(default_factory=Counter)
