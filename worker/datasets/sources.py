@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import re
 import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -151,8 +152,8 @@ def refused_address(address: str) -> str | None:
         embedded = [a for a in (ip.ipv4_mapped, ip.sixtofour, ip.teredo and ip.teredo[1]) if a]
         if ip in ipaddress.ip_network("64:ff9b::/96"):
             embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-    for candidate in (ip, *embedded):
-        for kind in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+    for candidate in (*embedded, ip):
+        for kind in ("loopback", "link_local", "unspecified", "multicast", "private", "reserved"):
             if getattr(candidate, f"is_{kind}"):
                 return f"{kind.replace('_', '-')} address {candidate}"
         if not candidate.is_global:
@@ -193,13 +194,14 @@ def _checked_url(raw: str, allow_private: bool) -> httpx.URL:
     return url
 
 
-def download(source: str, settings: Settings, target: Path) -> Path:
+def download(source: str, settings: Settings, target: Path, verify: ssl.SSLContext | bool = True) -> Path:
     """Stream the URL into `target` (at most DDPM_MAX_DATASET_BYTES), following up to
-    MAX_REDIRECTS redirects, each to a checked address; returns `target`."""
+    MAX_REDIRECTS redirects, each to a checked address; returns `target`. `verify`: the system's
+    certificate authorities (or a test's own)."""
     allow_private = settings.dataset_url_allow_private
     url = _checked_url(source, allow_private)
     # No proxies from the environment (they would connect for us, to anything), no automatic redirects.
-    with httpx.Client(timeout=TIMEOUT, follow_redirects=False, trust_env=False) as client:
+    with httpx.Client(timeout=TIMEOUT, follow_redirects=False, trust_env=False, verify=verify) as client:
         for _ in range(MAX_REDIRECTS + 1):
             host = url.raw_host.decode("ascii")  # IDNA-encoded, as DNS and TLS know it
             address = checked_address(host, url.port or (443 if url.scheme == "https" else 80), allow_private)
@@ -256,6 +258,7 @@ def hf_members(source: str, split: str, settings: Settings, scratch: Path) -> It
     original bytes, one Member `<split>/<index>` per row."""
     import datasets
 
+    datasets.disable_progress_bars()  # not a bar per split in the worker's log
     repo = source.removeprefix("hf://").strip("/")
     if not _HF_ID.fullmatch(repo) or ".." in repo.split("/"):
         raise PreparationFailed(f"{source!r} is not hf://namespace/name")
