@@ -32,14 +32,16 @@ from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
 from app.checkpoints.store import make_s3_client
-from worker.datasets import Limits, Member, PreparationFailed, Skipped
+from worker.datasets import Limits, Member, PreparationFailed, Skipped, images
+from worker.datasets.archive import archive_members
+from worker.datasets.images import NOT_AN_IMAGE_FILE
 
 if TYPE_CHECKING:
     from app.config import Settings
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_SUFFIXES = tuple(sorted(images.IMAGE_SUFFIXES))  # what prepare decodes
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 MAX_REDIRECTS = 5
 # Connect, and each read: a server that stops sending for this long ends the download.
@@ -56,8 +58,6 @@ def source_members(source: str, split: str | None, settings: Settings, scratch: 
     if source.startswith("s3://"):
         yield from s3_members(source, settings, limits, scratch)
     elif source.startswith(("https://", "http://")):
-        from worker.datasets.archive import archive_members
-
         yield from archive_members(download(source, settings, scratch / "download"), limits)
     elif source.startswith("hf://"):
         yield from hf_members(source, split or "train", settings, scratch)
@@ -88,7 +88,7 @@ def s3_members(source: str, settings: Settings, limits: Limits, scratch: Path) -
     objects = [(key, size) for key, size in objects if not key.endswith("/")]  # folder markers
     if not objects:
         raise PreparationFailed(f"no object under {source}")
-    total = sum(size for _, size in objects)
+    total = sum(size for key, size in objects if key.lower().endswith(IMAGE_SUFFIXES + ARCHIVE_SUFFIXES))
     if total > limits.max_source_bytes:
         raise PreparationFailed(
             f"the objects under {source} take {total} bytes, over the limit of {limits.max_source_bytes} "
@@ -101,7 +101,7 @@ def s3_members(source: str, settings: Settings, limits: Limits, scratch: Path) -
         elif lower.endswith(ARCHIVE_SUFFIXES):
             yield from _s3_archive(client, bucket, key, size, limits, scratch)
         else:
-            yield Skipped(key, "not an image or archive (by its name)")
+            yield Skipped(key, NOT_AN_IMAGE_FILE)  # never downloaded
 
 
 def _s3_reader(client, bucket: str, key: str, size: int):  # type: ignore[no-untyped-def]
@@ -122,8 +122,6 @@ def _s3_reader(client, bucket: str, key: str, size: int):  # type: ignore[no-unt
 def _s3_archive(  # type: ignore[no-untyped-def]
     client, bucket: str, key: str, size: int, limits: Limits, scratch: Path
 ) -> Iterator[Member | Skipped]:
-    from worker.datasets.archive import archive_members
-
     path = scratch / f"s3-{hashlib.sha256(key.encode()).hexdigest()[:16]}"  # its format is sniffed
     try:
         client.download_file(bucket, key, str(path))

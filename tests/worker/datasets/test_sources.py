@@ -57,15 +57,18 @@ def test_s3_source_yields_images_and_archive_members_under_the_prefix(s3_setting
     a, b, inner = png(shade=1), png(shade=2), png(shade=3)
     client.put_object(Bucket=bucket, Key="set/a.png", Body=a)
     client.put_object(Bucket=bucket, Key="set/sub/b.JPG", Body=b)  # by suffix; decoding is prepare's
+    client.put_object(Bucket=bucket, Key="set/huge.csv", Body=b"0" * 5000)  # not counted, never read
     client.put_object(Bucket=bucket, Key="set/notes.txt", Body=b"hello")
     client.put_object(Bucket=bucket, Key="set/more.zip", Body=zip_of({"x/inner.png": inner}))
     client.put_object(Bucket=bucket, Key="set/folder/", Body=b"")  # a console's folder marker
     client.put_object(Bucket=bucket, Key="other/c.png", Body=png())  # outside the prefix
-    found = collect(source_members(f"s3://{bucket}/set/", None, s3_settings, tmp_path / "scratch"))
+    limited = s3_settings.model_copy(update={"max_dataset_bytes": 4000})  # the images fit, the CSV would not
+    found = collect(source_members(f"s3://{bucket}/set/", None, limited, tmp_path / "scratch"))
     assert found == {
         "set/a.png": a,
         "set/sub/b.JPG": b,
-        "set/notes.txt": "not an image or archive (by its name)",
+        "set/notes.txt": "not an image file",
+        "set/huge.csv": "not an image file",
         "set/more.zip/x/inner.png": inner,
     }
     assert list((tmp_path / "scratch").iterdir()) == []  # the downloaded archive is gone after reading
