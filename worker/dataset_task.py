@@ -96,7 +96,7 @@ def _fresh_scratch(settings: Settings, dataset_id: uuid.UUID) -> Path:
 
 def _members(claim: _Claim, settings: Settings, store: CheckpointStore, scratch: Path) -> Iterator[Member | Skipped]:
     if claim.source != "upload":
-        yield from source_members(claim.source, claim.split, settings)
+        yield from source_members(claim.source, claim.split, settings, scratch)
         return
     if claim.archive_key is None:
         raise PreparationFailed("the upload is missing (no archive recorded): upload the archive again")
