@@ -84,11 +84,14 @@ def _out_dir(settings: Settings, dataset_id: uuid.UUID) -> Path:
 
 
 def _fresh_scratch(settings: Settings, dataset_id: uuid.UUID) -> Path:
-    """This preparation's scratch folder; an earlier one's (a killed worker's) goes first: the row
-    is this worker's now, whatever another delivery still does there is for nothing."""
+    """This preparation's scratch folder. An earlier preparation's leftovers (a killed worker's)
+    go first: the row is this worker's now, whatever another delivery still does is for nothing."""
     top = settings.checkpoint_root / SCRATCH
     for stale in top.glob(f"{dataset_id}-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    for name in ("images.tar", "preview.png"):  # a killed worker's half-written files (app.files.atomic_file)
+        for partial in _out_dir(settings, dataset_id).glob(f".{name}.*.tmp"):
+            partial.unlink(missing_ok=True)
     scratch = top / f"{dataset_id}-{os.getpid()}"
     scratch.mkdir(parents=True, exist_ok=True)
     return scratch

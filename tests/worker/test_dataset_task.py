@@ -26,6 +26,7 @@ from app.models import Dataset, User
 from tests.conftest import bucket_keys
 from worker import dataset_task
 from worker.dataset_task import prepare_dataset
+from worker.sweeper import sweep_preparations
 
 
 def png(shade: int, size: tuple[int, int] = (12, 10)) -> bytes:
@@ -249,3 +250,33 @@ def test_a_source_url_is_downloaded_and_prepared(
     assert done.size_bytes == done.prepared_bytes + done.preview_bytes
     assert failed is not None and failed.error and "only https:// sources" in failed.error
     assert scratch_left(clean_db) == []  # the download is gone
+
+
+def test_a_killed_workers_leftovers_go_and_the_sweeper_sends_it_again(
+    clean_db: Settings, factory: sessionmaker[Session], owner: User
+) -> None:
+    dataset_id = uploaded(clean_db, factory, owner, images_zip(3))
+    with session_scope(factory) as s:
+        s.get(Dataset, dataset_id).worker = "gone-host:1"  # claimed by a worker that then died
+    folder = clean_db.checkpoint_root / "datasets" / str(dataset_id)
+    (folder / ".images.tar.x1y2.tmp").write_bytes(b"half a tar")
+    stale = clean_db.checkpoint_root / dataset_task.SCRATCH / f"{dataset_id}-4242"
+    stale.mkdir(parents=True)
+    (stale / "download").write_bytes(b"half a download")
+
+    sent: list[str] = []
+
+    class Recorder:
+        def send_prepare(self, dataset: str) -> None:
+            sent.append(dataset)
+
+    sweep_preparations(clean_db, factory, Recorder())
+    freed = row(factory, dataset_id)
+    assert freed is not None and (freed.status, freed.worker) == ("preparing", None) and freed.dispatched_at
+    assert sent == [str(dataset_id)]
+    sweep_preparations(clean_db, factory, Recorder())
+    assert sent == [str(dataset_id)]  # just sent: not again until DDPM_RESEND_AFTER_S passes
+
+    assert prepare_dataset(clean_db, factory, dataset_id) == "ready"
+    assert files_of(clean_db, dataset_id) == ["images.tar", "preview.png"]
+    assert scratch_left(clean_db) == []
