@@ -29,6 +29,7 @@ from app.config import Settings
 from app.datasets.keys import dataset_prefix, prepared_key, preview_key
 from app.datasets.repository import DatasetRepository
 from app.db import session_scope
+from app.files import sha256_file
 from worker.capacity import worker_name
 from worker.datasets import Limits, Member, PreparationFailed, Skipped
 from worker.datasets.archive import archive_members
@@ -48,6 +49,7 @@ class _Claim:
     source: str
     split: str | None
     archive_key: str | None
+    archive_sha256: str | None
 
 
 def prepare_dataset(settings: Settings, factory: sessionmaker[Session], dataset_id: uuid.UUID) -> str:
@@ -58,7 +60,7 @@ def prepare_dataset(settings: Settings, factory: sessionmaker[Session], dataset_
         if row is None:
             log.info("data set %s is not preparing: nothing to do for this delivery", dataset_id)
             return "skipped"
-        claim = _Claim(dataset_id, name, row.source, row.split, row.archive_key)
+        claim = _Claim(dataset_id, name, row.source, row.split, row.archive_key, row.archive_sha256)
     store = make_store(settings)
     scratch = _fresh_scratch(settings, dataset_id)
     log.info("preparing data set %s from %s", dataset_id, claim.source)
@@ -109,6 +111,8 @@ def _members(claim: _Claim, settings: Settings, store: CheckpointStore, scratch:
         raise PreparationFailed(f"the upload is missing from storage ({exc}): upload the archive again") from exc
     if not path.is_file():
         raise PreparationFailed("the upload is missing from storage: upload the archive again")
+    if claim.archive_sha256 is not None and sha256_file(path) != claim.archive_sha256:
+        raise PreparationFailed("the upload is damaged: its bytes no longer match the sha256 it arrived with")
     yield from archive_members(path, Limits.from_settings(settings))
 
 

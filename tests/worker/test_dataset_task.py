@@ -171,12 +171,21 @@ def test_an_unexpected_error_is_reported_as_internal(
     assert failed.error == "internal error while preparing: ZeroDivisionError: division by zero"
 
 
-def test_a_missing_upload_fails_saying_so(clean_db: Settings, factory: sessionmaker[Session], owner: User) -> None:
-    dataset_id = uploaded(clean_db, factory, owner, images_zip(2))
-    (clean_db.checkpoint_root / upload_key(dataset_id, "zip")).unlink()
-    assert prepare_dataset(clean_db, factory, dataset_id) == "failed"
-    failed = row(factory, dataset_id)
+def test_a_missing_or_damaged_upload_fails_saying_so(
+    clean_db: Settings, factory: sessionmaker[Session], owner: User
+) -> None:
+    missing = uploaded(clean_db, factory, owner, images_zip(2))
+    (clean_db.checkpoint_root / upload_key(missing, "zip")).unlink()
+    damaged = uploaded(clean_db, factory, owner, images_zip(2))
+    with (clean_db.checkpoint_root / upload_key(damaged, "zip")).open("r+b") as f:
+        f.seek(100)
+        f.write(b"\xff")  # one byte flipped on disk since it arrived
+    assert prepare_dataset(clean_db, factory, missing) == "failed"
+    assert prepare_dataset(clean_db, factory, damaged) == "failed"
+    failed = row(factory, missing)
     assert failed is not None and failed.error and "upload the archive again" in failed.error
+    failed = row(factory, damaged)
+    assert failed is not None and failed.error and "the upload is damaged" in failed.error
 
 
 def test_a_data_set_deleted_while_it_is_prepared_leaves_no_files(

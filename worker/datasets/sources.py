@@ -23,6 +23,7 @@ import logging
 import re
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,6 +47,9 @@ ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 MAX_REDIRECTS = 5
 # Connect, and each read: a server that stops sending for this long ends the download.
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+# The whole download (a server trickling a byte before each read timeout would never end):
+# 20 GiB (the default DDPM_MAX_DATASET_BYTES) at 1 MB/s.
+DOWNLOAD_DEADLINE_S = 6 * 3600.0
 _CHUNK = 1 << 20
 _HF_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -231,13 +235,15 @@ def _save(response: httpx.Response, url: httpx.URL, limit: int, target: Path) ->
     declared = response.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PreparationFailed(f"{too_large}: it declares {declared} bytes")
-    written = 0
+    written, deadline = 0, time.monotonic() + DOWNLOAD_DEADLINE_S
     try:
         with target.open("wb") as out:
             for chunk in response.iter_raw(_CHUNK):  # as sent: an archive is read as the bytes it is
                 written += len(chunk)
                 if written > limit:
                     raise PreparationFailed(too_large)
+                if time.monotonic() > deadline:
+                    raise PreparationFailed(f"the download of {url} took over {DOWNLOAD_DEADLINE_S:.0f} s; stopped")
                 out.write(chunk)
     except httpx.HTTPError as exc:
         target.unlink(missing_ok=True)
@@ -256,7 +262,6 @@ def hf_members(source: str, split: str, settings: Settings, scratch: Path) -> It
     original bytes, one Member `<split>/<index>` per row."""
     import datasets
 
-    datasets.disable_progress_bars()  # not a bar per split in the worker's log
     repo = source.removeprefix("hf://").strip("/")
     if not _HF_ID.fullmatch(repo) or ".." in repo.split("/"):
         raise PreparationFailed(f"{source!r} is not hf://namespace/name")
@@ -264,12 +269,7 @@ def hf_members(source: str, split: str, settings: Settings, scratch: Path) -> It
     local = settings.hf_datasets_dir / namespace / name if settings.hf_datasets_dir is not None else None
     if local is not None and not local.is_dir():
         raise PreparationFailed(f"no data set {repo} in DDPM_HF_DATASETS_DIR ({settings.hf_datasets_dir})")
-    try:
-        table = datasets.load_dataset(str(local or repo), split=split, cache_dir=str(scratch / "hf-cache"))
-    except Exception as exc:  # the library's errors have no common base: missing, no such split, offline...
-        raise PreparationFailed(f"cannot load {source} (split {split!r}): {type(exc).__name__}: {exc}") from exc
-    if not isinstance(table, datasets.Dataset):
-        raise PreparationFailed(f"{source} (split {split!r}) is not one table")
+    table = _hf_table(source, str(local or repo), split, settings.max_dataset_bytes, scratch / "hf-cache")
     column = next((key for key, feature in table.features.items() if isinstance(feature, datasets.Image)), None)
     if column is None:
         found = ", ".join(f"{key} ({feature})" for key, feature in table.features.items())
@@ -286,6 +286,29 @@ def hf_members(source: str, split: str, settings: Settings, scratch: Path) -> It
                     "(DDPM_MAX_DATASET_BYTES)"
                 )
         yield member
+
+
+def _hf_table(source: str, path: str, split: str, limit: int, cache: Path):  # type: ignore[no-untyped-def]
+    """`load_dataset(path, split=split)`, once the size its card declares (when it does) fits
+    DDPM_MAX_DATASET_BYTES. Its files go into `cache` (the preparation's scratch)."""
+    import datasets
+
+    datasets.disable_progress_bars()  # not a bar per split in the worker's log
+    try:
+        declared = datasets.load_dataset_builder(path, cache_dir=str(cache)).info.download_size
+        if declared and declared > limit:
+            raise PreparationFailed(
+                f"{source} declares {declared} bytes to download, over the limit of {limit} bytes "
+                "(DDPM_MAX_DATASET_BYTES)"
+            )
+        table = datasets.load_dataset(path, split=split, cache_dir=str(cache))
+    except PreparationFailed:
+        raise
+    except Exception as exc:  # the library's errors have no common base: missing, no such split, offline...
+        raise PreparationFailed(f"cannot load {source} (split {split!r}): {type(exc).__name__}: {exc}") from exc
+    if not isinstance(table, datasets.Dataset):
+        raise PreparationFailed(f"{source} (split {split!r}) is not one table")
+    return table
 
 
 def _hf_roots(local: Path | None, scratch: Path) -> list[Path]:

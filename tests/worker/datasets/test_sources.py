@@ -174,6 +174,16 @@ def test_url_source_over_the_size_limit_is_refused_while_reading(
     assert not (tmp_path / "download").exists()  # no partial file left behind
 
 
+def test_a_download_that_takes_too_long_is_stopped(
+    allow_private: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sources, "DOWNLOAD_DEADLINE_S", 0.0)
+    refused = pytest.raises(PreparationFailed, match="took over 0 s; stopped")
+    with serving({"/slow.zip": body(b"0" * 1000)}) as (port, _), refused:
+        download(f"http://127.0.0.1:{port}/slow.zip", allow_private, tmp_path / "download")
+    assert not (tmp_path / "download").exists()
+
+
 def test_url_source_error_status_and_too_many_redirects(allow_private: Settings, tmp_path: Path) -> None:
     with serving({"/loop": redirect("/loop")}) as (port, _):
         with pytest.raises(PreparationFailed, match="answered 404"):
@@ -382,6 +392,23 @@ def test_hf_source_reads_the_image_column_as_original_bytes(
         list(source_members("hf://nobody/here", "train", settings, tmp_path / "scratch"))
     with pytest.raises(PreparationFailed, match="is not hf://namespace/name"):
         list(source_members("hf://../etc", "train", settings, tmp_path / "scratch"))
+
+
+def test_hf_source_over_the_size_limit_is_refused(service_settings: Settings, hf_dir: Path, tmp_path: Path) -> None:
+    import datasets
+
+    images = [{"bytes": png(shade=i), "path": None} for i in range(3)]
+    folder = hf_dir / "someone" / "shapes"
+    write_hf_dataset(folder, {"picture": images}, {"picture": datasets.Image()})
+    one = len(images[0]["bytes"])
+    settings = service_settings.model_copy(update={"hf_datasets_dir": hf_dir, "max_dataset_bytes": 2 * one + 10})
+    with pytest.raises(PreparationFailed, match="holds more than the limit of"):
+        list(source_members("hf://someone/shapes", "train", settings, tmp_path))
+    # A data set card that declares its download size is refused before anything is fetched.
+    (folder / "README.md").write_text("---\ndataset_info:\n  download_size: 9999999\n---\n")
+    settings = settings.model_copy(update={"max_dataset_bytes": 10_000})
+    with pytest.raises(PreparationFailed, match="declares 9999999 bytes to download, over the limit of 10000"):
+        list(source_members("hf://someone/shapes", "train", settings, tmp_path))
 
 
 def test_hf_source_without_an_image_column_names_its_columns(
