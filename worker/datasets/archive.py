@@ -20,7 +20,9 @@ broke off is far likelier than a user who wants the first part of an archive, an
 that silently lacks files would be worse than a clear error. That includes a tar that ends
 without its end-of-archive marker (cut off, which Python's tarfile would take as the end) and a
 gzip stream whose trailer is missing or whose CRC does not match. A zip member that is encrypted
-or uses an unknown compression method is skipped with that reason (the zip is not damaged).
+or compressed with bzip2 or a method zipfile lacks is skipped with that reason (the zip is not
+damaged). A zip whose list of files is over MAX_CENTRAL_DIRECTORY_BYTES is refused before
+zipfile loads it (a ZipInfo per entry: millions of tiny entries would fill memory).
 
 `read()` of a tar member must be called before the next item is taken from the iterator (a
 tar.gz is a stream); a zip member's any time while the iterator is open.
@@ -30,8 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import os
 import re
 import stat
+import struct
 import tarfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -47,7 +51,13 @@ RATIO_FLOOR_BYTES = 1 << 20  # a high ratio over less than this is no bomb (a zi
 MAX_MEMBER_BYTES = 512 << 20  # larger members are skipped, never read into memory
 MAX_HEADER_BYTES = 1 << 20  # a tar long-name or pax header larger than this is hostile
 READ_CHUNK = 1 << 20
-ZIP_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA})
+MAX_CENTRAL_DIRECTORY_BYTES = 128 << 20  # a zip's list of files (about 100 bytes per file)
+_EOCD_SEARCH_BYTES = 22 + 65535  # the end record and the longest comment
+# Zip compression methods read. zipfile bounds deflate's output per read; LZMA's it does not,
+# so LZMA members are read 4 KiB of input at a time (at most ~7,000x: ~30 MB out). bzip2 cannot
+# be bounded (4 KiB of it can hold gigabytes), so bzip2 members are skipped.
+ZIP_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_LZMA})
+LZMA_READ = 4096
 LINK = "link"
 NOT_REGULAR = "not a regular file"
 UNSAFE_PATH = "unsafe path"
@@ -65,8 +75,13 @@ _OTHER_FORMATS = (  # magic numbers of what people upload by mistake, for a clea
 
 def archive_members(path: Path, limits: Limits) -> Iterator[Member | Skipped]:
     """The members of the archive at `path`, in the archive's order (see the module docstring)."""
+    size = path.stat().st_size
+    if size > limits.max_source_bytes:
+        raise PreparationFailed(
+            f"the archive is {size:,} bytes, over the limit of {limits.max_source_bytes:,} (DDPM_MAX_DATASET_BYTES)"
+        )
     kind = archive_format(path)
-    budget = _Budget(limits, path.stat().st_size)
+    budget = _Budget(limits, size)
     if kind == ZIP:
         yield from _zip_members(path, budget)
     else:
@@ -95,9 +110,12 @@ def archive_format(path: Path) -> str:
 
 
 def _is_tar_header(block: bytes) -> bool:
-    """An old (v7) tar without the ustar magic: its first header's checksum is right."""
+    """An old (v7) tar without the ustar magic (its first header's checksum is right), or an
+    empty tar (a zero block: its end-of-archive marker)."""
     try:
-        tarfile.TarInfo.frombuf(block.ljust(tarfile.BLOCKSIZE, b"\0"), "utf-8", "surrogateescape")
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.EOFHeaderError:
+        return True
     except (tarfile.HeaderError, ValueError):
         return False
     return True
@@ -133,10 +151,10 @@ class _Budget:
                 f"over the limit of {self.limits.max_ratio:g} (DDPM_DATASET_MAX_RATIO); is it a zip bomb?"
             )
 
-    def read(self, f: BinaryIO) -> bytes:
+    def read(self, f: BinaryIO, size: int = READ_CHUNK) -> bytes:
         """All of `f` (a member being unpacked), counted chunk by chunk."""
         chunks = []
-        while chunk := f.read(READ_CHUNK):
+        while chunk := f.read(size):
             self.add(len(chunk))
             chunks.append(chunk)
         return b"".join(chunks)
@@ -163,9 +181,8 @@ def _screen(name: str) -> str | None:
     return name_skip_reason(name)
 
 
-def _candidate(name: str, size: int, read: Callable[[], bytes], reason: str | None = None) -> Member | Skipped:
-    """The member, or Skipped: `reason` if given, else the name's (`_screen`), else too large."""
-    reason = reason or _screen(name)
+def _candidate(name: str, size: int, read: Callable[[], bytes], reason: str | None) -> Member | Skipped:
+    """The member, or Skipped: for `reason` (the name's, see `_screen`) if any, or as too large."""
     if reason is None and size > MAX_MEMBER_BYTES:
         reason = f"too large ({size:,} bytes, over {MAX_MEMBER_BYTES:,})"
     return Member(display_name(name), size, read) if reason is None else Skipped(display_name(name), reason)
@@ -175,6 +192,12 @@ def _candidate(name: str, size: int, read: Callable[[], bytes], reason: str | No
 
 
 def _zip_members(path: Path, budget: _Budget) -> Iterator[Member | Skipped]:
+    directory = central_directory_bytes(path)
+    if directory > MAX_CENTRAL_DIRECTORY_BYTES:
+        raise PreparationFailed(
+            f"the zip's list of files takes {directory:,} bytes, over the limit of {MAX_CENTRAL_DIRECTORY_BYTES:,} "
+            "(about a million files); split it into several data sets, or upload a tar"
+        )
     with _damage_is_failure():
         zf = zipfile.ZipFile(path)
     with zf:
@@ -184,20 +207,50 @@ def _zip_members(path: Path, budget: _Budget) -> Iterator[Member | Skipped]:
             kind = stat.S_IFMT(info.external_attr >> 16)  # the unix file type; 0 from other systems
             if info.is_dir() or stat.S_ISDIR(kind):
                 continue
-            reason = None
+            reason = _screen(info.filename)
             if kind and not stat.S_ISREG(kind):
                 reason = LINK if stat.S_ISLNK(kind) else NOT_REGULAR
-            elif _screen(info.filename) is None and info.flag_bits & 0x1:
+            elif reason is None and info.flag_bits & 0x1:
                 reason = "encrypted"
-            elif _screen(info.filename) is None and info.compress_type not in ZIP_METHODS:
+            elif reason is None and info.compress_type == zipfile.ZIP_BZIP2:
+                reason = "unsupported compression (bzip2, a decompression bomb risk; zip it with deflate)"
+            elif reason is None and info.compress_type not in ZIP_METHODS:
                 reason = f"unsupported compression (method {info.compress_type})"
             yield _candidate(info.filename, info.file_size, _zip_reader(zf, info, budget, count), reason)
 
 
+def central_directory_bytes(path: Path) -> int:
+    """The size of a zip's central directory as its end record declares it (zip64's too), read
+    before zipfile loads all of it and a ZipInfo per entry into memory (which it does whatever
+    the size: millions of tiny entries are a memory bomb); 0 when no end record is found (zipfile
+    then says what is wrong). Never more than the file's size (zipfile reads no more than that)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - _EOCD_SEARCH_BYTES))
+        tail = f.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < 22:
+            return 0
+        declared = struct.unpack_from("<I", tail, at + 12)[0]
+        locator = at - 20  # the zip64 locator, if any, sits right before the end record
+        if locator >= 0 and tail[locator : locator + 4] == b"PK\x06\x07":
+            f.seek(struct.unpack_from("<Q", tail, locator + 8)[0])
+            record = f.read(56)
+            if len(record) == 56 and record[:4] == b"PK\x06\x06":
+                declared = max(declared, struct.unpack_from("<Q", record, 40)[0])
+    return min(declared, size)
+
+
 def _zip_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _Budget, count: int) -> Callable[[], bytes]:
+    where = f" at member {count} ({display_name(info.filename)})"
+
     def read() -> bytes:
-        with _damage_is_failure(f" at member {count} ({display_name(info.filename)})"), zf.open(info) as f:
-            return budget.read(f)
+        chunk = LZMA_READ if info.compress_type == zipfile.ZIP_LZMA else READ_CHUNK
+        with _damage_is_failure(where), zf.open(info) as f:
+            data = budget.read(f, chunk)  # zipfile stops at the declared size; a CRC check catches more
+        if len(data) != info.file_size:
+            raise PreparationFailed(f"{DAMAGED}{where}: {len(data):,} bytes where it declares {info.file_size:,}")
+        return data
 
     return read
 
@@ -287,19 +340,19 @@ def _tar_item(
     if not header.isreg() or header.issparse():
         return Skipped(display_name(header.name), NOT_REGULAR)
 
+    where = f" at member {count} ({display_name(header.name)})"
+
     def read() -> bytes:
         if state.current is not header:
             raise RuntimeError("a tar member's read() was called after the next member was taken")
-        with _damage_is_failure(f" at member {count} ({display_name(header.name)})"):
+        with _damage_is_failure(where):
             f = tar.extractfile(header)
-            if f is None:
-                raise PreparationFailed(f"{DAMAGED}: member {count} has no data")
-            data = budget.read(f)
+            data = budget.read(f) if f is not None else b""
         if len(data) != header.size:
-            raise PreparationFailed(f"{DAMAGED}: member {count} ({display_name(header.name)}) is cut short")
+            raise PreparationFailed(f"{DAMAGED}{where}: {len(data):,} bytes where it declares {header.size:,}")
         return data
 
-    return _candidate(header.name, header.size, read)
+    return _candidate(header.name, header.size, read, _screen(header.name))
 
 
 def _check_tar_end(end: _TarState, count: int, last: str) -> None:

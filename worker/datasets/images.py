@@ -21,8 +21,8 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -39,6 +39,7 @@ NOT_AN_IMAGE_FILE = "not an image file"
 NOT_AN_IMAGE = "not a PNG, JPEG or WebP image"
 
 MAX_NAME_CHARS = 300  # names in messages and the summary are cut to this
+BLOCK_PIXELS = 1 << 20  # pixels the conversions' integer math handles at a time
 
 
 def reason_category(reason: str) -> str:
@@ -67,7 +68,8 @@ def name_skip_reason(name: str) -> str | None:
     parts = [p for p in re.split(r"[\\/]", name) if p not in ("", ".")]
     if any(p.startswith(".") or p == "__MACOSX" for p in parts):
         return HIDDEN_FILE
-    if not parts or PurePosixPath(parts[-1]).suffix.lower() not in IMAGE_SUFFIXES:
+    stem, dot, suffix = parts[-1].rpartition(".") if parts else ("", "", "")
+    if not (stem and dot) or f".{suffix.lower()}" not in IMAGE_SUFFIXES:
         return NOT_AN_IMAGE_FILE
     return None
 
@@ -145,18 +147,34 @@ def to_8bit(img: Image.Image) -> Image.Image | None:
 def sixteen_bit_to_l(img: Image.Image) -> Image.Image:
     """16-bit grey to 8 bits: v · 255 / 65535 = v / 257, rounded half up (65535 → 255, 128 → 0,
     129 → 1). Mode I (32-bit) is clipped to 0..65535 first."""
-    values = np.clip(np.asarray(img).astype(np.int64), 0, 65535)  # (H, W)
-    return Image.fromarray(((values + 128) // 257).astype(np.uint8))
+    values = np.asarray(img)  # (H, W) uint16 (I;16*) or int32 (I)
+    out = np.empty(values.shape, dtype=np.uint8)
+    for rows in _row_blocks(values.shape):
+        block = np.clip(values[rows], 0, 65535).astype(np.uint32)
+        out[rows] = (block + 128) // 257
+    return Image.fromarray(out)
 
 
 def composite_on_white(img: Image.Image) -> Image.Image:
     """Alpha (or a palette's / colour key's transparency) composited onto white:
     out = c · a + 255 · (1 − a) with a = alpha / 255, rounded half up. Grey stays L."""
     grey = img.mode in ("LA", "La", "L", "1")
-    arr = np.asarray(img.convert("LA" if grey else "RGBA")).astype(np.int64)  # (H, W, 2 | 4)
-    colour, alpha = arr[..., :-1], arr[..., -1:]
-    out = ((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)  # (H, W, 1 | 3)
+    arr = np.asarray(img.convert("LA" if grey else "RGBA"))  # (H, W, 2 | 4) uint8
+    out = np.empty((*arr.shape[:2], arr.shape[2] - 1), dtype=np.uint8)  # (H, W, 1 | 3)
+    for rows in _row_blocks(arr.shape):
+        block = arr[rows].astype(np.uint32)
+        colour, alpha = block[..., :-1], block[..., -1:]
+        out[rows] = (colour * alpha + 255 * (255 - alpha) + 127) // 255
     return Image.fromarray(out[..., 0] if grey else out)
+
+
+def _row_blocks(shape: tuple[int, ...]) -> Iterator[slice]:
+    """Blocks of rows of about BLOCK_PIXELS pixels: the integer math on a 64-megapixel image
+    then needs a few MB at a time, not gigabytes."""
+    height, width = shape[0], max(shape[1], 1)
+    step = max(1, BLOCK_PIXELS // width)
+    for top in range(0, height, step):
+        yield slice(top, top + step)
 
 
 def _describe(e: BaseException) -> str:
