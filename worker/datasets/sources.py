@@ -83,6 +83,11 @@ def s3_members(source: str, settings: Settings, limits: Limits, scratch: Path) -
     bucket, _, prefix = source.removeprefix("s3://").partition("/")
     if not bucket:
         raise PreparationFailed(f"{source!r} names no bucket: use s3://bucket/prefix/")
+    own = settings.s3_prefix.strip("/")
+    own = f"{own}/" if own else ""
+    if bucket == settings.s3_bucket and (prefix.startswith(own) or own.startswith(prefix)):
+        # The service's own files (every user's checkpoints and data sets) are not a source.
+        raise PreparationFailed(f"{source} is where this service keeps its own files: name another bucket or prefix")
     client = make_s3_client(settings)
     try:
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)

@@ -86,6 +86,13 @@ def test_s3_source_lists_every_page(s3_settings: Settings, tmp_path: Path) -> No
 def test_s3_source_failures_say_why(s3_settings: Settings, tmp_path: Path) -> None:
     with pytest.raises(PreparationFailed, match=r"cannot list s3://no-such-bucket/x/: S3 refused \(NoSuchBucket"):
         list(source_members("s3://no-such-bucket/x/", None, s3_settings, tmp_path))
+    # The service's own bucket and prefix (every user's files) cannot be read as a source.
+    own = f"s3://{s3_settings.s3_bucket}"
+    for source in (f"{own}/", f"{own}/ckpt/", f"{own}/ckpt/datasets/"):
+        with pytest.raises(PreparationFailed, match="where this service keeps its own files"):
+            list(source_members(source, None, s3_settings, tmp_path))
+    s3_client(s3_settings).put_object(Bucket=s3_settings.s3_bucket, Key="user-area/a.png", Body=b"x")
+    assert [m.name for m in source_members(f"{own}/user-area/", None, s3_settings, tmp_path)] == ["user-area/a.png"]
     s3_client(s3_settings).create_bucket(Bucket="empty")
     with pytest.raises(PreparationFailed, match="no object under s3://empty/x/"):
         list(source_members("s3://empty/x/", None, s3_settings, tmp_path))
