@@ -62,9 +62,10 @@ def prepare_dataset(settings: Settings, factory: sessionmaker[Session], dataset_
             return "skipped"
         claim = _Claim(dataset_id, name, row.source, row.split, row.archive_key, row.archive_sha256)
     store = make_store(settings)
-    scratch = _fresh_scratch(settings, dataset_id)
+    scratch = settings.checkpoint_root / SCRATCH / f"{dataset_id}-{os.getpid()}"
     log.info("preparing data set %s from %s", dataset_id, claim.source)
     try:
+        _clear_leftovers(settings, dataset_id, scratch)
         prepared = prepare(
             _members(claim, settings, store, scratch), _out_dir(settings, dataset_id), Limits.from_settings(settings)
         )
@@ -85,18 +86,15 @@ def _out_dir(settings: Settings, dataset_id: uuid.UUID) -> Path:
     return settings.checkpoint_root / dataset_prefix(dataset_id)
 
 
-def _fresh_scratch(settings: Settings, dataset_id: uuid.UUID) -> Path:
-    """This preparation's scratch folder. An earlier preparation's leftovers (a killed worker's)
-    go first: the row is this worker's now, whatever another delivery still does is for nothing."""
-    top = settings.checkpoint_root / SCRATCH
-    for stale in top.glob(f"{dataset_id}-*"):
+def _clear_leftovers(settings: Settings, dataset_id: uuid.UUID, scratch: Path) -> None:
+    """An earlier preparation's leftovers (a killed worker's) go, and `scratch` is made: the row
+    is this worker's now, whatever another delivery still does is for nothing."""
+    for stale in scratch.parent.glob(f"{dataset_id}-*"):
         shutil.rmtree(stale, ignore_errors=True)
     for name in ("images.tar", "preview.png"):  # a killed worker's half-written files (app.files.atomic_file)
         for partial in _out_dir(settings, dataset_id).glob(f".{name}.*.tmp"):
             partial.unlink(missing_ok=True)
-    scratch = top / f"{dataset_id}-{os.getpid()}"
     scratch.mkdir(parents=True, exist_ok=True)
-    return scratch
 
 
 def _members(claim: _Claim, settings: Settings, store: CheckpointStore, scratch: Path) -> Iterator[Member | Skipped]:
