@@ -317,11 +317,9 @@ def _hf_table(source: str, path: str, split: str, limit: int, cache: Path):  # t
 
 
 def _hf_roots(local: Path | None, scratch: Path) -> list[Path]:
-    """Where an image column's file paths may point (its own files, the download cache)."""
-    from datasets import config
-
-    roots = [scratch.resolve(), Path(config.HF_DATASETS_CACHE).resolve()]
-    return [local.resolve(), *roots] if local is not None else roots
+    """Where an image column's file paths may point: the data set's own folder, or its download
+    (load_dataset's cache_dir is in the scratch folder)."""
+    return [local.resolve(), scratch.resolve()] if local is not None else [scratch.resolve()]
 
 
 def _hf_member(name: str, value: dict | None, roots: list[Path]) -> Member | Skipped:

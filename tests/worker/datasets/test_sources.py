@@ -442,3 +442,22 @@ def test_hf_source_from_the_hub_is_offline_here(service_settings: Settings, hf_d
 def test_unknown_scheme_is_refused(service_settings: Settings, tmp_path: Path) -> None:
     with pytest.raises(PreparationFailed, match="unsupported source 'ftp://x/y'"):
         list(source_members("ftp://x/y", None, service_settings, tmp_path))
+
+
+def test_hf_source_image_files_inside_the_data_set_are_read(
+    service_settings: Settings, hf_dir: Path, tmp_path: Path
+) -> None:
+    """An image column that names files (as an imagefolder's does) is read from the data set's own folder."""
+    import datasets
+
+    folder = hf_dir / "someone" / "files"
+    (folder / "pics").mkdir(parents=True)
+    image = png(shade=9)
+    (folder / "pics" / "a.png").write_bytes(image)
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(png(shade=1))
+    rows = [{"bytes": None, "path": str(folder / "pics" / "a.png")}, {"bytes": None, "path": str(outside)}]
+    write_hf_dataset(folder, {"picture": rows}, {"picture": datasets.Image()})
+    settings = service_settings.model_copy(update={"hf_datasets_dir": hf_dir})
+    found = collect(source_members("hf://someone/files", "train", settings, tmp_path / "scratch"))
+    assert found == {"train/0": image, "train/1": "its image is a file outside the data set"}
