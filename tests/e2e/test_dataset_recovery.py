@@ -61,7 +61,8 @@ def test_kill_9_mid_preparation_and_another_worker_prepares_it(
     clean_db: Settings, settings_env: dict[str, str], tmp_path: Path, owner: User
 ) -> None:
     env = settings_env | {"DDPM_LEASE_TIMEOUT_S": "4", "DDPM_HEARTBEAT_INTERVAL_S": "0.5", "DDPM_RESEND_AFTER_S": "2"}
-    factory = make_sessionmaker(make_engine(clean_db))
+    engine = make_engine(clean_db)
+    factory = make_sessionmaker(engine)
     archive = many_images_zip()
     dataset_id = uuid.uuid4()
     key = upload_key(dataset_id, "zip")
@@ -81,7 +82,7 @@ def test_kill_9_mid_preparation_and_another_worker_prepares_it(
                 size_bytes=len(archive),
             )
         )
-    dispatch(make_engine(clean_db), Dispatcher(clean_db), Task.prepare(dataset_id))
+    dispatch(engine, Dispatcher(clean_db), Task.prepare(dataset_id))
 
     log1, log2 = tmp_path / "worker-1.log", tmp_path / "worker-2.log"
     # The first is a samples-only worker (serve's second one, compose's worker-samples): it prepares
@@ -105,3 +106,4 @@ def test_kill_9_mid_preparation_and_another_worker_prepares_it(
     assert hashlib.sha256((folder / "images.tar").read_bytes()).hexdigest() == done.sha256
     scratch = clean_db.checkpoint_root / "datasets" / ".scratch"
     assert not scratch.exists() or list(scratch.iterdir()) == []
+    engine.dispose()
