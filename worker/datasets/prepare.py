@@ -10,8 +10,8 @@ whatever order and with whatever mtimes (the tar's headers hold nothing but the 
 `00000000.png` and the size: mtime 0, uid/gid 0, mode 0o644, ustar, no pax timestamps).
 
 The preview is a grid of the first (by that same order) up to 64 images, 8 per row, each
-centre-cropped to fill a 64x64 cell as training crops (`worker/ddpm/data.py` `_fit`); only the
-thumbnails of the current first 64 are kept while members arrive.
+centre-cropped to fill a 64x64 cell as training crops (`worker/ddpm/data.py` `_fit`), decoded
+again from the spool at the end.
 
 Both files are written crash-safely (`app.files.atomic_file`: temporary file, fsync, rename);
 the spool is an unlinked temporary file. Disk: the spool and the tar, each about the size of
@@ -20,7 +20,6 @@ the kept images, exist together for a moment.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import io
 import math
@@ -87,16 +86,15 @@ def prepare(
     started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
     tally = _Tally()
-    cells = _PreviewCells()
     with tempfile.TemporaryFile(dir=out_dir, prefix=".spool.") as spool:
-        entries = _decode_members(members, limits, spool, tally, cells, progress)
+        entries = _decode_members(members, limits, spool, tally, progress)
         if not entries:
             raise PreparationFailed(tally.nothing_usable())
         entries.sort()
         tar_path = out_dir / IMAGES_TAR
         sha256, size = write_images_tar(tar_path, entries, spool)
+        preview = preview_png(entries[:PREVIEW_IMAGES], spool)
     preview_path = out_dir / PREVIEW_PNG
-    preview = cells.grid_png()
     preview_sha256 = atomic_write(preview_path, preview)
     return Prepared(
         images_tar=tar_path,
@@ -116,7 +114,6 @@ def _decode_members(
     limits: Limits,
     spool: IO[bytes],
     tally: _Tally,
-    cells: _PreviewCells,
     progress: Callable[[int], None] | None,
 ) -> list[_Entry]:
     """Each member read and decoded once; the kept bytes appended to `spool`, indexed."""
@@ -135,7 +132,6 @@ def _decode_members(
                 entries.append(_Entry(member.name, len(entries), spool.tell(), len(decoded.data), decoded.ext))
                 spool.write(decoded.data)
                 tally.keep(decoded)
-                cells.offer(member.name, entries[-1].arrival, decoded)
         handled += 1
         if progress is not None and time.monotonic() - reported_at >= PROGRESS_EVERY_S:
             progress(handled)
@@ -175,7 +171,9 @@ def write_images_tar(path: Path, entries: list[_Entry], spool: IO[bytes]) -> tup
 
 @dataclass
 class _Tally:
-    """What the summary counts."""
+    """What the summary counts: kept images' sizes (after orientation) and their files' own
+    modes, skips by reason category (examples: the first EXAMPLES, hidden files left out), and
+    source_bytes, the bytes of every member read (the candidates, not the skipped by name)."""
 
     sizes: Counter[tuple[int, int]] = field(default_factory=Counter)
     modes: Counter[str] = field(default_factory=Counter)
@@ -213,25 +211,17 @@ class _Tally:
         return f"no usable image: {self.skipped} {files} skipped ({counts})"
 
 
-class _PreviewCells:
-    """The thumbnails of the first PREVIEW_IMAGES images by (name, arrival), kept as they come."""
-
-    def __init__(self) -> None:
-        self.cells: list[tuple[str, int, Image.Image]] = []
-
-    def offer(self, name: str, arrival: int, decoded: Decoded) -> None:
-        if len(self.cells) == PREVIEW_IMAGES and (name, arrival) >= self.cells[-1][:2]:
-            return
-        thumb = ImageOps.fit(decoded.image.convert("RGB"), (CELL, CELL), Image.Resampling.BICUBIC)
-        bisect.insort(self.cells, (name, arrival, thumb), key=lambda cell: cell[:2])
-        del self.cells[PREVIEW_IMAGES:]
-
-    def grid_png(self) -> bytes:
-        columns = min(PREVIEW_COLUMNS, len(self.cells))
-        rows = math.ceil(len(self.cells) / PREVIEW_COLUMNS)
-        grid = Image.new("RGB", (columns * CELL, rows * CELL), (255, 255, 255))
-        for i, (_, _, thumb) in enumerate(self.cells):
-            grid.paste(thumb, ((i % PREVIEW_COLUMNS) * CELL, (i // PREVIEW_COLUMNS) * CELL))
-        buffer = io.BytesIO()
-        grid.save(buffer, "PNG")
-        return buffer.getvalue()
+def preview_png(entries: list[_Entry], spool: IO[bytes]) -> bytes:
+    """The preview grid of `entries` (decoded again from the spool, as training will decode them):
+    PREVIEW_COLUMNS cells a row, each image centre-cropped to fill its CELL x CELL cell."""
+    columns = min(PREVIEW_COLUMNS, len(entries))
+    rows = math.ceil(len(entries) / PREVIEW_COLUMNS)
+    grid = Image.new("RGB", (columns * CELL, rows * CELL), (255, 255, 255))
+    for i, entry in enumerate(entries):
+        spool.seek(entry.offset)
+        with Image.open(io.BytesIO(spool.read(entry.length))) as img:
+            cell = ImageOps.fit(img.convert("RGB"), (CELL, CELL), Image.Resampling.BICUBIC)
+        grid.paste(cell, ((i % PREVIEW_COLUMNS) * CELL, (i // PREVIEW_COLUMNS) * CELL))
+    buffer = io.BytesIO()
+    grid.save(buffer, "PNG")
+    return buffer.getvalue()
