@@ -78,14 +78,26 @@ def sweep_once(  # type: ignore[no-untyped-def]
 
 def sweep_datasets(settings: Settings, factory, dispatcher: Sender, store: CheckpointStore) -> tuple[int, int]:  # type: ignore[no-untyped-def]
     """The data set passes; returns (stale uploads deleted, preparations (re-)sent)."""
-    now = utcnow()
+    return expire_uploads(settings, factory, store), sweep_preparations(settings, factory, dispatcher)
+
+
+def expire_uploads(settings: Settings, factory, store: CheckpointStore) -> int:  # type: ignore[no-untyped-def]
+    """Uploads broken off and idle for DDPM_DATASET_UPLOAD_EXPIRY_S go, row and bytes; how many."""
+    idle_since = utcnow() - timedelta(seconds=settings.dataset_upload_expiry_s)
     with session_scope(factory) as session:
-        engine = engine_of(session)
-        keys = datasets.expire_stale_uploads(session, now - timedelta(seconds=settings.dataset_upload_expiry_s))
+        keys = datasets.expire_stale_uploads(session, idle_since)
     for key in keys:
         log.warning("data set upload %s: idle for %.0f s; deleted", key, settings.dataset_upload_expiry_s)
     datasets.remove_files(store, keys)  # once no row names them
+    return len(keys)
+
+
+def sweep_preparations(settings: Settings, factory, dispatcher: Sender) -> int:  # type: ignore[no-untyped-def]
+    """Data sets whose preparing worker stopped checking in (killed mid-way) are freed, and they
+    and the preparations never sent (or whose message went missing) are sent again; how many."""
+    now = utcnow()
     with session_scope(factory) as session:
+        engine = engine_of(session)
         repo = DatasetRepository(session)
         orphaned = repo.requeue_orphaned_preparations(now - timedelta(seconds=settings.lease_timeout_s))
     for dataset_id in orphaned:
@@ -94,8 +106,7 @@ def sweep_datasets(settings: Settings, factory, dispatcher: Sender, store: Check
         older_than = now - timedelta(seconds=settings.resend_after_s)
         unsent = {d.id for d in DatasetRepository(session).preparations_needing_dispatch(older_than)}
     to_send = sorted(unsent | set(orphaned))
-    sent = sum(dispatch(engine, dispatcher, Task.prepare(dataset_id)) for dataset_id in to_send)
-    return len(keys), sent
+    return sum(dispatch(engine, dispatcher, Task.prepare(dataset_id)) for dataset_id in to_send)
 
 
 def job_queue(settings: Settings, job: Job | None) -> str:
