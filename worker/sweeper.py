@@ -101,7 +101,7 @@ def sweep_preparations(settings: Settings, factory, dispatcher: Sender) -> int: 
         repo = DatasetRepository(session)
         orphaned = repo.requeue_orphaned_preparations(now - timedelta(seconds=settings.lease_timeout_s))
     for dataset_id in orphaned:
-        log.warning("data set %s: the worker preparing it is gone; sent again", dataset_id)
+        log.warning("data set %s: its preparing worker is gone; sending it again", dataset_id)
     with session_scope(factory) as session:
         older_than = now - timedelta(seconds=settings.resend_after_s)
         unsent = {d.id for d in DatasetRepository(session).preparations_needing_dispatch(older_than)}
