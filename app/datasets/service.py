@@ -205,6 +205,8 @@ def check_source(source: str, settings: Settings) -> None:
     refused = SpecRefused()
     if parts.scheme == "s3" and settings.storage != "s3":
         refused.add(("source",), "s3:// sources need this service's S3 storage (DDPM_STORAGE=s3)", source)
+    elif parts.scheme == "s3" and _own_storage(parts.netloc, parts.path.lstrip("/"), settings):
+        refused.add(("source",), "this is where the service keeps its own files: name another bucket or prefix", source)
     elif parts.scheme == "https" and not settings.dataset_url_allow_private and _private_host(parts.hostname or ""):
         refused.add(
             ("source",),
@@ -214,6 +216,14 @@ def check_source(source: str, settings: Settings) -> None:
         )
     if refused.errors:
         raise refused
+
+
+def _own_storage(bucket: str, prefix: str, settings: Settings) -> bool:
+    """The service's own bucket and prefix (every user's checkpoints and data sets), as the
+    worker judges it (worker/datasets/sources.py), refused here before a row is made."""
+    own = settings.s3_prefix.strip("/")
+    own = f"{own}/" if own else ""
+    return bucket == settings.s3_bucket and (prefix.startswith(own) or own.startswith(prefix))
 
 
 def _private_host(host: str) -> bool:

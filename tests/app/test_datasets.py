@@ -33,7 +33,7 @@ from app.db import make_engine, make_sessionmaker, session_scope
 from app.main import create_app
 from app.models import Dataset, Job
 from app.server import DeadlineH11Protocol, ReadLimits
-from tests.conftest import ApiUser, MakeUser
+from tests.conftest import ApiUser, MakeUser, bucket_keys, s3_client
 from tests.e2e.conftest import free_port
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"preview" * 10
@@ -623,3 +623,29 @@ def test_routes_have_no_upload_bytes_left_behind_after_refusals(client: TestClie
     assert client.post("/v1/datasets", content=b"PK", headers={"Content-Type": "text/csv"}).status_code == 415
     assert rows(settings) == []
     assert not [p for p in Path(settings.checkpoint_root).glob("datasets/*/upload.*")]
+
+
+# --- S3 storage ---------------------------------------------------------------------------------
+def test_with_s3_storage_an_upload_lands_in_the_bucket_and_goes_with_the_data_set(
+    s3_settings: Settings, alice: ApiUser
+) -> None:
+    data = zip_archive()
+    with TestClient(create_app(s3_settings), headers=alice.headers) as c:
+        r = upload(c, data[:100], **{"Upload-Complete": "?0"})  # the part arrives in scratch...
+        dataset = r.json()
+        key = f"datasets/{dataset['id']}/upload.zip"
+        assert (s3_settings.checkpoint_root / key).stat().st_size == 100
+        r = c.patch(f"/v1/datasets/{dataset['id']}/upload", content=data[100:], headers={"Upload-Offset": "100"})
+        assert r.status_code == 200 and r.json()["status"] == "preparing", r.text
+        # ...and once whole it is the bucket's (with its sha256), the scratch copy gone.
+        assert f"ckpt/{key}" in bucket_keys(s3_settings)
+        stored_object = s3_client(s3_settings).get_object(Bucket=s3_settings.s3_bucket, Key=f"ckpt/{key}")
+        assert stored_object["Body"].read() == data
+        assert stored_object["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest()
+        assert not (s3_settings.checkpoint_root / key).exists()
+        # s3:// sources are this service's to read, but not its own files.
+        assert c.post("/v1/datasets", json={"source": "s3://other-bucket/images/"}).status_code == 201
+        own = c.post("/v1/datasets", json={"source": f"s3://{s3_settings.s3_bucket}/ckpt/datasets/"})
+        assert own.status_code == 422 and "its own files" in own.text
+        assert c.delete(f"/v1/datasets/{dataset['id']}").status_code == 204
+        assert f"ckpt/{key}" not in bucket_keys(s3_settings)
