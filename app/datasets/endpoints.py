@@ -319,11 +319,17 @@ async def _form_upload(request: Request, user: User) -> Response:
 async def _from_source(request: Request, user: User) -> Response:
     state = request.app.state
     limit = state.settings.max_request_bytes
+    too_large = HTTPException(413, detail=f"a JSON body may have at most {limit} bytes (DDPM_MAX_REQUEST_BYTES)")
+    if (_content_length(request) or 0) > limit:
+        raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise HTTPException(413, detail=f"a JSON body may have at most {limit} bytes (DDPM_MAX_REQUEST_BYTES)")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:
+        return Response(status_code=400)  # nobody is left to read it
     try:
         source = DatasetSourceIn.model_validate_json(bytes(body))
     except ValidationError as exc:

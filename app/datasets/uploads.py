@@ -245,7 +245,11 @@ async def finish(
     await run_in_threadpool(sink.part.sync)
     sha256 = sink.part.sha256()
     key = await run_in_threadpool(store.publish, sink.part.path, sha256)
-    dataset = await in_session(factory, service.complete_upload, dispatcher, sink.dataset_id, size, sha256, name)
+    try:
+        dataset = await in_session(factory, service.complete_upload, dispatcher, sink.dataset_id, size, sha256, name)
+    except DatasetConflict:  # deleted while its last bytes arrived: what was just published goes too
+        await run_in_threadpool(store.delete, key)
+        raise
     await run_in_threadpool(store.discard_scratch, key)
     return dataset
 

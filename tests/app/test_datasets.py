@@ -197,6 +197,16 @@ def test_a_bad_form_is_422_naming_the_field_and_stores_nothing(
     assert not list((settings.checkpoint_root / "datasets").glob("*/upload.*"))
 
 
+def test_a_form_without_a_boundary_or_with_a_huge_part_head_is_422(client: TestClient, settings: Settings) -> None:
+    r = client.post("/v1/datasets", content=b"--x\r\n", headers={"Content-Type": "multipart/form-data"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["header", "content-type"], r.text
+    head = b"--xyz\r\nContent-Disposition: form-data; name=file; filename=a.zip\r\nX-Pad: " + b"a" * 20_000
+    form = {"Content-Type": "multipart/form-data; boundary=xyz"}
+    r = client.post("/v1/datasets", content=head + b"\r\n\r\nPK\r\n--xyz--\r\n", headers=form)
+    assert r.status_code == 422 and "header size" in r.text, r.text
+    assert rows(settings) == []
+
+
 def test_a_form_cut_short_is_422(client: TestClient, settings: Settings) -> None:
     head = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.zip"\r\n\r\nPK\x03\x04'
     r = client.post("/v1/datasets", content=head, headers={"Content-Type": "multipart/form-data; boundary=xyz"})
