@@ -138,6 +138,8 @@ def add_error_handlers(app: FastAPI) -> None:
     """How the service's own errors become HTTP answers: 4xx naming the problem, 503 for a
     database that is away or busy (never a 500)."""
 
+    add_dataset_error_handlers(app)
+
     @app.exception_handler(RequestValidationError)
     def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _echo(exc.errors())}, status_code=422)
@@ -145,20 +147,6 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobNotFound)
     def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
-
-    @app.exception_handler(DatasetNotFound)
-    def _no_dataset(_: Request, exc: DatasetNotFound) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
-
-    @app.exception_handler(DatasetConflict)
-    def _dataset_conflict(_: Request, exc: DatasetConflict) -> JSONResponse:
-        # A resumable upload's true offset, for the client to continue from (Upload-Offset).
-        headers = {"Upload-Offset": str(exc.offset)} if exc.offset is not None else None
-        return JSONResponse({"detail": str(exc)}, status_code=409, headers=headers)
-
-    @app.exception_handler(DatasetTooLarge)
-    def _too_large(_: Request, exc: DatasetTooLarge) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=413)
 
     @app.exception_handler(SpecRefused)
     def _over_limit(_: Request, exc: SpecRefused) -> JSONResponse:
@@ -195,3 +183,21 @@ def add_error_handlers(app: FastAPI) -> None:
             status_code=503,
             headers={"Retry-After": str(POOL_RETRY_AFTER_S)},
         )
+
+
+def add_dataset_error_handlers(app: FastAPI) -> None:
+    """The data set routes' own errors (app/datasets/service.py)."""
+
+    @app.exception_handler(DatasetNotFound)
+    def _no_dataset(_: Request, exc: DatasetNotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(DatasetConflict)
+    def _dataset_conflict(_: Request, exc: DatasetConflict) -> JSONResponse:
+        # A resumable upload's true offset, for the client to continue from (Upload-Offset).
+        headers = {"Upload-Offset": str(exc.offset)} if exc.offset is not None else None
+        return JSONResponse({"detail": str(exc)}, status_code=409, headers=headers)
+
+    @app.exception_handler(DatasetTooLarge)
+    def _too_large(_: Request, exc: DatasetTooLarge) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=413)
