@@ -9,6 +9,7 @@ deadline (app/server.py gives them an idle deadline per chunk): DDPM_MAX_DATASET
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from app.checkpoints.files import CONDITIONAL_RESPONSES, checkpoint_store, verified_file_response
+from app.checkpoints.store import CheckpointFileError, CheckpointStore
 from app.datasets import service
 from app.datasets.keys import ArchiveFormat
 from app.datasets.schemas import DatasetOut, DatasetPage, DatasetSourceIn
@@ -161,6 +163,7 @@ async def upload_more(
 def list_datasets(
     user: CurrentUser,
     session: SessionDep,
+    request: Request,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     status: DatasetStatus | None = None,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
@@ -169,12 +172,23 @@ def list_datasets(
         datasets, next_cursor = service.list_datasets(session, user, limit=limit, status=status, cursor=cursor)
     except InvalidCursor as exc:
         raise _refused(("query", "cursor"), str(exc)) from exc
-    return DatasetPage(items=[DatasetOut.of(d) for d in datasets], next_cursor=next_cursor)
+    store = checkpoint_store(request)
+    return DatasetPage(items=[_shown(d, store) for d in datasets], next_cursor=next_cursor)
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(404, 422))
-def get_dataset(dataset_id: uuid.UUID, user: CurrentUser, session: SessionDep) -> DatasetOut:
-    return DatasetOut.of(service.get_dataset(session, dataset_id, user))
+def get_dataset(dataset_id: uuid.UUID, user: CurrentUser, session: SessionDep, request: Request) -> DatasetOut:
+    return _shown(service.get_dataset(session, dataset_id, user), checkpoint_store(request))
+
+
+def _shown(dataset: Dataset, store: CheckpointStore) -> DatasetOut:
+    """As stored; an upload's received_bytes is its part file's size, where this host has it
+    (the row is updated every few seconds while bytes flow, and not at all after a crash)."""
+    shown = DatasetOut.of(dataset)
+    if dataset.status == "uploading" and dataset.archive_key:
+        with contextlib.suppress(OSError, CheckpointFileError):
+            shown.received_bytes = store.resolve(dataset.archive_key).stat().st_size
+    return shown
 
 
 @router.get(

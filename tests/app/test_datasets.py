@@ -565,6 +565,8 @@ def test_a_client_gone_mid_body_leaves_a_resumable_upload(live, alice: ApiUser) 
         assert dataset["status"] == "uploading"
         part = settings.checkpoint_root / f"datasets/{dataset['id']}/upload.zip"
         assert part.stat().st_size == cut
+        row = wait_for(lambda: [d for d in rows(settings) if d.received_bytes == cut])[0]  # the row says so too
+        assert (row.status, row.size_bytes) == ("uploading", cut)
         r = c.patch(f"/v1/datasets/{dataset['id']}/upload", content=data[cut:], headers={"Upload-Offset": str(cut)})
         assert r.status_code == 200, r.text
         assert r.json()["status"] == "preparing"
