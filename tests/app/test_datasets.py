@@ -661,3 +661,15 @@ def test_with_s3_storage_an_upload_lands_in_the_bucket_and_goes_with_the_data_se
         assert own.status_code == 422 and "its own files" in own.text
         assert c.delete(f"/v1/datasets/{dataset['id']}").status_code == 204
         assert f"ckpt/{key}" not in bucket_keys(s3_settings)
+
+
+def test_a_patch_past_the_storage_quota_is_429_and_the_upload_goes(limited: TestClient, settings: Settings) -> None:
+    kept = [upload(limited, b"\0" * 9000).json()["id"] for _ in range(2)]  # 18000 of 25000
+    second = upload(limited, b"\0" * 5000, **{"Upload-Complete": "?0"}).json()
+    url = f"/v1/datasets/{second['id']}/upload"
+    more = limited.patch(url, content=b"\0" * 500, headers={"Upload-Offset": "5000", "Upload-Complete": "?0"})
+    assert more.status_code == 200, more.text
+    over = limited.patch(url, content=iter([b"\0" * 1500, b"\0" * 1500]), headers={"Upload-Offset": "5500"})
+    assert over.status_code == 429, over.text
+    assert "18000" in over.text and "25000" in over.text  # the others' usage and the quota
+    assert sorted(str(d.id) for d in rows(settings)) == sorted(kept)
