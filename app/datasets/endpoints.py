@@ -115,7 +115,7 @@ def _content_length(request: Request) -> int | None:
 async def create_dataset(
     request: Request,
     user: CurrentUser,
-    name: Annotated[str | None, Query(max_length=200, description="Raw uploads: the data set's name")] = None,
+    name: Annotated[str | None, Query(max_length=200, description="The data set's name (a form's `name` wins)")] = None,
     upload_length: Annotated[int | None, Header(ge=1, le=NO_BODY_LIMIT, description="The archive's size")] = None,
     upload_complete: UploadComplete = "?1",
 ) -> Response:
@@ -129,7 +129,7 @@ async def create_dataset(
     if kind in ARCHIVE_TYPES:
         return await _raw_upload(request, user, ARCHIVE_TYPES[kind], name, upload_length, upload_complete == "?1")
     if kind == MULTIPART:
-        return await _form_upload(request, user)
+        return await _form_upload(request, user, name)
     if kind == JSON:
         return await _from_source(request, user)
     raise HTTPException(
@@ -286,7 +286,7 @@ async def _stream(
     return _created(done, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
-async def _form_upload(request: Request, user: User) -> Response:
+async def _form_upload(request: Request, user: User, name: str | None) -> Response:
     state, store = request.app.state, checkpoint_store(request)
     body_length = _content_length(request)
     if body_length is not None and body_length > state.settings.max_dataset_bytes + MULTIPART_SLACK:
@@ -312,6 +312,7 @@ async def _form_upload(request: Request, user: User) -> Response:
         return Sink(state.sessionmaker, dataset.id, parts[0], allowed)
 
     form = FormUpload(FormReader(request.headers["content-type"]), start)
+    form.name = name  # the query's, unless the form has a `name` field
     try:
         whole = await form.run(request.stream())
         assert form.sink is not None

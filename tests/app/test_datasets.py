@@ -169,9 +169,10 @@ def test_a_form_upload_streams_its_file_part(client: TestClient, settings: Setti
 
 def test_a_form_part_type_names_the_format(client: TestClient, settings: Settings) -> None:
     data = zip_archive()
-    r = client.post("/v1/datasets", files={"file": ("blob", data, "application/zip")})
+    r = client.post("/v1/datasets?name=from-query", files={"file": ("blob", data, "application/zip")})
     assert r.status_code == 201, r.text
     assert r.json()["format"] == "zip" and stored(settings, r.json()) == data
+    assert r.json()["name"] == "from-query"
 
 
 @pytest.mark.parametrize(
