@@ -22,6 +22,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import tarfile
 import tempfile
 import time
@@ -39,6 +40,7 @@ from worker.ddpm.pixels import fit_image
 
 log = logging.getLogger(__name__)
 
+SHA256 = re.compile(r"[0-9a-f]{64}")  # the cache folder's name: nothing else may get into the path
 DECODE_CHUNK = 256  # members read ahead and decoded in parallel (Pillow releases the GIL)
 
 
@@ -50,6 +52,8 @@ def training_images(store: CheckpointStore, sha256: str, prepared_key: str, imag
     """The local decoded array of the prepared set `prepared_key` (content `sha256`) at this size;
     see the module docstring. TrainingImagesError when the prepared set is missing, damaged or does
     not decode; StorageUnavailable (the store did not answer) is left to the caller to retry."""
+    if not SHA256.fullmatch(sha256):
+        raise TrainingImagesError(f"the prepared data set {prepared_key} has no valid sha256 ({sha256!r})")
     key = cache_key(sha256, image_size, channels)
     target = store.resolve(key)
     if _is_array(target, image_size, channels):

@@ -174,7 +174,8 @@ def train(
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
 
-            # Batch: clean images, a timestep per image, Gaussian noise; x_t by eq. 4 of Ho et al. 2020.
+            # Batch: clean images (half of them mirrored with random_flip), a timestep per image, Gaussian
+            # noise; x_t by eq. 4 of Ho et al. 2020. Streamed from the host, the next batch is already on its way.
             x_t, t, target = data.draw(step, state.noise)  # (B/k, C, H, W), (B/k,), (B/k, C, H, W)
 
             # Forward / backward (compiled on CUDA; the first call compiles, and falls back to eager if that fails).

@@ -135,6 +135,11 @@ class TestBrokenPreparedSets:
             training_images(store, sha256, KEY, 8, 3)
         assert leftovers(store) == []
 
+    @pytest.mark.parametrize("sha256", ["", "../../etc", "A" * 64])
+    def test_a_sha256_that_is_none(self, store: LocalStore, sha256: str) -> None:
+        with pytest.raises(TrainingImagesError, match=r"has no valid sha256"):
+            training_images(store, sha256, KEY, 8, 3)
+
     def test_an_empty_set(self, store: LocalStore) -> None:
         sha256 = write_prepared_tar(store.root / KEY, [])
         with pytest.raises(TrainingImagesError, match=r"holds no image"):

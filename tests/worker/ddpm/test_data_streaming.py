@@ -3,6 +3,7 @@ same batches and the same losses; random horizontal flips, deterministic and res
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -12,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from app.spec import DatasetSpec, JobSpec
+from worker.ddpm.cli import app
 from worker.ddpm.data import BatchIndexer, DatasetError, DeviceBatches, HostBatches, load_images
 from worker.ddpm.distributed import Ranks
 from worker.ddpm.trainer import _NoisyBatches, flip_horizontally, random_flips, train
@@ -164,3 +167,31 @@ class TestRandomFlips:
         assert torch.equal(t, t_ref)
         assert torch.equal(x_t, schedule.add_noise(x0, eps, t_ref))
         assert torch.equal(noise.get_state(), reference.get_state())  # nothing else drawn
+
+
+CLI_SPEC = {
+    "dataset": {"kind": "dataset", "id": "8d0f3c6e-2f6b-4c57-9d7e-4f3a5c1b2e10", "image_size": 8, "channels": 3},
+    "model": {"preset": "custom", "channels": [16, 32], "norm_groups": 8},
+    "diffusion": {"timesteps": 10},
+    "training": {"steps": 2, "batch_size": 4, "log_every": 1, "checkpoint_every": 2},
+}
+
+
+class TestTrainCommand:
+    """ddpm-train on a `dataset` spec: with the decoded images given (--images), or a clear refusal."""
+
+    def test_with_the_images(self, tmp_path: Path, images_file: Path) -> None:
+        spec_file = tmp_path / "spec.json"
+        spec_file.write_text(json.dumps(CLI_SPEC))
+        args = [str(spec_file), "--out", str(tmp_path / "out"), "--device", "cpu", "--samples", "0"]
+        result = CliRunner().invoke(app, [*args, "--images", str(images_file)])
+        assert result.exit_code == 0, result.output
+        assert "done at step 2 of 2" in result.output
+
+    def test_without_them(self, tmp_path: Path) -> None:
+        spec_file = tmp_path / "spec.json"
+        spec_file.write_text(json.dumps(CLI_SPEC))
+        result = CliRunner().invoke(app, [str(spec_file), "--out", str(tmp_path / "out"), "--device", "cpu"])
+        assert result.exit_code == 1
+        assert "data set 8d0f3c6e-2f6b-4c57-9d7e-4f3a5c1b2e10 is trained from its decoded images file" in result.output
+        assert "--images FILE.npy" in result.output
