@@ -11,10 +11,12 @@ import pytest
 from PIL import Image
 
 from app.auth.service import get_or_create_user
+from app.checkpoints.store import make_store
 from app.config import Settings
 from app.datasets.keys import cache_key, prepared_key
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.models import Dataset
+from tests.conftest import bucket_keys
 from tests.worker.datasets.prepared_sets import gradient, write_prepared_tar
 from tests.worker.test_runner import load, submit
 from worker.runner import JobRunner
@@ -73,14 +75,39 @@ def test_a_job_on_a_ready_data_set_trains_to_success(runner: JobRunner, factory,
     assert runner.run(again) == "succeeded"
 
 
-def test_a_data_set_deleted_after_submission_fails_the_job(runner: JobRunner, factory, clean_db: Settings) -> None:
+def test_with_s3_storage_the_array_is_built_once_for_every_host(s3_settings: Settings, tmp_path) -> None:
+    """The prepared tar in the bucket only; the first attempt decodes it and publishes the array,
+    a worker on another host (its own scratch root) fetches that array and needs no tar."""
+    factory = make_sessionmaker(make_engine(s3_settings))
+    dataset_id, sha256 = ready_dataset(factory, s3_settings)
+    store = make_store(s3_settings)
+    store.publish(s3_settings.checkpoint_root / prepared_key(dataset_id))
+    store.discard_scratch(prepared_key(dataset_id))
+    assert JobRunner(s3_settings, factory).run(submit(factory, dataset_job(dataset_id))) == "succeeded"
+    assert f"ckpt/{cache_key(sha256, 8, 3)}" in bucket_keys(s3_settings)
+
+    store.delete(prepared_key(dataset_id))
+    other_host = s3_settings.model_copy(update={"checkpoint_dir": tmp_path / "other-host"})
+    assert JobRunner(other_host, factory).run(submit(factory, dataset_job(dataset_id, steps=5))) == "succeeded"
+    assert (tmp_path / "other-host" / cache_key(sha256, 8, 3)).is_file()
+
+
+@pytest.mark.parametrize("status", ["deleted", "preparing", "failed"])
+def test_a_data_set_gone_or_not_ready_fails_the_job(
+    runner: JobRunner, factory, clean_db: Settings, status: str
+) -> None:
     dataset_id, _ = ready_dataset(factory, clean_db)
     job_id = submit(factory, dataset_job(dataset_id))
-    with session_scope(factory) as s:
-        s.delete(s.get(Dataset, dataset_id))
+    with session_scope(factory) as s:  # since the job was submitted (the API refuses both at submit)
+        row = s.get(Dataset, dataset_id)
+        if status == "deleted":
+            s.delete(row)
+        else:
+            row.status = status
     assert runner.run(job_id) == "failed"
     job, points, _ = load(factory, job_id)
-    assert (job.status, job.error, job.attempt, points) == ("failed", f"data set {dataset_id} was deleted", 1, [])
+    reason = "was deleted" if status == "deleted" else f"is {status}, not ready to train on"
+    assert (job.status, job.error, job.attempt, points) == ("failed", f"data set {dataset_id} {reason}", 1, [])
     assert job.finished_at is not None
 
 
