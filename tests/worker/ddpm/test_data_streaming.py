@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from app.spec import DatasetSpec, JobSpec
 from worker.ddpm.cli import app
 from worker.ddpm.data import BatchIndexer, DatasetError, DeviceBatches, HostBatches, load_images
-from worker.ddpm.distributed import Ranks
+from worker.ddpm.distributed import Ranks, free_port, process_group, spawn_ranks
 from worker.ddpm.trainer import _NoisyBatches, flip_horizontally, random_flips, train
 
 SpecFactory = Callable[..., JobSpec]
@@ -195,3 +195,49 @@ class TestTrainCommand:
         assert result.exit_code == 1
         assert "data set 8d0f3c6e-2f6b-4c57-9d7e-4f3a5c1b2e10 is trained from its decoded images file" in result.output
         assert "--images FILE.npy" in result.output
+
+
+def _streamed_rank(rank: int, spec_json: str, images: str, out: str, init_method: str) -> None:
+    """One of two ranks (gloo) training host-streamed; rank 0 writes its metric points to report.json."""
+    ranks = Ranks(rank, 2)
+    points: list[list[float]] = []
+
+    class Sink:
+        def on_log(self, point: Any) -> None:
+            points.append([point.step, point.loss])
+
+        def on_checkpoint(self, saved: Any) -> None:
+            pass
+
+    spec = JobSpec.model_validate_json(spec_json)
+    with process_group(ranks, "cpu", init_method, timeout_s=60):
+        train(
+            spec,
+            Path(out) / f"rank-{rank}",
+            Sink(),
+            device="cpu",
+            ranks=ranks,
+            images_file=Path(images),
+            data_on_device=False,
+        )
+    if ranks.is_main:
+        (Path(out) / "report.json").write_text(json.dumps(points))
+
+
+@pytest.mark.slow
+def test_two_ranks_streaming_their_shares_match_one_process(
+    tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any, images_file: Path
+) -> None:
+    """Each rank gathers only its half of every global batch (and of its flips): the loss curve is
+    the single process's, to the rounding of tests/worker/ddpm/test_distributed.py."""
+    spec = dataset_spec(tiny_spec, random_flip=True, steps=6, log_every=2, checkpoint_every=6)
+    single = make_sink()
+    train(spec, tmp_path / "one", single, device="cpu", images_file=images_file, data_on_device=False)
+    two_gpus = spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpus": 2})})
+    args = (two_gpus.model_dump_json(), str(images_file), str(tmp_path), f"tcp://127.0.0.1:{free_port()}")
+    context = spawn_ranks(_streamed_rank, args, 2)
+    while not context.join(timeout=120):
+        pass
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [step for step, _ in report] == [p.step for p in single.points] == [2, 4, 6]
+    assert [loss for _, loss in report] == pytest.approx([p.loss for p in single.points], rel=1e-5)
