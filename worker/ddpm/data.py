@@ -248,8 +248,9 @@ class HostBatches:
 
     def _copy_ahead(self, step: int) -> None:
         slot = step % 2
-        # SYNC (rarely waits): the copy out of this pinned buffer, queued two steps ago, must be done
-        # before it is refilled. It bounds how far the host runs ahead of the GPU to about two steps.
+        # SYNC: the copy out of this pinned buffer, queued two steps ago, must be done before it is
+        # refilled. It waits only while the host is more than about two steps ahead of the GPU, which
+        # then still has those steps queued: the GPU never waits for it.
         self._copied[slot].synchronize()
         torch.index_select(self.images, 0, self.select(self.indexer.indices(step)), out=self._pinned[slot])
         self._read.record(torch.cuda.current_stream(self.dev))  # the last reads of _buffers[slot] are queued before
