@@ -7,7 +7,8 @@
 - records what this worker offers in the `workers` table (seen_at says it is alive), which the
   API reads to explain why a job waits, and
 - re-queues sample requests whose worker stopped checking in mid-draw, and sends them and the
-  queued requests never sent or whose message went missing, as for jobs.
+  queued requests never sent or whose message went missing, as for jobs, and
+- does the same for data sets being prepared (a worker killed mid-preparation).
 
 Sending goes through app.queue.dispatch, which stamps `dispatched_at` once the broker took it.
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings
+from app.datasets.repository import DatasetRepository
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs import service
 from app.jobs.repository import JobRepository
@@ -64,7 +66,24 @@ def sweep_once(settings: Settings, factory, dispatcher: Sender) -> tuple[int, in
         log.warning("sample request %s: its worker is gone; re-queued", request_id)
     for request_id in sorted(unsent | set(orphaned)):
         dispatch(engine, dispatcher, Task.sample(request_id))
+    sweep_preparations(settings, factory, dispatcher)
     return len(requeued), sent
+
+
+def sweep_preparations(settings: Settings, factory, dispatcher: Sender) -> None:  # type: ignore[no-untyped-def]
+    """Data sets whose preparing worker stopped checking in (killed mid-way) are freed, and they
+    and the preparations never sent (or whose message went missing) are sent again."""
+    now = utcnow()
+    older_than = now - timedelta(seconds=settings.resend_after_s)
+    with session_scope(factory) as session:
+        engine = engine_of(session)
+        datasets = DatasetRepository(session)
+        orphaned = datasets.requeue_orphaned_preparations(now - timedelta(seconds=settings.lease_timeout_s))
+        unsent = {d.id for d in datasets.preparations_needing_dispatch(older_than)}
+    for dataset_id in orphaned:
+        log.warning("data set %s: its preparing worker is gone; sending it again", dataset_id)
+    for dataset_id in sorted(unsent | set(orphaned)):
+        dispatch(engine, dispatcher, Task.prepare(dataset_id))
 
 
 def job_queue(settings: Settings, job: Job | None) -> str:

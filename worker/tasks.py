@@ -50,3 +50,15 @@ def sample(request_id: str) -> None:
     if (parsed := _parse("jobs.sample", request_id)) is not None:
         runner = get_runner()
         draw_requested_samples(runner.settings, runner.sessionmaker, parsed)
+
+
+@celery_app.task(name="datasets.prepare")
+def prepare(dataset_id: str) -> None:
+    """On the samples queue: every worker prepares, the samples-only one too (CPU work)."""
+    from worker.dataset_task import prepare_dataset
+    from worker.runner import get_runner
+
+    _refuse_while_shutting_down("datasets.prepare", dataset_id)
+    if (parsed := _parse("datasets.prepare", dataset_id)) is not None:
+        runner = get_runner()
+        prepare_dataset(runner.settings, runner.sessionmaker, parsed)

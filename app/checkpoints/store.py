@@ -213,6 +213,25 @@ class LocalStore(CheckpointStore):
         return checked_chunks(key, blocks, None if byte_range else sha256, file.close)
 
 
+def make_s3_client(settings: Settings):  # type: ignore[no-untyped-def]
+    """A boto3 S3 client with the configured endpoint, region and keys (DDPM_S3_*): the store's,
+    and the one a data set's s3:// source is read with. Thread-safe; one per user of it."""
+    endpoint = settings.s3_endpoint_url or None
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=settings.s3_region,
+        aws_access_key_id=settings.s3_access_key_id or None,
+        aws_secret_access_key=settings.s3_secret_access_key.get_secret_value() or None,
+        config=Config(
+            signature_version="s3v4",
+            # Path-style URLs for a custom endpoint (MinIO and friends rarely have wildcard DNS).
+            s3={"addressing_style": "path"} if endpoint else {},
+            retries={"mode": "standard", "max_attempts": 5},
+        ),
+    )
+
+
 class S3Store(CheckpointStore):
     """An S3-compatible bucket; object key = prefix + key. The client is thread-safe (one per store)."""
 
@@ -221,20 +240,7 @@ class S3Store(CheckpointStore):
         self.bucket = settings.s3_bucket
         prefix = settings.s3_prefix.strip("/")
         self.prefix = f"{prefix}/" if prefix else ""
-        endpoint = settings.s3_endpoint_url or None
-        self.client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name=settings.s3_region,
-            aws_access_key_id=settings.s3_access_key_id or None,
-            aws_secret_access_key=settings.s3_secret_access_key.get_secret_value() or None,
-            config=Config(
-                signature_version="s3v4",
-                # Path-style URLs for a custom endpoint (MinIO and friends rarely have wildcard DNS).
-                s3={"addressing_style": "path"} if endpoint else {},
-                retries={"mode": "standard", "max_attempts": 5},
-            ),
-        )
+        self.client = make_s3_client(settings)
         threshold = settings.s3_multipart_threshold_mb * _MB
         # Parts are at least 8 MiB (S3 refuses parts under 5 MiB but the last).
         self.transfer = TransferConfig(multipart_threshold=threshold, multipart_chunksize=max(threshold, 8 * _MB))
