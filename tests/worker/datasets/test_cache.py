@@ -17,7 +17,10 @@ from app.config import Settings
 from app.datasets.keys import cache_key, prepared_key
 from tests.conftest import bucket_keys
 from tests.worker.datasets.prepared_sets import encode, gradient, write_prepared_tar
+from tests.worker.datasets.sample_images import LIMITS
+from worker.datasets import Member
 from worker.datasets.cache import TrainingImagesError, training_images
+from worker.datasets.prepare import prepare
 
 DATASET = "8d0f3c6e-2f6b-4c57-9d7e-4f3a5c1b2e10"
 KEY = prepared_key(DATASET)
@@ -97,6 +100,29 @@ class TestLocalStore:
         assert results == [store.root / cache_key(sha256, 8, 3)] * 4
         np.testing.assert_array_equal(np.load(results[0]), reference(images() * 40, 8, 3))
         assert leftovers(store) == []
+
+
+class TestWithPrepare:
+    def test_a_set_prepared_by_the_worker_decodes(self, store: LocalStore, tmp_path: Path) -> None:
+        """The real preparation's tar (worker/datasets/prepare.py: RGBA composited, 16-bit scaled,
+        JPEG kept as it came): every member decodes, in order, as training fits it."""
+        sources = [
+            ("a.png", Image.new("RGBA", (12, 10), (255, 0, 0, 128)), "PNG"),
+            ("b.jpg", gradient(16, 12), "JPEG"),
+            ("c.png", Image.new("I;16", (10, 10), 65535), "PNG"),
+        ]
+        members = [
+            Member(name, len(data), lambda data=data: data) for name, img, fmt in sources for data in [encode(img, fmt)]
+        ]
+        prepared = prepare(members, tmp_path / "out", LIMITS)
+        (store.root / KEY).parent.mkdir(parents=True)
+        prepared.images_tar.rename(store.root / KEY)
+
+        array = np.load(training_images(store, prepared.sha256, KEY, 8, 3))
+        assert array.shape == (3, 3, 8, 8)
+        assert (array[0].transpose(1, 2, 0) == [255, 127, 127]).all()  # half-transparent red on white
+        np.testing.assert_array_equal(array[1], reference([(sources[1][1], "JPEG")], 8, 3)[0])
+        assert (array[2] == 255).all()
 
 
 class TestBrokenPreparedSets:
