@@ -100,6 +100,33 @@ class TestHostBatches:
             )
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+class TestOnCuda:
+    """The pinned double buffer and side-stream copies (runs where there is a GPU)."""
+
+    def test_same_batches_as_on_the_device(self, images_file: Path) -> None:
+        images, dev = torch.from_numpy(np.load(images_file)), torch.device("cuda")
+        host = HostBatches(images, BatchIndexer(IMAGES, 8, seed=3), dev)
+        device = DeviceBatches(images.to(dev), BatchIndexer(IMAGES, 8, seed=3, device=dev))
+        seen = []
+        for step in [0, 1, 2, 3, 4, 5, 9, 8, 8, 0]:
+            got = host.batch(step)
+            seen.append(got.float().sum())  # read on the training stream, as the trainer reads it
+            assert torch.equal(got, device.batch(step))
+        assert len(seen) == 10
+
+    def test_same_losses_as_on_the_device(
+        self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any, images_file: Path
+    ) -> None:
+        spec = dataset_spec(tiny_spec, random_flip=True, steps=8, compile="off")
+        on_device, streamed = make_sink(), make_sink()
+        train(spec, tmp_path / "a", on_device, device="cuda", images_file=images_file, data_on_device=True)
+        train(spec, tmp_path / "b", streamed, device="cuda", images_file=images_file, data_on_device=False)
+        # The same batches (above, exactly); cuDNN's autotuner may pick other kernels per run: rounding.
+        assert [p.step for p in streamed.points] == [p.step for p in on_device.points]
+        assert [p.loss for p in streamed.points] == pytest.approx([p.loss for p in on_device.points], rel=1e-3)
+
+
 class TestStreamedTraining:
     def test_same_losses_and_weights_as_on_the_device(
         self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any, images_file: Path
