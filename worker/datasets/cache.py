@@ -41,7 +41,10 @@ from worker.ddpm.pixels import fit_image
 log = logging.getLogger(__name__)
 
 SHA256 = re.compile(r"[0-9a-f]{64}")  # the cache folder's name: nothing else may get into the path
-DECODE_CHUNK = 256  # members read ahead and decoded in parallel (Pillow releases the GIL)
+DECODE_CHUNK = 256
+# A builder's temporary file untouched this long was left by a killed one (a live builder's writes
+# keep its mtime fresh): removed by the next builder of the same array.
+STALE_TEMPORARY_S = 3600.0  # members read ahead and decoded in parallel (Pillow releases the GIL)
 
 
 class TrainingImagesError(Exception):
@@ -107,6 +110,7 @@ def _decode_into(tar_path: Path, target: Path, image_size: int, channels: int) -
     """Decode every member of the prepared tar, in order, into a new array file at `target`
     (atomically: a temporary file beside it, fsynced and renamed). The number of images."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target)
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -127,6 +131,16 @@ def _decode_into(tar_path: Path, target: Path, image_size: int, channels: int) -
         Path(name).unlink(missing_ok=True)
     fsync_directory(target.parent)
     return len(members)
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Temporary files of builders of `target` that were killed mid-way (kill -9, a power cut)."""
+    cutoff = time.time() - STALE_TEMPORARY_S
+    for leftover in target.parent.glob(f".{target.name}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if leftover.stat().st_mtime < cutoff:
+                log.info("removing %s, left by a builder that did not finish", leftover)
+                leftover.unlink()
 
 
 @contextlib.contextmanager

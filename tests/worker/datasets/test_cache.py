@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from tests.conftest import bucket_keys
 from tests.worker.datasets.prepared_sets import encode, gradient, write_prepared_tar
 from tests.worker.datasets.sample_images import LIMITS
 from worker.datasets import Member
-from worker.datasets.cache import TrainingImagesError, training_images
+from worker.datasets.cache import STALE_TEMPORARY_S, TrainingImagesError, training_images
 from worker.datasets.prepare import prepare
 
 DATASET = "8d0f3c6e-2f6b-4c57-9d7e-4f3a5c1b2e10"
@@ -86,6 +88,17 @@ class TestLocalStore:
         path.write_bytes(b"\x93NUMPY cut")
         assert training_images(store, sha256, KEY, 8, 3) == path
         np.testing.assert_array_equal(np.load(path), reference(images(), 8, 3))
+
+    def test_a_killed_builders_leftover_goes_a_live_ones_stays(self, store: LocalStore) -> None:
+        sha256 = write_prepared_tar(store.root / KEY, images())
+        folder = (store.root / cache_key(sha256, 8, 3)).parent
+        folder.mkdir(parents=True)
+        killed, live = folder / ".8x8x3.npy.k1ll3d.tmp", folder / ".8x8x3.npy.l1v3.tmp"
+        killed.write_bytes(b"half an array")
+        live.write_bytes(b"being written")
+        os.utime(killed, (time.time() - 2 * STALE_TEMPORARY_S,) * 2)
+        training_images(store, sha256, KEY, 8, 3)
+        assert leftovers(store) == [live.name]
 
     def test_concurrent_builders_agree(self, store: LocalStore) -> None:
         sha256 = write_prepared_tar(store.root / KEY, images() * 40)
