@@ -41,10 +41,10 @@ from worker.ddpm.pixels import fit_image
 log = logging.getLogger(__name__)
 
 SHA256 = re.compile(r"[0-9a-f]{64}")  # the cache folder's name: nothing else may get into the path
-DECODE_CHUNK = 256
+DECODE_CHUNK = 256  # members read ahead and decoded in parallel (Pillow releases the GIL)
 # A builder's temporary file untouched this long was left by a killed one (a live builder's writes
 # keep its mtime fresh): removed by the next builder of the same array.
-STALE_TEMPORARY_S = 3600.0  # members read ahead and decoded in parallel (Pillow releases the GIL)
+STALE_TEMPORARY_S = 3600.0
 
 
 class TrainingImagesError(Exception):
