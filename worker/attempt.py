@@ -3,6 +3,8 @@
 run(job_id) (worker/runner.py):
   claim the row (queued -> running, attempt + 1; a conditional update, so one runner wins)
   -> resume from the latest committed checkpoint, if any; files no row names are garbage, removed
+  -> a job on a user's data set: its decoded images on this host (worker/datasets/cache.py:
+     reused, fetched or decoded once, under a heartbeat); a data set deleted meanwhile fails it
   -> train, with a sink (worker/database_sink.py) that writes metric points, checkpoint rows and
      heartbeats, each fenced by the attempt number (worker/lease.py): a newer attempt stops this
      one without another write. A multi-GPU job trains in one process per rank
@@ -15,6 +17,7 @@ run(job_id) (worker/runner.py):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -29,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.checkpoints.repository import CheckpointRepository
 from app.checkpoints.store import CheckpointFileError, StorageUnavailable, make_store
 from app.config import Settings
+from app.datasets.repository import DatasetRepository
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs import service as jobs
 from app.jobs.data_roots import resolve_dataset_folder
@@ -40,6 +44,7 @@ from app.samples.repository import SampleRepository
 from app.spec import JobSpec
 from worker.capacity import worker_name
 from worker.database_sink import DatabaseSink, finite_or_none, remove_files
+from worker.datasets.cache import TrainingImagesError, training_images
 from worker.ddpm.sink import StopReason
 from worker.job_log import capture_job_log
 from worker.lease import Lease
@@ -61,6 +66,30 @@ class ClaimedAttempt:
     spec: JobSpec
     resume_from: Path | None  # the weights of the latest committed checkpoint, the state beside them
     cancel_requested: bool
+    images: Path | None = None  # a `dataset` job's decoded training set on this host (worker/datasets/cache.py)
+    unusable: str | None = None  # why this attempt cannot train (its data set was deleted...): it fails with it
+
+
+@dataclass(frozen=True)
+class PreparedSet:
+    """A `dataset` job's data set as its row says at claim: where its prepared images are."""
+
+    dataset_id: str
+    sha256: str
+    key: str
+
+    @classmethod
+    def of(cls, session: Session, spec: JobSpec) -> PreparedSet | str | None:
+        """The job's prepared set; a reason it cannot train on it (deleted, not ready); None for other kinds."""
+        dataset_id = spec.dataset.id
+        if spec.dataset.kind != "dataset" or dataset_id is None:
+            return None
+        row = DatasetRepository(session).get(uuid.UUID(dataset_id))
+        if row is None:
+            return f"data set {dataset_id} was deleted"
+        if row.status != "ready" or row.sha256 is None or row.prepared_key is None:
+            return f"data set {dataset_id} is {row.status}, not ready to train on"
+        return cls(dataset_id, row.sha256, row.prepared_key)
 
 
 class AttemptRunner:
@@ -79,7 +108,7 @@ class AttemptRunner:
         result = self.retry_db(lambda: self._claim(job_id))
         if result is None:
             return None
-        claimed, committed = result
+        claimed, committed, prepared = result
         log.info(
             "job %s: attempt %d claimed by %s (resume from %s)",
             job_id,
@@ -88,9 +117,13 @@ class AttemptRunner:
             claimed.resume_from,
         )
         self._collect_garbage(job_id, committed)
-        return claimed
+        if prepared is None or claimed.cancel_requested:  # not on a user's data set, or ending at once
+            return claimed
+        if isinstance(prepared, str):
+            return dataclasses.replace(claimed, unusable=prepared)
+        return self._with_training_images(claimed, prepared)
 
-    def _claim(self, job_id: uuid.UUID) -> tuple[ClaimedAttempt, set[str]] | None:
+    def _claim(self, job_id: uuid.UUID) -> tuple[ClaimedAttempt, set[str], PreparedSet | str | None] | None:
         with session_scope(self.sessionmaker) as session:
             repo = JobRepository(session)
             attempt = repo.claim(job_id, self.worker_name)
@@ -113,11 +146,26 @@ class AttemptRunner:
             committed = {path for row in rows for path in (row.path, row.state_path)}
             committed |= {sample.path for sample in samples}
             spec, cancel_requested = JobSpec.model_validate(job.spec), job.cancel_requested
+            prepared = PreparedSet.of(session, spec)
         # Committed: the claim is ours. Fetch the files to resume from (S3: downloaded into the
         # checkpoint root unless this host still has them). If the store is away this raises, the
         # lease runs out and the sweeper hands the job to another attempt.
         resume_from = self._resume_files(job_id, *resume_keys) if resume_keys else None
-        return ClaimedAttempt(job_id, attempt, spec, resume_from, cancel_requested), committed
+        return ClaimedAttempt(job_id, attempt, spec, resume_from, cancel_requested), committed, prepared
+
+    def _with_training_images(self, claimed: ClaimedAttempt, prepared: PreparedSet) -> ClaimedAttempt:
+        """The claim with its data set's decoded images on this host (decoding 50,000 images takes
+        a while: the lease is renewed meanwhile). A prepared set missing or damaged in storage
+        makes the attempt unusable; a store that does not answer raises, as for resume files."""
+        lease = Lease(claimed.job_id, claimed.attempt, self.settings.lease_timeout_s)
+        data = claimed.spec.dataset
+        try:
+            with lease.heartbeat(self.sessionmaker, self.settings.heartbeat_interval_s):
+                images = training_images(self.store, prepared.sha256, prepared.key, data.image_size, data.channels)
+        except TrainingImagesError as exc:
+            log.error("job %s: data set %s cannot be trained on: %s", claimed.job_id, prepared.dataset_id, exc)
+            return dataclasses.replace(claimed, unusable=f"data set {prepared.dataset_id}: {exc}")
+        return dataclasses.replace(claimed, images=images)
 
     def _resume_files(self, job_id: uuid.UUID, state_key: str, weights_key: str) -> Path:
         """The weights file to resume from, with its training state beside it."""
@@ -167,7 +215,15 @@ class AttemptRunner:
         try:
             spec = self.resolved_dataset(spec)
             job_dir, device = self.job_dir(job_id, attempt), self.device(ranks)
-            result = train(spec, job_dir, sink, resume_from=claimed.resume_from, device=device, ranks=ranks)
+            result = train(
+                spec,
+                job_dir,
+                sink,
+                resume_from=claimed.resume_from,
+                device=device,
+                ranks=ranks,
+                images_file=claimed.images,
+            )
         except Exception as exc:
             if ranks is not None and is_peer_loss(exc):
                 # Another rank is gone (killed, crashed): not this job's fault. The supervising

@@ -101,4 +101,12 @@ def _rank_main(
         else:
             spec = runner.resolved_dataset(claimed.spec)
             job_dir, device = runner.job_dir(claimed.job_id, claimed.attempt), runner.device(ranks)
-            train(spec, job_dir, NullSink(), resume_from=claimed.resume_from, device=device, ranks=ranks)
+            train(
+                spec,
+                job_dir,
+                NullSink(),
+                resume_from=claimed.resume_from,
+                device=device,
+                ranks=ranks,
+                images_file=claimed.images,
+            )

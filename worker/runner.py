@@ -22,6 +22,9 @@ class JobRunner(AttemptRunner):
         if claimed.cancel_requested:
             self.finish(job_id, claimed.attempt, status=JobStatus.cancelled)
             return "cancelled"
+        if claimed.unusable is not None:  # e.g. its data set was deleted
+            self.finish(job_id, claimed.attempt, status=JobStatus.failed, error=claimed.unusable)
+            return "failed"
         if claimed.spec.resources.gpus > 1:
             return run_ranks(self, claimed)
         return self.train(claimed)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench import api, capacity, ddp, service, train
+from bench import api, capacity, ddp, service, stream, train
 from bench.__main__ import main
 
 
@@ -60,6 +60,12 @@ class TestShortMode:
         assert results["max_relative_loss_difference"] < 1e-5  # the bound tests/e2e/test_multi_gpu.py holds
         assert all(map(_positive, results["images_per_s"].values()))
         assert "largest relative difference of the 2-rank loss curve" in capsys.readouterr().out
+
+    def test_stream(self, capsys: pytest.CaptureFixture[str]) -> None:
+        results = stream.run(short=True, device="cpu")
+        assert set(results["cpu"]["images_per_s"]) == {"on-device", "host-streamed"}
+        assert all(map(_positive, results["cpu"]["images_per_s"].values())) and _positive(results["cpu"]["ratio"])
+        assert "ratio host-streamed / on-device: " in capsys.readouterr().out
 
     def test_command_line(self, capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit):

@@ -81,6 +81,16 @@ def run(
         int | None,
         typer.Option("--sampling-steps", min=1, help=f"DDIM steps for samples.png (default {DEFAULT_SAMPLING_STEPS})."),
     ] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            "--images",
+            exists=True,
+            dir_okay=False,
+            help="dataset.kind 'dataset': its decoded images, a uint8 (N, C, S, S) .npy as the worker caches it "
+            "(datasets/cache/<sha256>/<S>x<S>x<C>.npy under the checkpoint root).",
+        ),
+    ] = None,
 ) -> None:
     """Train SPEC_FILE, printing one line per metric point, checkpoint and sample grid; then draw DIR/samples.png."""
     if sampler is Sampler.ddpm and sampling_steps is not None:
@@ -89,7 +99,7 @@ def run(
         # Read as `ddpm submit` reads it, so the same file is the same spec here and in the service.
         spec = JobSpec.model_validate(read_spec_document(spec_file))
         sink = PrintingSink(out=out, spec=spec)
-        result = train(spec, out, sink, resume_from=resume, device=device)
+        result = train(spec, out, sink, resume_from=resume, device=device, images_file=images)
     except (ValidationError, ValueError, DatasetError, CheckpointError, NonFiniteLossError) as e:
         typer.echo(f"ddpm-train: {e}", err=True)
         raise typer.Exit(1) from e

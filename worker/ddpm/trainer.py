@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 
 from app.spec import JobSpec, TrainingSpec
+from app.spec_size import dataset_on_device
 from worker.ddpm.checkpoint import TrainingState, write_checkpoint
-from worker.ddpm.data import BatchIndexer, load_images, to_model_range
+from worker.ddpm.data import BatchIndexer, DeviceBatches, HostBatches, load_images, to_model_range
 from worker.ddpm.distributed import Ranks, agree_to_stop, mean_over_ranks
 from worker.ddpm.model import unet_config
 from worker.ddpm.sampling import sample_images, save_grid_png
@@ -131,6 +132,8 @@ def train(
     device: str | None = None,
     max_nonfinite: int = 5,
     ranks: Ranks | None = None,
+    images_file: Path | None = None,
+    data_on_device: bool | None = None,
 ) -> TrainResult:
     """Train (or continue training) the job's U-Net; see the module docstring for one step.
 
@@ -141,6 +144,10 @@ def train(
     With `ranks` (a process of a distributed job, in a process group already joined; see
     worker/ddpm/distributed.py) the U-Net trains under DistributedDataParallel on this rank's
     share of each global batch, and only rank 0 talks to the sink; the others ignore it.
+
+    `images_file` is a `dataset` job's decoded images (worker/datasets/cache.py). The training
+    set goes on the device when `app.spec_size.dataset_on_device` says it fits, else it is
+    streamed from the host; `data_on_device` forces either (tests, benchmarks): same losses.
     """
     distributed = ranks is not None
     ranks = ranks or Ranks()
@@ -151,14 +158,14 @@ def train(
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
 
-    # Data: the whole set on the device; each step's noisy batch is drawn from it there.
-    data = _NoisyBatches(spec, dev, ranks)
+    # Data: the whole set on the device, or streamed from the host a step ahead; noised on the device.
+    data = _NoisyBatches(spec, dev, ranks, images_file, data_on_device)
     # Model, optimizer, EMA, noise generator and metric window: fresh, or resumed from a checkpoint.
     state = LiveState.build(spec, dev, data.layout, ranks=ranks, distributed=distributed, resume_from=resume_from)
     forward_backward = _ForwardBackward(state.model, state.optimizer, dev, compile_options(cfg, dev, distributed))
     step = state.start_step  # optimizer steps done so far
 
-    with _Reporter(checkpoint_dir, sink, state) as reporter:
+    with data, _Reporter(checkpoint_dir, sink, state) as reporter:
         while step < cfg.steps:
             step += 1
 
@@ -167,7 +174,8 @@ def train(
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
 
-            # Batch: clean images, a timestep per image, Gaussian noise; x_t by eq. 4 of Ho et al. 2020.
+            # Batch: clean images (half of them mirrored with random_flip), a timestep per image, Gaussian
+            # noise; x_t by eq. 4 of Ho et al. 2020. Streamed from the host, the next batch is already on its way.
             x_t, t, target = data.draw(step, state.noise)  # (B/k, C, H, W), (B/k,), (B/k, C, H, W)
 
             # Forward / backward (compiled on CUDA; the first call compiles, and falls back to eager if that fails).
@@ -205,27 +213,64 @@ def train(
 
 
 class _NoisyBatches:
-    """The training set on the device (uint8; a batch is an index gather, no host copy) and each
-    step's batch drawn from it: what the U-Net sees and what it should predict."""
+    """Each step's batch: clean images (from the device, or streamed from the host), optionally
+    flipped, noised; what the U-Net sees and what it should predict."""
 
-    def __init__(self, spec: JobSpec, dev: torch.device, ranks: Ranks) -> None:
+    def __init__(
+        self, spec: JobSpec, dev: torch.device, ranks: Ranks, images_file: Path | None, on_device: bool | None
+    ) -> None:
         cfg = spec.training
-        self.images = load_images(spec.dataset).to(dev)  # (N, C, H, W) uint8
-        self.batches = BatchIndexer(len(self.images), cfg.batch_size, derive_seed(cfg.seed, "batches"), dev)
+        images = load_images(spec.dataset, images_file)  # (N, C, H, W) uint8 on the host
+        if on_device is None:
+            on_device = dataset_on_device(_with_image_count(spec, len(images)), _device_memory(dev))
+        seed = derive_seed(cfg.seed, "batches")
+        self.images: DeviceBatches | HostBatches = (
+            DeviceBatches(images.to(dev), BatchIndexer(len(images), cfg.batch_size, seed, dev), ranks.share)
+            if on_device
+            else HostBatches(images, BatchIndexer(len(images), cfg.batch_size, seed), dev, ranks.share)
+        )
         self.schedule = NoiseSchedule(spec.diffusion).to(dev)
         self.layout = _memory_format(dev)
         self.spec, self.dev, self.ranks = spec, dev, ranks
 
+    def __enter__(self) -> _NoisyBatches:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.images.close()
+
     def draw(self, step: int, noise: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x_t, t, target) for 1-based `step`. Every rank draws the whole global batch's t and eps
-        (the same numbers, same seed) and keeps its share; one process keeps it all."""
+        """(x_t, t, target) for 1-based `step`. Every rank draws the whole global batch's t, eps and
+        flips (the same numbers, same seed) and keeps its share; one process keeps it all."""
         batch_size, share = self.spec.training.batch_size, self.ranks.share
-        x0 = to_model_range(self.images[share(self.batches.indices(step - 1))])  # (B/k, C, H, W) in [-1, 1]
+        x0 = to_model_range(self.images.batch(step - 1))  # (B/k, C, H, W) in [-1, 1]
         t = torch.randint(0, self.spec.diffusion.timesteps, (batch_size,), generator=noise, device=self.dev)  # (B,)
         eps = torch.randn((batch_size, *x0.shape[1:]), generator=noise, device=self.dev)  # (B, C, H, W)
+        if self.spec.dataset.random_flip:  # drawn only then: a job without flips keeps its numbers
+            x0 = flip_horizontally(x0, share(random_flips(batch_size, noise, self.dev)))
         t, eps = share(t), share(eps)  # (B/k,), (B/k, C, H, W)
         x_t = self.schedule.add_noise(x0, eps, t).contiguous(memory_format=self.layout)  # eq. 4: (B/k, C, H, W)
         return x_t, t, self.schedule.target(x0, eps, t)  # target: (B/k, C, H, W)
+
+
+def random_flips(batch_size: int, noise: torch.Generator, dev: torch.device) -> torch.Tensor:
+    """Which images of a global batch are flipped: each with probability 1/2, from the noise stream. (B,) bool"""
+    return torch.rand((batch_size,), generator=noise, device=dev) < 0.5
+
+
+def flip_horizontally(x0: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """x0 with the images where `flips` is set mirrored left to right. (B, C, H, W)"""
+    return torch.where(flips[:, None, None, None], x0.flip(-1), x0)  # (B, C, H, W)
+
+
+def _with_image_count(spec: JobSpec, count: int) -> JobSpec:
+    """The spec with the data set's real size (a `folder` set's is only known once it is read)."""
+    return spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"image_count": count})})
+
+
+def _device_memory(dev: torch.device) -> int | None:
+    """The training device's memory in bytes: a GPU's total; None for the CPU (host memory)."""
+    return torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
 
 
 class _ForwardBackward:
