@@ -143,7 +143,7 @@ async def create_dataset(
     response_model=DatasetOut,
     max_body_size=NO_BODY_LIMIT,
     openapi_extra={"requestBody": {"required": False, "content": {"application/octet-stream": _BINARY}}},
-    responses={**error_responses(404, 422), **_UPLOAD_ERRORS},
+    responses={**error_responses(404, 422), **{k: v for k, v in _UPLOAD_ERRORS.items() if k != 415}},
 )
 async def upload_more(
     dataset_id: uuid.UUID,
