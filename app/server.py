@@ -124,7 +124,10 @@ class DeadlineH11Protocol(H11Protocol):
 
     def _streams_upload(self) -> bool:
         scope = getattr(self, "scope", None)
-        return scope is not None and is_upload_request(scope["method"], scope["path"])
+        if scope is None:
+            return False
+        content_type = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-type"), None)
+        return is_upload_request(scope["method"], scope["path"], content_type)
 
     def _expired(self, reading: Reading, timeout: float) -> None:
         self._deadline = None

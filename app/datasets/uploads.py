@@ -71,7 +71,11 @@ _UPLOAD_ROUTES = (("POST", re.compile(r"/v1/datasets/?")), ("PATCH", re.compile(
 T = TypeVar("T")
 
 
-def is_upload_request(method: str, path: str) -> bool:
+def is_upload_request(method: str, path: str, content_type: str | None = None) -> bool:
+    """A request whose body is an upload (a JSON body naming a source is not: it keeps the
+    general limits)."""
+    if method == "POST" and media_type(content_type) == JSON:
+        return False
     return any(method == m and pattern.fullmatch(path) for m, pattern in _UPLOAD_ROUTES)
 
 

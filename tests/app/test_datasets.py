@@ -626,6 +626,24 @@ def test_an_upload_outlasts_the_body_deadline_while_bytes_flow_but_not_a_silence
         assert stalled[0]["received_bytes"] == 200  # kept, to resume
 
 
+def test_a_json_body_keeps_the_whole_body_deadline(live, alice: ApiUser) -> None:
+    url, settings = live
+    sock = raw_request(url, _upload_head(alice, 40).replace("application/zip", "application/json"))
+    started = time.monotonic()
+    sock.settimeout(10)
+    answer = b""
+    for _ in range(6):  # a byte every 0.5 s: an upload would go on, a JSON body is cut off
+        try:
+            sock.sendall(b" ")
+        except OSError:
+            break
+        time.sleep(0.5)
+    answer = sock.recv(65536)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert time.monotonic() - started < settings.body_timeout_s + 1.5
+
+
 def test_a_json_body_keeps_the_general_limits(client: TestClient, settings: Settings) -> None:
     big = b'{"source": "hf://a/b", "name": "' + b"x" * settings.max_request_bytes + b'"}'
     r = client.post("/v1/datasets", content=big, headers={"Content-Type": "application/json"})
