@@ -337,6 +337,7 @@ class DdpmClient:
         progress: Callable[[int, int], None] | None = None,
         retries: int = UPLOAD_RETRIES,
         retry_delay: float = 0.5,
+        resume: str | None = None,
     ) -> dict[str, Any]:
         """Upload an archive file (.zip, .tar, .tar.gz; sent as it is) or a folder (sent as a
         deterministic tar made on the fly, see app.client.archive) as a new data set; returns it
@@ -346,11 +347,15 @@ class DdpmClient:
         bytes from the offset the server has. When the connection drops (or a 408/5xx answer
         comes), the client asks the server how far it got and sends the rest, up to `retries`
         times in a row with a doubling delay. At the end the server's sha256 of the archive
-        must be the one of the bytes sent, else ChecksumMismatch. `progress(bytes_done, total)`."""
+        must be the one of the bytes sent, else ChecksumMismatch. `progress(bytes_done, total)`.
+        `resume`: the id of a data set whose upload of this same path broke off earlier (the
+        client gave up): its bytes are sent from where the server's copy ends."""
         try:
             source = upload_source(path)
         except ArchiveError as exc:
             raise DdpmError(str(exc)) from exc
+        if resume is not None:
+            return _ResumableUpload(self, resume, source, progress, retries, retry_delay).resume()
         params = {"name": name or source.name}
         headers = {
             "Content-Type": source.content_type,
@@ -563,8 +568,20 @@ class _ResumableUpload:
         self.progress, self.retries, self.delay = progress, retries, retry_delay
         self.sent_sha256: str | None = None  # of every byte, once one PATCH has carried the last
 
-    def run(self) -> dict[str, Any]:
-        offset, failures = 0, 0
+    def resume(self) -> dict[str, Any]:
+        """Continue an upload the client gave up on, once the server's copy is known to match."""
+        dataset = self.client.get_dataset(self.id)
+        if dataset["status"] != "uploading":
+            return self._check(dataset)
+        if dataset.get("upload_length") not in (None, self.source.size):
+            raise DdpmError(
+                f"data set {self.id} expects {dataset['upload_length']:,} bytes, but this path makes "
+                f"{self.source.size:,}: not the same files"
+            )
+        return self.run(dataset["received_bytes"])
+
+    def run(self, offset: int = 0) -> dict[str, Any]:
+        failures = 0
         while True:
             try:
                 dataset, reason = self._patch(offset), None
@@ -577,7 +594,8 @@ class _ResumableUpload:
                 if failures > self.retries:
                     raise ServerUnreachable(
                         f"the upload of data set {self.id} broke off {failures} times, at byte {offset:,} "
-                        f"of {self.source.size:,}: {reason}"
+                        f"of {self.source.size:,}: {reason}; to go on from there later: "
+                        f"ddpm datasets upload PATH --resume {self.id}"
                     )
                 time.sleep(self.delay * 2 ** (failures - 1))
                 dataset = self._where_is_it()
@@ -632,6 +650,10 @@ class _ResumableUpload:
         except ApiError as exc:
             if exc.status_code == 408 or exc.status_code >= 500:
                 return None
+            if exc.status_code == 404:
+                raise DdpmError(
+                    f"the server dropped data set {self.id} during its upload (over a size limit or a quota?)"
+                ) from exc
             raise
 
     def _check(self, dataset: dict[str, Any]) -> dict[str, Any]:

@@ -64,6 +64,10 @@ def upload(
     name: Name = None,
     wait: Wait = False,
     timeout: Timeout = None,
+    resume: Annotated[
+        str | None,
+        typer.Option("--resume", metavar="ID", help="Go on with this data set's broken-off upload of the same PATH."),
+    ] = None,
 ) -> None:
     """Upload images as a new data set and print its id: an archive as it is, or a folder as a tar.
 
@@ -71,7 +75,7 @@ def upload(
     A dropped connection resumes where the server's copy ends."""
     with client_for(ctx) as client:
         with upload_progress(path) as progress:
-            dataset = client.upload_dataset(path, name=name, progress=progress)
+            dataset = client.upload_dataset(path, name=name, progress=progress, resume=resume)
         typer.echo(dataset["id"])
         err.print(f"uploaded {dataset['received_bytes']:,} bytes, sha256 verified; {_status(dataset['status'])}")
         finish(client, dataset, wait, timeout)

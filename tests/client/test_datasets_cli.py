@@ -226,6 +226,28 @@ class TestAgainstTheApi:
         assert dataset["archive_sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
         assert dataset["received_bytes"] == archive.stat().st_size
 
+    def test_upload_resume_goes_on_with_a_broken_off_upload(
+        self, api: RunningApi, key: str, folder: Path, tmp_path: Path
+    ) -> None:
+        sent = tar_bytes(folder)
+        headers = {
+            "Authorization": f"Bearer {key}",
+            "Content-Type": "application/x-tar",
+            "Upload-Length": str(len(sent)),
+            "Upload-Complete": "?0",
+        }
+        started = httpx.post(f"{api.base}/v1/datasets", content=sent[:1500], headers=headers, timeout=30)
+        assert started.status_code == 201, started.text
+        dataset_id = started.json()["id"]
+        other = zip_of_images(tmp_path / "other.zip")
+        assert_clean_error(ddpm(api, key, "datasets", "upload", str(other), "--resume", dataset_id), "not the same files")
+        resumed = ddpm(api, key, "datasets", "upload", str(folder), "--resume", dataset_id)
+        assert resumed.exit_code == 0, resumed.output
+        assert resumed.stdout.strip() == dataset_id
+        with DdpmClient(api.base, key) as client:
+            dataset = client.get_dataset(dataset_id)
+        assert dataset["archive_sha256"] == hashlib.sha256(sent).hexdigest() and dataset["status"] == "preparing"
+
     def test_list_show_delete_and_json(self, api: RunningApi, key: str, tmp_path: Path) -> None:
         with DdpmClient(api.base, key) as client:
             made = [client.upload_dataset(zip_of_images(tmp_path / f"{n}.zip"), name=n) for n in ("one", "two")]

@@ -410,3 +410,61 @@ def watch_download_and_cancel(stack: Stack, page, tmp_path: Path) -> None:
     assert "dashboard e2e" in page.inner_text(f'tr.job-row[data-job-id="{job_id}"]')
     time.sleep(0.5)  # let the progress bars finish their transition
     shoot(page, "08-job-list")
+
+
+def small_zip(path: Path, images: int = 3) -> Path:
+    """A zip of a few 16x16 PNGs (what the drop zone and the file picker send as they are)."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(images):
+            buffer = io.BytesIO()
+            Image.new("RGB", (16, 16), (40 * i, 90, 200)).save(buffer, "PNG")
+            archive.writestr(f"img/{i}.png", buffer.getvalue())
+    return path
+
+
+def test_datasets_view_lists_and_uploads_by_the_file_picker(api_only: Stack, browser, tmp_path: Path) -> None:
+    """No worker runs: data sets stay `preparing`. One made over the API is listed; a zip chosen
+    in the file picker uploads with the bar reaching 100% and its row appears; delete takes two clicks."""
+    listed = small_zip(tmp_path / "listed.zip")
+    with api_only.client() as client:
+        created = client.post(
+            "/v1/datasets",
+            params={"name": "made over the API"},
+            content=listed.read_bytes(),
+            headers={"Content-Type": "application/zip"},
+        )
+        assert created.status_code == 201, created.text
+    first = created.json()
+    errors = BrowserErrors()
+    page = new_page(browser, errors)
+    page.goto(f"{api_only.base}/#key={api_only.key}")
+    page.wait_for_selector("#job-table")
+    page.click("a[data-nav=datasets]")
+    row = f'tr.dataset-row[data-dataset-id="{first["id"]}"]'
+    page.wait_for_selector(row)
+    assert "made over the API" in page.inner_text(row)
+    assert page.get_attribute(f"{row} .badge", "data-status") == "preparing"
+
+    upload = small_zip(tmp_path / "picked.zip", images=5)
+    page.set_input_files("#dataset-file", str(upload))
+    page.wait_for_selector('#upload-progress[data-percent="100"]')
+    page.wait_for_selector("#toast:not([hidden])")
+    with api_only.client() as client:
+        items = client.get("/v1/datasets").json()["items"]
+    picked = next(d for d in items if d["name"] == "picked")
+    assert picked["archive_sha256"] == hashlib.sha256(upload.read_bytes()).hexdigest()
+    page.wait_for_selector(f'tr.dataset-row[data-dataset-id="{picked["id"]}"]')
+    shoot(page, "13-datasets")
+
+    page.click(f"{row} button.delete")
+    assert page.inner_text(f"{row} button.delete") == "Click again to delete"
+    page.click(f"{row} button.delete")
+    page.wait_for_selector(row, state="detached")
+    with api_only.client() as client:
+        assert client.get(f"/v1/datasets/{first['id']}").status_code == 404
+    assert errors.page_errors == []
