@@ -240,7 +240,8 @@ class TestAgainstTheApi:
         assert started.status_code == 201, started.text
         dataset_id = started.json()["id"]
         other = zip_of_images(tmp_path / "other.zip")
-        assert_clean_error(ddpm(api, key, "datasets", "upload", str(other), "--resume", dataset_id), "not the same files")
+        wrong = ddpm(api, key, "datasets", "upload", str(other), "--resume", dataset_id)
+        assert_clean_error(wrong, "not the same files")
         resumed = ddpm(api, key, "datasets", "upload", str(folder), "--resume", dataset_id)
         assert resumed.exit_code == 0, resumed.output
         assert resumed.stdout.strip() == dataset_id
