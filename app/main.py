@@ -21,6 +21,8 @@ from app.auth.service import ensure_bootstrap_key
 from app.checkpoints import endpoints as checkpoint_endpoints
 from app.checkpoints.store import make_store
 from app.config import Settings, get_settings
+from app.datasets import endpoints as dataset_endpoints
+from app.datasets.service import DatasetConflict, DatasetNotFound, DatasetTooLarge
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.events import endpoints as event_endpoints
 from app.events.hub import EventHub
@@ -124,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sample_endpoints.router)
     app.include_router(event_endpoints.router)
     app.include_router(log_endpoints.router)
+    app.include_router(dataset_endpoints.router)
     mount_dashboard(app)
     mount_docs(app)
 
@@ -142,6 +145,20 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobNotFound)
     def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(DatasetNotFound)
+    def _no_dataset(_: Request, exc: DatasetNotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(DatasetConflict)
+    def _dataset_conflict(_: Request, exc: DatasetConflict) -> JSONResponse:
+        # A resumable upload's true offset, for the client to continue from (Upload-Offset).
+        headers = {"Upload-Offset": str(exc.offset)} if exc.offset is not None else None
+        return JSONResponse({"detail": str(exc)}, status_code=409, headers=headers)
+
+    @app.exception_handler(DatasetTooLarge)
+    def _too_large(_: Request, exc: DatasetTooLarge) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=413)
 
     @app.exception_handler(SpecRefused)
     def _over_limit(_: Request, exc: SpecRefused) -> JSONResponse:

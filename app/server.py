@@ -10,6 +10,10 @@ is read whole. Here a client must send:
 - its body within `body_timeout_s` of the head;
 - a head of at most `max_header_bytes`: past that it gets 431 at once, before the rest is read.
 
+A data set upload (POST /v1/datasets, PATCH /v1/datasets/{id}/upload) may take hours: its body
+has no overall deadline, but `body_timeout_s` between two of its chunks (a trickling or silent
+client is still cut off; time the server itself is behind, reading paused, does not count).
+
 A client past a deadline gets 408 (unless its response has begun) and the connection closes.
 Responses have no deadline: an event stream or a slow download lasts as long as it needs.
 """
@@ -32,6 +36,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.config import Settings
+from app.datasets.uploads import is_upload_request
 
 Reading = Literal["head", "body"]
 # What the client is sending while the server waits for it, by h11's state of the client.
@@ -79,6 +84,8 @@ class DeadlineH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         self._follow_client()
+        if self._reading == "body" and self._streams_upload():
+            self._restart_deadline()  # an upload's deadline is per chunk
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -110,9 +117,20 @@ class DeadlineH11Protocol(H11Protocol):
             timeout = self.limits.header_timeout_s if reading == "head" else self.limits.body_timeout_s
             self._deadline = self.loop.call_later(timeout, self._expired, reading, timeout)
 
+    def _streams_upload(self) -> bool:
+        scope = getattr(self, "scope", None)
+        return scope is not None and is_upload_request(scope["method"], scope["path"])
+
+    def _restart_deadline(self) -> None:
+        reading, self._reading = self._reading, None
+        self._wait_for(reading)
+
     def _expired(self, reading: Reading, timeout: float) -> None:
         self._deadline = None
         if self.transport.is_closing():
+            return
+        if reading == "body" and self.flow.read_paused and self._streams_upload():
+            self._restart_deadline()  # the application has not read what came: not the client's delay
             return
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
         self.logger.info("%s: request %s not received within %g s; closing the connection", client, reading, timeout)

@@ -67,6 +67,11 @@ class DatasetRepository:
         stmt = select(Job.id).where(Job.dataset_id == dataset_id, Job.status.in_([JobStatus.queued, JobStatus.running]))
         return list(self.session.scalars(stmt))
 
+    def shares_content(self, sha256: str, except_id: uuid.UUID) -> bool:
+        """Another data set has the same prepared content (its cached arrays are shared)."""
+        stmt = select(Dataset.id).where(Dataset.sha256 == sha256, Dataset.id != except_id).limit(1)
+        return self.session.scalars(stmt).first() is not None
+
     def delete(self, dataset: Dataset) -> None:
         self.session.delete(dataset)
         self.session.flush()

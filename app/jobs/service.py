@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 
 from app.auth.repository import UserRepository
 from app.config import Settings
-from app.jobs.limits import check_spec
+from app.datasets.repository import DatasetRepository
+from app.jobs.limits import SpecRefused, check_spec
 from app.jobs.repository import JobRepository
 from app.jobs.schemas import JobOut
 from app.models import Job, JobStatus, User, Worker, utcnow
@@ -72,6 +73,7 @@ def create_job(
         existing = repo.get_by_idempotency_key(owner.id, idempotency_key)
         if existing is not None:
             return _replay(existing, digest, idempotency_key), False
+    spec, dataset_id = with_dataset(session, spec, owner)
     check_spec(spec, settings)
     active = repo.count_active(owner.id)
     if active >= settings.max_queued_jobs_per_user:
@@ -89,6 +91,7 @@ def create_job(
         step=0,
         idempotency_key=idempotency_key,
         request_sha256=digest,
+        dataset_id=dataset_id,
     )
     try:
         with session.begin_nested():
@@ -102,6 +105,27 @@ def create_job(
     if dispatcher is not None:
         send_after_commit(session, dispatcher, Task.train(job.id, train_queue(settings.queue, spec)))
     return job, True
+
+
+def with_dataset(session: Session, spec: JobSpec, owner: User) -> tuple[JobSpec, uuid.UUID | None]:
+    """A `dataset` job's spec with the data set's image_count filled in (so the stored spec, the
+    memory estimate and the routing see it), and the data set's id. Only the owner's own ready
+    data set will do, an admin's included: SpecRefused (422 on dataset.id) otherwise."""
+    if spec.dataset.kind != "dataset" or spec.dataset.id is None:
+        return spec, None
+    dataset_id = uuid.UUID(spec.dataset.id)
+    dataset = DatasetRepository(session).get(dataset_id, owner_id=owner.id)
+    if dataset is None or dataset.status != "ready" or not dataset.image_count:
+        if dataset is None:
+            msg = f"data set {dataset_id} not found: use the id of one of your data sets (GET /v1/datasets)"
+        elif dataset.status == "failed":
+            msg = f"data set {dataset_id} failed to prepare ({dataset.error}); upload a usable one"
+        else:
+            msg = f"data set {dataset_id} is {dataset.status}; wait until it is ready"
+        error = {"type": "value_error", "loc": ["body", "dataset", "id"], "msg": msg, "input": spec.dataset.id}
+        raise SpecRefused([error])
+    filled = spec.dataset.model_copy(update={"image_count": dataset.image_count})
+    return spec.model_copy(update={"dataset": filled}), dataset_id
 
 
 def _replay(job: Job, digest: str, key: str) -> Job:
