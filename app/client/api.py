@@ -338,6 +338,7 @@ class DdpmClient:
         retries: int = UPLOAD_RETRIES,
         retry_delay: float = 0.5,
         resume: str | None = None,
+        on_created: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Upload an archive file (.zip, .tar, .tar.gz; sent as it is) or a folder (sent as a
         deterministic tar made on the fly, see app.client.archive) as a new data set; returns it
@@ -349,7 +350,8 @@ class DdpmClient:
         times in a row with a doubling delay. At the end the server's sha256 of the archive
         must be the one of the bytes sent, else ChecksumMismatch. `progress(bytes_done, total)`.
         `resume`: the id of a data set whose upload of this same path broke off earlier (the
-        client gave up): its bytes are sent from where the server's copy ends."""
+        client gave up): its bytes are sent from where the server's copy ends. `on_created(dataset)`
+        is told of the new data set before its bytes go (to say how to resume it if stopped)."""
         try:
             source = upload_source(path)
         except ArchiveError as exc:
@@ -363,6 +365,8 @@ class DdpmClient:
             "Upload-Complete": "?0",
         }
         created = self._request("POST", "/v1/datasets", params=params, headers=headers, content=b"").json()
+        if on_created is not None:
+            on_created(created)
         return _ResumableUpload(self, created["id"], source, progress, retries, retry_delay).run()
 
     def add_dataset(self, source: str, split: str | None = None, name: str | None = None) -> dict[str, Any]:

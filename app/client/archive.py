@@ -78,7 +78,7 @@ class ArchiveFile:
                 "pass a folder to send its files as a tar"
             )
         self.content_type = content_type
-        self.name = self.path.name
+        self.name = _without_suffix(self.path.name)
 
     def chunks(self, offset: int = 0, stop: int | None = None) -> Iterator[bytes]:
         stop = self.size if stop is None else stop
@@ -97,16 +97,21 @@ class ArchiveFile:
 
 @dataclass(frozen=True)
 class _Member:
-    """One file of the folder's tar: its header block(s), then `size` bytes of `path`, padded."""
+    """One file of the folder's tar: its header block(s), then `size` bytes of `path`, padded.
+    The header is made again when it is sent (a large folder's headers are not all kept)."""
 
     arcname: str
     path: Path
     size: int
-    header: bytes
+    header_bytes: int
+
+    @property
+    def header(self) -> bytes:
+        return _header(self.arcname, self.size)
 
     @property
     def span(self) -> int:
-        return len(self.header) + _padded(self.size)
+        return self.header_bytes + _padded(self.size)
 
 
 @dataclass
@@ -134,7 +139,9 @@ class FolderTar:
         found: list[tuple[str, Path, int]] = []
         self._walk(real_root, real_root, "", found)
         found.sort(key=lambda entry: entry[0].encode("utf-8", "surrogateescape"))
-        self.members = [_Member(name, path, size, _header(name, size)) for name, path, size in found]
+        if not found:
+            raise ArchiveError(f"{self.root} holds no files to send")
+        self.members = [_Member(name, path, size, len(_header(name, size))) for name, path, size in found]
         self.size = sum(m.span for m in self.members) + len(END_OF_ARCHIVE)
 
     def _walk(self, real_root: Path, folder: Path, prefix: str, found: list[tuple[str, Path, int]]) -> None:
@@ -186,11 +193,11 @@ class FolderTar:
 
     def _member_bytes(self, member: _Member, skip: int) -> Iterator[bytes]:
         """The member's header, data and padding, starting `skip` bytes in (the data by seeking)."""
-        if skip < len(member.header):
+        if skip < member.header_bytes:
             yield member.header[skip:]
             skip = 0
         else:
-            skip -= len(member.header)
+            skip -= member.header_bytes
         if skip < member.size:
             yield from _file_bytes(member, skip)
             skip = 0
@@ -233,6 +240,14 @@ def _header(arcname: str, size: int) -> bytes:
     info.uname = info.gname = ""
     info.type = tarfile.REGTYPE
     return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
+def _without_suffix(filename: str) -> str:
+    """`cats.tar.gz` -> `cats`: the default name of the data set."""
+    for suffix in sorted(ARCHIVE_SUFFIXES, key=len, reverse=True):
+        if filename.lower().endswith(suffix) and len(filename) > len(suffix):
+            return filename[: -len(suffix)]
+    return filename
 
 
 def _padded(size: int) -> int:

@@ -73,9 +73,17 @@ def upload(
 
     A folder goes as an uncompressed tar of its regular files, made on the fly (no temporary file).
     A dropped connection resumes where the server's copy ends."""
+    started: list[str] = [resume] if resume else []
     with client_for(ctx) as client:
-        with upload_progress(path) as progress:
-            dataset = client.upload_dataset(path, name=name, progress=progress, resume=resume)
+        try:
+            with upload_progress(path) as progress:
+                dataset = client.upload_dataset(
+                    path, name=name, progress=progress, resume=resume, on_created=lambda d: started.append(d["id"])
+                )
+        except KeyboardInterrupt:
+            if started:
+                err.print(f"stopped; go on with: ddpm datasets upload {_escape(path)} --resume {started[0]}")
+            raise
         typer.echo(dataset["id"])
         err.print(f"uploaded {dataset['received_bytes']:,} bytes, sha256 verified; {_status(dataset['status'])}")
         finish(client, dataset, wait, timeout)

@@ -6,6 +6,7 @@ connection, list/show/delete and their --json; against mock transports: --wait's
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import io
 import itertools
@@ -96,6 +97,10 @@ class TestFolderTar:
         with pytest.raises(ArchiveError, match=r"cats/escape.png is a symlink to .*secret.txt, outside"):
             FolderTar(folder)
 
+    def test_an_empty_folder_is_refused(self, tmp_path: Path) -> None:
+        (tmp_path / "empty" / "sub").mkdir(parents=True)
+        assert_clean_error(ddpm(None, "k", "datasets", "upload", str(tmp_path / "empty")), "holds no files to send")
+
     def test_a_pipe_is_left_out(self, folder: Path) -> None:
         os.mkfifo(folder / "pipe")
         source = FolderTar(folder)
@@ -111,6 +116,9 @@ class TestArchiveFile:
         tarred = tmp_path / "images.bin"
         tarred.write_bytes(tar_bytes_of({"a.png": png(1)}))
         assert ArchiveFile(tarred).content_type == "application/x-tar"
+        gzipped = tmp_path / "cats.tar.gz"
+        gzipped.write_bytes(gzip.compress(tar_bytes_of({"a.png": png(1)})))
+        assert (ArchiveFile(gzipped).content_type, ArchiveFile(gzipped).name) == ("application/gzip", "cats")
 
     def test_not_an_archive_is_a_clean_error(self, tmp_path: Path) -> None:
         (tmp_path / "notes.zip").write_text("hello")
