@@ -82,7 +82,8 @@ def upload(
                 )
         except KeyboardInterrupt:
             if started:
-                err.print(f"stopped; go on with: ddpm datasets upload {_escape(path)} --resume {started[0]}")
+                hint = f"stopped; go on with: ddpm datasets upload {_escape(path)} --resume {started[0]}"
+                err.print(hint, soft_wrap=True)
             raise
         typer.echo(dataset["id"])
         err.print(f"uploaded {dataset['received_bytes']:,} bytes, sha256 verified; {_status(dataset['status'])}")
@@ -111,7 +112,7 @@ def add(
 def finish(client: DdpmClient, dataset: dict[str, Any], wait: bool, timeout: float | None) -> None:
     """Without --wait: say how to follow it. With it: wait, print the summary, exit 1 if it failed."""
     if not wait:
-        err.print(f"a worker prepares it next; follow it with: ddpm datasets show {dataset['id']}")
+        err.print(f"a worker prepares it next; follow it with: ddpm datasets show {dataset['id']}", soft_wrap=True)
         return
     with err.status(f"waiting for a worker to prepare data set {dataset['id']}") as spinner:
 
@@ -282,7 +283,7 @@ class PlainProgress:
         now = time.monotonic()
         if done < self.last or (self.last == 0 and done == 0):
             if done or self.last:
-                self.console.print(f"connection lost; resuming at byte {done:,}", highlight=False)
+                self.console.print(f"connection lost; resuming at byte {done:,}", highlight=False, soft_wrap=True)
             self.started, self.first = now, done
         self.last = done
         if done >= total or now - self.last_line >= self.every_s:
@@ -292,6 +293,7 @@ class PlainProgress:
             self.console.print(
                 f"upload {self.path}: {done / 1e6:,.1f}/{total / 1e6:,.1f} MB ({percent:.0f}%) {speed:,.1f} MB/s",
                 highlight=False,
+                soft_wrap=True,  # one line each, whatever the width: a log is read by grep
             )
 
 

@@ -203,6 +203,8 @@ class TestAgainstTheApi:
         uploaded = ddpm(api, key, "datasets", "upload", str(archive), "--name", "three")
         assert uploaded.exit_code == 0, uploaded.output
         assert "sha256 verified" in uploaded.stderr
+        size_mb = archive.stat().st_size / 1e6
+        assert f"upload {archive}: {size_mb:,.1f}/{size_mb:,.1f} MB (100%)" in uploaded.stderr  # not a TTY: lines
         from_folder = ddpm(api, key, "datasets", "upload", str(folder))
         assert from_folder.exit_code == 0, from_folder.output
         with DdpmClient(api.base, key) as client:
