@@ -613,7 +613,6 @@ def main() -> None:
     app(prog_name="ddpm")
 
 
-# `ddpm datasets ...` lives in its own module, which uses this one's helpers: imported last.
-from app.client.datasets_cli import datasets_app  # noqa: E402
-
-app.add_typer(datasets_app, name="datasets")
+# `ddpm datasets ...` lives in its own module, which uses this one's helpers and adds itself to
+# `app`: imported last, so it works whichever of the two is imported first.
+from app.client import datasets_cli  # noqa: E402, F401

@@ -22,6 +22,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
+from app.client import cli
 from app.client.api import DdpmClient
 from app.client.cli import Column, _escape, _when, client_for, err, out, print_json, print_table, reports_errors
 
@@ -314,3 +315,6 @@ def _count(value: int | None) -> str:
 
 def _megabytes(value: int | None) -> str:
     return "-" if value is None else f"{value / 1e6:,.1f} MB"
+
+
+cli.app.add_typer(datasets_app, name="datasets")
