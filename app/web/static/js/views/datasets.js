@@ -142,7 +142,13 @@ export function datasetsView(root) {
 
   async function upload(file) {
     error.hidden = true;
-    const type = await archiveType(file);
+    let type;
+    try {
+      type = await archiveType(file);
+    } catch {
+      showError(`Cannot read ${file.name}: a folder? Upload folders with ddpm datasets upload FOLDER.`);
+      return;
+    }
     if (!type) {
       showError(`${file.name} is not a zip, tar or tar.gz archive.`);
       return;
