@@ -471,7 +471,7 @@ def test_datasets_view_lists_and_uploads_by_the_file_picker(
     with api_only.client() as client:
         created = client.post(
             "/v1/datasets",
-            params={"name": "made over the API"},
+            params={"name": HOSTILE_NAMES[1]},
             content=listed.read_bytes(),
             headers={"Content-Type": "application/zip"},
         )
@@ -484,8 +484,21 @@ def test_datasets_view_lists_and_uploads_by_the_file_picker(
     page.click("a[data-nav=datasets]")
     row = f'tr.dataset-row[data-dataset-id="{first["id"]}"]'
     page.wait_for_selector(row)
-    assert "made over the API" in page.inner_text(row)
+    assert page.inner_text(f"{row} .dataset-name") == HOSTILE_NAMES[1]  # as text, never run
     assert page.get_attribute(f"{row} .badge", "data-status") == "preparing"
+
+    # A file dropped on the zone is sniffed first: not an archive, nothing is sent.
+    page.evaluate(
+        """() => {
+            const data = new DataTransfer();
+            data.items.add(new File(["just text"], "notes.zip", { type: "application/zip" }));
+            const zone = document.querySelector("#dataset-drop");
+            zone.dispatchEvent(new DragEvent("dragover", { dataTransfer: data, bubbles: true, cancelable: true }));
+            zone.dispatchEvent(new DragEvent("drop", { dataTransfer: data, bubbles: true, cancelable: true }));
+        }"""
+    )
+    page.wait_for_selector("main .error:not([hidden])")
+    assert "notes.zip is not a zip, tar or tar.gz archive" in page.inner_text("main .error:not([hidden])")
 
     upload = small_zip(tmp_path / "picked.zip", images=5)
     page.set_input_files("#dataset-file", str(upload))
@@ -522,4 +535,5 @@ def test_datasets_view_lists_and_uploads_by_the_file_picker(
     page.wait_for_selector(row, state="detached")
     with api_only.client() as client:
         assert client.get(f"/v1/datasets/{first['id']}").status_code == 404
+    assert page.evaluate("window.__xss ?? null") is None
     assert errors.page_errors == []
