@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 from httpx_sse import SSEError, connect_sse
 
+from app.client.archive import ArchiveError, UploadSource, sha256_of, upload_source
 from app.embedded import DEFAULT_HOST, DEFAULT_PORT, api_key_path, data_dir_from_environment
 from app.files import atomic_file
 from app.status import TERMINAL_STATUSES
@@ -37,6 +38,10 @@ from app.status import TERMINAL_STATUSES
 # comments when idle, so a read that waits this long means the connection is gone.
 STREAM_READ_TIMEOUT_S = 90.0
 CHUNK_BYTES = 1 << 20
+# An upload that broke off is resumed after a GET of how far the server got (transport errors,
+# 408 and 5xx answers; a 409 offset mismatch too): at most this many times in a row.
+UPLOAD_RETRIES = 5
+DATASET_TERMINAL = frozenset({"ready", "failed"})
 
 
 class DdpmError(Exception):
@@ -324,6 +329,99 @@ class DdpmClient:
         fallback = f"{job_id}-samples-{step:08d}.png"
         return self._save(f"/v1/jobs/{job_id}/samples/{step}.png", dest, fallback, sha256=sha256)
 
+    # --- data sets ----------------------------------------------------------------------------
+    def upload_dataset(
+        self,
+        path: str | os.PathLike[str],
+        name: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        retries: int = UPLOAD_RETRIES,
+        retry_delay: float = 0.5,
+        resume: str | None = None,
+        on_created: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Upload an archive file (.zip, .tar, .tar.gz; sent as it is) or a folder (sent as a
+        deterministic tar made on the fly, see app.client.archive) as a new data set; returns it
+        (status `preparing`: a worker prepares it next, see `wait_for_dataset`).
+
+        The upload is resumable: a POST with no bytes makes the data set, then PATCHes send the
+        bytes from the offset the server has. When the connection drops (or a 408/5xx answer
+        comes), the client asks the server how far it got and sends the rest, up to `retries`
+        times in a row with a doubling delay. At the end the server's sha256 of the archive
+        must be the one of the bytes sent, else ChecksumMismatch. `progress(bytes_done, total)`.
+        `resume`: the id of a data set whose upload of this same path broke off earlier (the
+        client gave up): its bytes are sent from where the server's copy ends. `on_created(dataset)`
+        is told of the new data set before its bytes go (to say how to resume it if stopped)."""
+        try:
+            source = upload_source(path)
+        except ArchiveError as exc:
+            raise DdpmError(str(exc)) from exc
+        if resume is not None:
+            return _ResumableUpload(self, resume, source, progress, retries, retry_delay).resume()
+        params = {"name": name or source.name}
+        headers = {
+            "Content-Type": source.content_type,
+            "Upload-Length": str(source.size),
+            "Upload-Complete": "?0",
+        }
+        created = self._request("POST", "/v1/datasets", params=params, headers=headers, content=b"").json()
+        if on_created is not None:
+            on_created(created)
+        return _ResumableUpload(self, created["id"], source, progress, retries, retry_delay).run()
+
+    def add_dataset(self, source: str, split: str | None = None, name: str | None = None) -> dict[str, Any]:
+        """A data set from a source a worker fetches: `s3://bucket/prefix/`, `https://host/x.zip`
+        or `hf://namespace/name` (with `split`, default train). Status `preparing` at once."""
+        body = {k: v for k, v in {"source": source, "split": split, "name": name}.items() if v is not None}
+        return self._request("POST", "/v1/datasets", json=body).json()
+
+    def list_datasets(self, status: str | None = None, limit: int = 50) -> Iterator[dict[str, Any]]:
+        """Every data set the key may see, newest first, fetched `limit` at a time."""
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        while True:
+            page = self._request("GET", "/v1/datasets", params=params).json()
+            yield from page["items"]
+            if not page.get("next_cursor"):
+                return
+            params["cursor"] = page["next_cursor"]
+
+    def get_dataset(self, dataset_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/datasets/{dataset_id}").json()
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete a data set and its files; 409 while a queued or running job uses it."""
+        self._request("DELETE", f"/v1/datasets/{dataset_id}")
+
+    def wait_for_dataset(
+        self,
+        dataset_id: str,
+        timeout: float | None = None,
+        poll_interval: float = 0.5,
+        max_poll_interval: float = 5.0,
+        on_poll: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll until the data set is `ready` or `failed` (growing the wait between polls) and
+        return it; DdpmError if `timeout` seconds pass first. `on_poll(dataset)` sees each poll."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = poll_interval
+        while True:
+            dataset = self.get_dataset(dataset_id)
+            if on_poll is not None:
+                on_poll(dataset)
+            if dataset["status"] in DATASET_TERMINAL:
+                return dataset
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise DdpmError(f"data set {dataset_id} is still {dataset['status']} after {timeout:g} s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, max_poll_interval)
+
+    def download_dataset_preview(self, dataset_id: str, dest: str | os.PathLike[str] = ".") -> Path:
+        """The data set's preview grid (a PNG of its first images) into `dest`, as `download`."""
+        fallback = f"dataset-{dataset_id}-preview.png"
+        return self._save(f"/v1/datasets/{dataset_id}/preview.png", dest, fallback)
+
     # --- the live event stream ----------------------------------------------------------------
     def events(
         self,
@@ -458,6 +556,127 @@ class _StreamPosition:
         return True
 
 
+class _ResumableUpload:
+    """The PATCH loop of `DdpmClient.upload_dataset` for one data set."""
+
+    def __init__(
+        self,
+        client: DdpmClient,
+        dataset_id: str,
+        source: UploadSource,
+        progress: Callable[[int, int], None] | None,
+        retries: int,
+        retry_delay: float,
+    ) -> None:
+        self.client, self.id, self.source = client, dataset_id, source
+        self.progress, self.retries, self.delay = progress, retries, retry_delay
+        self.sent_sha256: str | None = None  # of every byte, once one PATCH has carried the last
+
+    def resume(self) -> dict[str, Any]:
+        """Continue an upload the client gave up on, once the server's copy is known to match."""
+        dataset = self.client.get_dataset(self.id)
+        if dataset["status"] != "uploading":
+            return self._check(dataset)
+        if dataset.get("upload_length") not in (None, self.source.size):
+            raise DdpmError(
+                f"data set {self.id} expects {dataset['upload_length']:,} bytes, but this path makes "
+                f"{self.source.size:,}: not the same files"
+            )
+        return self.run(dataset["received_bytes"])
+
+    def run(self, offset: int = 0) -> dict[str, Any]:
+        failures = 0
+        while True:
+            try:
+                dataset, reason = self._patch(offset), None
+            except _UploadInterrupted as exc:
+                dataset, reason = None, str(exc)
+            except ArchiveError as exc:
+                raise DdpmError(f"{exc}; resume it later, or delete data set {self.id}") from exc
+            if dataset is None:
+                failures += 1
+                if failures > self.retries:
+                    raise ServerUnreachable(
+                        f"the upload of data set {self.id} broke off {failures} times, at byte {offset:,} "
+                        f"of {self.source.size:,}: {reason}; to go on from there later: "
+                        f"ddpm datasets upload PATH --resume {self.id}"
+                    )
+                time.sleep(self.delay * 2 ** (failures - 1))
+                dataset = self._where_is_it()
+                if dataset is None:
+                    continue
+            if dataset["status"] != "uploading":
+                return self._check(dataset)
+            if dataset["received_bytes"] > offset:
+                failures = 0  # it moved on: the next drop starts afresh
+            offset = dataset["received_bytes"]
+
+    def _patch(self, offset: int) -> dict[str, Any]:
+        """Send the bytes from `offset`; the data set as the server answers. _UploadInterrupted
+        when the transfer broke off or the server refused the offset (409)."""
+        digest = sha256_of(self.source, offset)  # of the bytes the server already has
+        headers = {
+            "Upload-Offset": str(offset),
+            "Upload-Complete": "?1",
+            "Content-Type": "application/offset+octet-stream",
+            "Content-Length": str(self.source.size - offset),
+        }
+        try:
+            response = self.client._http.patch(
+                f"/v1/datasets/{self.id}/upload", content=self._body(offset, digest), headers=headers
+            )
+        except httpx.TransportError as exc:
+            raise _UploadInterrupted(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
+        if response.status_code in (408, 409) or response.status_code >= 500:
+            # 409: the offset moved, or a PATCH the client gave up on still holds the data set.
+            raise _UploadInterrupted(f"HTTP {response.status_code}: {_detail_of(response)}")
+        _raise_for_status(response, hint_key=self.client.api_key is None)
+        self.sent_sha256 = digest.hexdigest()
+        return response.json()
+
+    def _body(self, offset: int, digest: Any) -> Iterator[bytes]:
+        done = offset
+        if self.progress is not None:
+            self.progress(done, self.source.size)
+        for chunk in self.source.chunks(offset):
+            digest.update(chunk)
+            yield chunk
+            done += len(chunk)
+            if self.progress is not None:
+                self.progress(done, self.source.size)
+
+    def _where_is_it(self) -> dict[str, Any] | None:
+        """The data set as the server has it now; None while the server does not answer."""
+        try:
+            return self.client.get_dataset(self.id)
+        except ServerUnreachable:
+            return None
+        except ApiError as exc:
+            if exc.status_code == 408 or exc.status_code >= 500:
+                return None
+            if exc.status_code == 404:
+                raise DdpmError(
+                    f"the server dropped data set {self.id} during its upload (over a size limit or a quota?)"
+                ) from exc
+            raise
+
+    def _check(self, dataset: dict[str, Any]) -> dict[str, Any]:
+        """The finished upload's server-side sha256 against the bytes sent (made again if the
+        last answer was lost); a mismatch leaves the data set for the user to delete."""
+        sent = self.sent_sha256 or sha256_of(self.source).hexdigest()
+        stored = dataset.get("archive_sha256")
+        if stored is not None and stored != sent:
+            raise ChecksumMismatch(
+                f"data set {self.id}: the server stored an archive with sha256 {stored}, but the bytes "
+                f"sent hash to {sent}; delete it (ddpm datasets delete {self.id}) and upload again"
+            )
+        return dataset
+
+
+class _UploadInterrupted(Exception):
+    """An upload's PATCH broke off (a transport error, 408 or 5xx): ask how far it got, resume."""
+
+
 class _Retryable(Exception):
     """A stream answer worth retrying: the server or a proxy is briefly unavailable."""
 
@@ -467,15 +686,20 @@ def _raise_for_status(response: httpx.Response, *, hint_key: bool = False, allow
         return
     if allow_retry and response.status_code in (502, 503, 504):
         raise _Retryable(f"HTTP {response.status_code}")
-    if not response.is_closed:
-        response.read()
-    try:
-        detail = response.json()["detail"]
-    except (ValueError, KeyError, TypeError):
-        detail = response.text or response.reason_phrase
+    detail = _detail_of(response)
     if response.status_code == 401 and hint_key:
         detail = f"{format_detail(detail)} (no API key found: pass --key, set DDPM_API_KEY, or run `ddpm-jobs serve`)"
     raise ApiError(response.status_code, detail)
+
+
+def _detail_of(response: httpx.Response) -> Any:
+    """An error answer's `detail` (FastAPI's), else its text, else its reason phrase."""
+    if not response.is_closed:
+        response.read()
+    try:
+        return response.json()["detail"]
+    except (ValueError, KeyError, TypeError):
+        return response.text or response.reason_phrase
 
 
 def _decode_event(name: str, event_id: str, data: str) -> Event | None:

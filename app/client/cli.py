@@ -6,6 +6,8 @@
     ddpm checkpoints / samples ID          what a job has saved; samples --out DIR fetches the grids
     ddpm download / export ID --out runs/  a checkpoint (--step N, default the newest), or a diffusers zip
     ddpm sample ID --wait --out DIR        draw new samples, then fetch the PNG grid and the .npz
+    ddpm datasets upload PATH --wait       your images (an archive or a folder) as a data set;
+    ddpm submit spec.yaml --dataset ID     then train on it (see `ddpm datasets --help`)
 
 Piped or redirected, tables are plain aligned columns (nothing wrapped or cut). A download goes
 into `--out` when it is a folder (existing, or ending in `/`, or a name without an extension),
@@ -104,15 +106,24 @@ def reports_errors(command: F) -> F:
 @reports_errors
 def submit(
     ctx: typer.Context,
-    spec_file: Annotated[str, typer.Argument(metavar="SPEC", help="A JSON or YAML job spec; `-` reads stdin.")],
+    spec_file: Annotated[
+        str | None,
+        typer.Argument(metavar="SPEC", help="A JSON or YAML job spec; `-` reads stdin; none: the defaults."),
+    ] = None,
     name: Annotated[str | None, typer.Option("--name", help="Set the job's name (overrides the spec's).")] = None,
     idempotency_key: str | None = typer.Option(
         None, "--idempotency-key", help="Submitting again with the same key returns the same job."
     ),
+    dataset: Annotated[
+        str | None,
+        typer.Option("--dataset", metavar="ID", help="Train on this ready data set of yours (ddpm datasets list)."),
+    ] = None,
 ) -> None:
     """Queue a training job and print its id."""
     try:
-        if spec_file == "-":
+        if spec_file is None:
+            spec: dict[str, Any] = {}
+        elif spec_file == "-":
             spec = parse_spec_document(sys.stdin.read(), "stdin")
         else:
             spec = read_spec_document(Path(spec_file))
@@ -120,10 +131,19 @@ def submit(
         raise DdpmError(str(exc)) from exc
     if name is not None:
         spec["name"] = name
+    if dataset is not None:
+        spec["dataset"] = on_dataset(spec.get("dataset"), dataset)
     with client_for(ctx) as client:
         job = client.submit(spec, idempotency_key=idempotency_key)
     typer.echo(job["id"])
     err.print(f"{_status(job['status'])} {job['total_steps']} steps; follow it with: ddpm watch {job['id']}")
+
+
+def on_dataset(section: Any, dataset_id: str) -> dict[str, Any]:
+    """The spec's `dataset` section pointed at data set `dataset_id`: kind `dataset` and its id;
+    image_size, channels and random_flip stay as the spec has them, a folder's path goes."""
+    kept = {k: v for k, v in section.items() if k not in ("kind", "id", "path")} if isinstance(section, dict) else {}
+    return {"kind": "dataset", "id": dataset_id, **kept}
 
 
 # --- list, status, cancel ----------------------------------------------------------------------
@@ -591,3 +611,8 @@ def _escape(text: str) -> str:
 
 def main() -> None:
     app(prog_name="ddpm")
+
+
+# `ddpm datasets ...` lives in its own module, which uses this one's helpers and adds itself to
+# `app`: imported last, so it works whichever of the two is imported first.
+from app.client import datasets_cli  # noqa: E402, F401

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from app.config import Settings
 from tests.conftest import ARTIFACTS, MakeUser
 from tests.e2e.conftest import api_argv, free_port, process, wait_for_status, wait_ready, worker_argv
 
@@ -410,3 +411,129 @@ def watch_download_and_cancel(stack: Stack, page, tmp_path: Path) -> None:
     assert "dashboard e2e" in page.inner_text(f'tr.job-row[data-job-id="{job_id}"]')
     time.sleep(0.5)  # let the progress bars finish their transition
     shoot(page, "08-job-list")
+
+
+def small_zip(path: Path, images: int = 3) -> Path:
+    """A zip of a few 16x16 PNGs (what the drop zone and the file picker send as they are)."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(images):
+            buffer = io.BytesIO()
+            Image.new("RGB", (16, 16), (40 * i, 90, 200)).save(buffer, "PNG")
+            archive.writestr(f"img/{i}.png", buffer.getvalue())
+    return path
+
+
+def prepared_as_a_worker_would(settings: Settings, dataset_id: str) -> None:
+    """What a worker's preparation leaves (here without one): a preview PNG in the store, the row ready."""
+    import io
+    import uuid
+
+    from PIL import Image
+
+    from app.datasets.keys import preview_key
+    from app.datasets.repository import DatasetRepository
+    from app.db import make_engine, make_sessionmaker, session_scope
+    from app.models import utcnow
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 60, 60)).save(buffer, "PNG")
+    key = preview_key(dataset_id)
+    (settings.checkpoint_root / key).parent.mkdir(parents=True, exist_ok=True)
+    (settings.checkpoint_root / key).write_bytes(buffer.getvalue())
+    engine = make_engine(settings)
+    with session_scope(make_sessionmaker(engine)) as session:
+        DatasetRepository(session).update(
+            uuid.UUID(dataset_id),
+            status="ready",
+            image_count=5,
+            skipped=0,
+            summary={"sizes": [{"width": 16, "height": 16, "count": 5}], "modes": {"RGB": 5}},
+            preview_key=key,
+            preview_sha256=hashlib.sha256(buffer.getvalue()).hexdigest(),
+            preview_bytes=len(buffer.getvalue()),
+            prepared_at=utcnow(),
+        )
+    engine.dispose()
+
+
+def test_datasets_view_lists_and_uploads_by_the_file_picker(
+    api_only: Stack, browser, tmp_path: Path, service_settings: Settings
+) -> None:
+    """No worker runs: data sets stay `preparing`. One made over the API is listed; a zip chosen
+    in the file picker uploads with the bar reaching 100% and its row appears; once prepared, its
+    preview shows and the submit form offers it; delete takes two clicks."""
+    listed = small_zip(tmp_path / "listed.zip")
+    with api_only.client() as client:
+        created = client.post(
+            "/v1/datasets",
+            params={"name": HOSTILE_NAMES[1]},
+            content=listed.read_bytes(),
+            headers={"Content-Type": "application/zip"},
+        )
+        assert created.status_code == 201, created.text
+    first = created.json()
+    errors = BrowserErrors()
+    page = new_page(browser, errors)
+    page.goto(f"{api_only.base}/#key={api_only.key}")
+    page.wait_for_selector("#job-table")
+    page.click("a[data-nav=datasets]")
+    row = f'tr.dataset-row[data-dataset-id="{first["id"]}"]'
+    page.wait_for_selector(row)
+    assert page.inner_text(f"{row} .dataset-name") == HOSTILE_NAMES[1]  # as text, never run
+    assert page.get_attribute(f"{row} .badge", "data-status") == "preparing"
+
+    # A file dropped on the zone is sniffed first: not an archive, nothing is sent.
+    page.evaluate(
+        """() => {
+            const data = new DataTransfer();
+            data.items.add(new File(["just text"], "notes.zip", { type: "application/zip" }));
+            const zone = document.querySelector("#dataset-drop");
+            zone.dispatchEvent(new DragEvent("dragover", { dataTransfer: data, bubbles: true, cancelable: true }));
+            zone.dispatchEvent(new DragEvent("drop", { dataTransfer: data, bubbles: true, cancelable: true }));
+        }"""
+    )
+    page.wait_for_selector("main .error:not([hidden])")
+    assert "notes.zip is not a zip, tar or tar.gz archive" in page.inner_text("main .error:not([hidden])")
+
+    upload = small_zip(tmp_path / "picked.zip", images=5)
+    page.set_input_files("#dataset-file", str(upload))
+    page.wait_for_selector('#upload-progress[data-percent="100"]')
+    page.wait_for_selector("#toast:not([hidden])")
+    with api_only.client() as client:
+        items = client.get("/v1/datasets").json()["items"]
+    picked = next(d for d in items if d["name"] == "picked")
+    assert picked["archive_sha256"] == hashlib.sha256(upload.read_bytes()).hexdigest()
+    page.wait_for_selector(f'tr.dataset-row[data-dataset-id="{picked["id"]}"]')
+
+    prepared_as_a_worker_would(service_settings, picked["id"])
+    picked_row = f'tr.dataset-row[data-dataset-id="{picked["id"]}"][data-status="ready"]'
+    page.wait_for_selector(picked_row)  # refreshed while one was preparing
+    page.wait_for_function(
+        "(sel) => { const i = document.querySelector(sel + ' img.dataset-preview');"
+        " return i && !i.hidden && i.complete && i.naturalWidth === 64; }",
+        arg=picked_row,
+    )
+    assert page.inner_text(f"{picked_row} td.images") == "5"
+    shoot(page, "13-datasets")
+
+    page.click("a[data-nav=new]")
+    page.wait_for_selector(f'#field-dataset-id option[value="{picked["id"]}"]', state="attached")
+    assert page.locator("#field-dataset-id option").count() == 2  # none, and the one ready
+    page.select_option("#field-dataset-id", picked["id"])
+    assert page.input_value("#field-dataset-kind") == "dataset"
+    assert json.loads(page.inner_text("#spec-preview"))["dataset"] == {"kind": "dataset", "id": picked["id"]}
+    page.click("a[data-nav=datasets]")
+
+    page.click(f"{row} button.delete")
+    assert page.inner_text(f"{row} button.delete") == "Click again to delete"
+    page.click(f"{row} button.delete")
+    page.wait_for_selector(row, state="detached")
+    with api_only.client() as client:
+        assert client.get(f"/v1/datasets/{first['id']}").status_code == 404
+    assert page.evaluate("window.__xss ?? null") is None
+    assert errors.page_errors == []

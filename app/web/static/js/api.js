@@ -64,7 +64,7 @@ export function forgetKey() {
   }
 }
 
-function currentKey() {
+export function currentKey() {
   return getKey() || memoryKey;
 }
 

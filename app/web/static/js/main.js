@@ -2,10 +2,12 @@
 //   #/            the job list
 //   #/new         the submit form
 //   #/jobs/{id}   one job
+//   #/datasets    the data sets: upload, status, preview, delete
 // `#key=...` (as `ddpm-jobs serve` prints it) is taken into localStorage and removed from the address.
 
 import { adoptKeyFromHash, forgetKey, getKey, setKey } from "./api.js";
 import { el } from "./util.js";
+import { datasetsView } from "./views/datasets.js";
 import { jobView } from "./views/job.js";
 import { listView } from "./views/list.js";
 import { submitView } from "./views/submit.js";
@@ -63,7 +65,10 @@ function route() {
   const hasKey = Boolean(getKey());
   forgetButton.hidden = !hasKey;
   for (const a of document.querySelectorAll("[data-nav]")) {
-    const active = (a.dataset.nav === "new" && hash === "#/new") || (a.dataset.nav === "list" && hash === "#/");
+    const active =
+      (a.dataset.nav === "new" && hash === "#/new") ||
+      (a.dataset.nav === "list" && hash === "#/") ||
+      (a.dataset.nav === "datasets" && hash === "#/datasets");
     a.classList.toggle("active", active);
   }
   if (!hasKey) {
@@ -74,6 +79,9 @@ function route() {
   const job = hash.match(/^#\/jobs\/([0-9a-fA-F-]{8,64})$/);
   if (job) {
     cleanup = jobView(view, job[1]);
+  } else if (hash === "#/datasets") {
+    document.title = "Data sets · ddpm-jobs";
+    cleanup = datasetsView(view);
   } else if (hash === "#/new") {
     document.title = "New job · ddpm-jobs";
     cleanup = submitView(view);

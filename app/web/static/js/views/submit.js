@@ -2,11 +2,12 @@
 // filled ones are written over the JSON at their path.
 
 import { api, ApiError, formatDetail } from "../api.js";
-import { el } from "../util.js";
+import { el, fmtNumber, shortId } from "../util.js";
 
 const FIELDS = [
   { path: "name", label: "Name", type: "text", placeholder: "a label for people" },
-  { path: "dataset.kind", label: "Dataset", options: ["digits", "folder"], placeholder: "digits" },
+  { path: "dataset.kind", label: "Dataset", options: ["digits", "folder", "dataset"], placeholder: "digits" },
+  { path: "dataset.id", label: "Data set (yours)", options: [], placeholder: "none" },
   { path: "dataset.path", label: "Folder path", type: "text", placeholder: "folder only, on the worker" },
   { path: "dataset.image_size", label: "Image size", type: "int", placeholder: "8" },
   { path: "dataset.channels", label: "Channels", options: ["1", "3"], placeholder: "1", int: true },
@@ -53,8 +54,28 @@ function setPath(obj, path, value) {
   node[parts[parts.length - 1]] = value;
 }
 
+/** Fill the data set picker with the user's ready data sets; picking one sets dataset.kind too. */
+async function fillDatasetPicker(picker, kind, update) {
+  picker.addEventListener("change", () => {
+    if (picker.value) kind.value = "dataset";
+    else if (kind.value === "dataset") kind.value = "";
+    update();
+  });
+  try {
+    const page = await api("/v1/datasets?status=ready&limit=200");
+    for (const d of page.items) {
+      const label = `${d.name || `data set ${shortId(d.id)}`} (${fmtNumber(d.image_count)} images)`;
+      picker.append(el("option", { value: d.id }, label));
+    }
+    picker.firstChild.textContent = page.items.length ? "none (pick one of yours)" : "none ready yet";
+  } catch {
+    picker.firstChild.textContent = "could not list data sets";
+  }
+}
+
 export function submitView(root) {
   const inputs = FIELDS.map(inputFor);
+  const byPath = Object.fromEntries(inputs.map((i) => [i.field.path, i.input]));
   const textarea = el("textarea", { id: "spec-json", name: "spec", rows: 12, spellcheck: "false" });
   textarea.value = sessionStorage.getItem(DRAFT) || "{}";
   const preview = el("pre", { id: "spec-preview", class: "code" });
@@ -164,5 +185,6 @@ export function submitView(root) {
   );
   root.replaceChildren(form);
   update();
+  fillDatasetPicker(byPath["dataset.id"], byPath["dataset.kind"], update);
   return () => {};
 }
