@@ -1,4 +1,5 @@
-"""python -m bench [train|service|api|capacity|ddp|gpu] [--short]: one benchmark, or all but gpu in turn."""
+"""python -m bench [train|service|api|capacity|ddp|upload|prepare_images|stream|gpu] [--short]: one benchmark,
+or all but gpu in turn."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import importlib
 import json
 from pathlib import Path
 
-BENCHMARKS = ("train", "service", "api", "capacity", "ddp")
+BENCHMARKS = ("train", "service", "api", "capacity", "ddp", "upload", "prepare_images", "stream")
 GPU_ONLY = ("gpu",)  # the lent-GPU checks (bench/gpu.py): only when asked for
 
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
         module = importlib.import_module(f"bench.{name}")
         if name == "api":
             module.run(short=args.short, api_key=args.api_key)
-        elif name in ("capacity", "ddp"):
+        elif name in ("capacity", "ddp", "upload", "prepare_images"):
             module.run(short=args.short)
         else:
             results = module.run(short=args.short, device=args.device, threads=args.threads)

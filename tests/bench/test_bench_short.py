@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench import api, capacity, ddp, service, stream, train
+from bench import api, capacity, ddp, prepare_images, service, stream, train, upload
 from bench.__main__ import main
 
 
@@ -66,6 +66,18 @@ class TestShortMode:
         assert set(results["cpu"]["images_per_s"]) == {"on-device", "host-streamed"}
         assert all(map(_positive, results["cpu"]["images_per_s"].values())) and _positive(results["cpu"]["ratio"])
         assert "ratio host-streamed / on-device: " in capsys.readouterr().out
+
+    def test_upload(self, capsys: pytest.CaptureFixture[str]) -> None:
+        results = upload.run(short=True)
+        assert set(results["mib_per_s"]) == {"upload", "copy+fsync", "cp"}
+        assert all(map(_positive, results["mib_per_s"].values())) and _positive(results["ratio"])
+        assert "ratio upload / copy+fsync: " in capsys.readouterr().out
+
+    def test_prepare_images(self, capsys: pytest.CaptureFixture[str]) -> None:
+        results = prepare_images.run(short=True)
+        rates = [v for k, v in results.items() if k.endswith("images/s")]
+        assert len(rates) == 4 and all(map(_positive, rates))
+        assert "images/s" in capsys.readouterr().out
 
     def test_command_line(self, capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit):
