@@ -8,6 +8,7 @@ transitively: a module may not reach a forbidden package through another module 
 - The ML core (`worker/ddpm/`) imports neither SQLAlchemy, Alembic, Celery nor FastAPI: it reports
   through the sink protocol and knows nothing of databases or queues.
 - `worker/` never imports FastAPI.
+- `worker/datasets/` (preparing users' data sets) imports neither torch, diffusers nor Celery.
 - The client (`app/client/`) stands alone: of ours it imports only itself and the shared,
   server-free modules in CLIENT_SHARED, and none of the server's packages.
 """
@@ -46,6 +47,9 @@ RULES = [
     Rule("app", frozenset(ML_STACK | {"worker"})),
     Rule("worker.ddpm", frozenset(SERVER_STACK)),
     Rule("worker", frozenset({"fastapi", "starlette"})),
+    # Preparing a data set needs neither the ML stack nor a queue: the samples-only worker and
+    # the API's host never load torch for it (worker/dataset_task.py ties it to the row).
+    Rule("worker.datasets", frozenset(ML_STACK | {"celery", "kombu", "fastapi", "starlette", "worker.dataset_task"})),
     Rule("app.client", frozenset(SERVER_STACK | ML_STACK), allowed_ours=frozenset(CLIENT_SHARED)),
 ]
 

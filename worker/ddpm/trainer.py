@@ -118,6 +118,13 @@ def _use_fast_cuda_math() -> None:
     torch.backends.cudnn.benchmark = True
 
 
+def _training_device(device: str | None) -> torch.device:
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        _use_fast_cuda_math()
+    return dev
+
+
 def _memory_format(dev: torch.device) -> torch.memory_format:
     """channels_last on CUDA (tensor-core convolutions want NHWC); on CPU it measured no faster here."""
     return torch.channels_last if dev.type == "cuda" else torch.contiguous_format
@@ -145,18 +152,12 @@ def train(
     worker/ddpm/distributed.py) the U-Net trains under DistributedDataParallel on this rank's
     share of each global batch, and only rank 0 talks to the sink; the others ignore it.
 
-    `images_file` is a `dataset` job's decoded images (worker/datasets/cache.py). The training
-    set goes on the device when `app.spec_size.dataset_on_device` says it fits, else it is
-    streamed from the host; `data_on_device` forces either (tests, benchmarks): same losses.
+    `images_file`: a `dataset` job's decoded images; where the set lives (`data_on_device`): `_NoisyBatches`.
     """
     distributed = ranks is not None
     ranks = ranks or Ranks()
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        _use_fast_cuda_math()
+    dev = _training_device(device)
     cfg = spec.training
-    checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
 
     # Data: the whole set on the device, or streamed from the host a step ahead; noised on the device.
     data = _NoisyBatches(spec, dev, ranks, images_file, data_on_device)
@@ -174,8 +175,7 @@ def train(
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
 
-            # Batch: clean images (half of them mirrored with random_flip), a timestep per image, Gaussian
-            # noise; x_t by eq. 4 of Ho et al. 2020. Streamed from the host, the next batch is already on its way.
+            # Batch: clean images (random_flip: some mirrored), a timestep each, noise; x_t by eq. 4 of Ho et al. 2020.
             x_t, t, target = data.draw(step, state.noise)  # (B/k, C, H, W), (B/k,), (B/k, C, H, W)
 
             # Forward / backward (compiled on CUDA; the first call compiles, and falls back to eager if that fails).
@@ -214,7 +214,11 @@ def train(
 
 class _NoisyBatches:
     """Each step's batch: clean images (from the device, or streamed from the host), optionally
-    flipped, noised; what the U-Net sees and what it should predict."""
+    flipped, noised; what the U-Net sees and what it should predict.
+
+    The set goes on the device when `app.spec_size.dataset_on_device` says it fits (a batch is an
+    index gather there); otherwise each batch is gathered on the host and copied one step ahead,
+    so the step does not wait. `on_device` forces either. The batches are the same."""
 
     def __init__(
         self, spec: JobSpec, dev: torch.device, ranks: Ranks, images_file: Path | None, on_device: bool | None
@@ -361,6 +365,8 @@ class _Reporter:
     """
 
     def __init__(self, checkpoint_dir: Path, sink: TrainingSink, state: LiveState) -> None:
+        checkpoint_dir = Path(checkpoint_dir)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.sink, self.state, self.spec = sink, state, state.spec
         self.samples_dir = checkpoint_dir / "samples"
         self.writer = _CheckpointWriter(checkpoint_dir, unet_config(state.spec))
