@@ -180,3 +180,39 @@ def run_ranks(target: Callable[..., None], spec_json: str, world_size: int) -> A
         while not context.join(timeout=600):
             pass
         return json.loads(out.read_text())
+
+
+@contextmanager
+def api_in_thread(settings: Any) -> Iterator[str]:
+    """The API on a real uvicorn server (app/server.py's protocol and read deadlines) in a thread
+    of this process, for as long as the block runs; yields its base URL."""
+    import threading
+    from functools import partial
+
+    import uvicorn
+
+    from app.main import create_app
+    from app.server import DeadlineH11Protocol, ReadLimits
+    from worker.ddpm.distributed import free_port
+
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(settings),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        http=partial(DeadlineH11Protocol, limits=ReadLimits.of(settings)),  # type: ignore[arg-type]
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="api-in-thread", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the API did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -20,53 +20,20 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 
 from app.auth.service import create_key
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope, upgrade_database
-from app.main import create_app
-from app.server import DeadlineH11Protocol, ReadLimits
-from bench.common import REDIS_URL, Rounds, throwaway_database
-from worker.ddpm.distributed import free_port
+from bench.common import REDIS_URL, Rounds, api_in_thread, throwaway_database
 
 MIB = 1 << 20
-
-
-@contextmanager
-def served(settings: Settings) -> Iterator[str]:
-    """The API on a real uvicorn server in a thread of this process; its base URL."""
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        http=partial(DeadlineH11Protocol, limits=ReadLimits.of(settings)),  # type: ignore[arg-type]
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="bench-api", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the API did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def random_file(path: Path, size: int) -> str:
@@ -136,7 +103,7 @@ def run(short: bool = False) -> dict[str, Any]:
         source = data / "source.zip"
         sha256 = random_file(source, size)
         target = data / "copy.zip"
-        with served(settings) as base:
+        with api_in_thread(settings) as base:
             samples = Rounds().run(
                 rounds,
                 {

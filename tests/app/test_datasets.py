@@ -11,18 +11,15 @@ import hashlib
 import io
 import socket
 import tarfile
-import threading
 import time
 import uuid
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
@@ -32,9 +29,8 @@ from app.datasets.repository import DatasetRepository
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.main import create_app
 from app.models import Dataset, Job
-from app.server import DeadlineH11Protocol, ReadLimits
+from bench.common import api_in_thread
 from tests.conftest import ApiUser, MakeUser, bucket_keys, s3_client
-from tests.e2e.conftest import free_port
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"preview" * 10
 
@@ -496,35 +492,10 @@ def test_a_job_on_a_ready_data_set_records_its_image_count_and_id(client: TestCl
 
 
 # --- a real server: disconnects, concurrent PATCHes, trickling clients --------------------------
-@contextmanager
-def live_api(settings: Settings) -> Iterator[str]:
-    """The app on a real uvicorn server (app/server.py's protocol and read deadlines), in a thread."""
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        http=partial(DeadlineH11Protocol, limits=ReadLimits.of(settings)),  # type: ignore[arg-type]
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the API did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-
-
 @pytest.fixture
 def live(settings: Settings) -> Iterator[tuple[str, Settings]]:
     settings = settings.model_copy(update={"body_timeout_s": 1.5})
-    with live_api(settings) as url:
+    with api_in_thread(settings) as url:
         yield url, settings
 
 

@@ -19,11 +19,11 @@ import pytest
 from PIL import Image
 
 from app.config import Settings
-from app.datasets.keys import upload_key
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.models import Dataset, User
 from app.queue import Dispatcher, Task, dispatch
 from tests.e2e.conftest import process, worker_argv
+from tests.worker.test_dataset_task import uploaded
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -64,24 +64,7 @@ def test_kill_9_mid_preparation_and_another_worker_prepares_it(
     engine = make_engine(clean_db)
     factory = make_sessionmaker(engine)
     archive = many_images_zip()
-    dataset_id = uuid.uuid4()
-    key = upload_key(dataset_id, "zip")
-    (clean_db.checkpoint_root / key).parent.mkdir(parents=True, exist_ok=True)
-    (clean_db.checkpoint_root / key).write_bytes(archive)
-    with session_scope(factory) as s:
-        s.add(
-            Dataset(
-                id=dataset_id,
-                owner_id=owner.id,
-                status="preparing",
-                source="upload",
-                archive_format="zip",
-                archive_key=key,
-                received_bytes=len(archive),
-                archive_sha256=hashlib.sha256(archive).hexdigest(),
-                size_bytes=len(archive),
-            )
-        )
+    dataset_id = uploaded(clean_db, factory, owner, archive)  # the file in the store, the row preparing
     dispatch(engine, Dispatcher(clean_db), Task.prepare(dataset_id))
 
     log1, log2 = tmp_path / "worker-1.log", tmp_path / "worker-2.log"
