@@ -239,9 +239,9 @@ def summary_rows(dataset: dict[str, Any], summary: dict[str, Any]) -> Iterator[t
         yield "modes", ", ".join(f"{mode} ({_count(n)})" for mode, n in modes.items())
     if summary.get("source_bytes"):
         yield (
-            "source",
+            "read",
             _megabytes(summary["source_bytes"])
-            + (f" read in {summary['seconds']:.1f} s" if summary.get("seconds") is not None else ""),
+            + (f" of images in {summary['seconds']:.1f} s" if summary.get("seconds") is not None else ""),
         )
 
 
