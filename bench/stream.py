@@ -25,8 +25,8 @@ import torch
 
 from app.spec import JobSpec
 from bench.common import Rounds, default_threads, machine, torch_threads
+from bench.train import _Stopwatch
 from worker.ddpm.data import BatchIndexer, HostBatches, load_images
-from worker.ddpm.sink import MetricPoint, SavedCheckpoint
 from worker.ddpm.trainer import train
 
 TARGET_CPU_RATIO = 0.95
@@ -75,19 +75,6 @@ def write_images(path: Path, count: int) -> None:
         out[start:stop] = rng.integers(0, 256, (stop - start, 3, 32, 32), dtype=np.uint8)
     out.flush()
     del out
-
-
-class _Stopwatch:
-    """A sink that notes when each metric point arrives."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_log(self, point: MetricPoint) -> None:
-        self.times.append(time.perf_counter())
-
-    def on_checkpoint(self, saved: SavedCheckpoint) -> None:
-        pass
 
 
 def images_per_s(case: Case, images_file: Path, dev: torch.device, on_device: bool) -> float:

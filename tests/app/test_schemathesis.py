@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import hypothesis
@@ -166,25 +167,19 @@ def test_every_operation_with_every_default_check(fuzzed, mode: GenerationMode) 
     assert all(status < 500 for _, _, status in recorder.calls)
 
 
-def test_stateful_links_create_get_cancel(fuzzed) -> None:
-    schema, recorder = fuzzed
+def run_stateful(
+    Workflow: Any, recorder: Recorder, resource: str, followed: Callable[[Counter[tuple[str, str, int]]], bool]
+) -> Counter[tuple[str, str, int]]:
+    """Run the state machine until `followed(seen)` holds (at most 4 runs); return what was seen:
+    (method, path with the resource's ids as {id}, status) of every call.
+
+    A run is a random walk of a fixed budget: most specs it draws are refused (a kind without its
+    path or id, beta_end below beta_start, ...), so one run may end before its links are followed.
+    Runs go on from other random choices; every call of every run must still pass every check."""
     before = len(recorder.calls)
-
-    # The operations the create -> get -> cancel links join: with every operation in the machine,
-    # a fixed budget did not always get as far as a cancel.
-    # (include alone did not narrow the state machine, which also takes links it infers: the data
-    # set routes are left out explicitly, and have their own run below.)
-    linked = schema.include(path_regex=r"^/v1/jobs(/\{job_id\}(/cancel)?)?$").exclude(path_regex=r"^/v1/datasets")
-
-    Workflow = linked.as_state_machine()
     settings = hypothesis.settings(SETTINGS, max_examples=STATEFUL_EXAMPLES, stateful_step_count=STATEFUL_STEPS)
-    followed = [("POST", "/v1/jobs", 201), ("GET", "/v1/jobs/{id}", 200), ("POST", "/v1/jobs/{id}/cancel", 200)]
     seen: Counter[tuple[str, str, int]] = Counter()
     try:
-        # A run is a random walk of a fixed budget: most specs it draws are refused (a kind
-        # without its path or id, beta_end below beta_start, ...), so one run may end before it
-        # reaches a cancel. Runs go on, from other random choices, until the links were followed
-        # (at most 4); every call of every run must still pass every check.
         for attempt in range(4):
             try:
                 Workflow.run(settings=settings)
@@ -195,10 +190,10 @@ def test_stateful_links_create_get_cancel(fuzzed) -> None:
                 if attempt == 3:
                     raise
             seen = Counter(
-                (method, re.sub(r"/v1/jobs/[0-9a-f-]{36}", "/v1/jobs/{id}", path), status)
+                (method, re.sub(rf"{resource}/[0-9a-f-]{{36}}", f"{resource}/{{id}}", path), status)
                 for method, path, status in recorder.calls[before:]
             )
-            if all(seen[call] > 0 for call in followed):
+            if followed(seen):
                 break
             settings = hypothesis.settings(settings, derandomize=False)
     except Exception:
@@ -207,35 +202,31 @@ def test_stateful_links_create_get_cancel(fuzzed) -> None:
     finally:
         FIGURES["stateful_requests"] += len(recorder.calls) - before
     assert all(status < 500 for _, _, status in recorder.calls[before:])
+    return seen
+
+
+def test_stateful_links_create_get_cancel(fuzzed) -> None:
+    schema, recorder = fuzzed
+    # The operations the create -> get -> cancel links join: with every operation in the machine,
+    # a fixed budget did not always get as far as a cancel.
+    # (include alone did not narrow the state machine, which also takes links it infers: the data
+    # set routes are left out explicitly, and have their own run below.)
+    linked = schema.include(path_regex=r"^/v1/jobs(/\{job_id\}(/cancel)?)?$").exclude(path_regex=r"^/v1/datasets")
+    calls = [("POST", "/v1/jobs", 201), ("GET", "/v1/jobs/{id}", 200), ("POST", "/v1/jobs/{id}/cancel", 200)]
+    seen = run_stateful(linked.as_state_machine(), recorder, "/v1/jobs", lambda seen: all(seen[c] for c in calls))
     # The links were followed: jobs were created, then fetched and cancelled by their ids.
-    assert [seen[call] > 0 for call in followed] == [True, True, True], seen
+    assert [seen[call] > 0 for call in calls] == [True, True, True], seen
 
 
 def test_stateful_links_create_get_delete_a_dataset(fuzzed) -> None:
     schema, recorder = fuzzed
-    before = len(recorder.calls)
     Workflow = schema.exclude(path_regex=r"^/v1/jobs|^/healthz|^/readyz").as_state_machine()
-    settings = hypothesis.settings(SETTINGS, max_examples=STATEFUL_EXAMPLES, stateful_step_count=STATEFUL_STEPS)
-    try:
-        for attempt in range(3):
-            try:
-                Workflow.run(settings=settings)
-                break
-            except hypothesis.errors.FlakyStrategyDefinition:  # as above: the harness, not a check
-                if attempt == 2:
-                    raise
-                settings = hypothesis.settings(settings, derandomize=False)
-    except Exception:
-        FIGURES["failures"] += 1
-        raise
-    finally:
-        FIGURES["stateful_requests"] += len(recorder.calls) - before
-    calls = recorder.calls[before:]
-    assert all(status < 500 for _, _, status in calls)
-    seen = Counter(
-        (method, re.sub(r"/v1/datasets/[0-9a-f-]{36}", "/v1/datasets/{id}", path), status)
-        for method, path, status in calls
-    )
+
+    def followed(seen: Counter[tuple[str, str, int]]) -> bool:
+        created = seen[("POST", "/v1/datasets", 201)]
+        return created > 0 and seen[("GET", "/v1/datasets/{id}", 200)] + seen[("DELETE", "/v1/datasets/{id}", 204)] > 0
+
+    seen = run_stateful(Workflow, recorder, "/v1/datasets", followed)
     assert seen[("POST", "/v1/datasets", 201)] > 0, seen
     assert seen[("GET", "/v1/datasets/{id}", 200)] + seen[("DELETE", "/v1/datasets/{id}", 204)] > 0, seen
 
