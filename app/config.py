@@ -155,6 +155,17 @@ class Settings(BaseSettings):
     # with the same `datasets` code path); empty = the Hub itself.
     hf_datasets_dir: Path | None = None
 
+    # --- evaluation (FID/KID in the loop) ------------------------------------------------------
+    # The Inception-v3 feature network for FID on users' images: a TorchScript file (NVIDIA's
+    # port of TF-FID's inception-2015-12-05, as StyleGAN2-ADA, EDM and clean-fid use), read only
+    # from this path and only when its sha256 matches fid_weights_sha256; nothing is downloaded.
+    # Unset: jobs on users' images report "evaluation unavailable" and train on. (The digits set
+    # uses a small classifier of its own and needs neither.)
+    fid_weights: Path | None = Field(None, description="Path of the Inception TorchScript file for FID.")
+    fid_weights_sha256: str = Field(
+        "", pattern=r"^([0-9a-f]{64})?$", description="The sha256 fid_weights must have (lowercase hex)."
+    )
+
     # --- checkpoint storage: the local checkpoint directory, or an S3-compatible bucket ---------
     # With "s3", workers still write every file into checkpoint_dir first (scratch), upload it,
     # then record its row; the API reads from the bucket. Keys are the same relative paths.

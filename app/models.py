@@ -199,6 +199,26 @@ class MetricPoint(Base):
     loss: Mapped[float | None] = mapped_column(Float)
     lr: Mapped[float] = mapped_column(Float)
     images_per_s: Mapped[float] = mapped_column(Float)
+    # The mean loss per timestep range (worker/ddpm/sink.py LOSS_BUCKETS), null entries where no t
+    # fell; null for points recorded before it was measured.
+    loss_by_t: Mapped[list[float | None] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Evaluation(Base):
+    """FID and KID of samples drawn from the EMA weights at `step`, against the training set."""
+
+    __tablename__ = "evaluations"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    fid: Mapped[float] = mapped_column(Float)
+    kid: Mapped[float] = mapped_column(Float)
+    kid_std: Mapped[float] = mapped_column(Float)
+    samples: Mapped[int] = mapped_column(Integer)
+    reference_images: Mapped[int] = mapped_column(Integer)
+    feature_network: Mapped[str] = mapped_column(String(64))
+    seconds: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -18,6 +18,8 @@ DatasetKind = Literal["digits", "folder", "dataset"]
 ModelPreset = Literal["tiny", "ddpm-cifar10", "custom"]
 BetaSchedule = Literal["linear", "cosine"]
 Prediction = Literal["x0", "eps", "v"]
+LossWeighting = Literal["none", "min_snr"]
+EvaluationSampler = Literal["ddim", "dpm++"]
 
 
 class _Section(BaseModel):
@@ -149,6 +151,14 @@ class DiffusionSpec(_Section):
     beta_start: float = Field(1e-4, gt=0.0, lt=1.0, description="First beta of the linear schedule.")
     beta_end: float = Field(0.02, gt=0.0, lt=1.0, description="Last beta of the linear schedule.")
     prediction: Prediction = Field("x0", description="What the U-Net predicts: `x0` (clean image), `eps` or `v`.")
+    loss_weighting: LossWeighting = Field(
+        "none",
+        description="`none` (plain MSE to the target) or `min_snr` (Hang et al. 2023: each image's loss weighted so "
+        "that, counted as an error on x0, its weight is min(SNR_t, min_snr_gamma)).",
+    )
+    min_snr_gamma: float = Field(
+        5.0, gt=0.0, le=1000.0, description="`min_snr` only: gamma, where the weight stops growing with the SNR."
+    )
 
     def diffusers_scheduler_config(self) -> dict[str, Any]:
         """Keyword arguments for `diffusers.DDPMScheduler` with the same betas and parameterisation
@@ -196,12 +206,49 @@ class TrainingSpec(_Section):
         description="Steps between sample grids drawn from the EMA weights (and one at the end); 0 = none.",
     )
     sample_count: int = Field(16, ge=1, le=64, description="Images per sample grid.")
+    keep_best: bool = Field(
+        False,
+        description="Keep the checkpoint with the best (lowest) FID besides the newest keep_checkpoints; every "
+        "evaluation step then also saves a checkpoint. Needs evaluation.every > 0.",
+    )
     compile: Literal["auto", "on", "off", "graphs"] = Field(
         "auto",
         description="torch.compile the forward pass and loss: `auto` = on for CUDA, off for CPU (compiling takes "
         "minutes there); `graphs` = compiled and replayed as CUDA graphs (torch.compile's reduce-overhead mode; "
         "single-GPU CUDA jobs, otherwise as `on`); if compilation fails the job trains without it.",
     )
+
+
+class EvaluationSpec(_Section):
+    """FID and KID of samples drawn from the EMA weights, against the training set, during training."""
+
+    every: int | None = Field(
+        None,
+        ge=0,
+        le=10_000_000,
+        description="Steps between evaluations (and one at the end); 0 = none. Default: 0 for the `tiny` and "
+        "`custom` presets, 10000 for `ddpm-cifar10`.",
+    )
+    samples: int | None = Field(
+        None,
+        ge=2,
+        le=50_000,
+        description="Images drawn per evaluation (FID is biased upwards at small counts: compare equal counts). "
+        "Default: 1000; 5000 for `ddpm-cifar10`.",
+    )
+    sampler: EvaluationSampler = Field(
+        "dpm++", description="`dpm++` (DPM-Solver++ 2M, Lu et al. 2022) or `ddim` (eta = 0), via diffusers."
+    )
+    steps: int = Field(20, ge=1, le=1000, description="Network calls per drawn image (at most diffusion.timesteps).")
+
+
+# What `evaluation` resolves to per model preset: off for the CPU-sized presets (a user's images
+# would need Inception features, which are slow on a CPU); on for the GPU preset.
+EVALUATION_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"every": 0, "samples": 1000},
+    "custom": {"every": 0, "samples": 1000},
+    "ddpm-cifar10": {"every": 10_000, "samples": 5000},
+}
 
 
 class ResourcesSpec(_Section):
@@ -220,6 +267,7 @@ class JobSpec(_Section):
     model: ModelSpec = Field(default_factory=ModelSpec)
     diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
     @model_validator(mode="after")
@@ -236,6 +284,7 @@ class JobSpec(_Section):
                 f"training.batch_size ({self.training.batch_size}) must be divisible by resources.gpus "
                 f"({self.resources.gpus}): each GPU takes an equal share of the global batch"
             )
+        self._resolve_evaluation()
         levels = [self.dataset.image_size // 2**i for i in range(halvings + 1)]
         for r in self.model.attention_resolutions or ():
             if r not in levels:
@@ -244,3 +293,18 @@ class JobSpec(_Section):
                     f"(the levels are {levels} pixels for dataset.image_size={self.dataset.image_size})"
                 )
         return self
+
+    def _resolve_evaluation(self) -> None:
+        evaluation, preset = self.evaluation, EVALUATION_PRESETS[self.model.preset]
+        for name, value in preset.items():
+            if getattr(evaluation, name) is None:
+                object.__setattr__(evaluation, name, value)
+        if evaluation.steps > self.diffusion.timesteps:
+            raise ValueError(
+                f"evaluation.steps ({evaluation.steps}) must be at most "
+                f"diffusion.timesteps ({self.diffusion.timesteps})"
+            )
+        if self.training.keep_best and not evaluation.every:
+            raise ValueError(
+                "training.keep_best needs evaluation.every > 0: the best checkpoint is the one with the best FID"
+            )

@@ -3,7 +3,8 @@
 No torch here: the worker's database sink, the CLI and the tests type against these names
 without loading the ML stack. The loop (worker/ddpm/trainer.py) calls the sink at each report
 step, in step order: a checkpoint is reported before any newer metric point, checkpoint or
-sample grid. A sink stops the loop by raising `StopTraining` with the reason.
+sample grid; an evaluation comes after the checkpoint and grid of its step. A sink stops the
+loop by raising `StopTraining` with the reason.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+# The metric point's loss per timestep range: t in [0, T) cut into this many equal buckets.
+LOSS_BUCKETS = 10
+
 
 @dataclass(frozen=True)
 class MetricPoint:
@@ -20,6 +24,24 @@ class MetricPoint:
     loss: float  # mean over the (finite) steps since the previous point; NaN if every one was skipped
     lr: float
     images_per_s: float
+    # The mean unweighted per-image loss (MSE to the target) of the images whose t fell in each of
+    # LOSS_BUCKETS equal ranges of [0, T), over the same steps as `loss`; None where none fell.
+    # Empty when the loop does not measure it.
+    loss_by_t: tuple[float | None, ...] = ()
+
+
+@dataclass(frozen=True)
+class EvaluationPoint:
+    """FID and KID of `samples` images drawn from the EMA weights at `step`, against the training set."""
+
+    step: int
+    fid: float
+    kid: float  # unbiased MMD^2 with the cubic polynomial kernel, mean over subsets
+    kid_std: float  # its standard deviation over the subsets
+    samples: int  # images drawn
+    reference_images: int  # training images the reference statistics were computed from
+    feature_network: str  # "inception-v3", "digits-classifier", ... (what the features are)
+    seconds: float  # wall time of drawing and measuring (kept out of images/s)
 
 
 @dataclass(frozen=True)
@@ -73,6 +95,8 @@ class TrainingSink(Protocol):
 
     def on_sample(self, saved: SavedSample) -> None: ...
 
+    def on_evaluation(self, point: EvaluationPoint) -> None: ...
+
 
 class NullSink:
     """A sink that keeps nothing: ranks other than 0 of a multi-GPU job report through rank 0."""
@@ -84,6 +108,9 @@ class NullSink:
         pass
 
     def on_sample(self, saved: SavedSample) -> None:
+        pass
+
+    def on_evaluation(self, point: EvaluationPoint) -> None:
         pass
 
 
