@@ -3,7 +3,7 @@
     from app.client import DdpmClient
     client = DdpmClient()                              # server and key from the environment
     job = client.submit({"training": {"steps": 500}})
-    for event in client.events(job["id"]):             # live: metric, checkpoint, sample, status
+    for event in client.events(job["id"]):             # metric, checkpoint, sample, evaluation, status
         print(event.event, event.data)
     client.download(job["id"], "runs/")                # the newest checkpoint into runs/, sha256 checked
 
@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from httpx_sse import SSEError, connect_sse
@@ -87,8 +87,8 @@ def format_detail(detail: Any) -> str:
 class Event:
     """One Server-Sent Event of a job's stream. `data` is the decoded JSON.
 
-    `event` is `metric`, `checkpoint`, `sample` or `status`; `id` is `<step>.<n>` for the first
-    three and None for status events (a snapshot of the whole job)."""
+    `event` is `metric`, `checkpoint`, `sample`, `evaluation` or `status`; `id` is `<step>.<n>`
+    for all but status events (a snapshot of the whole job), whose id is None."""
 
     event: str
     id: str | None
@@ -196,6 +196,19 @@ class DdpmClient:
                 return
             params["after_step"] = page["next_after_step"]
 
+    def evaluations(self, job_id: str, page_size: int = 1000) -> Iterator[dict[str, Any]]:
+        """FID and KID measured during training, in step order, every page: `{"step", "fid",
+        "kid", "kid_std", "samples", "reference_images", "feature_network", "seconds",
+        "created_at"}`. None at all while the spec's `evaluation.every` is 0."""
+        after_step = -1
+        while True:
+            params = {"after_step": after_step, "limit": page_size}
+            page = self._request("GET", f"/v1/jobs/{job_id}/evaluations", params=params).json()
+            yield from page
+            if len(page) < page_size:
+                return
+            after_step = page[-1]["step"]
+
     def logs(self, job_id: str, attempt: int | None = None, page_size: int = 1000) -> Iterator[dict[str, Any]]:
         """The worker's log lines for the job (one attempt's, or every attempt's in order), every
         page: `{"attempt", "seq", "at", "level", "logger", "message"}`."""
@@ -274,12 +287,13 @@ class DdpmClient:
         self,
         job_id: str,
         dest: str | os.PathLike[str] = ".",
-        step: int | None = None,
+        step: int | Literal["best"] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> Path:
-        """Download a checkpoint (the newest when `step` is None) to `dest`: a folder, where it
-        keeps the server's name (`<job>-step-00000120.safetensors`), or a file name (see
-        `download_target` for which is which). Returns the file's path.
+        """Download a checkpoint (the newest when `step` is None; `"best"`: the one whose
+        evaluation has the lowest FID) to `dest`: a folder, where it keeps the server's name
+        (`<job>-step-00000120.safetensors`), or a file name (see `download_target` for which is
+        which). Returns the file's path.
 
         The body goes to a temporary file beside the destination and is renamed into place only
         when its sha256 matches both the download's ETag / X-Checksum-SHA256 and the job's
@@ -291,9 +305,10 @@ class DdpmClient:
         path = f"/v1/jobs/{job_id}/checkpoints/{'latest' if step is None else step}"
         with self._stream("GET", path) as response:
             header_sha = _header_sha256(response)
-            if step is None:  # none was listed a moment ago; one may have been written since
+            if not isinstance(step, int):  # the server chose (best, or latest with none listed a moment ago)
                 step = _step_from_disposition(response) or 0
-                listed = {c["step"]: c for c in self.checkpoints(job_id)}
+                if step not in listed:  # written since the list was read
+                    listed = {c["step"]: c for c in self.checkpoints(job_id)}
             entry = listed.get(step)
             if entry is None:
                 raise ApiError(404, f"job {job_id} lists no checkpoint at step {step}")
@@ -310,15 +325,16 @@ class DdpmClient:
         self,
         job_id: str,
         dest: str | os.PathLike[str] = ".",
-        step: int | None = None,
+        step: int | Literal["best"] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> Path:
-        """Download a checkpoint (the newest when `step` is None) as a zip of a diffusers
-        pipeline folder (`DDPMPipeline.from_pretrained` loads it unpacked); `dest` as for
-        `download`. The zip is made for this request, so it has no recorded sha256."""
-        # The server resolves `latest` and names the file after the step it exported.
+        """Download a checkpoint (the newest when `step` is None; `"best"` as for `download`) as
+        a zip of a diffusers pipeline folder (`DDPMPipeline.from_pretrained` loads it unpacked);
+        `dest` as for `download`. The zip is made for this request, so it has no recorded sha256."""
+        # The server resolves `latest` and `best` and names the file after the step it exported.
         path = f"/v1/jobs/{job_id}/checkpoints/{'latest' if step is None else step}/export"
-        fallback = f"{job_id}-step-{'latest' if step is None else f'{step:08d}'}-diffusers.zip"
+        label = f"{step:08d}" if isinstance(step, int) else step or "latest"
+        fallback = f"{job_id}-step-{label}-diffusers.zip"
         return self._save(path, dest, fallback, progress=progress, params={"format": "diffusers"})
 
     def download_grid(
@@ -432,8 +448,8 @@ class DdpmClient:
         """The job's events as they happen, until (and including) its terminal status event.
 
         A dropped connection (a network error, a 5xx, or a stream that ends before the job
-        has) is reopened with `Last-Event-ID`, after a growing delay, so each metric, checkpoint
-        and sample event is yielded once. A status event comes on every connect; one that
+        has) is reopened with `Last-Event-ID`, after a growing delay, so each metric, checkpoint,
+        sample and evaluation event is yielded once. A status event comes on every connect; one that
         repeats the previous status and attempt is not yielded again. A finished job's terminal
         status comes last, after its history. `on_reconnect(reason,
         delay_s)` is told of each drop before the wait."""

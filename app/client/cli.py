@@ -4,7 +4,8 @@
     ddpm watch ID                          a live progress bar until the job ends; exit 0 if it succeeded
     ddpm list / status / cancel / metrics  tables (metrics --csv); --json prints the API's objects
     ddpm checkpoints / samples ID          what a job has saved; samples --out DIR fetches the grids
-    ddpm download / export ID --out runs/  a checkpoint (--step N, default the newest), or a diffusers zip
+    ddpm evaluations ID                    FID and KID measured during training (evaluation.every)
+    ddpm download / export ID --out runs/  a checkpoint (--step N or --best, default the newest), or a diffusers zip
     ddpm sample ID --wait --out DIR        draw new samples, then fetch the PNG grid and the .npz
     ddpm datasets upload PATH --wait       your images (an archive or a folder) as a data set;
     ddpm submit spec.yaml --dataset ID     then train on it (see `ddpm datasets --help`)
@@ -32,7 +33,7 @@ from datetime import datetime
 from enum import StrEnum
 from itertools import islice
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
@@ -315,6 +316,49 @@ def checkpoints(ctx: typer.Context, job_id: JobId, as_json: AsJson = False) -> N
 
 @app.command()
 @reports_errors
+def evaluations(ctx: typer.Context, job_id: JobId, as_json: AsJson = False) -> None:
+    """FID and KID of samples drawn during training (every evaluation.every steps), in step order."""
+    with client_for(ctx) as client:
+        listed = list(client.evaluations(job_id))
+        every = None if listed else ((client.get(job_id).get("spec") or {}).get("evaluation") or {}).get("every")
+    if as_json:
+        print_json(listed)
+    elif not listed:
+        hint = (
+            f"the first comes at step {every:,}"
+            if every
+            else "its spec's evaluation.every is 0: set it (say 1000) to measure FID every that many steps"
+        )
+        err.print(f"job {job_id} has no evaluations yet; {hint}")
+    else:
+        rows = [
+            [
+                str(e["step"]),
+                _fid(e["fid"]),
+                _kid(e["kid"], e["kid_std"]),
+                f"{e['samples']:,}",
+                f"{e['reference_images']:,}",
+                e["feature_network"],
+                f"{e['seconds']:.1f}",
+                _when(e.get("created_at")),
+            ]
+            for e in listed
+        ]
+        columns = [
+            Column("step"),
+            Column("fid"),
+            Column("kid", drop=5),
+            Column("samples", drop=3),
+            Column("reference", drop=2),
+            Column("network", drop=4, shrink=True),
+            Column("seconds", drop=1),
+            Column("at", drop=6),
+        ]
+        print_table(columns, rows)
+
+
+@app.command()
+@reports_errors
 def samples(
     ctx: typer.Context,
     job_id: JobId,
@@ -351,24 +395,37 @@ OutPath = Annotated[
     ),
 ]
 Step = Annotated[int | None, typer.Option("--step", help="This step's checkpoint (default: the newest).")]
+Best = Annotated[
+    bool, typer.Option("--best", help="The checkpoint with the lowest FID (a job with evaluation.every > 0).")
+]
+
+
+def chosen_checkpoint(step: int | None, best: bool) -> int | Literal["best"] | None:
+    """What --step and --best ask for, as `DdpmClient.download` takes it."""
+    if best and step is not None:
+        raise DdpmError("choose one of --step and --best")
+    return "best" if best else step
 
 
 @app.command()
 @reports_errors
-def download(ctx: typer.Context, job_id: JobId, step: Step = None, out_path: OutPath = ".") -> None:
+def download(ctx: typer.Context, job_id: JobId, step: Step = None, best: Best = False, out_path: OutPath = ".") -> None:
     """Download a checkpoint (safetensors), checking its sha256."""
-    with client_for(ctx) as client, download_progress(f"checkpoint {'newest' if step is None else step}") as progress:
-        path = client.download(job_id, out_path, step=step, progress=progress)
+    chosen = chosen_checkpoint(step, best)
+    label = f"checkpoint {'newest' if chosen is None else chosen}"
+    with client_for(ctx) as client, download_progress(label) as progress:
+        path = client.download(job_id, out_path, step=chosen, progress=progress)
     typer.echo(str(path))
     err.print(f"[green]sha256 verified[/] ({path.stat().st_size:,} bytes)")
 
 
 @app.command()
 @reports_errors
-def export(ctx: typer.Context, job_id: JobId, step: Step = None, out_path: OutPath = ".") -> None:
+def export(ctx: typer.Context, job_id: JobId, step: Step = None, best: Best = False, out_path: OutPath = ".") -> None:
     """Download a checkpoint as a diffusers pipeline zip (unpacked, DDPMPipeline.from_pretrained loads it)."""
-    with client_for(ctx) as client, download_progress(f"export {'newest' if step is None else step}") as progress:
-        path = client.export(job_id, out_path, step=step, progress=progress)
+    chosen = chosen_checkpoint(step, best)
+    with client_for(ctx) as client, download_progress(f"export {'newest' if chosen is None else chosen}") as progress:
+        path = client.export(job_id, out_path, step=chosen, progress=progress)
     typer.echo(str(path))
 
 
@@ -451,14 +508,18 @@ class WatchView:
             TaskProgressColumn(),
             TextColumn("step {task.fields[steps]}"),
             TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[quality]}"),
             TextColumn("{task.fields[speed]}"),
             TextColumn("ETA {task.fields[eta]}"),
             console=console,
             refresh_per_second=4,
         )
-        self.task = self.bar.add_task("connecting", total=None, steps="-", loss="-", speed="- img/s", eta="-")
+        self.task = self.bar.add_task(
+            "connecting", total=None, steps="-", loss="-", quality="", speed="- img/s", eta="-"
+        )
         self.batch_size: int | None = None
         self.total = 0
+        self.quality = ""  # the latest evaluation's FID and KID, once there is one
 
     def on_event(self, event: Event) -> None:
         data = event.data
@@ -479,15 +540,22 @@ class WatchView:
             speed_text = f"{speed:,.0f} img/s" if speed else "- img/s"
             self.move(data["step"], loss=_loss(data.get("loss")), speed=speed_text, eta=eta)
             if not self.console.is_terminal:  # a log file gets one line per point instead of a bar
-                self.console.print(
-                    f"step {data['step']}/{self.total}  loss {_loss(data.get('loss'))}  {speed_text}  ETA {eta}",
-                    highlight=False,
-                )
+                loss = f"loss {_loss(data.get('loss'))}" + (f"  {self.quality}" if self.quality else "")
+                line = f"step {data['step']}/{self.total}  {loss}  {speed_text}  ETA {eta}"
+                self.console.print(line, highlight=False)
         elif event.event == "checkpoint":
             size, sha = data.get("size_bytes") or 0, data.get("sha256") or ""
             self.note(f"checkpoint at step {data['step']} ({size:,} bytes, sha256 {sha[:12]}…)")
         elif event.event == "sample":
             self.note(f"samples at step {data['step']}: {data.get('url', '')}")
+        elif event.event == "evaluation":
+            self.quality = f"FID {_fid(data['fid'])}  KID {_kid(data['kid'])}"
+            self.bar.update(self.task, quality=self.quality)
+            self.note(
+                f"evaluation at step {data['step']}: FID {_fid(data['fid'])}, KID {_kid(data['kid'], data['kid_std'])} "
+                f"({data['samples']:,} samples against {data['reference_images']:,} images, "
+                f"{_escape(data['feature_network'])}, {data['seconds']:.1f} s)"
+            )
 
     def move(self, step: int, **fields: Any) -> None:
         self.bar.update(
@@ -588,6 +656,15 @@ def _status(value: str) -> str:
 
 def _loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _fid(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def _kid(value: float, std: float | None = None) -> str:
+    """KID to four places (values are usually well under 1), with its std over the subsets."""
+    return f"{value:.4f}" + ("" if std is None else f" ± {std:.4f}")
 
 
 def _percent(job: dict[str, Any]) -> str:

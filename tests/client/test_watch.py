@@ -1,7 +1,7 @@
-"""`ddpm watch` end to end: the installed command follows a real digits job trained by a real
-worker, while the API is killed (-9) and restarted under it. It reconnects with Last-Event-ID,
-prints every metric point once, and exits 0 when the job succeeds. What it printed is kept in
-test-artifacts/ddpm-watch.txt."""
+"""`ddpm watch`: against a scripted event stream, the latest FID and KID beside the loss; end to
+end, the installed command follows a real digits job trained by a real worker, while the API is
+killed (-9) and restarted under it. It reconnects with Last-Event-ID, prints every metric point
+once, and exits 0 when the job succeeds. What it printed is kept in test-artifacts/ddpm-watch.txt."""
 
 from __future__ import annotations
 
@@ -14,14 +14,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from rich.console import Console
+from typer.testing import CliRunner
 
 from app.auth.keys import generate_key
+from app.client import cli as cli_module
+from app.client.cli import app
 from app.config import Settings
 from tests.client.conftest import service_env
+from tests.client.sse_server import Reply, scripted_server, sse
 from tests.conftest import ARTIFACTS
 from tests.e2e.conftest import BIN, api_argv, free_port, process, wait_ready, worker_argv
-
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 DIGITS_JOB = {
     "name": "watch digits",
@@ -38,6 +41,61 @@ DIGITS_JOB = {
 EVENTS_PATH = "/v1/jobs/{job_id}/events"
 
 
+def status_event(status: str, step: int) -> str:
+    job = {"id": "j1", "status": status, "step": step, "total_steps": 20, "attempt": 1, "loss": None, "error": None}
+    return sse("status", job | {"spec": {"training": {"batch_size": 50}}})
+
+
+def metric_event(step: int, loss: float) -> str:
+    metric = {"step": step, "loss": loss, "lr": 1e-3, "images_per_s": 100.0, "loss_by_t": None}
+    return sse("metric", metric, f"{step}.0")
+
+
+def evaluation_event(step: int, fid: float, kid: float) -> str:
+    evaluation = {
+        "step": step,
+        "fid": fid,
+        "kid": kid,
+        "kid_std": 0.0004,
+        "samples": 1000,
+        "reference_images": 1797,
+        "feature_network": "digits-classifier",
+        "seconds": 3.5,
+    }
+    return sse("evaluation", evaluation, f"{step}.3")  # after the step's metric, checkpoint and sample
+
+
+class TestEvaluations:
+    def test_the_latest_fid_and_kid_show_beside_the_loss(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        events = [
+            status_event("running", 0),
+            metric_event(5, 0.5),
+            metric_event(10, 0.375),
+            evaluation_event(10, 41.5, 0.0321),
+            metric_event(15, 0.25),
+            metric_event(20, 0.125),
+            evaluation_event(20, 12.345, 0.0123),
+            status_event("succeeded", 20),
+        ]
+        monkeypatch.setattr(cli_module, "out", Console(width=200))  # piped, and wide enough for whole lines
+        with scripted_server([Reply(chunks=events)]) as server:
+            result = CliRunner().invoke(app, ["--server", server.base, "--key", "k", "watch", "j1"])
+        assert result.exit_code == 0, result.output
+        printed = result.stdout.splitlines()
+        assert [line for line in printed if line.startswith("step ")] == [
+            "step 5/20  loss 0.5000  100 img/s  ETA 00:00:07",  # no evaluation yet: nothing beside the loss
+            "step 10/20  loss 0.3750  100 img/s  ETA 00:00:05",
+            "step 15/20  loss 0.2500  FID 41.50  KID 0.0321  100 img/s  ETA 00:00:02",
+            "step 20/20  loss 0.1250  FID 41.50  KID 0.0321  100 img/s  ETA 00:00:00",
+        ]
+        assert [line.split(" ", 1)[1] for line in printed if " evaluation at " in line] == [
+            f"evaluation at step {step}: FID {fid}, KID {kid} ± 0.0004 (1,000 samples against 1,797 images, "
+            "digits-classifier, 3.5 s)"
+            for step, fid, kid in ((10, "41.50", "0.0321"), (20, "12.35", "0.0123"))
+        ]
+        assert printed[-1] == "job j1 succeeded at step 20/20"
+
+
 def wait_for_text(path: Path, pattern: str, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -49,6 +107,8 @@ def wait_for_text(path: Path, pattern: str, proc: subprocess.Popen, timeout: flo
     pytest.fail(f"no {pattern!r} from ddpm watch in {timeout}s:\n{path.read_text()}")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_watch_a_digits_job_across_an_api_crash(service_settings: Settings, tmp_path: Path) -> None:
     port = free_port()
     key = generate_key().key
