@@ -395,6 +395,71 @@ class TestWatch:
         assert_clean_error(ddpm(None, "k", "watch", "j1"), "job j1 not found")
 
 
+EVALUATIONS = [
+    {
+        "step": step,
+        "fid": fid,
+        "kid": kid,
+        "kid_std": 0.0004,
+        "samples": 1000,
+        "reference_images": 1797,
+        "feature_network": "digits-classifier",
+        "seconds": 3.5,
+        "created_at": "2026-11-30T06:28:57+00:00",
+    }
+    for step, fid, kid in ((10, 41.5, 0.0321), (20, 12.345, 0.0123))
+]
+
+
+class TestEvaluations:
+    """`ddpm evaluations` against a mock server: the table, --json, and what it says when there are none."""
+
+    def serve(self, monkeypatch: pytest.MonkeyPatch, evaluations: list[dict], every: int = 10) -> list[str]:
+        seen: list[str] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(f"{request.url.path}?{request.url.query.decode()}")
+            if request.url.path == "/v1/jobs/j1/evaluations":
+                return httpx.Response(200, json=evaluations)
+            return httpx.Response(200, json={"id": "j1", "spec": {"evaluation": {"every": every}}})
+
+        use_transport(monkeypatch, handler)
+        return seen
+
+    def test_piped_table(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        seen = self.serve(monkeypatch, EVALUATIONS)
+        result = ddpm(None, "k", "evaluations", "j1")
+        assert result.exit_code == 0, result.output
+        assert seen == ["/v1/jobs/j1/evaluations?after_step=-1&limit=1000"]
+        when = cli_module._when(EVALUATIONS[0]["created_at"])
+        rows = [[c.strip() for c in line.split("  ") if c.strip()] for line in result.stdout.splitlines()]
+        assert rows == [
+            ["step", "fid", "kid", "samples", "reference", "network", "seconds", "at"],
+            ["10", "41.50", "0.0321 ± 0.0004", "1,000", "1,797", "digits-classifier", "3.5", when],
+            ["20", "12.35", "0.0123 ± 0.0004", "1,000", "1,797", "digits-classifier", "3.5", when],
+        ]
+
+    def test_json(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.serve(monkeypatch, EVALUATIONS)
+        result = ddpm(None, "k", "evaluations", "j1", "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout) == EVALUATIONS
+
+    def test_none_says_how_to_turn_it_on_or_when_the_first_comes(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.serve(monkeypatch, [], every=0)
+        off = ddpm(None, "k", "evaluations", "j1")
+        assert off.exit_code == 0 and off.stdout == ""
+        assert "job j1 has no evaluations yet; its spec's evaluation.every is 0" in " ".join(off.stderr.split())
+        self.serve(monkeypatch, [], every=5000)
+        on = ddpm(None, "k", "evaluations", "j1")
+        assert "job j1 has no evaluations yet; the first comes at step 5,000" in " ".join(on.stderr.split())
+
+    def test_step_and_best_exclude_each_other(self) -> None:
+        for command in ("download", "export"):
+            result = ddpm(None, "k", command, "j1", "--step", "10", "--best")
+            assert_clean_error(result, "choose one of --step and --best")
+
+
 class TestHelp:
     def test_every_command_and_parameter_has_help(self) -> None:
         group = typer.main.get_command(app)
@@ -410,6 +475,7 @@ class TestHelp:
         assert missing == []
         listed = runner.invoke(app, ["--help"], terminal_width=200).stdout
         expected = {"submit", "list", "status", "cancel", "metrics", "checkpoints", "samples", "download", "export"}
+        expected |= {"evaluations"}
         assert all(f" {name} " in listed for name in expected | {"sample", "watch"})
 
 
