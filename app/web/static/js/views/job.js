@@ -1,9 +1,11 @@
-// One job: status and progress, the live loss chart, sample grids, checkpoints, cancel.
-// Live updates come from GET /v1/jobs/{id}/events (SSE over fetch); where that route does not
-// exist the page polls the job, its metrics, checkpoints and samples every 2 s instead.
+// One job: status and progress, the live loss chart, FID by step and loss by timestep, sample
+// grids, checkpoints (the best by FID too), cancel. Live updates come from GET /v1/jobs/{id}/events
+// (SSE over fetch); where that route does not exist the page polls the job, its metrics,
+// evaluations, checkpoints and samples every 2 s instead.
 
 import { api, ApiError, downloadName, readBlob, saveBlob, sha256Hex } from "../api.js";
 import { LossChart } from "../loss-chart.js";
+import { FidChart, LossByTChart } from "../quality-charts.js";
 import { followEvents } from "../sse.js";
 import {
   card,
@@ -37,6 +39,8 @@ export function jobView(root, jobId) {
   let newestCheckpoint = -1;
   let checkpointsFetchedAt = 0;
   let selectedSample = null; // null: follow the newest grid
+  let checkpointList = [];
+  let evaluationsSupported = true;
 
   // ----- layout -----
   const title = el("h1", { id: "job-title" }, "Loading…");
@@ -71,6 +75,28 @@ export function jobView(root, jobId) {
     el("div", { class: "chart-box" }, canvas),
   );
 
+  // FID by step: shown once the job has an evaluation; until then, why there is none.
+  const fidCanvas = el("canvas", { id: "fid-chart", "aria-label": "FID by step" });
+  const fidBox = el("div", { class: "chart-box short", hidden: true }, fidCanvas);
+  const fidLatest = el("span", { class: "muted small", id: "fid-latest" });
+  const fidEmpty = el("p", { class: "muted", id: "fid-empty" }, "No evaluations yet.");
+  const fidCard = card(
+    { id: "fid-card" },
+    [el("h2", {}, "FID"), el("div", { class: "spacer" }), fidLatest],
+    fidEmpty,
+    fidBox,
+  );
+  const byTCanvas = el("canvas", { id: "loss-by-t-chart", "aria-label": "Loss by timestep" });
+  const byTBox = el("div", { class: "chart-box short", hidden: true }, byTCanvas);
+  const byTCaption = el("span", { class: "muted small", id: "loss-by-t-step" });
+  const byTEmpty = el("p", { class: "muted", id: "loss-by-t-empty" }, "No loss by timestep yet.");
+  const byTCard = card(
+    { id: "loss-by-t-card" },
+    [el("h2", {}, "Loss by timestep"), el("div", { class: "spacer" }), byTCaption],
+    byTEmpty,
+    byTBox,
+  );
+
   const latestImg = el("img", { id: "latest-sample", alt: "", hidden: true });
   const latestCaption = el("figcaption", { class: "muted" });
   const sampleStrip = el("div", { class: "sample-strip", id: "sample-series" });
@@ -84,9 +110,20 @@ export function jobView(root, jobId) {
   );
 
   const ckptBody = el("tbody");
+  const bestButton = el(
+    "button",
+    {
+      type: "button",
+      class: "secondary small",
+      id: "download-best",
+      hidden: true,
+      onclick: (e) => downloadBest(e.currentTarget),
+    },
+    "Download best",
+  );
   const ckptCard = card(
     {},
-    [el("h2", {}, "Checkpoints")],
+    [el("h2", {}, "Checkpoints"), el("div", { class: "spacer" }), bestButton],
     el(
       "table",
       { class: "checkpoints", id: "checkpoint-table" },
@@ -118,9 +155,18 @@ export function jobView(root, jobId) {
 
   root.replaceChildren(
     header,
-    el("div", { class: "job-grid" }, el("div", { class: "col-main" }, chartCard, ckptCard, specCard), samplesCard),
+    el("div", { class: "job-grid" }, el(
+      "div",
+      { class: "col-main" },
+      chartCard,
+      el("div", { class: "chart-pair" }, fidCard, byTCard),
+      ckptCard,
+      specCard,
+    ), samplesCard),
   );
   const chart = new LossChart(canvas);
+  const fidChart = new FidChart(fidCanvas);
+  const byTChart = new LossByTChart(byTCanvas);
   chart.setLogScale(logToggle.checked);
   logToggle.addEventListener("change", () => {
     localStorage.setItem(LOG_SCALE, logToggle.checked ? "1" : "0");
@@ -149,6 +195,7 @@ export function jobView(root, jobId) {
       job.status === "running" && stepsPerSec ? fmtDuration((job.total_steps - job.step) / stepsPerSec) : null;
     const items = [
       ["Loss", fmtLoss(job.loss)],
+      fidChart.latest ? ["FID", fidChart.latest.fid.toFixed(2)] : null,
       ["Learning rate", latest.lr === null ? "–" : latest.lr.toExponential(2)],
       ["Images/s", rate === null ? "–" : fmtNumber(rate, 1)],
       ["Elapsed", fmtDuration(secs)],
@@ -178,9 +225,61 @@ export function jobView(root, jobId) {
       cancelButton.textContent = "Cancel job";
     }
     specPre.textContent = JSON.stringify(job.spec, null, 2);
+    if (!fidChart.size) renderEvaluations();
+  }
+
+  function renderEvaluations() {
+    const latestEval = fidChart.latest;
+    fidBox.hidden = !latestEval;
+    fidEmpty.hidden = Boolean(latestEval);
+    if (!latestEval) {
+      const every = job?.spec?.evaluation?.every;
+      fidEmpty.replaceChildren(
+        ...(!evaluationsSupported
+          ? ["This server does not measure FID."]
+          : every
+            ? [`No evaluations yet: the first comes at step ${fmtNumber(every)}.`]
+            : [
+                "FID is not measured for this job. Set ",
+                el("code", {}, "evaluation.every"),
+                " in the spec (say 1000) to evaluate every that many steps.",
+              ]),
+      );
+      return;
+    }
+    const kid = `KID ${latestEval.kid.toFixed(4)} ± ${latestEval.kid_std.toFixed(4)}`;
+    fidLatest.textContent = `${latestEval.fid.toFixed(2)} at step ${fmtNumber(latestEval.step)} · ${kid}`;
+    renderBest();
+  }
+
+  // The best checkpoint (lowest FID, as the server picks it) once evaluations exist.
+  function renderBest() {
+    const best = fidChart.best;
+    bestButton.hidden = !best;
+    if (!best) return;
+    bestButton.title = `The checkpoint with the lowest FID (${best.fid.toFixed(2)} at step ${best.step})`;
+    const bestStep = bestCheckpointStep();
+    for (const row of ckptBody.querySelectorAll(".checkpoint-row")) {
+      row.classList.toggle("best", Number(row.dataset.step) === bestStep);
+    }
+  }
+
+  function bestCheckpointStep() {
+    const kept = new Set(checkpointList.map((c) => c.step));
+    let best = null;
+    for (const e of fidChart.sorted()) if (kept.has(e.step) && (best === null || e.fid < best.fid)) best = e;
+    return best ? best.step : null;
+  }
+
+  function showLossByT(step, lossByT) {
+    if (!byTChart.show(step, lossByT, job?.spec?.diffusion?.timesteps)) return;
+    byTBox.hidden = false;
+    byTEmpty.hidden = true;
+    byTCaption.textContent = `step ${fmtNumber(step)}`;
   }
 
   function renderCheckpoints(list) {
+    checkpointList = list;
     newestCheckpoint = list.length ? Math.max(...list.map((c) => c.step)) : -1;
     ckptHead.hidden = !list.length;
     if (!list.length) {
@@ -198,7 +297,8 @@ export function jobView(root, jobId) {
           el("td", { class: "nowrap" }, fmtTime(c.created_at)),
           el(
             "td",
-            { class: "num" },
+            { class: "num nowrap" },
+            el("span", { class: "best-tag", title: "The lowest FID of the checkpoints kept" }, "best"),
             el(
               "button",
               {
@@ -213,6 +313,7 @@ export function jobView(root, jobId) {
         ),
       ),
     );
+    renderBest();
   }
 
   // <img> cannot send the key: fetch the PNG with it and show it through a blob: URL.
@@ -276,9 +377,32 @@ export function jobView(root, jobId) {
       if (page.items.length) {
         const last = page.items[page.items.length - 1];
         latest = { lr: last.lr ?? latest.lr, images_per_s: last.images_per_s ?? latest.images_per_s };
+        const measured = page.items.findLast((p) => p.loss_by_t?.length);
+        if (measured) showLossByT(measured.step, measured.loss_by_t);
       }
       if (page.next_after_step === null || page.next_after_step === undefined) return;
       after = page.next_after_step;
+    }
+  }
+
+  async function loadEvaluations() {
+    if (!evaluationsSupported) return;
+    const limit = 1000;
+    for (;;) {
+      let page;
+      try {
+        page = await api(`${base}/evaluations?after_step=${fidChart.lastStep}&limit=${limit}`, { signal: stop.signal });
+      } catch (e) {
+        if (e instanceof ApiError && e.status === 404 && e.message === "Not Found") {
+          evaluationsSupported = false; // FastAPI's own 404: the route does not exist
+          renderEvaluations();
+          return;
+        }
+        throw e;
+      }
+      fidChart.add(page);
+      renderEvaluations();
+      if (page.length < limit) return;
     }
   }
 
@@ -324,6 +448,7 @@ export function jobView(root, jobId) {
       renderJob();
     } else if (event.type === "metric") {
       chart.add([data]);
+      showLossByT(data.step, data.loss_by_t);
       latest = { lr: data.lr ?? latest.lr, images_per_s: data.images_per_s ?? latest.images_per_s };
       if (job && data.step > job.step) job = { ...job, step: data.step, loss: data.loss };
       if (job) renderJob();
@@ -333,6 +458,10 @@ export function jobView(root, jobId) {
     } else if (event.type === "sample") {
       samples.set(data.step, data);
       renderSamples();
+    } else if (event.type === "evaluation") {
+      fidChart.add([data]);
+      renderEvaluations();
+      if (job) renderJob();
     }
   }
 
@@ -356,6 +485,7 @@ export function jobView(root, jobId) {
       try {
         job = await api(base, { signal: stop.signal });
         await loadMetrics();
+        await loadEvaluations();
         renderJob();
         await Promise.all([loadCheckpoints(), loadSamples()]);
         if (TERMINAL.has(job.status)) {
@@ -382,7 +512,12 @@ export function jobView(root, jobId) {
     }
     renderJob();
     await Promise.all([
-      loadMetrics().catch((e) => reportError("metrics", e)),
+      // Evaluations after metrics: the stream starts after the newest metric point read, and
+      // an evaluation is sent after its step's metric point, so none falls between the two.
+      loadMetrics()
+        .catch((e) => reportError("metrics", e))
+        .then(() => loadEvaluations())
+        .catch((e) => reportError("evaluations", e)),
       loadCheckpoints().catch((e) => reportError("checkpoints", e)),
       loadSamples().catch((e) => reportError("samples", e)),
     ]);
@@ -435,24 +570,38 @@ export function jobView(root, jobId) {
     }
   });
 
-  async function downloadCheckpoint(c, button) {
+  function downloadCheckpoint(c, button) {
+    const name = `${jobId}-step-${String(c.step).padStart(8, "0")}.safetensors`;
+    return download(`${base}/checkpoints/${c.step}`, button, () => c, name, `Checkpoint ${c.step}`);
+  }
+
+  // The server picks the best checkpoint and names its step in the file name: check the bytes
+  // against that step's row in the list (else against the sha256 the server sends with them).
+  function downloadBest(button) {
+    const listed = (res) => {
+      const step = Number(downloadName(res, "").match(/-step-(\d+)\./)?.[1]);
+      const header = (res.headers.get("X-Checksum-SHA256") || res.headers.get("ETag") || "").replaceAll('"', "");
+      return checkpointList.find((c) => c.step === step) || { step, sha256: header || null };
+    };
+    return download(`${base}/checkpoints/best`, button, listed, `${jobId}-best.safetensors`, "Best checkpoint");
+  }
+
+  async function download(path, button, expected, fallbackName, what) {
     const label = button.textContent;
     button.disabled = true;
     try {
-      const res = await api(`${base}/checkpoints/${c.step}`, {
-        raw: true,
-        headers: { Accept: "application/octet-stream" },
-      });
+      const res = await api(path, { raw: true, headers: { Accept: "application/octet-stream" } });
+      const c = expected(res);
       const blob = await readBlob(res, (fraction) => {
         button.textContent = fraction === null ? "Downloading…" : `${Math.floor(fraction * 100)}%`;
       });
       button.textContent = "Verifying…";
-      const digest = await sha256Hex(blob);
+      const digest = c.sha256 ? await sha256Hex(blob) : null;
       if (digest !== null && digest !== c.sha256) {
         throw new Error(`sha256 mismatch: got ${digest}, expected ${c.sha256}`);
       }
-      saveBlob(blob, downloadName(res, `${jobId}-step-${String(c.step).padStart(8, "0")}.safetensors`));
-      toast(digest ? `Checkpoint ${c.step} downloaded, sha256 verified` : `Checkpoint ${c.step} downloaded`, "ok");
+      saveBlob(blob, downloadName(res, fallbackName));
+      toast(digest ? `${what} downloaded, sha256 verified` : `${what} downloaded`, "ok");
     } catch (e) {
       toast(`Download failed: ${e.message}`, "error");
     } finally {
@@ -484,6 +633,8 @@ export function jobView(root, jobId) {
     stream?.close();
     clearInterval(ticker);
     chart.destroy();
+    fidChart.destroy();
+    byTChart.destroy();
     for (const load of imageUrls.values()) load.then((url) => URL.revokeObjectURL(url)).catch(() => {});
   };
 }
