@@ -1,8 +1,9 @@
 """The `ddpm` command through typer's CliRunner: against the real API process for submit, list,
-status, cancel, metrics, the --json listings, download and export into folders, and sample
---wait --out with a real worker; against mock transports for tables (piped, narrow terminals),
-sample (a server without the route, waiting) and watch (exit codes by final status); and help
-text on every parameter."""
+status, cancel, metrics, the --json listings, download and export into folders, evaluations and
+download --best (evaluation rows written into the database), and sample --wait --out with a real
+worker; against mock transports for tables (piped, narrow terminals), sample (a server without
+the route, waiting), evaluations and watch (exit codes by final status); and help text on every
+parameter."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import io
 import json
 import uuid
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -23,11 +25,15 @@ import typer
 from PIL import Image
 from rich.console import Console
 from rich.text import Text
+from sqlalchemy import delete
 from typer.testing import CliRunner
 
 from app.client import DdpmClient
 from app.client import cli as cli_module
 from app.client.cli import app
+from app.config import Settings
+from app.db import make_engine, make_sessionmaker, session_scope
+from app.models import Evaluation
 from app.routing import sample_queue
 from tests.app.test_spec_file import SCIENTIFIC_JSON, SCIENTIFIC_YAML
 from tests.client.conftest import RunningApi, TrainedJob
@@ -209,6 +215,39 @@ class TestAgainstTheApi:
             [str(c["step"]), f"{c['size_bytes']:,}", c["sha256"]] for c in expected[("checkpoints", job_id)]
         ]
 
+    def test_evaluations_and_the_best_checkpoint(
+        self, api: RunningApi, trained: TrainedJob, service_settings: Settings, tmp_path: Path
+    ) -> None:
+        job_id = trained.job["id"]
+        none = ddpm(api, trained.key, "evaluations", job_id)
+        assert none.exit_code == 0 and none.stdout == ""
+        assert "its spec's evaluation.every is 0" in " ".join(none.stderr.split())
+        no_best = ddpm(api, trained.key, "download", job_id, "--best")
+        assert_clean_error(no_best, "error (404)", "no evaluated checkpoint")
+
+        with DdpmClient(api.base, trained.key) as client:
+            listed = {c["step"]: c["sha256"] for c in client.checkpoints(job_id)}
+        with evaluations_in_the_database(service_settings, job_id, {10: 30.0, 20: 12.5, 30: 12.5}):
+            shown = ddpm(api, trained.key, "evaluations", job_id)
+            as_json = ddpm(api, trained.key, "evaluations", job_id, "--json")
+            best = ddpm(api, trained.key, "download", job_id, "--best", "--out", str(tmp_path))
+        assert shown.exit_code == 0, shown.output
+        assert [line.split()[:3] for line in shown.stdout.splitlines()] == [
+            ["step", "fid", "kid"],
+            ["10", "30.00", "0.0200"],
+            ["20", "12.50", "0.0200"],
+            ["30", "12.50", "0.0200"],
+        ]
+        evaluations = json.loads(as_json.stdout)
+        assert [(e["step"], e["fid"]) for e in evaluations] == [(10, 30.0), (20, 12.5), (30, 12.5)]
+        assert evaluations[0].keys() == {
+            "step", "fid", "kid", "kid_std", "samples", "reference_images", "feature_network", "seconds", "created_at"
+        }  # fmt: skip
+        assert best.exit_code == 0, best.output
+        path = Path(best.stdout.strip())
+        assert path == tmp_path / f"{job_id}-step-00000020.safetensors"  # the lowest FID; on a tie, the earliest
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == listed[20]
+
     @pytest.mark.slow
     def test_sample_wait_out_downloads_the_grid_and_the_npz(
         self, api: RunningApi, trained: TrainedJob, tmp_path: Path
@@ -226,6 +265,35 @@ class TestAgainstTheApi:
             assert grid.size == (19, 19)  # 2x2 grid of 8x8 digits, 1 px padding
         images = np.load(npz)["images"]
         assert (images.shape, images.dtype) == ((4, 8, 8, 1), np.uint8)
+
+
+@contextmanager
+def evaluations_in_the_database(settings: Settings, job_id: str, fids: dict[int, float]) -> Iterator[None]:
+    """Evaluation rows as the worker writes them, removed afterwards (the trained job is shared)."""
+    engine = make_engine(settings)
+    factory = make_sessionmaker(engine)
+    job = uuid.UUID(job_id)
+    try:
+        with session_scope(factory) as session:
+            for step, fid in fids.items():
+                session.add(
+                    Evaluation(
+                        job_id=job,
+                        step=step,
+                        fid=fid,
+                        kid=0.02,
+                        kid_std=0.001,
+                        samples=100,
+                        reference_images=1797,
+                        feature_network="digits-classifier",
+                        seconds=1.5,
+                    )
+                )
+        yield
+    finally:
+        with session_scope(factory) as session:
+            session.execute(delete(Evaluation).where(Evaluation.job_id == job))
+        engine.dispose()
 
 
 def use_transport(monkeypatch: pytest.MonkeyPatch, handler: Callable[[httpx.Request], httpx.Response]) -> None:

@@ -128,6 +128,21 @@ class TestTrainedJob:
         assert trained.job["spec"]["training"]["steps"] == TINY_JOB["training"]["steps"]
 
 
+class TestEvaluations:
+    def test_follows_pages_by_step(self) -> None:
+        seen: list[dict] = []
+        rows = [{"step": step, "fid": 100.0 / step} for step in (10, 20, 30)]
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(dict(request.url.params))
+            after, limit = int(request.url.params["after_step"]), int(request.url.params["limit"])
+            return httpx.Response(200, json=[r for r in rows if r["step"] > after][:limit])
+
+        with DdpmClient("http://test", "k", transport=httpx.MockTransport(handler)) as c:
+            assert list(c.evaluations("j1", page_size=2)) == rows
+        assert seen == [{"after_step": "-1", "limit": "2"}, {"after_step": "20", "limit": "2"}]
+
+
 class TestDownloadRefusesWrongBytes:
     """A mock server whose checkpoint body does not hash to what it lists."""
 

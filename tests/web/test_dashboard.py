@@ -537,3 +537,113 @@ def test_datasets_view_lists_and_uploads_by_the_file_picker(
         assert client.get(f"/v1/datasets/{first['id']}").status_code == 404
     assert page.evaluate("window.__xss ?? null") is None
     assert errors.page_errors == []
+
+
+# Rows as the worker's DatabaseSink writes them (no worker runs here). Buckets 2 and 5 saw no image.
+LOSS_BY_T = [0.9, 0.5, None, 0.3, 0.2, None, 0.1, 0.08, 0.05, 0.02]
+FID_BY_STEP = {10: 50.0, 20: 20.0, 30: 25.0}  # the best is step 20
+# What Chart.js draws: the bar labels and heights, and the FID line's points.
+BARS = "() => ((c) => [c.data.labels, c.data.datasets[0].data])(Chart.getChart('loss-by-t-chart'))"
+FID_POINTS = "() => Chart.getChart('fid-chart').data.datasets[0].data.map((p) => [p.x, p.y])"
+
+
+def trained_rows(settings: Settings, job_id: str, steps: list[int]) -> dict[int, str]:
+    """A metric point with `loss_by_t`, an evaluation and a checkpoint (file and row) at each step;
+    the checkpoints' sha256 by step."""
+    import uuid
+
+    from app.db import make_engine, make_sessionmaker, session_scope
+    from app.models import Checkpoint, Evaluation, MetricPoint
+
+    engine = make_engine(settings)
+    shas = {}
+    with session_scope(make_sessionmaker(engine)) as session:
+        for step in steps:
+            payload = f"weights at step {step}".encode() * 100
+            shas[step] = hashlib.sha256(payload).hexdigest()
+            path = f"{job_id}/step-{step:08d}.safetensors"
+            (settings.checkpoint_root / path).parent.mkdir(parents=True, exist_ok=True)
+            (settings.checkpoint_root / path).write_bytes(payload)
+            job = uuid.UUID(job_id)
+            loss_by_t = [None if v is None else v / step for v in LOSS_BY_T]
+            metric = MetricPoint(job_id=job, step=step, loss=1 / step, lr=1e-3, images_per_s=50.0, loss_by_t=loss_by_t)
+            session.add(metric)
+            session.add(
+                Checkpoint(
+                    job_id=job,
+                    step=step,
+                    path=path,
+                    size_bytes=len(payload),
+                    sha256=shas[step],
+                    state_path=f"{job_id}/step-{step:08d}.state.safetensors",
+                )
+            )
+            session.add(
+                Evaluation(
+                    job_id=job,
+                    step=step,
+                    fid=FID_BY_STEP[step],
+                    kid=0.01,
+                    kid_std=0.001,
+                    samples=100,
+                    reference_images=1797,
+                    feature_network="digits-classifier",
+                    seconds=1.5,
+                )
+            )
+    engine.dispose()
+    return shas
+
+
+def test_fid_and_loss_by_timestep_charts(api_only: Stack, browser, service_settings: Settings, tmp_path: Path) -> None:
+    """A job with evaluations: FID by step and the newest loss by timestep (gaps where no image
+    fell), both updated live as rows arrive; the best checkpoint downloads with its sha256 checked.
+    A job without: the FID card says how to turn evaluation on."""
+    spec = {"dataset": {"image_size": 8}, "diffusion": {"timesteps": 100}, "evaluation": {"every": 10}}
+    with api_only.client() as client:
+        created = [client.post("/v1/jobs", json=s) for s in (spec, {"dataset": {"image_size": 8}})]
+        assert all(r.status_code == 201 for r in created), [r.text for r in created]
+    job_id, plain_id = (r.json()["id"] for r in created)
+    shas = trained_rows(service_settings, job_id, [10, 20])
+    errors = BrowserErrors()
+    page = new_page(browser, errors)
+    page.goto(f"{api_only.base}/#key={api_only.key}")
+    page.wait_for_selector("#job-table")
+    page.goto(f"{api_only.base}/#/jobs/{job_id}")
+
+    page.wait_for_selector("#fid-chart[data-points='2']", state="attached")
+    assert page.is_visible("#fid-chart") and page.is_hidden("#fid-empty")
+    assert page.inner_text("#fid-latest") == "20.00 at step 20 · KID 0.0100 ± 0.0010"
+    page.wait_for_selector("#loss-by-t-chart[data-step='20']")
+    labels, bars = page.evaluate(BARS)
+    assert labels == [f"{10 * i}–{10 * i + 9}" for i in range(10)]  # T = 100 in 10 buckets
+    assert bars == [None if v is None else pytest.approx(v / 20) for v in LOSS_BY_T]
+    assert page.get_attribute("#loss-by-t-chart", "data-bars") == "8"
+
+    # New rows reach the page through the event stream.
+    trained_rows(service_settings, job_id, [30])
+    page.wait_for_selector("#fid-chart[data-points='3']", state="attached")
+    page.wait_for_selector("#loss-by-t-chart[data-step='30']", state="attached")
+    assert page.evaluate(FID_POINTS) == [[step, fid] for step, fid in FID_BY_STEP.items()]
+    assert page.evaluate(BARS)[1] == [None if v is None else pytest.approx(v / 30) for v in LOSS_BY_T]
+    page.wait_for_selector("#checkpoint-table .checkpoint-row.best[data-step='20']")
+    shoot(page, "14-fid-and-loss-by-t")
+
+    with page.expect_download() as download_info:
+        page.click("#download-best")
+    saved = tmp_path / download_info.value.suggested_filename
+    download_info.value.save_as(saved)
+    assert saved.name == f"{job_id}-step-00000020.safetensors"
+    assert hashlib.sha256(saved.read_bytes()).hexdigest() == shas[20]
+    page.wait_for_selector("#toast:not([hidden])")
+    assert page.inner_text("#toast") == "Best checkpoint downloaded, sha256 verified"
+
+    page.goto(f"{api_only.base}/#/jobs/{plain_id}")
+    page.wait_for_function("() => document.querySelector('#fid-empty')?.textContent.includes('evaluation.every')")
+    assert page.inner_text("#fid-empty") == (
+        "FID is not measured for this job. Set evaluation.every in the spec (say 1000) to evaluate every "
+        "that many steps."
+    )
+    assert page.is_hidden("#fid-chart") and page.is_hidden("#download-best")
+    assert page.inner_text("#loss-by-t-empty") == "No loss by timestep yet."
+    assert errors.page_errors == [] and errors.console == []
