@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated, Literal
+from typing import Annotated, get_args
 
 from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -11,6 +11,7 @@ from pydantic import Field, PlainValidator, TypeAdapter, ValidationError, WithJs
 from sqlalchemy.orm import Session
 
 from app.auth.service import InvalidApiKey, authenticate
+from app.checkpoints.repository import CheckpointName
 from app.config import Settings
 from app.db import session_scope
 from app.models import User
@@ -44,29 +45,36 @@ StepPath = Annotated[int, Path(ge=0, le=2**31 - 1)]
 MAX_STEP = 2**31 - 1
 
 
+CHECKPOINT_NAMES: tuple[str, ...] = get_args(CheckpointName)
 _STEP = TypeAdapter(Annotated[int, Field(ge=0, le=MAX_STEP)])
 
 
 def _checkpoint_step(value: object) -> int | str:
-    """`latest`, or a step as a path's integer is read (10.0 is 10): one error naming the field
-    otherwise, where a plain union would give one per alternative."""
-    if value == "latest":
-        return "latest"
+    """`latest`, `best`, or a step as a path's integer is read (10.0 is 10): one error naming
+    the field otherwise, where a plain union would give one per alternative."""
+    if value in CHECKPOINT_NAMES:
+        return value  # type: ignore[return-value]
     try:
         return _STEP.validate_python(value)
     except ValidationError:
-        raise ValueError(f"a checkpoint step (0 to {MAX_STEP}) or `latest`, not {str(value)[:40]!r}") from None
+        raise ValueError(f"a checkpoint step (0 to {MAX_STEP}), `latest` or `best`, not {str(value)[:40]!r}") from None
 
 
-# A checkpoint in a path (/checkpoints/{step}, /checkpoints/{step}/export): a step, or `latest`
-# for the newest; every such route resolves it with app.checkpoints.endpoints.checkpoint_or_404.
+# A checkpoint in a path (/checkpoints/{step}, /checkpoints/{step}/export): a step, `latest` for
+# the newest, or `best` for the lowest FID; every such route resolves it with
+# app.checkpoints.endpoints.checkpoint_or_404.
 CheckpointStepPath = Annotated[
-    int | Literal["latest"],
+    int | CheckpointName,
     PlainValidator(_checkpoint_step),
     WithJsonSchema(
-        {"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_STEP}, {"type": "string", "const": "latest"}]}
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": MAX_STEP},
+                {"type": "string", "enum": list(CHECKPOINT_NAMES)},
+            ]
+        }
     ),
-    Path(description="A checkpoint's step, or `latest` for the newest"),
+    Path(description="A checkpoint's step, `latest` for the newest, or `best` for the lowest FID"),
 ]
 
 

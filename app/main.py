@@ -24,6 +24,7 @@ from app.config import Settings, get_settings
 from app.datasets import endpoints as dataset_endpoints
 from app.datasets.service import DatasetConflict, DatasetNotFound, DatasetTooLarge
 from app.db import make_engine, make_sessionmaker, session_scope
+from app.evaluations import endpoints as evaluation_endpoints
 from app.events import endpoints as event_endpoints
 from app.events.hub import EventHub
 from app.jobs import endpoints as job_endpoints
@@ -124,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metric_endpoints.router)
     app.include_router(checkpoint_endpoints.router)
     app.include_router(sample_endpoints.router)
+    app.include_router(evaluation_endpoints.router)
     app.include_router(event_endpoints.router)
     app.include_router(log_endpoints.router)
     app.include_router(dataset_endpoints.router)

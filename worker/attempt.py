@@ -34,6 +34,7 @@ from app.checkpoints.store import CheckpointFileError, StorageUnavailable, make_
 from app.config import Settings
 from app.datasets.repository import DatasetRepository
 from app.db import make_engine, make_sessionmaker, session_scope
+from app.evaluations.repository import EvaluationRepository
 from app.jobs import service as jobs
 from app.jobs.data_roots import resolve_dataset_folder
 from app.jobs.repository import JobRepository
@@ -137,10 +138,11 @@ class AttemptRunner:
             rows = CheckpointRepository(session).list(job_id)
             latest = rows[-1] if rows else None
             resume_step = latest.step if latest else 0
-            # The steps after the checkpoint are re-done by this attempt: their old points and
-            # grids go (the grids' files become garbage, collected by claim()).
+            # The steps after the checkpoint are re-done by this attempt: their old points, grids
+            # and evaluations go (the grids' files become garbage, collected by claim()).
             repo.drop_metrics_after(job_id, resume_step)
             samples = SampleRepository(session).drop_after(job_id, resume_step)
+            EvaluationRepository(session).drop_after(job_id, resume_step)
             repo.fenced_update(job_id, attempt, step=resume_step)
             resume_keys = (latest.state_path, latest.path) if latest else None
             committed = {path for row in rows for path in (row.path, row.state_path)}
@@ -195,7 +197,8 @@ class AttemptRunner:
     def train(self, claimed: ClaimedAttempt, ranks: Ranks | None = None) -> str:
         """Train a claimed attempt here, holding its lease (in rank 0's process for a multi-GPU job)."""
         lease = Lease(claimed.job_id, claimed.attempt, self.settings.lease_timeout_s)
-        sink = DatabaseSink(self.sessionmaker, self.store, lease, keep=claimed.spec.training.keep_checkpoints)
+        training = claimed.spec.training
+        sink = DatabaseSink(self.sessionmaker, self.store, lease, training.keep_checkpoints, training.keep_best)
         job_log = capture_job_log(self.sessionmaker, claimed.job_id, claimed.attempt, self.settings.job_log_max_lines)
         with job_log:
             with lease.heartbeat(self.sessionmaker, self.settings.heartbeat_interval_s):

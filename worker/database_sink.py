@@ -5,7 +5,11 @@ Each report of the loop (worker/ddpm/sink.py) becomes rows, written through the 
   on_log: the metric points (and the job's step and loss), then the cancel, lease and shutdown checks;
   on_sample: the grid's file into the store, then its row;
   on_checkpoint: both files into the store, then the row (the checkpoint's commit point), then the
-     rows and files of checkpoints older than `keep_checkpoints`.
+     rows and files of checkpoints older than `keep_checkpoints` (retention);
+  on_evaluation: its row, then (with training.keep_best) retention again, since the evaluation of
+     a step arrives after its checkpoint and may make another one the best.
+Retention keeps the newest `keep_checkpoints` and, with keep_best, the checkpoint whose evaluation
+has the lowest FID (ties: the earliest step).
 Files are stored whole before the row that names them, and deleted only after it is gone
 (invariant 3). A database that is briefly away does not stop training; one that stays away does,
 through the lease check, before the lease runs out.
@@ -23,11 +27,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.checkpoints.repository import CheckpointRepository
 from app.checkpoints.store import CheckpointStore, StorageUnavailable
 from app.db import session_scope
+from app.evaluations.repository import EvaluationRepository
 from app.jobs.repository import JobRepository
-from app.models import Checkpoint, Sample
+from app.models import Checkpoint, Evaluation, Sample
 from app.models import MetricPoint as MetricRow
 from app.samples.repository import SampleRepository
-from worker.ddpm.sink import MetricPoint, SavedCheckpoint, SavedSample, StopReason, StopTraining
+from worker.ddpm.sink import (
+    EvaluationPoint,
+    MetricPoint,
+    SavedCheckpoint,
+    SavedSample,
+    StopReason,
+    StopTraining,
+)
 from worker.lease import Lease
 from worker.shutdown import shutdown_requested
 
@@ -52,12 +64,15 @@ def remove_files(store: CheckpointStore, job_id: uuid.UUID, keys: list[str]) -> 
 class DatabaseSink:
     """The ML core's TrainingSink, writing under one attempt's lease."""
 
-    def __init__(self, factory: sessionmaker[Session], store: CheckpointStore, lease: Lease, keep: int) -> None:
+    def __init__(
+        self, factory: sessionmaker[Session], store: CheckpointStore, lease: Lease, keep: int, keep_best: bool = False
+    ) -> None:
         self.sessionmaker = factory
         self.store = store
         self.lease = lease
         self.job_id, self.attempt = lease.job_id, lease.attempt
-        self.keep = keep
+        self.keep = keep  # training.keep_checkpoints
+        self.keep_best = keep_best  # training.keep_best
         self.cancel_requested = False
         # Points not yet written (the database was briefly away); written with the next batch.
         self._pending: list[MetricPoint] = []
@@ -84,7 +99,11 @@ class DatabaseSink:
 
     def _row(self, point: MetricPoint) -> MetricRow:
         loss = finite_or_none(point.loss)
-        return MetricRow(job_id=self.job_id, step=point.step, loss=loss, lr=point.lr, images_per_s=point.images_per_s)
+        # An empty tuple: the loop did not measure it (null, as for points recorded before it was).
+        by_t = [finite_or_none(v) for v in point.loss_by_t] or None
+        return MetricRow(
+            job_id=self.job_id, step=point.step, loss=loss, lr=point.lr, images_per_s=point.images_per_s, loss_by_t=by_t
+        )
 
     def on_sample(self, saved: SavedSample) -> None:
         try:
@@ -137,7 +156,7 @@ class DatabaseSink:
         self.lease.renewed()
 
     def _record_checkpoint(self, saved: SavedCheckpoint, state_key: str, weights_key: str) -> list[Checkpoint]:
-        """Commit the checkpoint's row and drop the rows past `keep`; returns the dropped rows."""
+        """Commit the checkpoint's row and drop the rows retention lets go; returns the dropped rows."""
         with session_scope(self.sessionmaker) as session:
             # The fenced write takes the row lock, so a concurrent claim cannot slip between the
             # check and the insert; the committed row is the checkpoint's commit point.
@@ -154,4 +173,37 @@ class DatabaseSink:
                 )
             )
             session.flush()
-            return repo.remove_older_than_newest(self.job_id, self.keep)
+            return self._retain(repo)
+
+    def _retain(self, repo: CheckpointRepository) -> list[Checkpoint]:
+        """Drop the checkpoint rows retention lets go (flushed rows count); returns them."""
+        best = repo.best(self.job_id) if self.keep_best else None
+        return repo.remove_older_than_newest(self.job_id, self.keep, also_keep=best.step if best else None)
+
+    def on_evaluation(self, point: EvaluationPoint) -> None:
+        try:
+            with session_scope(self.sessionmaker) as session:
+                self.lease.write_or_stop(session)
+                EvaluationRepository(session).add(self._evaluation_row(point))
+                session.flush()
+                removed = self._retain(CheckpointRepository(session)) if self.keep_best else []
+        except DBAPIError as exc:  # a measurement is a convenience: training goes on without it
+            log.warning("job %s: evaluation at step %d not recorded (%s)", self.job_id, point.step, exc.orig)
+            self.lease.check()
+            return
+        # Files go only after their rows are gone (committed above).
+        remove_files(self.store, self.job_id, [key for old in removed for key in (old.path, old.state_path)])
+        self.lease.renewed()
+
+    def _evaluation_row(self, point: EvaluationPoint) -> Evaluation:
+        return Evaluation(
+            job_id=self.job_id,
+            step=point.step,
+            fid=point.fid,
+            kid=point.kid,
+            kid_std=point.kid_std,
+            samples=point.samples,
+            reference_images=point.reference_images,
+            feature_network=point.feature_network,
+            seconds=point.seconds,
+        )

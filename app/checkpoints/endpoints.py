@@ -18,7 +18,7 @@ from app.checkpoints.files import (
     temporary_file_response,
     verified_file_response,
 )
-from app.checkpoints.repository import CheckpointRepository
+from app.checkpoints.repository import CheckpointName, CheckpointRepository
 from app.checkpoints.schemas import CheckpointOut
 from app.checkpoints.store import CheckpointFileError, StorageUnavailable
 from app.deps import CheckpointStepPath, CurrentUser, SessionDep
@@ -45,14 +45,16 @@ def list_checkpoints(job_id: uuid.UUID, user: CurrentUser, session: SessionDep) 
     return [CheckpointOut.model_validate(c) for c in CheckpointRepository(session).list(job_id)]
 
 
-def checkpoint_or_404(session: Session, job_id: uuid.UUID, step: int | Literal["latest"]) -> Checkpoint:
-    """The checkpoint a `{step}` path names (`latest`: the newest); 404 saying which is missing.
-    The caller has checked that the user may see the job."""
-    checkpoints = CheckpointRepository(session)
-    checkpoint = checkpoints.latest(job_id) if step == "latest" else checkpoints.get(job_id, step)
+# What a 404 says when a named checkpoint does not exist (yet).
+MISSING: dict[int | str, str] = {"latest": "no checkpoint yet", "best": "no evaluated checkpoint"}
+
+
+def checkpoint_or_404(session: Session, job_id: uuid.UUID, step: int | CheckpointName) -> Checkpoint:
+    """The checkpoint a `{step}` path names (`latest`: the newest; `best`: the lowest FID); 404
+    saying which is missing. The caller has checked that the user may see the job."""
+    checkpoint = CheckpointRepository(session).find(job_id, step)
     if checkpoint is None:
-        what = "no checkpoint yet" if step == "latest" else f"no checkpoint at step {step}"
-        raise HTTPException(404, detail=f"job {job_id} has {what}")
+        raise HTTPException(404, detail=f"job {job_id} has {MISSING.get(step, f'no checkpoint at step {step}')}")
     return checkpoint
 
 
@@ -60,7 +62,7 @@ def checkpoint_or_404(session: Session, job_id: uuid.UUID, step: int | Literal["
 def download_checkpoint(
     job_id: uuid.UUID, step: CheckpointStepPath, user: CurrentUser, request: Request, session: SessionDep
 ) -> Response:
-    """The checkpoint's safetensors file; `latest` is the newest."""
+    """The checkpoint's safetensors file; `latest` is the newest, `best` the one with the lowest FID."""
     service.get_job(session, job_id, user)
     checkpoint = checkpoint_or_404(session, job_id, step)
     return verified_file_response(
@@ -93,7 +95,7 @@ def export_checkpoint(
     session: SessionDep,
     format: Annotated[Literal["diffusers"], Query(description="Only `diffusers` for now")] = "diffusers",
 ) -> Response:
-    """A diffusers pipeline of the checkpoint (`latest`: the newest), zipped."""
+    """A diffusers pipeline of the checkpoint (`latest`: the newest; `best`: the lowest FID), zipped."""
     job = service.get_job(session, job_id, user)
     checkpoint = checkpoint_or_404(session, job_id, step)
     store = checkpoint_store(request)

@@ -18,10 +18,12 @@ from app.openapi import AUTHENTICATED, error_responses
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"], responses=AUTHENTICATED)
 
-# STEP.ORDER, as the stream's `id:` lines write it (order 0 metric, 1 checkpoint, 2 sample).
+# STEP.ORDER, as the stream's `id:` lines write it (order 0 metric, 1 checkpoint, 2 sample,
+# 3 evaluation).
 # Nine digits hold every step a job can reach (training.steps <= 10,000,000), and nothing
 # this pattern admits overflows the database's integer (EventKey.parse checks that too).
-EVENT_ID_PATTERN = r"^[0-9]{1,9}\.[0-2]$"
+EVENT_ID_PATTERN = r"^[0-9]{1,9}\.[0-3]$"
+EVENT_KINDS = ["metric", "checkpoint", "sample", "evaluation", "status"]
 
 
 @router.get(
@@ -30,10 +32,10 @@ EVENT_ID_PATTERN = r"^[0-9]{1,9}\.[0-2]$"
     responses={
         200: {
             "description": (
-                "text/event-stream. `metric` (id `STEP.0`), `checkpoint` (`STEP.1`) and `sample` (`STEP.2`) "
-                "events, and `status` events (the whole job as GET shows it, no id) first and on every change; "
-                "the last event is the terminal status (sent again after a finished job's history), then the stream "
-                "ends. Reconnect with Last-Event-ID to continue without gaps."
+                "text/event-stream. `metric` (id `STEP.0`), `checkpoint` (`STEP.1`), `sample` (`STEP.2`) and "
+                "`evaluation` (`STEP.3`) events, and `status` events (the whole job as GET shows it, no id) first "
+                "and on every change; the last event is the terminal status (sent again after a finished job's "
+                "history), then the stream ends. Reconnect with Last-Event-ID to continue without gaps."
             ),
             # One schema per event, as SSE tooling (and schemathesis) reads a text/event-stream.
             "content": {
@@ -41,7 +43,7 @@ EVENT_ID_PATTERN = r"^[0-9]{1,9}\.[0-2]$"
                     "schema": {
                         "type": "object",
                         "properties": {
-                            "event": {"type": "string", "enum": ["metric", "checkpoint", "sample", "status"]},
+                            "event": {"type": "string", "enum": EVENT_KINDS},
                             "id": {"type": "string", "pattern": EVENT_ID_PATTERN},
                             "data": {"type": "string", "contentMediaType": "application/json"},
                         },

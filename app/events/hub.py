@@ -1,9 +1,9 @@
 """Live job events, fanned out in the API.
 
-The worker publishes once: every metric point, checkpoint, sample and status change it makes is a
-database row, read here through the jobs, metrics, checkpoints and samples repositories. The API
-keeps one poller per watched job (whatever the number of watchers) that reads what is new and
-hands it to every watcher's queue, so watchers cost the training nothing.
+The worker publishes once: every metric point, checkpoint, sample, evaluation and status change it
+makes is a database row, read here through the jobs, metrics, checkpoints, samples and evaluations
+repositories. The API keeps one poller per watched job (whatever the number of watchers) that
+reads what is new and hands it to every watcher's queue, so watchers cost the training nothing.
 Events are keyed by (step, order); the key is the SSE `id:`, so a reconnect with Last-Event-ID
 replays exactly what came after it from the database, then joins the live feed without repeats.
 A feed starts at the job's newest event, never at a watcher's position, and a watcher's own
@@ -30,10 +30,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.auth.service import active_key_prefixes
 from app.checkpoints.repository import CheckpointRepository
 from app.config import Settings
+from app.evaluations.repository import EvaluationRepository
+from app.evaluations.schemas import EvaluationOut
 from app.jobs.repository import JobRepository
 from app.jobs.service import job_out
 from app.metrics.repository import MetricRepository
-from app.models import Checkpoint, Job, MetricPoint, Sample
+from app.models import Checkpoint, Evaluation, Job, MetricPoint, Sample
 from app.samples.repository import SampleRepository
 from app.samples.schemas import sample_url
 from app.status import TERMINAL_STATUSES
@@ -41,8 +43,10 @@ from app.status import TERMINAL_STATUSES
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Order of events within one step: the metric point, then the checkpoint, then the sample grid.
-METRIC, CHECKPOINT, SAMPLE = 0, 1, 2
+# Order of events within one step: the metric point, then the checkpoint, then the sample grid,
+# then the evaluation (the order the training loop reports them in, worker/ddpm/sink.py).
+METRIC, CHECKPOINT, SAMPLE, EVALUATION = 0, 1, 2, 3
+ORDERS = (METRIC, CHECKPOINT, SAMPLE, EVALUATION)
 # The largest step the database's integer column holds: a key past it is no event at all.
 MAX_STEP = 2**31 - 1
 
@@ -66,7 +70,7 @@ class EventKey:
             key = cls(int(step), int(order))
         except ValueError as exc:
             raise InvalidEventId(f"{raw!r} is not an event id this stream sent (STEP.ORDER)") from exc
-        if not 0 <= key.step <= MAX_STEP or key.order not in (METRIC, CHECKPOINT, SAMPLE):
+        if not 0 <= key.step <= MAX_STEP or key.order not in ORDERS:
             raise InvalidEventId(f"{raw!r} is not an event id this stream sent (STEP at most {MAX_STEP})")
         return key
 
@@ -77,7 +81,7 @@ class EventKey:
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # metric | checkpoint | sample | status
+    kind: str  # metric | checkpoint | sample | evaluation | status
     data: dict[str, Any]
     key: EventKey | None = None  # status events are snapshots: no id
 
@@ -92,7 +96,7 @@ def _status_event(session: Session, job: Job, settings: Settings) -> Event:
 
 
 def _metric_event(p: MetricPoint) -> Event:
-    data = {"step": p.step, "loss": p.loss, "lr": p.lr, "images_per_s": p.images_per_s}
+    data = {"step": p.step, "loss": p.loss, "lr": p.lr, "images_per_s": p.images_per_s, "loss_by_t": p.loss_by_t}
     return Event("metric", data, EventKey(p.step, METRIC))
 
 
@@ -104,6 +108,12 @@ def _checkpoint_event(c: Checkpoint) -> Event:
 
 def _sample_event(s: Sample) -> Event:
     return Event("sample", {"step": s.step, "url": sample_url(s.job_id, s.step)}, EventKey(s.step, SAMPLE))
+
+
+def _evaluation_event(e: Evaluation) -> Event:
+    """GET /v1/jobs/{id}/evaluations' object without created_at (non-finite values as null)."""
+    data = EvaluationOut.model_validate(e).model_dump(mode="json", exclude={"created_at"})
+    return Event("evaluation", data, EventKey(e.step, EVALUATION))
 
 
 def _signature(event: Event) -> tuple[Any, ...]:
@@ -122,7 +132,7 @@ def read_events(
     factory: sessionmaker[Session], settings: Settings, job_id: uuid.UUID, after: EventKey | None
 ) -> tuple[Event, list[Event]]:
     """The job's status, and its keyed events after `after` in key order (a blocking read)."""
-    after = after or EventKey(-1, SAMPLE)
+    after = after or EventKey(-1, ORDERS[-1])
     with factory() as session:
         _one_snapshot(session)
         job = JobRepository(session).get(job_id)
@@ -132,9 +142,11 @@ def read_events(
         points = MetricRepository(session).list(job_id, after_step=after.last_step_through(METRIC))
         checkpoints = CheckpointRepository(session).list(job_id, after_step=after.last_step_through(CHECKPOINT))
         samples = SampleRepository(session).list(job_id, after_step=after.last_step_through(SAMPLE))
+        evaluations = EvaluationRepository(session).list(job_id, after_step=after.last_step_through(EVALUATION))
     events = [_metric_event(p) for p in points]
     events += [_checkpoint_event(c) for c in checkpoints]
     events += [_sample_event(s) for s in samples]
+    events += [_evaluation_event(e) for e in evaluations]
     events.sort(key=lambda e: e.key)  # type: ignore[arg-type, return-value]
     return status, events
 
@@ -148,6 +160,7 @@ def read_head(factory: sessionmaker[Session], job_id: uuid.UUID) -> EventKey | N
             (MetricRepository(session).last_step(job_id), METRIC),
             (checkpoint.step if checkpoint else None, CHECKPOINT),
             (SampleRepository(session).last_step(job_id), SAMPLE),
+            (EvaluationRepository(session).last_step(job_id), EVALUATION),
         ]
     return max((EventKey(step, order) for step, order in last if step is not None), default=None)
 

@@ -12,6 +12,9 @@ class MetricPointOut(BaseModel):
     loss: float | None  # null: every step since the previous point had a non-finite loss
     lr: float
     images_per_s: float
+    # The mean unweighted loss per tenth of [0, T) (worker/ddpm/sink.py LOSS_BUCKETS), null where
+    # no image's t fell; null for points recorded before it was measured.
+    loss_by_t: list[float | None] | None
     created_at: datetime
 
 

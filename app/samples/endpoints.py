@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, HTTPException, Request
 from fastapi.responses import FileResponse, Response
 
+from app.checkpoints.endpoints import checkpoint_or_404
 from app.checkpoints.files import CONDITIONAL_RESPONSES, verified_file_response
 from app.checkpoints.repository import CheckpointRepository
 from app.deps import CurrentUser, DispatcherDep, SessionDep, StepPath
@@ -70,13 +71,12 @@ def request_samples(
     """Draw images from a checkpoint on a worker: a PNG grid and a .npz of the images."""
     job = service.get_job(session, job_id, user)
     body = body or SampleRequestIn()
-    checkpoints = CheckpointRepository(session)
-    if body.checkpoint_step is None:
-        checkpoint = checkpoints.latest(job_id)
+    if body.checkpoint_step in (None, "latest"):
+        checkpoint = CheckpointRepository(session).latest(job_id)
         if checkpoint is None:
             raise HTTPException(409, detail=f"job {job_id} has no checkpoint yet to draw samples from")
-    elif (checkpoint := checkpoints.get(job_id, body.checkpoint_step)) is None:
-        raise HTTPException(404, detail=f"job {job_id} has no checkpoint at step {body.checkpoint_step}")
+    else:
+        checkpoint = checkpoint_or_404(session, job_id, body.checkpoint_step)
     timesteps = JobSpec.model_validate(job.spec).diffusion.timesteps
     if body.sampler == "ddpm" and body.steps is not None:
         raise HTTPException(

@@ -2,11 +2,14 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 
+from app.checkpoints.repository import CheckpointName
 from app.models import Sample, SampleRequest
+
+MAX_STEP = 2**31 - 1  # steps are 32-bit integers in the database
 
 
 def sample_url(job_id: uuid.UUID, step: int) -> str:
@@ -31,6 +34,30 @@ class SampleOut(BaseModel):
         )
 
 
+def _checkpoint_ref(value: object) -> int | str | None:
+    """A step (a JSON integer: the model is strict), `latest` or `best`: one error naming the
+    field otherwise, where a union would give one per alternative."""
+    if value is None or value in get_args(CheckpointName):
+        return value  # type: ignore[return-value]
+    if type(value) is int and 0 <= value <= MAX_STEP:
+        return value
+    raise ValueError(f"a checkpoint step (0 to {MAX_STEP}), `latest` or `best`, not {str(value)[:40]!r}")
+
+
+CheckpointRef = Annotated[
+    int | CheckpointName,
+    PlainValidator(_checkpoint_ref),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": MAX_STEP},
+                {"type": "string", "enum": list(get_args(CheckpointName))},
+            ]
+        }
+    ),
+]
+
+
 class SampleRequestIn(BaseModel):
     """What to draw: `ddpm` runs the full T-step chain; `ddim` runs `steps` deterministic steps."""
 
@@ -40,8 +67,8 @@ class SampleRequestIn(BaseModel):
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Seeds x_T and the chain's noise.")
     sampler: Literal["ddpm", "ddim"] = Field("ddim", description="`ddpm` (all T steps) or `ddim`.")
     steps: int | None = Field(None, ge=1, le=100_000, description="`ddim` only: steps (default 50, at most T).")
-    checkpoint_step: int | None = Field(
-        None, ge=0, le=2**31 - 1, description="The checkpoint to draw from; default the newest."
+    checkpoint_step: CheckpointRef | None = Field(
+        None, description="The checkpoint to draw from: a step, `latest` (the default) or `best` (lowest FID)."
     )
 
 

@@ -133,6 +133,14 @@ class TestMetrics:
         assert [p["step"] for p in rest["items"]] == [30, 40, 50]
         assert rest["next_after_step"] is None
 
+    def test_a_point_carries_its_loss_by_t(self, client: TestClient, clean_db: Settings, job_id: str) -> None:
+        by_t = [0.5, None, 0.25, None, None, None, None, None, None, 0.125]
+        with session_scope(make_sessionmaker(make_engine(clean_db))) as s:
+            s.add(MetricPoint(job_id=uuid.UUID(job_id), step=10, loss=0.3, lr=1e-4, images_per_s=9.0, loss_by_t=by_t))
+            s.add(MetricPoint(job_id=uuid.UUID(job_id), step=20, loss=0.3, lr=1e-4, images_per_s=9.0))
+        items = client.get(f"/v1/jobs/{job_id}/metrics").json()["items"]
+        assert [p["loss_by_t"] for p in items] == [by_t, None]
+
     def test_unknown_job_is_404(self, client: TestClient) -> None:
         assert client.get(f"/v1/jobs/{uuid.uuid4()}/metrics").status_code == 404
 

@@ -98,7 +98,7 @@ class TestReplay:
             ("metric", "30.0"),
             ("status", None),
         ]
-        assert events[1]["data"] == {"step": 10, "loss": 0.1, "lr": 1e-4, "images_per_s": 10.0}
+        assert events[1]["data"] == {"step": 10, "loss": 0.1, "lr": 1e-4, "images_per_s": 10.0, "loss_by_t": None}
         assert events[4]["data"] == {"step": 20, "url": f"/v1/jobs/{job_id}/samples/20.png"}
         assert events[0]["data"] == events[-1]["data"]
         assert events[-1]["data"]["status"] == "succeeded" and events[-1]["data"]["id"] == job_id

@@ -18,7 +18,7 @@ from app.datasets.keys import preview_key
 from app.datasets.repository import DatasetRepository
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.main import create_app
-from app.models import ApiKey, Checkpoint, MetricPoint, Sample, SampleRequest, utcnow
+from app.models import ApiKey, Checkpoint, Evaluation, MetricPoint, Sample, SampleRequest, utcnow
 from tests.conftest import MakeUser
 
 PUBLIC = {"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
@@ -29,10 +29,12 @@ PREVIEW = b"\x89PNG\r\n\x1a\nalice's data set " + uuid.uuid4().hex.encode()
 # Routes that stream until the job ends: checked for 401/404, not read to the end as the owner.
 STREAMS = {"/v1/jobs/{job_id}/events"}
 ZIP = {"Content-Type": "application/zip"}
+FID = 98.7654321
 
 
 class World:
-    """Alice's job with metrics and a checkpoint, her ready data set with its preview; keys of every kind."""
+    """Alice's job with metrics, a checkpoint and its evaluation, her ready data set with its preview;
+    keys of every kind."""
 
     def __init__(self, settings: Settings, make_user: MakeUser) -> None:
         self.settings = settings
@@ -63,6 +65,19 @@ class World:
                     size_bytes=len(PAYLOAD),
                     sha256=self.sha256,
                     state_path=f"{job_id}/step-00000010.state.safetensors",
+                )
+            )
+            s.add(
+                Evaluation(
+                    job_id=uuid.UUID(job_id),
+                    step=10,
+                    fid=FID,
+                    kid=0.5,
+                    kid_std=0.1,
+                    samples=10,
+                    reference_images=20,
+                    feature_network="digits-classifier",
+                    seconds=1.0,
                 )
             )
             s.add(
@@ -105,6 +120,7 @@ class World:
             self.sha256,
             hashlib.sha256(PNG).hexdigest(),
             "0.123456789",
+            str(FID),
             PAYLOAD.decode(errors="replace"),
             PNG[8:].decode(),
             self.dataset_id,
@@ -144,9 +160,10 @@ def test_the_matrix_covers_every_route(world: World) -> None:
         ("POST", "/v1/jobs/{job_id}/cancel"),
         ("GET", "/v1/jobs/{job_id}/metrics"),
         ("GET", "/v1/jobs/{job_id}/checkpoints"),
-        ("GET", "/v1/jobs/{job_id}/checkpoints/{step}"),  # a step, or `latest`
+        ("GET", "/v1/jobs/{job_id}/checkpoints/{step}"),  # a step, `latest` or `best`
         ("GET", "/v1/jobs/{job_id}/checkpoints/{step}/export"),
         ("GET", "/v1/jobs/{job_id}/events"),
+        ("GET", "/v1/jobs/{job_id}/evaluations"),
         ("GET", "/v1/jobs/{job_id}/logs"),
         ("GET", "/v1/jobs/{job_id}/loss.png"),
         ("GET", "/v1/jobs/{job_id}/samples"),
@@ -243,6 +260,8 @@ def test_the_owner_and_an_admin_see_the_job(world: World) -> None:
                     assert r.status_code in {200, 410}, (who.user.name, path, r.text)
             assert world.job["id"] in [j["id"] for j in c.get("/v1/jobs").json()["items"]]
             assert c.get(world.url("/v1/jobs/{job_id}/checkpoints/latest")).content == PAYLOAD
+            assert c.get(world.url("/v1/jobs/{job_id}/checkpoints/best")).content == PAYLOAD
+            assert [e["fid"] for e in c.get(world.url("/v1/jobs/{job_id}/evaluations")).json()] == [FID]
             assert c.get(world.url("/v1/jobs/{job_id}/samples/{step}.png")).content == PNG
             assert world.dataset_id in [d["id"] for d in c.get("/v1/datasets").json()["items"]]
             assert c.get(world.url("/v1/datasets/{dataset_id}/preview.png")).content == PREVIEW
