@@ -448,7 +448,10 @@ def sample(
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed (same seed, same images).")] = None,
     sampler: Annotated[Sampler | None, typer.Option("--sampler", help="ddpm: full chain; ddim: --steps.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Denoising steps (ddim).")] = None,
-    checkpoint_step: Annotated[int | None, typer.Option("--checkpoint-step", help="Default: the newest.")] = None,
+    checkpoint_step: Annotated[
+        str | None,
+        typer.Option("--checkpoint-step", metavar="STEP|best", help="A step, or best (lowest FID); default: newest."),
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the worker has drawn them.")] = False,
     out_dir: Annotated[
         str | None, typer.Option("--out", "-o", help="Wait, then download the PNG grid and the .npz into this folder.")
@@ -460,7 +463,8 @@ def sample(
     """Ask a worker to draw samples from a job's checkpoint.
 
     Prints the request (JSON); with --wait, once drawn; with --out, the paths of its PNG grid and .npz."""
-    options = {"count": count, "seed": seed, "steps": steps, "checkpoint_step": checkpoint_step}
+    chosen = int(checkpoint_step) if checkpoint_step and checkpoint_step.isdigit() else checkpoint_step
+    options = {"count": count, "seed": seed, "steps": steps, "checkpoint_step": chosen}  # the server checks it
     with client_for(ctx) as client:
         try:
             request = client.sample(job_id, sampler=sampler.value if sampler else None, **options)

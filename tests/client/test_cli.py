@@ -329,6 +329,8 @@ class TestSample:
         assert result.exit_code == 0, result.output
         assert seen == [{"count": 4, "seed": 7, "sampler": "ddim", "steps": 50, "checkpoint_step": 20}]
         assert json.loads(result.stdout) == {"id": "s1", "status": "queued"}
+        assert ddpm(None, "k", "sample", "j1", "--checkpoint-step", "best").exit_code == 0
+        assert seen[1] == {"checkpoint_step": "best"}
 
 
 class TestSampleWait:
