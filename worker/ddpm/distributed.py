@@ -74,11 +74,16 @@ def process_group(ranks: Ranks, device_type: str, init_method: str, timeout_s: f
         dist.destroy_process_group()
 
 
-def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
-    """The mean of a tensor over all ranks (gloo has no AVG: sum, then divide). No host sync."""
+def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor over all ranks, as a new tensor. No host sync."""
     total = value.detach().clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total / dist.get_world_size()
+    return total
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over all ranks (gloo has no AVG: sum, then divide). No host sync."""
+    return sum_over_ranks(value) / dist.get_world_size()
 
 
 def agree_to_stop(stop: bool, dev: torch.device) -> bool:

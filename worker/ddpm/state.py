@@ -24,8 +24,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from app.spec import JobSpec
 from worker.ddpm.checkpoint import TrainingState, load_state, state_path_for
-from worker.ddpm.distributed import Ranks
+from worker.ddpm.distributed import Ranks, sum_over_ranks
 from worker.ddpm.model import build_unet
+from worker.ddpm.sink import LOSS_BUCKETS
 
 # EMA warm-up (diffusers EMAModel, use_ema_warmup): decay_k = min(ema_decay, 1 - (1 + k)^-power).
 # power 3/4 suits runs of up to ~100k steps (0.999 reached at 10k steps); it is what diffusers'
@@ -42,42 +43,96 @@ def derive_seed(seed: int, stream: str) -> int:
 class Window:
     """What the loop accumulates between metric points, kept on the device so that a step never
     waits for the host; read once per metric point or checkpoint (and saved with the state, for
-    exact resume)."""
+    exact resume).
 
-    def __init__(self, dev: torch.device) -> None:
+    `loss_by_t` is the loss per range of timesteps: for each of LOSS_BUCKETS equal ranges of
+    [0, T) (image i falls in bucket t_i * LOSS_BUCKETS // T), the sum of the unweighted per-image
+    losses of the finite steps and how many images that was. In a multi-GPU job each rank counts
+    its own share of every batch, and `read` sums them over the ranks; rank 0 then keeps the job's
+    totals and the others start again from zero. So what rank 0 checkpoints is the whole window so
+    far, and a resumed run (rank 0 restores the totals, the others zeros) adds up exactly as the
+    uninterrupted one would have.
+    """
+
+    def __init__(self, dev: torch.device, timesteps: int, ranks: Ranks | None = None) -> None:
         self.loss_sum = torch.zeros((), device=dev)  # sum of the finite losses since the last point
         self.loss_count = torch.zeros((), dtype=torch.int64, device=dev)  # finite steps since the last point
         self.nonfinite_streak = torch.zeros((), dtype=torch.int64, device=dev)  # consecutive skipped steps
         self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=dev)
         self.failed_at = torch.zeros((), dtype=torch.int64, device=dev)  # step the streak hit the limit; 0: never
+        # Per bucket of t: [sum of per-image losses, image count]. float64: counts stay exact.
+        self.loss_by_t = torch.zeros((2, LOSS_BUCKETS), dtype=torch.float64, device=dev)
+        self.timesteps, self.ranks = timesteps, ranks  # ranks: None in a single-process job
+        self._bucket_ids = torch.arange(LOSS_BUCKETS, device=dev)  # (LOSS_BUCKETS,)
 
-    def add(self, step: int, loss: torch.Tensor, finite: torch.Tensor, max_nonfinite: int) -> None:
-        """Count one step; `finite` (0-d bool) says whether its update was applied."""
+    def add(
+        self,
+        step: int,
+        loss: torch.Tensor,
+        finite: torch.Tensor,
+        max_nonfinite: int,
+        t: torch.Tensor,
+        image_losses: torch.Tensor,
+    ) -> None:
+        """Count one step; `finite` (0-d bool) says whether its update was applied. `t` and
+        `image_losses` ((B,) each) are this rank's images' timesteps and unweighted losses."""
         self.loss_sum.add_(torch.where(finite, loss, 0.0))
         self.loss_count.add_(finite)
         self.nonfinite_streak.add_(1).mul_(finite.logical_not())
         self.nonfinite_total.add_(finite.logical_not())
         self.failed_at.masked_fill_((self.nonfinite_streak >= max_nonfinite) & (self.failed_at == 0), step)
+        # A one-hot sum rather than index_add_/bincount: those add with atomics on CUDA (an order
+        # that varies from run to run); this reduction is deterministic, and B x LOSS_BUCKETS is small.
+        in_bucket = (t * LOSS_BUCKETS // self.timesteps)[:, None] == self._bucket_ids  # (B, LOSS_BUCKETS) bool
+        counted = (in_bucket & finite).double()  # (B, LOSS_BUCKETS); nothing from a skipped step
+        kept = torch.where(finite, image_losses, 0.0).double()[:, None]  # (B, 1): a skipped step's NaN * 0 is NaN
+        self.loss_by_t.add_(torch.stack([(counted * kept).sum(0), counted.sum(0)]))  # (2, LOSS_BUCKETS)
 
     def read(self) -> WindowValues:
         # SYNC: one host read of the window's accumulators (waits for the device to finish the window).
         mean = self.loss_sum / self.loss_count  # NaN when every step of the window was skipped
         counters = (self.loss_count, self.nonfinite_streak, self.nonfinite_total, self.failed_at)
-        mean_value, *rest = torch.stack([mean.double(), *(c.double() for c in counters)]).tolist()
-        count, streak, total, failed_at = (int(v) for v in rest)
-        return WindowValues(mean_value, count, streak, total, failed_at)
+        scalars = torch.stack([mean.double(), *(c.double() for c in counters)])
+        mean_value, *rest = torch.cat([scalars, self._loss_by_t_of_the_job().flatten()]).tolist()
+        count, streak, total, failed_at = (int(v) for v in rest[:4])
+        sums, counts = rest[4 : 4 + LOSS_BUCKETS], rest[4 + LOSS_BUCKETS :]
+        by_t = tuple(s / c if c else None for s, c in zip(sums, counts, strict=True))
+        return WindowValues(mean_value, count, streak, total, failed_at, by_t)
+
+    def _loss_by_t_of_the_job(self) -> torch.Tensor:
+        """`loss_by_t` summed over the ranks (every rank calls `read` at the same steps); rank 0 keeps
+        the totals, the others zeros. No host sync."""
+        if self.ranks is None:
+            return self.loss_by_t
+        total = sum_over_ranks(self.loss_by_t)
+        if self.ranks.is_main:
+            self.loss_by_t.copy_(total)
+        else:
+            self.loss_by_t.zero_()
+        return total
 
     def start_next(self, values: WindowValues) -> WindowValues:
         """Begin a new metric window; returns `values` as they read now (no loss summed yet)."""
         self.loss_sum.zero_()
         self.loss_count.zero_()
-        return WindowValues(float("nan"), 0, values.nonfinite_streak, values.nonfinite_total, 0)
+        self.loss_by_t.zero_()
+        return WindowValues(float("nan"), 0, values.nonfinite_streak, values.nonfinite_total, 0, NO_LOSS_BY_T)
 
-    def restore(self, loss_sum: torch.Tensor, values: dict[str, int]) -> None:
-        self.loss_sum.copy_(loss_sum)
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The accumulators a checkpoint keeps (on rank 0, after `read`: the whole job's)."""
+        return {"loss_sum": self.loss_sum, "loss_by_t": self.loss_by_t}
+
+    def restore(self, tensors: dict[str, torch.Tensor], values: dict[str, int]) -> None:
+        self.loss_sum.copy_(tensors["loss_sum"])
         self.loss_count.fill_(values["loss_count"])
         self.nonfinite_streak.fill_(values["nonfinite_streak"])
         self.nonfinite_total.fill_(values["nonfinite_total"])
+        # Checkpoints from before loss_by_t have none: the window's buckets start from zero.
+        if "loss_by_t" in tensors and (self.ranks is None or self.ranks.is_main):
+            self.loss_by_t.copy_(tensors["loss_by_t"])
+
+
+NO_LOSS_BY_T: tuple[float | None, ...] = (None,) * LOSS_BUCKETS
 
 
 @dataclass(frozen=True)
@@ -87,6 +142,7 @@ class WindowValues:
     nonfinite_streak: int
     nonfinite_total: int
     failed_at: int  # 0 unless the streak of skipped steps reached max_nonfinite
+    loss_by_t: tuple[float | None, ...] = NO_LOSS_BY_T  # mean unweighted loss per bucket of t; None: no image
 
 
 class DeviceEMA:
@@ -178,7 +234,7 @@ class LiveState:
             skip=skip,
             ema=DeviceEMA(params, cfg.ema_decay, dev),
             noise=torch.Generator(dev).manual_seed(derive_seed(cfg.seed, "noise")),
-            window=Window(dev),
+            window=Window(dev, spec.diffusion.timesteps, ranks if distributed else None),
         )
         if resume_from is not None:
             state.start_step = state.restore(Path(resume_from))
@@ -206,7 +262,7 @@ class LiveState:
             },
             ema=ema_state | {"shadow_params": list(_host_copy(dict(enumerate(ema_state["shadow_params"]))).values())},
             rng=self._rng_states(),
-            tensors=_host_copy({"loss_sum": self.window.loss_sum}),
+            tensors=_host_copy(self.window.saved_tensors()),
             values={
                 "loss_count": values.loss_count,
                 "nonfinite_streak": values.nonfinite_streak,
@@ -239,7 +295,7 @@ class LiveState:
             torch.cuda.set_rng_state(saved.rng["cuda"], self.dev)
         self.noise.set_state(saved.rng["noise"])
 
-        self.window.restore(saved.tensors["loss_sum"], saved.values)
+        self.window.restore(saved.tensors, saved.values)
         return saved.step
 
     def _rng_states(self) -> dict[str, torch.Tensor]:

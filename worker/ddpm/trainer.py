@@ -1,8 +1,9 @@
 """The DDPM training loop, readable top to bottom.
 
-One step: learning rate -> batch (x0, t, eps) -> x_t -> U-Net forward -> MSE to the target ->
-backward -> clip -> optimizer step -> zero_grad -> EMA update -> (every log_every) metric point
--> (every checkpoint_every, and at the end) checkpoint -> (every sample_every) sample grid.
+One step: learning rate -> batch (x0, t, eps) -> x_t -> U-Net forward -> MSE to the target (per
+image, optionally min-SNR weighted) -> backward -> clip -> optimizer step -> zero_grad -> EMA update
+-> (every log_every) metric point -> (every checkpoint_every, and at the end) checkpoint
+-> (every sample_every) sample grid.
 What the step changes (model, optimizer, EMA, noise generator, metric window) is one `LiveState`
 (worker/ddpm/state.py), which also saves and restores itself for exact resume. Progress leaves
 through a `TrainingSink` (worker/ddpm/sink.py), so this module knows nothing about databases or
@@ -32,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 
 from app.spec import JobSpec, TrainingSpec
@@ -179,7 +179,7 @@ def train(
             x_t, t, target = data.draw(step, state.noise)  # (B/k, C, H, W), (B/k,), (B/k, C, H, W)
 
             # Forward / backward (compiled on CUDA; the first call compiles, and falls back to eager if that fails).
-            loss = forward_backward(x_t, t, target)
+            loss, image_losses = forward_backward(x_t, t, target, data.schedule.loss_weights(t))  # (), (B/k,)
             loss = mean_over_ranks(loss) if distributed else loss.detach()  # the global batch's loss
             grad_norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.grad_clip)
 
@@ -191,7 +191,7 @@ def train(
             state.skip.copy_(finite.logical_not())
             state.optimizer.step()
             state.ema.step(finite)
-            state.window.add(step, loss, finite, max_nonfinite)
+            state.window.add(step, loss, finite, max_nonfinite, t, image_losses)
             state.optimizer.zero_grad(set_to_none=True)
 
             # Report (metric point, checkpoint, sample grid) when one is due.
@@ -280,6 +280,11 @@ def _device_memory(dev: torch.device) -> int | None:
 class _ForwardBackward:
     """The forward pass, the loss and its backward: compiled as `compile_options` says, else eager.
 
+    The loss is the batch mean of each image's MSE to the target (mean over C, H, W, in fp32)
+    times its weight (`NoiseSchedule.loss_weights`; all 1 without loss weighting, where it equals
+    `F.mse_loss` up to float rounding: the images are the same size). Each image's unweighted MSE
+    comes back too, detached, for the loss per range of t.
+
     The first compiled call is checked: when compilation fails (inductor raises many kinds of
     errors, hence the broad except), the step's gradients are dropped, it is redone eagerly, and
     training goes on uncompiled: the same computation, so the same losses.
@@ -294,41 +299,45 @@ class _ForwardBackward:
     ) -> None:
         on_cuda = dev.type == "cuda"
 
-        def forward_loss(x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        def forward_loss(
+            x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             # bf16 autocast for the forward pass on CUDA; the loss is computed in fp32. CPU stays fp32.
             # (The context is entered here, not built outside, so that torch.compile traces it.)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_cuda):
                 prediction = model(x_t, t, return_dict=False)[0]  # (B, C, H, W)
-            return F.mse_loss(prediction.float(), target)
+            image_losses = (prediction.float() - target).square().mean(dim=(1, 2, 3))  # (B,)
+            return (image_losses * weights).mean(), image_losses.detach()
 
         self.optimizer = optimizer
-        self.eager: Callable[..., torch.Tensor] = forward_loss
-        self.loss_of: Callable[..., torch.Tensor] = (
+        self.eager: Callable[..., tuple[torch.Tensor, torch.Tensor]] = forward_loss
+        self.loss_of: Callable[..., tuple[torch.Tensor, torch.Tensor]] = (
             torch.compile(forward_loss, **options) if options is not None else forward_loss
         )
         self.checked = self.loss_of is forward_loss  # eager: nothing to check
         self.graphs = options is not None and options.get("mode") == "reduce-overhead"  # CUDA graphs
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """This step's loss (0-d, on the device), its gradients accumulated into the parameters."""
+    def __call__(self, *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`batch` = (x_t, t, target, weights). This step's loss (0-d) and its images' unweighted
+        losses ((B,), detached), on the device; the loss's gradients accumulated into the parameters."""
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs are done with
         if self.checked:
-            return self._loss_and_backward(x_t, t, target)
+            return self._loss_and_backward(*batch)
         try:
-            loss = self._loss_and_backward(x_t, t, target)
+            losses = self._loss_and_backward(*batch)
         except Exception as exc:
             log.warning("torch.compile failed (%s: %s); training without compilation", type(exc).__name__, exc)
             self.optimizer.zero_grad(set_to_none=True)
             self.loss_of = self.eager
-            loss = self._loss_and_backward(x_t, t, target)
+            losses = self._loss_and_backward(*batch)
         self.checked = True
-        return loss
+        return losses
 
-    def _loss_and_backward(self, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        loss = self.loss_of(x_t, t, target)
+    def _loss_and_backward(self, *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, image_losses = self.loss_of(*batch)
         loss.backward()
-        return loss
+        return loss, image_losses
 
 
 @dataclass(frozen=True)
@@ -403,7 +412,13 @@ class _Reporter:
         """The window's metric point; starts the next window and returns its values."""
         now = time.perf_counter()
         images = (step - self._clock_step) * self.spec.training.batch_size
-        point = MetricPoint(step=step, loss=values.mean_loss, lr=lr, images_per_s=images / (now - self._clock_start))
+        point = MetricPoint(
+            step=step,
+            loss=values.mean_loss,
+            lr=lr,
+            images_per_s=images / (now - self._clock_start),
+            loss_by_t=values.loss_by_t,
+        )
         values = self.state.window.start_next(values)
         self._clock_start, self._clock_step = now, step
         self.last_loss = point.loss

@@ -29,7 +29,7 @@ class _FileSink:
         self.out, self.points, self.checkpoints = out, [], []
 
     def on_log(self, point: Any) -> None:
-        self.points.append([point.step, point.loss])
+        self.points.append([point.step, point.loss, list(point.loss_by_t)])
         self._write()
 
     def on_checkpoint(self, saved: Any) -> None:
@@ -69,7 +69,8 @@ def _train_on_two_ranks(spec: JobSpec, out: Path, resume_from: Path | None = Non
 @pytest.fixture
 def spec(tiny_spec: Any) -> JobSpec:
     return tiny_spec(
-        training={"steps": 40, "batch_size": 16, "log_every": 5, "checkpoint_every": 20, "sample_every": 0},
+        # A checkpoint at 22: inside the metric window of 25, which a resume from it must finish exactly.
+        training={"steps": 40, "batch_size": 16, "log_every": 5, "checkpoint_every": 22, "sample_every": 0},
         resources={"gpus": 2},
     )
 
@@ -84,14 +85,20 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path, 
     )
     report = _train_on_two_ranks(spec, tmp_path / "two")
 
-    steps = [step for step, _ in report["points"]]
+    steps = [step for step, _, _ in report["points"]]
     assert steps == [p.step for p in single.points] == [5, 10, 15, 20, 25, 30, 35, 40]
-    two = [loss for _, loss in report["points"]]
+    two = [loss for _, loss, _ in report["points"]]
     one = [p.loss for p in single.points]
     assert two == pytest.approx(one, rel=LOSS_RTOL)
     assert two[-1] < two[0]  # and it learns
+    # Each rank measured its own images' losses per range of t; together, those of the whole batch.
+    for (_, _, two_by_t), point in zip(report["points"], single.points, strict=True):
+        assert [v is None for v in two_by_t] == [v is None for v in point.loss_by_t]
+        assert [v for v in two_by_t if v is not None] == pytest.approx(
+            [v for v in point.loss_by_t if v is not None], rel=LOSS_RTOL
+        )
     # Rank 0 wrote the checkpoints; the weights it saved are those of the single process to rounding.
-    assert [step for step, _ in report["checkpoints"]] == [20, 40]
+    assert [step for step, _ in report["checkpoints"]] == [22, 40]
     ddp = load_state(Path(report["checkpoints"][-1][1]).with_suffix("").with_suffix(".state.safetensors"))
     ref = load_state(single.checkpoints[-1].state_path)
     for name, tensor in ref.model.items():
@@ -105,7 +112,9 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path, 
 def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path: Path, spec: JobSpec) -> None:
     whole = _train_on_two_ranks(spec, tmp_path / "whole")
     halfway = Path(whole["checkpoints"][0][1])
-    assert halfway.name == "step-00000020.safetensors"
+    assert halfway.name == "step-00000022.safetensors"
     resumed = _train_on_two_ranks(spec, tmp_path / "resumed", resume_from=halfway)
-    assert [step for step, _ in resumed["points"]] == [25, 30, 35, 40]
-    assert resumed["points"] == whole["points"][4:]  # bit for bit: same shards, same reduction order
+    assert [step for step, _, _ in resumed["points"]] == [25, 30, 35, 40]
+    # Bit for bit, loss_by_t included: same shards, same reduction order, and the window of step
+    # 25 (steps 21-25) carried over the resume at 22 by rank 0's checkpoint.
+    assert resumed["points"] == whole["points"][4:]

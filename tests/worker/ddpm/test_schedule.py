@@ -74,6 +74,52 @@ class TestSchedule:
         assert schedule.sqrt_abar.device.type == "cpu" and schedule.sqrt_abar.dtype == torch.float32
 
 
+def _implied_x0(prediction: str, output: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """The x0 prediction that a network output of the given kind stands for (inverting eq. 4 of Ho et al. 2020)."""
+    if prediction == "eps":
+        return (x_t - (1 - abar).sqrt() * output) / abar.sqrt()
+    if prediction == "v":
+        return abar.sqrt() * x_t - (1 - abar).sqrt() * output
+    return output
+
+
+class TestLossWeights:
+    @pytest.mark.parametrize("beta_schedule", ["linear", "cosine"])
+    @pytest.mark.parametrize("prediction", ["x0", "eps", "v"])
+    @pytest.mark.parametrize("gamma", [5.0, 1.0])
+    def test_min_snr_weights_every_target_as_min_snr_gamma_on_x0(
+        self, beta_schedule: str, prediction: str, gamma: float
+    ) -> None:
+        """Hang et al. 2023: weight x MSE to the target == min(SNR, gamma) x MSE of the implied x0."""
+        spec = DiffusionSpec(
+            timesteps=1000,
+            beta_schedule=beta_schedule,
+            prediction=prediction,
+            loss_weighting="min_snr",
+            min_snr_gamma=gamma,
+        )
+        schedule = NoiseSchedule(spec)
+        x0, eps, t = (v.double() if v.is_floating_point() else v for v in _batch(1000))  # t: 0, T-1, 14 random
+        output = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        abar = schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)  # float64
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+        target = {"x0": x0, "eps": eps, "v": abar.sqrt() * eps - (1 - abar).sqrt() * x0}[prediction]
+        snr = (abar / (1 - abar)).flatten()
+        assert (snr > gamma).any() and (snr < gamma).any()  # both sides of the clamp
+
+        weights = schedule.loss_weights(t)
+        assert weights.shape == (16,) and weights.dtype == torch.float32
+        weighted = weights.double() * (output - target).square().mean(dim=(1, 2, 3))
+        on_x0 = snr.clamp(max=gamma) * (_implied_x0(prediction, output, x_t, abar) - x0).square().mean(dim=(1, 2, 3))
+        torch.testing.assert_close(weighted, on_x0, rtol=1e-6, atol=0)
+
+    @pytest.mark.parametrize("prediction", ["x0", "eps", "v"])
+    def test_none_is_ones(self, prediction: str) -> None:
+        schedule = NoiseSchedule(DiffusionSpec(timesteps=10, prediction=prediction)).to("cpu")
+        assert schedule.spec.loss_weighting == "none"
+        assert torch.equal(schedule.loss_weights(torch.arange(10)), torch.ones(10))
+
+
 class TestDiffusersConfig:
     @pytest.mark.parametrize(("ours", "theirs"), [("x0", "sample"), ("eps", "epsilon"), ("v", "v_prediction")])
     def test_prediction_mapping(self, ours: str, theirs: str) -> None:

@@ -1,4 +1,5 @@
-"""The training loop: cadence, reproducibility, exact resume, stopping, non-finite losses."""
+"""The training loop: cadence, the loss and its buckets of t, reproducibility, exact resume, stopping,
+non-finite losses."""
 
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ import torch
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from app.files import atomic_write
 from app.spec import JobSpec
 from worker.ddpm import trainer
-from worker.ddpm.checkpoint import load_state
-from worker.ddpm.sink import MetricPoint, SavedCheckpoint, SavedSample, StopReason, TrainResult
+from worker.ddpm.checkpoint import load_state, serialize_state
+from worker.ddpm.distributed import Ranks
+from worker.ddpm.model import build_unet
+from worker.ddpm.schedule import NoiseSchedule
+from worker.ddpm.sink import LOSS_BUCKETS, MetricPoint, SavedCheckpoint, SavedSample, StopReason, TrainResult
+from worker.ddpm.state import NO_LOSS_BY_T, derive_seed
 from worker.ddpm.trainer import NonFiniteLossError, learning_rate, train
 
 SpecFactory = Callable[..., JobSpec]
@@ -35,6 +41,7 @@ class TestCadence:
         assert result == TrainResult(final_step=7, last_loss=sink.points[-1].loss)
         assert _files(tmp_path) == [f"step-{s:08d}{suffix}.safetensors" for s in (3, 6, 7) for suffix in ("", ".state")]
         assert all(p.images_per_s > 0 for p in sink.points)
+        assert all(len(p.loss_by_t) == LOSS_BUCKETS for p in sink.points)
 
     def test_loss_is_mean_over_window_and_lr_warms_up(
         self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any
@@ -51,6 +58,53 @@ class TestCadence:
         assert learning_rate(1, cfg) == cfg.learning_rate
 
 
+def _first_step_image_losses(spec: JobSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1 redone outside the loop: t and each image's MSE to the target, from the initial
+    weights (what the loop seeds) and the same draw of x_t, t and target."""
+    torch.manual_seed(spec.training.seed)
+    unet = build_unet(spec).train()
+    noise = torch.Generator().manual_seed(derive_seed(spec.training.seed, "noise"))
+    with trainer._NoisyBatches(spec, torch.device("cpu"), Ranks(), None, None) as data:
+        x_t, t, target = data.draw(1, noise)
+    with torch.no_grad():
+        return t, (unet(x_t, t).sample - target).square().mean(dim=(1, 2, 3))  # (B,), (B,)
+
+
+class TestLoss:
+    @pytest.mark.parametrize("loss_weighting", ["none", "min_snr"])
+    def test_a_one_step_window_matches_a_recomputation(
+        self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any, loss_weighting: str
+    ) -> None:
+        spec = tiny_spec(diffusion={"prediction": "eps", "loss_weighting": loss_weighting}, training={"steps": 1})
+        sink = make_sink()
+        train(spec, tmp_path, sink, device="cpu")
+        (point,) = sink.points
+
+        t, image_losses = _first_step_image_losses(spec)
+        buckets = t * LOSS_BUCKETS // spec.diffusion.timesteps
+        expected = [image_losses[buckets == i].mean().item() if (buckets == i).any() else None for i in range(10)]
+        assert None in expected  # 8 images, 10 buckets
+        # Unweighted, whatever the weighting; None where no image fell.
+        assert [v is None for v in point.loss_by_t] == [v is None for v in expected]
+        assert [v for v in point.loss_by_t if v is not None] == pytest.approx([v for v in expected if v is not None])
+        weights = NoiseSchedule(spec.diffusion).loss_weights(t)
+        assert point.loss == pytest.approx((weights * image_losses).mean().item(), rel=1e-5)
+        if loss_weighting == "none":
+            assert point.loss == pytest.approx(image_losses.mean().item(), rel=1e-5)  # the plain MSE
+
+    def test_min_snr_trains_on_another_loss(self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any) -> None:
+        plain, min_snr = make_sink(), make_sink()
+        train(tiny_spec(diffusion={"prediction": "eps"}), tmp_path / "a", plain, device="cpu")
+        spec = tiny_spec(diffusion={"prediction": "eps", "loss_weighting": "min_snr", "min_snr_gamma": 2.0})
+        train(spec, tmp_path / "b", min_snr, device="cpu")
+        assert all(p.loss == p.loss for p in min_snr.points)  # finite
+        assert all(a.loss != b.loss for a, b in zip(plain.points, min_snr.points, strict=True))
+        # Step 1 (the same weights and draws) measures the same unweighted loss per bucket of t;
+        # then the weighting has changed the weights.
+        assert plain.points[0].loss_by_t == min_snr.points[0].loss_by_t
+        assert plain.points[-1].loss_by_t != min_snr.points[-1].loss_by_t
+
+
 class TestReproducibility:
     def test_same_seed_same_losses(self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any) -> None:
         a, b, c = make_sink(), make_sink(), make_sink()
@@ -63,9 +117,9 @@ class TestReproducibility:
         assert load_file(a.checkpoints[-1].path).keys() == load_file(b.checkpoints[-1].path).keys()
 
 
-def _no_rate(point: MetricPoint) -> tuple[int, float, float]:
+def _no_rate(point: MetricPoint) -> tuple[int, float, float, tuple[float | None, ...]]:
     """A metric point without its wall-clock throughput."""
-    return (point.step, point.loss, point.lr)
+    return (point.step, point.loss, point.lr, point.loss_by_t)
 
 
 def _assert_same_tensors(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> None:
@@ -78,13 +132,19 @@ class TestExactResume:
     """N steps in one go == N/2 steps, stop, resume from the N/2 checkpoint: bit for bit."""
 
     @pytest.mark.parametrize("log_every", [1, 2])  # 2: the resume point falls inside a metric window
-    @pytest.mark.parametrize("prediction", ["x0", "v"])
+    @pytest.mark.parametrize(("prediction", "loss_weighting"), [("x0", "none"), ("v", "min_snr")])
     def test_bit_identical(
-        self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any, log_every: int, prediction: str
+        self,
+        tmp_path: Path,
+        tiny_spec: SpecFactory,
+        make_sink: Any,
+        log_every: int,
+        prediction: str,
+        loss_weighting: str,
     ) -> None:
         spec = tiny_spec(
             model={"dropout": 0.1},  # exercises the global RNG state
-            diffusion={"prediction": prediction},
+            diffusion={"prediction": prediction, "loss_weighting": loss_weighting},
             training={"steps": 6, "checkpoint_every": 3, "log_every": log_every, "warmup_steps": 4},
         )
         whole = make_sink()
@@ -97,7 +157,7 @@ class TestExactResume:
 
         assert result.final_step == 6 and not result.stopped
         assert [c.step for c in second.checkpoints] == [6]
-        # Identical loss points (step, loss, lr) after the resume point; only the wall-clock rate differs.
+        # Identical loss points (step, loss, lr, loss_by_t) after the resume point; only the wall-clock rate differs.
         assert [_no_rate(p) for p in first.points + second.points] == [_no_rate(p) for p in whole.points]
         end_whole, end_split = whole.checkpoints[-1], second.checkpoints[-1]
         _assert_same_tensors(load_file(end_whole.path), load_file(end_split.path))  # EMA (served)
@@ -114,6 +174,19 @@ class TestExactResume:
         train(long_spec, tmp_path / "split", rest, device="cpu", resume_from=short.checkpoints[-1].path)
         assert [_no_rate(p) for p in rest.points] == [_no_rate(p) for p in whole.points if p.step > 3]
         _assert_same_tensors(load_file(whole.checkpoints[-1].path), load_file(rest.checkpoints[-1].path))
+
+    def test_a_checkpoint_from_before_loss_by_t_resumes(
+        self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any
+    ) -> None:
+        spec = tiny_spec(training={"steps": 4, "checkpoint_every": 2})
+        whole, first, second = make_sink(), make_sink(stop_on_checkpoint_at=2), make_sink()
+        train(spec, tmp_path / "whole", whole, device="cpu")
+        train(spec, tmp_path / "split", first, device="cpu")
+        old = load_state(first.checkpoints[-1].state_path)
+        del old.tensors["loss_by_t"]  # as written before the loss per range of t
+        atomic_write(first.checkpoints[-1].state_path, serialize_state(old))
+        train(spec, tmp_path / "split", second, device="cpu", resume_from=first.checkpoints[-1].path)
+        assert [_no_rate(p) for p in second.points] == [_no_rate(p) for p in whole.points if p.step > 2]
 
     def test_nothing_left_to_do(self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any) -> None:
         done, again = make_sink(), make_sink()
@@ -196,6 +269,7 @@ class TestNonFinite:
         losses = {p.step: p.loss for p in sink.points}
         assert all(losses[s] != losses[s] for s in (2, 3))  # NaN: no finite step in those windows
         assert all(losses[s] == losses[s] for s in (1, 4, 5, 6))
+        assert [p.loss_by_t == NO_LOSS_BY_T for p in sink.points] == [False, True, True, False, False, False]
         state = load_state(sink.checkpoints[-1].state_path)
         assert all(torch.isfinite(t).all() for t in state.model.values())
         assert state.ema["optimization_step"] == 4 and state.optimizer["state"][0]["step"].item() == 4
