@@ -382,9 +382,8 @@ class _Reporter:
         self, checkpoint_dir: Path, sink: TrainingSink, state: LiveState, evaluator: Evaluator | None = None
     ) -> None:
         checkpoint_dir = Path(checkpoint_dir)
-        self.evaluator = evaluator
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        self.sink, self.state, self.spec = sink, state, state.spec
+        self.sink, self.state, self.spec, self.evaluator = sink, state, state.spec, evaluator
         self.samples_dir = checkpoint_dir / "samples"
         self.writer = _CheckpointWriter(checkpoint_dir, unet_config(state.spec))
         self.last_loss: float | None = None  # of the latest metric point

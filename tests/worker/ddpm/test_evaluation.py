@@ -31,6 +31,7 @@ from worker.ddpm.evaluation.features import (
     FeatureNetworkError,
     inception_network,
     load_feature_network,
+    quantize,
 )
 from worker.ddpm.model import build_unet
 from worker.ddpm.sink import EvaluationPoint, MetricPoint, SavedCheckpoint, SavedSample
@@ -103,6 +104,11 @@ class TestLoader:
         data = b"not a network"
         with pytest.raises(FeatureNetworkError, match="not a TorchScript file"):
             load_feature_network(data, hashlib.sha256(data).hexdigest(), "stand-in")
+
+
+def test_generated_images_are_quantised_as_a_png_holds_them() -> None:
+    images = torch.tensor([-1.0, -0.5, 0.0, 0.999, 1.5]).reshape(1, 1, 1, 5)
+    assert quantize(images).flatten().tolist() == [0, 64, 128, 255, 255]
 
 
 class TestInceptionNetwork:

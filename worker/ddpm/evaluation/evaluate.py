@@ -27,10 +27,9 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from app.spec import JobSpec
-from worker.ddpm.data import to_uint8
 from worker.ddpm.evaluation.cache import EvaluationCache, EvaluationSetup
 from worker.ddpm.evaluation.digits import digits_network
-from worker.ddpm.evaluation.features import EvaluationUnavailable, FeatureNetwork, inception_network
+from worker.ddpm.evaluation.features import EvaluationUnavailable, FeatureNetwork, inception_network, quantize
 from worker.ddpm.evaluation.metrics import frechet_distance, kernel_inception_distance, mean_and_covariance
 from worker.ddpm.sampling import sample_images
 from worker.ddpm.sink import EvaluationPoint
@@ -155,5 +154,5 @@ class Evaluator:
             images = sample_images(
                 network, self.spec, count, (seed + i) % 2**63, self.dev, sampler=cfg.sampler, steps=cfg.steps
             )  # (B, C, H, W) in [-1, 1]
-            rows.append(self.network.features(to_uint8(images), self.dev))  # quantised as a PNG: (B, D)
+            rows.append(self.network.features(quantize(images), self.dev))  # (B, D)
         return np.concatenate(rows)

@@ -31,11 +31,16 @@ __all__ = [
     "FeatureNetworkError",
     "inception_network",
     "load_feature_network",
-    "to_uint8",
+    "quantize",
 ]
 
 INCEPTION = "inception-v3"  # EvaluationPoint.feature_network for the Inception features
 FEATURE_BATCH = 250  # images per call of a feature network (Inception at 299x299: about 1 GB of activations)
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Generated images in [-1, 1] as a saved PNG holds them: uint8 0..255, rounded. (N, C, H, W)"""
+    return to_uint8(images)
 
 
 class FeatureNetworkError(Exception):
