@@ -46,7 +46,9 @@ from app.spec import JobSpec
 from worker.capacity import worker_name
 from worker.database_sink import DatabaseSink, finite_or_none, remove_files
 from worker.datasets.cache import TrainingImagesError, training_images
+from worker.ddpm.evaluation.cache import EvaluationSetup
 from worker.ddpm.sink import StopReason
+from worker.evaluation_cache import StoreCache
 from worker.job_log import capture_job_log
 from worker.lease import Lease
 from worker.shutdown import stop_consuming
@@ -226,6 +228,7 @@ class AttemptRunner:
                 device=device,
                 ranks=ranks,
                 images_file=claimed.images,
+                evaluation=self.evaluation_setup(),
             )
         except Exception as exc:
             if ranks is not None and is_peer_loss(exc):
@@ -252,6 +255,10 @@ class AttemptRunner:
             job_id, attempt, status=JobStatus.succeeded, step=result.final_step, loss=finite_or_none(result.last_loss)
         )
         return "succeeded"
+
+    def evaluation_setup(self) -> EvaluationSetup:
+        """FID/KID's cache (the store, shared by every worker) and this worker's Inception weights."""
+        return EvaluationSetup(StoreCache(self.store), self.settings.fid_weights, self.settings.fid_weights_sha256)
 
     def job_dir(self, job_id: uuid.UUID, attempt: int) -> Path:
         # One folder per attempt: a stale attempt that has not yet noticed it was fenced off can

@@ -18,8 +18,9 @@ from app.spec import JobSpec
 from app.spec_file import read_spec_document
 from worker.ddpm.checkpoint import CheckpointError, load_unet, prune_checkpoints
 from worker.ddpm.data import DatasetError
+from worker.ddpm.evaluation.cache import EvaluationSetup, FolderCache
 from worker.ddpm.sampling import sample_images, save_grid_png
-from worker.ddpm.sink import MetricPoint, SavedCheckpoint, SavedSample, TrainResult
+from worker.ddpm.sink import EvaluationPoint, MetricPoint, SavedCheckpoint, SavedSample, TrainResult
 from worker.ddpm.trainer import NonFiniteLossError, resolve_device, train
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -57,6 +58,13 @@ class PrintingSink:
     def on_sample(self, saved: SavedSample) -> None:
         typer.echo(f"samples {saved.path}")
 
+    def on_evaluation(self, point: EvaluationPoint) -> None:
+        typer.echo(
+            f"evaluation step {point.step}  FID {point.fid:.3f}  KID {point.kid:.5f} ± {point.kid_std:.5f}  "
+            f"({point.samples} samples against {point.reference_images} training images, "
+            f"{point.feature_network} features, {point.seconds:.1f} s)"
+        )
+
     def _eta(self, point: MetricPoint) -> str:
         """The steps left at the throughput of the latest window (checkpoints and grids not counted)."""
         images_left = (self.spec.training.steps - point.step) * self.spec.training.batch_size
@@ -91,6 +99,21 @@ def run(
             "(datasets/cache/<sha256>/<S>x<S>x<C>.npy under the checkpoint root).",
         ),
     ] = None,
+    fid_weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--fid-weights",
+            envvar="DDPM_FID_WEIGHTS",
+            dir_okay=False,
+            help="evaluation on images other than digits: the Inception TorchScript file (used only with its sha256).",
+        ),
+    ] = None,
+    fid_weights_sha256: Annotated[
+        str,
+        typer.Option(
+            "--fid-weights-sha256", envvar="DDPM_FID_WEIGHTS_SHA256", help="The sha256 --fid-weights must have."
+        ),
+    ] = "",
 ) -> None:
     """Train SPEC_FILE, printing one line per metric point, checkpoint and sample grid; then draw DIR/samples.png."""
     if sampler is Sampler.ddpm and sampling_steps is not None:
@@ -99,7 +122,9 @@ def run(
         # Read as `ddpm submit` reads it, so the same file is the same spec here and in the service.
         spec = JobSpec.model_validate(read_spec_document(spec_file))
         sink = PrintingSink(out=out, spec=spec)
-        result = train(spec, out, sink, resume_from=resume, device=device, images_file=images)
+        # Reference statistics (and the digits classifier) are kept beside the run, for the next one.
+        evaluation = EvaluationSetup(FolderCache(out / "evaluation"), fid_weights, fid_weights_sha256.lower())
+        result = train(spec, out, sink, resume_from=resume, device=device, images_file=images, evaluation=evaluation)
     except (ValidationError, ValueError, DatasetError, CheckpointError, NonFiniteLossError) as e:
         typer.echo(f"ddpm-train: {e}", err=True)
         raise typer.Exit(1) from e

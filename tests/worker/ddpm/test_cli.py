@@ -130,6 +130,20 @@ class TestTrainCommand:
         assert trained[0] == trained[1]
         assert trained[0]["training"]["learning_rate"] == 2e-4 and trained[0]["diffusion"]["beta_end"] == 0.02
 
+    def test_evaluation_lines_and_its_cache_beside_the_run(self, tmp_path: Path, runner: CliRunner) -> None:
+        spec_file, out = tmp_path / "spec.json", tmp_path / "out"
+        spec_file.write_text(json.dumps(SPEC | {"evaluation": {"every": 2, "samples": 8, "steps": 2}}))
+        result = runner.invoke(app, [str(spec_file), "--out", str(out), "--device", "cpu", "--samples", "0"])
+        assert result.exit_code == 0, result.output
+        evaluation = (
+            r"evaluation step (\d) +FID [\d.]+ +KID -?[\d.]+ ± [\d.]+ +"
+            r"\(8 samples against 1797 training images, digits-classifier features, [\d.]+ s\)$"
+        )
+        assert [m[1] for line in result.output.splitlines() if (m := re.match(evaluation, line))] == ["2", "4"]
+        cached = sorted(str(p.relative_to(out / "evaluation")) for p in (out / "evaluation").rglob("*.*"))
+        assert cached[:2] == ["networks/digits-classifier-v1.pt", "networks/digits-classifier-v1.pt.sha256"]
+        assert len(cached) == 3 and re.fullmatch(r"reference/[0-9a-f]{64}-[0-9a-f]{16}\.npz", cached[2])
+
     def test_bad_dataset_is_a_clean_error(self, tmp_path: Path, runner: CliRunner) -> None:
         spec_file = tmp_path / "spec.json"
         spec_file.write_text(json.dumps({"dataset": {"kind": "folder", "path": str(tmp_path / "missing")}}))
