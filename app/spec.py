@@ -299,7 +299,7 @@ class JobSpec(_Section):
         for name, value in preset.items():
             if getattr(evaluation, name) is None:
                 object.__setattr__(evaluation, name, value)
-        if evaluation.steps > self.diffusion.timesteps:
+        if evaluation.every and evaluation.steps > self.diffusion.timesteps:  # off: nothing is drawn
             raise ValueError(
                 f"evaluation.steps ({evaluation.steps}) must be at most "
                 f"diffusion.timesteps ({self.diffusion.timesteps})"

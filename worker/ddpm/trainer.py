@@ -2,7 +2,8 @@
 
 One step: learning rate -> batch (x0, t, eps) -> x_t -> U-Net forward -> MSE to the target ->
 backward -> clip -> optimizer step -> zero_grad -> EMA update -> (every log_every) metric point
--> (every checkpoint_every, and at the end) checkpoint -> (every sample_every) sample grid.
+-> (every checkpoint_every, and at the end) checkpoint -> (every sample_every) sample grid ->
+(every evaluation.every, and at the end) FID and KID of samples (worker/ddpm/evaluation/).
 What the step changes (model, optimizer, EMA, noise generator, metric window) is one `LiveState`
 (worker/ddpm/state.py), which also saves and restores itself for exact resume. Progress leaves
 through a `TrainingSink` (worker/ddpm/sink.py), so this module knows nothing about databases or
@@ -16,7 +17,7 @@ in bf16 autocast with TF32 matmuls, channels_last and `torch.compile` (`training
 
 A multi-GPU job runs this loop in each of its k processes (`ranks`, worker/ddpm/distributed.py):
 each trains on its share of every global batch under DistributedDataParallel, the loss is
-all-reduced on the device each step (no host sync), and rank 0 alone reports.
+all-reduced on the device each step (no host sync), and rank 0 alone reports and evaluates.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from app.spec_size import dataset_on_device
 from worker.ddpm.checkpoint import TrainingState, write_checkpoint
 from worker.ddpm.data import BatchIndexer, DeviceBatches, HostBatches, load_images, to_model_range
 from worker.ddpm.distributed import Ranks, agree_to_stop, mean_over_ranks
+from worker.ddpm.evaluation.cache import EvaluationSetup, MemoryCache
+from worker.ddpm.evaluation.evaluate import Evaluator
 from worker.ddpm.model import unet_config
 from worker.ddpm.sampling import sample_images, save_grid_png
 from worker.ddpm.schedule import NoiseSchedule
@@ -141,18 +144,14 @@ def train(
     ranks: Ranks | None = None,
     images_file: Path | None = None,
     data_on_device: bool | None = None,
+    evaluation: EvaluationSetup | None = None,
 ) -> TrainResult:
     """Train (or continue training) the job's U-Net; see the module docstring for one step.
 
-    `resume_from` is a served weights file ``step-XXXXXXXX.safetensors``; its sibling
-    ``.state.safetensors`` restores weights, optimizer, EMA and RNGs, and training continues at
-    the next step exactly as if it had never stopped.
-
-    With `ranks` (a process of a distributed job, in a process group already joined; see
-    worker/ddpm/distributed.py) the U-Net trains under DistributedDataParallel on this rank's
-    share of each global batch, and only rank 0 talks to the sink; the others ignore it.
-
-    `images_file`: a `dataset` job's decoded images; where the set lives (`data_on_device`): `_NoisyBatches`.
+    `resume_from`: a served ``step-XXXXXXXX.safetensors``; its ``.state.safetensors`` sibling
+    restores weights, optimizer, EMA and RNGs: training goes on exactly as if it had never stopped.
+    `ranks`: a process of a distributed job (worker/ddpm/distributed.py), in a joined process group.
+    `images_file`, `data_on_device`: see `_NoisyBatches`. `evaluation`: `_evaluator`.
     """
     distributed = ranks is not None
     ranks = ranks or Ranks()
@@ -166,7 +165,7 @@ def train(
     forward_backward = _ForwardBackward(state.model, state.optimizer, dev, compile_options(cfg, dev, distributed))
     step = state.start_step  # optimizer steps done so far
 
-    with data, _Reporter(checkpoint_dir, sink, state) as reporter:
+    with data, _Reporter(checkpoint_dir, sink, state, _evaluator(spec, evaluation, data, ranks)) as reporter:
         while step < cfg.steps:
             step += 1
 
@@ -195,7 +194,7 @@ def train(
             state.optimizer.zero_grad(set_to_none=True)
 
             # Report (metric point, checkpoint, sample grid) when one is due.
-            due = _Due.at(step, cfg)
+            due = _Due.at(step, spec)
             if not due:
                 continue
             values = state.window.read()  # SYNC (see Window.read)
@@ -210,6 +209,15 @@ def train(
                 state.window.start_next(values)
 
     return TrainResult(final_step=step, last_loss=reporter.last_loss)
+
+
+def _evaluator(spec: JobSpec, setup: EvaluationSetup | None, data: _NoisyBatches, ranks: Ranks) -> Evaluator | None:
+    """Rank 0's evaluator when the spec evaluates (evaluation.every > 0), else None. Its cache and
+    Inception weights come from `setup` (the worker's: its checkpoint store); without one, a
+    process-local cache and no Inception (the digits set is still evaluated)."""
+    if not spec.evaluation.every or not ranks.is_main:
+        return None
+    return Evaluator(spec, setup or EvaluationSetup(MemoryCache()), data.images.images, data.dev)
 
 
 class _NoisyBatches:
@@ -338,34 +346,43 @@ class _Due:
     log: bool
     checkpoint: bool
     sample: bool
+    evaluate: bool = False
 
     @classmethod
-    def at(cls, step: int, cfg: TrainingSpec) -> _Due:
+    def at(cls, step: int, spec: JobSpec) -> _Due:
+        """With `keep_best`, an evaluation step saves a checkpoint too: the best one must exist."""
+        cfg, every = spec.training, spec.evaluation.every or 0
         last = step == cfg.steps
+        evaluate = every > 0 and (step % every == 0 or last)
         return cls(
             log=step % cfg.log_every == 0 or last,
-            checkpoint=step % cfg.checkpoint_every == 0 or last,
+            checkpoint=step % cfg.checkpoint_every == 0 or last or (cfg.keep_best and evaluate),
             sample=cfg.sample_every > 0 and (step % cfg.sample_every == 0 or last),
+            evaluate=evaluate,
         )
 
     def __bool__(self) -> bool:
-        return self.log or self.checkpoint or self.sample
+        return self.log or self.checkpoint or self.sample or self.evaluate
 
 
 class _Reporter:
     """Rank 0's side of a report step: what the sink hears and when, and the throughput clock.
 
     The rule, stated here once: the sink hears of everything in step order, a checkpoint before the
-    sample grid of its step (the order live watchers read). So a checkpoint still being written in
-    the background is reported, once its files are whole, before anything newer: a metric point, a
-    checkpoint or a sample grid. A `StopTraining` from the sink ends the run at the step of what it
-    was just told (that pending checkpoint's step, else this step); a stop at a metric point whose
-    reason is `checkpoint_first` (a shutdown, a cancel) first saves and reports a checkpoint of this step.
-    Waiting for checkpoint writes and drawing sample grids are kept out of images/s.
+    sample grid of its step and both before its evaluation (the order live watchers read). So a
+    checkpoint still being written in the background is reported, once its files are whole, before
+    anything newer: a metric point, a checkpoint, a sample grid or an evaluation. A `StopTraining`
+    from the sink ends the run at the step of what it was just told (that pending checkpoint's step,
+    else this step); a stop at a metric point whose reason is `checkpoint_first` (a shutdown, a
+    cancel) first saves and reports a checkpoint of this step.
+    Waiting for checkpoint writes, drawing sample grids and evaluating are kept out of images/s.
     """
 
-    def __init__(self, checkpoint_dir: Path, sink: TrainingSink, state: LiveState) -> None:
+    def __init__(
+        self, checkpoint_dir: Path, sink: TrainingSink, state: LiveState, evaluator: Evaluator | None = None
+    ) -> None:
         checkpoint_dir = Path(checkpoint_dir)
+        self.evaluator = evaluator
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.sink, self.state, self.spec = sink, state, state.spec
         self.samples_dir = checkpoint_dir / "samples"
@@ -395,6 +412,8 @@ class _Reporter:
                 self._checkpoint(step, values)
             if due.sample:
                 self._sample(step)
+            if due.evaluate:
+                self._evaluate(step)
         except StopTraining as stop:
             return TrainResult(final_step=step, last_loss=self.last_loss, stopped=stop.reason)
         return None
@@ -435,6 +454,19 @@ class _Reporter:
         if previous is not None:
             self.sink.on_checkpoint(previous)
         self.sink.on_sample(drawn)
+
+    def _evaluate(self, step: int) -> None:
+        """FID and KID from the EMA weights, computed while this step's checkpoint may still be
+        written; the sink hears of that checkpoint first."""
+        if self.evaluator is None:
+            return
+        with self._off_the_clock():
+            point = self.evaluator.evaluate(step, self.state.unet, self.state.ema.ema_model)
+            previous = self.writer.take()
+        if previous is not None:
+            self.sink.on_checkpoint(previous)
+        if point is not None:
+            self.sink.on_evaluation(point)
 
     @contextlib.contextmanager
     def _off_the_clock(self) -> Iterator[None]:

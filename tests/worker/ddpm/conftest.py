@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from app.spec import JobSpec
-from worker.ddpm.sink import MetricPoint, SavedCheckpoint, SavedSample, StopReason, StopTraining
+from worker.ddpm.sink import EvaluationPoint, MetricPoint, SavedCheckpoint, SavedSample, StopReason, StopTraining
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -64,6 +64,7 @@ class RecordingSink:
     stop_reason: StopReason = StopReason.fenced  # why on_log stops it (shutdown, cancelled: checkpoint first)
     points: list[MetricPoint] = field(default_factory=list)
     checkpoints: list[SavedCheckpoint] = field(default_factory=list)
+    evaluations: list[EvaluationPoint] = field(default_factory=list)
 
     def on_log(self, point: MetricPoint) -> None:
         self.points.append(point)
@@ -77,6 +78,9 @@ class RecordingSink:
 
     def on_sample(self, saved: SavedSample) -> None:
         pass  # grids are tested in test_sample_grids.py (TINY draws none)
+
+    def on_evaluation(self, point: EvaluationPoint) -> None:
+        self.evaluations.append(point)  # TINY evaluates nothing (evaluation.every 0)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDPMPipeline
+from diffusers import DDPMPipeline, DPMSolverMultistepScheduler
 from PIL import Image
 
 from app.files import sha256_file
@@ -46,6 +46,31 @@ class TestSampleImages:
         spec = tiny_spec(diffusion={"timesteps": 10, "prediction": prediction})
         images = sample_images(build_unet(spec), spec, 2, seed=0, device="cpu")
         assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+
+
+class TestDpmSolver:
+    """`dpm++` is diffusers' DPM-Solver++ 2M on the job's betas, whatever the network predicts."""
+
+    @pytest.mark.parametrize("prediction", ["x0", "eps", "v"])
+    def test_matches_a_pipeline_with_the_solver(self, tiny_spec: Callable[..., JobSpec], prediction: str) -> None:
+        spec = tiny_spec(diffusion={"timesteps": 20, "prediction": prediction, "beta_schedule": "cosine"})
+        torch.manual_seed(0)
+        unet = build_unet(spec)
+        ours = sample_images(unet, spec, count=2, seed=3, device="cpu", sampler="dpm++", steps=5)
+
+        config = spec.diffusion.diffusers_scheduler_config()
+        del config["variance_type"], config["clip_sample"]  # DDPM's; DPM-Solver has neither
+        solver = DPMSolverMultistepScheduler(**config, algorithm_type="dpmsolver++", solver_order=2)
+        pipeline = DDPMPipeline(unet=unet, scheduler=solver)
+        pipeline.set_progress_bar_config(disable=True)
+        theirs = pipeline(
+            batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=5, output_type="np"
+        ).images  # (B, H, W, C) in [0, 1]
+        torch.testing.assert_close(ours, torch.from_numpy(theirs).permute(0, 3, 1, 2) * 2 - 1, atol=1e-5, rtol=0)
+
+    def test_unknown_sampler_names_the_valid_ones(self, spec: JobSpec) -> None:
+        with pytest.raises(ValueError, match="'ddpm', 'ddim', 'dpm\\+\\+'"):
+            sample_images(build_unet(spec), spec, 1, seed=0, sampler="euler")  # type: ignore[arg-type]
 
 
 class TestGrid:
