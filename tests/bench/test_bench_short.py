@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
-from bench import api, capacity, ddp, prepare_images, service, stream, train, upload
+from bench import api, capacity, ddp, prepare_images, recipes, service, stream, train, upload
 from bench.__main__ import main
 
 
@@ -78,6 +80,22 @@ class TestShortMode:
         rates = [v for k, v in results.items() if k.endswith("images/s")]
         assert len(rates) == 4 and all(map(_positive, rates))
         assert "images/s" in capsys.readouterr().out
+
+    def test_recipes(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        out = tmp_path / "recipes.json"
+        main(["recipes", "--short", "--device", "cpu", "--steps", "3", "--samples", "24", "--json", str(out)])
+        results = json.loads(out.read_text())
+        assert results["complete"] and results["steps"] == 3 and results["samples"] == 24
+        assert [r["recipe"] for r in results["runs"]] == list(recipes.SHORT["only"])
+        for r in results["runs"]:
+            assert math.isfinite(r["fid"]) and r["fid"] >= 0 and math.isfinite(r["kid"]) and r["samples"] == 24
+            assert r["feature_network"] == "digits-classifier" and r["reference_images"] == 1797
+            assert _positive(r["images_per_s"]) and _positive(r["evaluation_seconds"]) and math.isfinite(r["loss"])
+        fids = [row["fid"] for row in results["table"]]
+        assert fids == sorted(fids) and [row["default"] for row in results["table"]].count(True) == 1
+        printed = capsys.readouterr().out
+        assert results["command"] in printed and "| rank | recipe" in printed
+        assert "**x0/linear/none** (default)" in printed
 
     def test_command_line(self, capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit):
