@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -16,11 +17,12 @@ from PIL import Image
 from sqlalchemy import select
 
 from app.auth.service import get_or_create_user
+from app.checkpoints.repository import CheckpointRepository
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs.repository import JobRepository
 from app.jobs.service import cancel_job, create_job, requeue_expired
-from app.models import Checkpoint, Job, JobLogLine, MetricPoint, utcnow
+from app.models import Checkpoint, Evaluation, Job, JobLogLine, MetricPoint, utcnow
 from app.routing import train_queue
 from app.samples.repository import SampleRepository
 from app.spec import JobSpec
@@ -120,6 +122,32 @@ class TestRun:
         assert kept[-1][:2] == (2, len(kept) - len(first) - 1)
         assert kept[-1][2:] == ("INFO", "worker.attempt", f"job {job_id}: attempt 2 ended succeeded")
         assert not [line for line in kept if "another job" in line[4] or (line[0] == 1 and "attempt 2" in line[4])]
+
+    def test_evaluations_are_recorded_and_the_best_checkpoint_outlives_retention(
+        self, runner: JobRunner, factory, clean_db: Settings
+    ) -> None:
+        spec = TINY | {
+            "training": TINY["training"] | {"keep_checkpoints": 1, "keep_best": True},
+            "evaluation": {"every": 10, "samples": 64, "steps": 5},
+        }
+        job_id = submit(factory, spec)
+        assert runner.run(job_id) == "succeeded"
+        _, points, ckpts = load(factory, job_id)
+        with session_scope(factory) as s:
+            evaluations = list(s.scalars(select(Evaluation).where(Evaluation.job_id == job_id).order_by("step")))
+            best = CheckpointRepository(s).best(job_id)
+            s.expunge_all()
+        assert [(e.step, e.samples, e.reference_images, e.feature_network) for e in evaluations] == [
+            (step, 64, 1797, "digits-classifier") for step in (10, 20, 30, 40)
+        ]
+        assert all(math.isfinite(e.fid) and e.fid > 0 and e.seconds > 0 for e in evaluations)
+        lowest = min(evaluations, key=lambda e: (e.fid, e.step)).step
+        # Every evaluation step saved a checkpoint; retention kept the newest and the lowest FID's.
+        assert best is not None and best.step == lowest
+        assert [c.step for c in ckpts] == sorted({lowest, 40})
+        # Each metric point carries the loss per tenth of [0, T); the digits classifier is kept in storage.
+        assert all(len(p.loss_by_t) == 10 for p in points)
+        assert (clean_db.checkpoint_root / "evaluation" / "networks" / "digits-classifier-v1.pt").is_file()
 
     def test_a_second_delivery_does_nothing(self, runner: JobRunner, factory) -> None:
         job_id = submit(factory, TINY)

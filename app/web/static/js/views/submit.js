@@ -17,6 +17,14 @@ const FIELDS = [
   { path: "training.learning_rate", label: "Learning rate", type: "float", placeholder: "2e-4" },
   { path: "training.checkpoint_every", label: "Checkpoint every", type: "int", placeholder: "500" },
   { path: "training.sample_every", label: "Samples every", type: "int", placeholder: "250" },
+  { path: "evaluation.every", label: "FID every", type: "int", placeholder: "0 = none (tiny)" },
+  { path: "diffusion.prediction", label: "Prediction", options: ["x0", "eps", "v"], placeholder: "x0" },
+  {
+    path: "diffusion.loss_weighting",
+    label: "Loss weighting",
+    options: ["none", "min_snr"],
+    placeholder: "none",
+  },
 ];
 
 const DRAFT = "ddpm-jobs.draft-spec";
