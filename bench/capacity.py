@@ -316,8 +316,10 @@ PGBENCH_SCRIPT = """\
 BEGIN;
 UPDATE jobs SET step = step + 10, loss = 0.1, heartbeat_at = now(), updated_at = now()
   WHERE id = md5(:client_id::text)::uuid AND attempt = 1 AND status = 'running';
-INSERT INTO metric_points (job_id, step, loss, lr, images_per_s, created_at)
-  SELECT id, step, 0.1, 0.0002, 100.0, now() FROM jobs WHERE id = md5(:client_id::text)::uuid;
+INSERT INTO metric_points (job_id, step, loss, lr, images_per_s, loss_by_t, created_at)
+  SELECT id, step, 0.1, 0.0002, 100.0,
+    '[0.9876, 0.5432, 0.2109, 0.1234, 0.08765, 0.06543, 0.04321, 0.02109, 0.01234, 0.009876]', now()
+  FROM jobs WHERE id = md5(:client_id::text)::uuid;
 SELECT cancel_requested FROM jobs WHERE id = md5(:client_id::text)::uuid;
 END;
 """

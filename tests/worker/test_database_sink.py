@@ -123,9 +123,9 @@ class TestEvaluationRows:
 
 
 class TestLossByT:
-    def test_non_finite_buckets_are_null_and_an_unmeasured_point_is_null(self, clean_db: Settings, factory) -> None:
+    def test_nulls_and_four_significant_digits(self, clean_db: Settings, factory) -> None:
         sink = make_sink(clean_db, factory)
-        sink.on_log(LoggedPoint(10, 0.5, 1e-4, 100.0, (0.75, None, math.nan, math.inf, 0.25)))
+        sink.on_log(LoggedPoint(10, 0.5, 1e-4, 100.0, (0.75, None, math.nan, math.inf, 0.2500049)))
         sink.on_log(LoggedPoint(20, 0.5, 1e-4, 100.0))
         with session_scope(factory) as s:
             rows = s.scalars(select(MetricPoint).where(MetricPoint.job_id == sink.job_id).order_by(MetricPoint.step))
