@@ -22,7 +22,7 @@ from sqlalchemy import text
 from app.auth.service import create_key
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope, upgrade_database
-from app.models import User
+from app.models import Evaluation, User
 
 PG_ADMIN_URL = os.environ.get("DDPM_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("DDPM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -194,3 +194,16 @@ def settings_env(service_settings: Settings) -> dict[str, str]:
 
 
 ARTIFACTS = Path(os.environ.get("DDPM_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+
+
+def evaluation_row(job_id: uuid.UUID | str, step: int, fid: float, **fields: object) -> Evaluation:
+    """An `evaluations` row with plausible figures, for tests that need FIDs without training."""
+    values: dict[str, object] = {
+        "kid": 0.01,
+        "kid_std": 0.002,
+        "samples": 1000,
+        "reference_images": 1797,
+        "feature_network": "digits-classifier",
+        "seconds": 2.5,
+    }
+    return Evaluation(job_id=uuid.UUID(str(job_id)), step=step, fid=fid, **(values | fields))

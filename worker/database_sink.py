@@ -17,6 +17,7 @@ through the lease check, before the lease runs out.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import uuid
@@ -201,14 +202,4 @@ class DatabaseSink:
         self.lease.renewed()
 
     def _evaluation_row(self, point: EvaluationPoint) -> Evaluation:
-        return Evaluation(
-            job_id=self.job_id,
-            step=point.step,
-            fid=point.fid,
-            kid=point.kid,
-            kid_std=point.kid_std,
-            samples=point.samples,
-            reference_images=point.reference_images,
-            feature_network=point.feature_network,
-            seconds=point.seconds,
-        )
+        return Evaluation(job_id=self.job_id, **dataclasses.asdict(point))  # its columns are the point's fields

@@ -4,7 +4,6 @@ export, sample requests)."""
 from __future__ import annotations
 
 import math
-import uuid
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,27 +11,24 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.evaluations.repository import EvaluationRepository
-from app.models import Evaluation
 from tests.app.test_checkpoints_and_metrics import _add_checkpoint
 from tests.app.test_events import Rows, keyed, parse_sse
-from tests.conftest import MakeUser
+from tests.conftest import MakeUser, evaluation_row
+
+# What tests.conftest.evaluation_row fills in besides the step and the FID.
+FIGURES = {
+    "kid": 0.01,
+    "kid_std": 0.002,
+    "samples": 1000,
+    "reference_images": 1797,
+    "feature_network": "digits-classifier",
+    "seconds": 2.5,
+}
 
 
 def add_evaluation(settings: Settings, job_id: str, step: int, fid: float) -> None:
     with session_scope(make_sessionmaker(make_engine(settings))) as s:
-        EvaluationRepository(s).add(
-            Evaluation(
-                job_id=uuid.UUID(job_id),
-                step=step,
-                fid=fid,
-                kid=0.01,
-                kid_std=0.002,
-                samples=1000,
-                reference_images=1797,
-                feature_network="digits-classifier",
-                seconds=2.5,
-            )
-        )
+        EvaluationRepository(s).add(evaluation_row(job_id, step, fid))
 
 
 @pytest.fixture
@@ -47,16 +43,7 @@ class TestList:
         first = client.get(f"/v1/jobs/{job_id}/evaluations", params={"limit": 2}).json()
         assert [e["step"] for e in first] == [100, 200]
         created_at = first[0].pop("created_at")
-        assert first[0] == {
-            "step": 100,
-            "fid": 50.0,
-            "kid": 0.01,
-            "kid_std": 0.002,
-            "samples": 1000,
-            "reference_images": 1797,
-            "feature_network": "digits-classifier",
-            "seconds": 2.5,
-        }
+        assert first[0] == {"step": 100, "fid": 50.0} | FIGURES
         assert created_at.endswith(("Z", "+00:00"))
         rest = client.get(f"/v1/jobs/{job_id}/evaluations", params={"after_step": 200}).json()
         assert [(e["step"], e["fid"]) for e in rest] == [(300, 30.0)]
@@ -88,16 +75,7 @@ class TestEvents:
         rows.status("succeeded", step=30)
         events = parse_sse(client.get(f"/v1/jobs/{job_id}/events").text)
         assert keyed(events)[4:7] == [("sample", "20.2"), ("evaluation", "20.3"), ("metric", "30.0")]
-        assert events[5]["data"] == {
-            "step": 20,
-            "fid": 12.5,
-            "kid": 0.01,
-            "kid_std": 0.002,
-            "samples": 1000,
-            "reference_images": 1797,
-            "feature_network": "digits-classifier",
-            "seconds": 2.5,
-        }
+        assert events[5]["data"] == {"step": 20, "fid": 12.5} | FIGURES
         for last, replayed in [("20.2", ["20.3", "30.0"]), ("20.3", ["30.0"])]:
             r = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": last})
             assert [i for _, i in keyed(parse_sse(r.text)) if i] == replayed

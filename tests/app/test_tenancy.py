@@ -18,8 +18,8 @@ from app.datasets.keys import preview_key
 from app.datasets.repository import DatasetRepository
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.main import create_app
-from app.models import ApiKey, Checkpoint, Evaluation, MetricPoint, Sample, SampleRequest, utcnow
-from tests.conftest import MakeUser
+from app.models import ApiKey, Checkpoint, MetricPoint, Sample, SampleRequest, utcnow
+from tests.conftest import MakeUser, evaluation_row
 
 PUBLIC = {"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 SECRET_NAME = f"alice-secret-{uuid.uuid4().hex}"
@@ -67,19 +67,7 @@ class World:
                     state_path=f"{job_id}/step-00000010.state.safetensors",
                 )
             )
-            s.add(
-                Evaluation(
-                    job_id=uuid.UUID(job_id),
-                    step=10,
-                    fid=FID,
-                    kid=0.5,
-                    kid_std=0.1,
-                    samples=10,
-                    reference_images=20,
-                    feature_network="digits-classifier",
-                    seconds=1.0,
-                )
-            )
+            s.add(evaluation_row(job_id, 10, FID, kid=0.5, kid_std=0.1, samples=10, reference_images=20, seconds=1.0))
             s.add(
                 Sample(
                     job_id=uuid.UUID(job_id),

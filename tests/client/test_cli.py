@@ -38,6 +38,7 @@ from app.routing import sample_queue
 from tests.app.test_spec_file import SCIENTIFIC_JSON, SCIENTIFIC_YAML
 from tests.client.conftest import RunningApi, TrainedJob
 from tests.client.sse_server import sse
+from tests.conftest import evaluation_row
 from tests.e2e.conftest import process, worker_argv
 
 runner = CliRunner()
@@ -276,19 +277,7 @@ def evaluations_in_the_database(settings: Settings, job_id: str, fids: dict[int,
     try:
         with session_scope(factory) as session:
             for step, fid in fids.items():
-                session.add(
-                    Evaluation(
-                        job_id=job,
-                        step=step,
-                        fid=fid,
-                        kid=0.02,
-                        kid_std=0.001,
-                        samples=100,
-                        reference_images=1797,
-                        feature_network="digits-classifier",
-                        seconds=1.5,
-                    )
-                )
+                session.add(evaluation_row(job, step, fid, kid=0.02, kid_std=0.001, samples=100, seconds=1.5))
         yield
     finally:
         with session_scope(factory) as session:
