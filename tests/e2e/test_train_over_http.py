@@ -43,6 +43,7 @@ SMALL_JOB = {
         "checkpoint_every": 20,
         "keep_checkpoints": 2,
     },
+    "evaluation": {"every": 30, "samples": 64, "steps": 5},  # the digits classifier's FID: seconds on a CPU
 }
 
 
@@ -72,6 +73,7 @@ def check_full_flow(client: httpx.Client, logs: list[Path], tmp_path: Path) -> d
     assert sha == checkpoints[-1]["sha256"] == r.headers["x-checksum-sha256"]
     path = tmp_path / "latest.safetensors"
     path.write_bytes(r.content)
+    check_evaluations(client, job_id, metrics, checkpoints)
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
@@ -88,6 +90,22 @@ def check_full_flow(client: httpx.Client, logs: list[Path], tmp_path: Path) -> d
     assert (lines[-1]["logger"], lines[-1]["message"]) == ("worker.attempt", f"job {job_id}: attempt 1 ended succeeded")
     print(f"\ne2e job {job_id}: wall {wall:.1f}s, loss {first:.4f} -> {last:.4f}")
     return job
+
+
+def check_evaluations(client: httpx.Client, job_id: str, metrics: list[dict], checkpoints: list[dict]) -> None:
+    """FID at steps 30 and 60, listed and in the event stream; the best evaluated checkpoint is
+    step 60's (the one at 30 was pruned, never kept); each metric point has its loss per tenth of t."""
+    evaluations = client.get(f"/v1/jobs/{job_id}/evaluations").json()
+    assert [(e["step"], e["samples"], e["reference_images"], e["feature_network"]) for e in evaluations] == [
+        (30, 64, 1797, "digits-classifier"),
+        (60, 64, 1797, "digits-classifier"),
+    ]
+    assert all(e["fid"] > 0 and e["seconds"] > 0 for e in evaluations)
+    events = client.get(f"/v1/jobs/{job_id}/events").text
+    assert "event: evaluation\nid: 30.3\n" in events and "event: evaluation\nid: 60.3\n" in events
+    best = client.get(f"/v1/jobs/{job_id}/checkpoints/best")
+    assert best.status_code == 200 and hashlib.sha256(best.content).hexdigest() == checkpoints[-1]["sha256"]
+    assert all(len(m["loss_by_t"]) == 10 for m in metrics)
 
 
 def test_postgres_redis_api_and_celery_worker(settings_env: dict[str, str], clean_db, tmp_path: Path) -> None:
