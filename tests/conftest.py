@@ -196,14 +196,17 @@ def settings_env(service_settings: Settings) -> dict[str, str]:
 ARTIFACTS = Path(os.environ.get("DDPM_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
 
 
+# The figures evaluation_row fills in besides the step and the FID.
+EVALUATION_FIGURES: dict[str, object] = {
+    "kid": 0.01,
+    "kid_std": 0.002,
+    "samples": 1000,
+    "reference_images": 1797,
+    "feature_network": "digits-classifier",
+    "seconds": 2.5,
+}
+
+
 def evaluation_row(job_id: uuid.UUID | str, step: int, fid: float, **fields: object) -> Evaluation:
     """An `evaluations` row with plausible figures, for tests that need FIDs without training."""
-    values: dict[str, object] = {
-        "kid": 0.01,
-        "kid_std": 0.002,
-        "samples": 1000,
-        "reference_images": 1797,
-        "feature_network": "digits-classifier",
-        "seconds": 2.5,
-    }
-    return Evaluation(job_id=uuid.UUID(str(job_id)), step=step, fid=fid, **(values | fields))
+    return Evaluation(job_id=uuid.UUID(str(job_id)), step=step, fid=fid, **(EVALUATION_FIGURES | fields))

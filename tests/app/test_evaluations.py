@@ -13,17 +13,9 @@ from app.db import make_engine, make_sessionmaker, session_scope
 from app.evaluations.repository import EvaluationRepository
 from tests.app.test_checkpoints_and_metrics import _add_checkpoint
 from tests.app.test_events import Rows, keyed, parse_sse
-from tests.conftest import MakeUser, evaluation_row
+from tests.conftest import EVALUATION_FIGURES, MakeUser, evaluation_row
 
-# What tests.conftest.evaluation_row fills in besides the step and the FID.
-FIGURES = {
-    "kid": 0.01,
-    "kid_std": 0.002,
-    "samples": 1000,
-    "reference_images": 1797,
-    "feature_network": "digits-classifier",
-    "seconds": 2.5,
-}
+FIGURES = EVALUATION_FIGURES  # what evaluation_row fills in besides the step and the FID
 
 
 def add_evaluation(settings: Settings, job_id: str, step: int, fid: float) -> None:
