@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated, get_args
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import Field, PlainValidator, TypeAdapter, ValidationError, WithJsonSchema
 from sqlalchemy.orm import Session
 
 from app.auth.service import InvalidApiKey, authenticate
-from app.checkpoints.repository import CheckpointName
+from app.checkpoints.schemas import checkpoint_ref
 from app.config import Settings
 from app.db import session_scope
-from app.models import User
+from app.models import MAX_STEP, User
 from app.queue import Dispatcher
 
 # Declares the scheme in the OpenAPI document; the check itself is `current_user`.
@@ -41,39 +40,14 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 # A training step in a path (/samples/{step}.png): what the database's integer holds.
-StepPath = Annotated[int, Path(ge=0, le=2**31 - 1)]
-MAX_STEP = 2**31 - 1
-
-
-CHECKPOINT_NAMES: tuple[str, ...] = get_args(CheckpointName)
-_STEP = TypeAdapter(Annotated[int, Field(ge=0, le=MAX_STEP)])
-
-
-def _checkpoint_step(value: object) -> int | str:
-    """`latest`, `best`, or a step as a path's integer is read (10.0 is 10): one error naming
-    the field otherwise, where a plain union would give one per alternative."""
-    if value in CHECKPOINT_NAMES:
-        return value  # type: ignore[return-value]
-    try:
-        return _STEP.validate_python(value)
-    except ValidationError:
-        raise ValueError(f"a checkpoint step (0 to {MAX_STEP}), `latest` or `best`, not {str(value)[:40]!r}") from None
+StepPath = Annotated[int, Path(ge=0, le=MAX_STEP)]
 
 
 # A checkpoint in a path (/checkpoints/{step}, /checkpoints/{step}/export): a step, `latest` for
 # the newest, or `best` for the lowest FID; every such route resolves it with
 # app.checkpoints.endpoints.checkpoint_or_404.
 CheckpointStepPath = Annotated[
-    int | CheckpointName,
-    PlainValidator(_checkpoint_step),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "integer", "minimum": 0, "maximum": MAX_STEP},
-                {"type": "string", "enum": list(CHECKPOINT_NAMES)},
-            ]
-        }
-    ),
+    checkpoint_ref(strict=False),
     Path(description="A checkpoint's step, `latest` for the newest, or `best` for the lowest FID"),
 ]
 

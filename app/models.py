@@ -43,6 +43,9 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+MAX_STEP = 2**31 - 1  # steps are 32-bit integers (Integer columns): the largest a route accepts
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC timestamps on every backend (SQLite stores them naive)."""
 

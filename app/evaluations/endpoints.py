@@ -7,10 +7,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from app.deps import MAX_STEP, CurrentUser, SessionDep
+from app.deps import CurrentUser, SessionDep
 from app.evaluations.repository import EvaluationRepository
 from app.evaluations.schemas import EvaluationOut
 from app.jobs import service
+from app.models import MAX_STEP
 from app.openapi import AUTHENTICATED, error_responses
 
 router = APIRouter(prefix="/v1/jobs", tags=["evaluations"], responses=AUTHENTICATED)

@@ -35,7 +35,7 @@ from app.evaluations.schemas import EvaluationOut
 from app.jobs.repository import JobRepository
 from app.jobs.service import job_out
 from app.metrics.repository import MetricRepository
-from app.models import Checkpoint, Evaluation, Job, MetricPoint, Sample
+from app.models import MAX_STEP, Checkpoint, Evaluation, Job, MetricPoint, Sample
 from app.samples.repository import SampleRepository
 from app.samples.schemas import sample_url
 from app.status import TERMINAL_STATUSES
@@ -47,8 +47,6 @@ T = TypeVar("T")
 # then the evaluation (the order the training loop reports them in, worker/ddpm/sink.py).
 METRIC, CHECKPOINT, SAMPLE, EVALUATION = 0, 1, 2, 3
 ORDERS = (METRIC, CHECKPOINT, SAMPLE, EVALUATION)
-# The largest step the database's integer column holds: a key past it is no event at all.
-MAX_STEP = 2**31 - 1
 
 
 class InvalidEventId(ValueError):

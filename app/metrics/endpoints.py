@@ -10,11 +10,11 @@ from app.jobs import service
 from app.metrics.plot import loss_curve_png
 from app.metrics.repository import MetricRepository
 from app.metrics.schemas import MetricPage, MetricPointOut
+from app.models import MAX_STEP
 from app.openapi import AUTHENTICATED, error_responses
 
 router = APIRouter(prefix="/v1/jobs", tags=["metrics"], responses=AUTHENTICATED)
 
-MAX_STEP = 2**31 - 1  # steps are 32-bit integers in the database
 MAX_PLOT_POINTS = 100_000
 
 

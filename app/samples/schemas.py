@@ -2,14 +2,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Literal, get_args
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field
 
-from app.checkpoints.repository import CheckpointName
+from app.checkpoints.schemas import checkpoint_ref
 from app.models import Sample, SampleRequest
-
-MAX_STEP = 2**31 - 1  # steps are 32-bit integers in the database
 
 
 def sample_url(job_id: uuid.UUID, step: int) -> str:
@@ -34,28 +32,8 @@ class SampleOut(BaseModel):
         )
 
 
-def _checkpoint_ref(value: object) -> int | str | None:
-    """A step (a JSON integer: the model is strict), `latest` or `best`: one error naming the
-    field otherwise, where a union would give one per alternative."""
-    if value is None or value in get_args(CheckpointName):
-        return value  # type: ignore[return-value]
-    if type(value) is int and 0 <= value <= MAX_STEP:
-        return value
-    raise ValueError(f"a checkpoint step (0 to {MAX_STEP}), `latest` or `best`, not {str(value)[:40]!r}")
-
-
-CheckpointRef = Annotated[
-    int | CheckpointName,
-    PlainValidator(_checkpoint_ref),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "integer", "minimum": 0, "maximum": MAX_STEP},
-                {"type": "string", "enum": list(get_args(CheckpointName))},
-            ]
-        }
-    ),
-]
+# A checkpoint in a sample request's body: a step (a JSON integer), `latest` or `best`.
+CheckpointRef = checkpoint_ref(strict=True)
 
 
 class SampleRequestIn(BaseModel):
