@@ -230,7 +230,7 @@ export function jobView(root, jobId) {
 
   function renderEvaluations() {
     const latestEval = fidChart.latest;
-    fidBox.hidden = !latestEval;
+    revealChart(fidBox, fidChart, Boolean(latestEval));
     fidEmpty.hidden = Boolean(latestEval);
     if (!latestEval) {
       const every = job?.spec?.evaluation?.every;
@@ -271,9 +271,17 @@ export function jobView(root, jobId) {
     return best ? best.step : null;
   }
 
+  // Chart.js sizes a canvas from its box, which is 0x0 while hidden, and otherwise notices the box
+  // appear only on its next resize observation: resize at once, so a shown chart is drawn.
+  function revealChart(box, chart, shown) {
+    const appearing = shown && box.hidden;
+    box.hidden = !shown;
+    if (appearing) chart.chart.resize();
+  }
+
   function showLossByT(step, lossByT) {
     if (!byTChart.show(step, lossByT, job?.spec?.diffusion?.timesteps)) return;
-    byTBox.hidden = false;
+    revealChart(byTBox, byTChart, true);
     byTEmpty.hidden = true;
     byTCaption.textContent = `step ${fmtNumber(step)}`;
   }
