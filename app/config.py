@@ -166,6 +166,30 @@ class Settings(BaseSettings):
         "", pattern=r"^([0-9a-f]{64})?$", description="The sha256 fid_weights must have (lowercase hex)."
     )
 
+    # --- team operations: fair scheduling, retention, webhooks, observability -------------------
+    # A user's running jobs may hold at most this many GPUs together (resources.gpus; on a CPU
+    # worker, processes); a job over it waits, with a waiting_reason saying so. 0: no cap.
+    max_running_gpus_per_user: int = Field(0, ge=0, description="GPUs one user's running jobs may hold; 0 = no cap.")
+    # Finished jobs older than this keep at most metrics_retention_points metric points (the
+    # curve downsampled); 0 keeps every point for ever.
+    metrics_retention_days: float = Field(
+        0.0, ge=0, description="Days after which a finished job's loss curve is downsampled; 0 = never."
+    )
+    metrics_retention_points: int = Field(1000, ge=10, description="Metric points a downsampled job keeps.")
+    # Webhook targets on loopback, private, link-local and other non-global addresses are refused
+    # (no request forgery through the service) unless this is set (tests, an internal receiver).
+    webhook_allow_private: bool = False
+    webhook_timeout_s: float = Field(10.0, gt=0, le=60, description="Seconds a webhook receiver has to answer.")
+    webhook_retry_for_s: float = Field(
+        24 * 3600.0, gt=0, description="How long a failing delivery is retried (exponential backoff) before it fails."
+    )
+    max_webhooks_per_user: int = Field(20, ge=1, description="Webhook endpoints one user may register.")
+    # Logs of the API and the workers: "text" for people, "json" (one object per line, with the
+    # job id, attempt and worker where there is one) for log collectors.
+    log_format: Literal["text", "json"] = "text"
+    # GET /metrics (Prometheus) answers an admin API key, or this bearer token (for the scraper).
+    metrics_token: SecretStr = Field(SecretStr(""), description="Bearer token Prometheus scrapes /metrics with.")
+
     # --- checkpoint storage: the local checkpoint directory, or an S3-compatible bucket ---------
     # With "s3", workers still write every file into checkpoint_dir first (scratch), upload it,
     # then record its row; the API reads from the bucket. Keys are the same relative paths.

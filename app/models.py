@@ -135,6 +135,18 @@ class Job(Base):
     # The uploaded data set the job trains on (spec dataset.kind "dataset"): a data set in use by a
     # queued or running job cannot be deleted.
     dataset_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
+    # The Celery queue of the workers that can hold the job (app/routing.py), and its priority
+    # (app/spec.py PRIORITY_RANK: higher first): the claim picks the next job of a queue by them
+    # (null queue: a job stored before 0012, claimed only by its own delivery).
+    queue: Mapped[str | None] = mapped_column(String(255))
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Training speed measured at the latest metric point (for the ETA); null before the first.
+    steps_per_s: Mapped[float | None] = mapped_column(Float)
+    # DELETE /v1/jobs/{id}: the row is marked first (the job is gone for every reader), its files
+    # removed, then its rows; a sweeper finishes a deletion that a crash interrupted.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    # When its metric points were thinned to DDPM_METRICS_RETENTION_POINTS (metric retention).
+    metrics_downsampled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     checkpoints: Mapped[list[Checkpoint]] = relationship(
         back_populates="job", lazy="raise", order_by="Checkpoint.step", passive_deletes=True
@@ -279,6 +291,8 @@ class Checkpoint(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     # The resume state beside the weights (never served).
     state_path: Mapped[str] = mapped_column(String(1024))
+    # Seconds from the snapshot to the files being stored (written, and uploaded with S3).
+    write_seconds: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="checkpoints", lazy="raise")
@@ -314,3 +328,95 @@ class JobLogLine(Base):
     level: Mapped[str] = mapped_column(String(16))  # INFO, WARNING, ERROR, ...
     logger: Mapped[str] = mapped_column(String(255))
     message: Mapped[str] = mapped_column(Text)  # the formatted message, a traceback included
+
+
+class JobAttempt(Base):
+    """One attempt of a job: who ran it, on what, and for how long: the basis of GPU-seconds
+    (GET /v1/usage). It outlives its job (job_id is set null when the job is deleted), so usage
+    stays true after a clean-up."""
+
+    __tablename__ = "job_attempts"
+    __table_args__ = (UniqueConstraint("job_id", "attempt", name="uq_job_attempts_job_id_attempt"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str] = mapped_column(String(255))
+    device: Mapped[str] = mapped_column(String(16))  # "cuda" or "cpu"
+    gpus: Mapped[int] = mapped_column(Integer)  # resources.gpus: processes on a CPU worker
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    # Renewed with the lease: a worker killed mid-attempt is counted up to its last heartbeat.
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # succeeded | failed | cancelled | requeued | lost; null while it runs
+    outcome: Mapped[str | None] = mapped_column(String(16))
+
+
+WEBHOOK_EVENTS = (
+    "job.started",
+    "job.checkpoint",
+    "job.sample",
+    "job.evaluation",
+    "job.succeeded",
+    "job.failed",
+    "job.cancelled",
+)
+DELIVERY_STATUSES = ("pending", "succeeded", "failed")
+
+
+class Webhook(Base):
+    """A user's endpoint, told about their jobs' events (app/webhooks/). Deliveries are signed the
+    Standard Webhooks way with `secret` (whsec_ + base64 of 32 random bytes), shown once."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list[str]] = mapped_column(JSON)  # a subset of WEBHOOK_EVENTS
+    secret: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint: inserted in the transaction that commits the event's row (so it
+    exists exactly when the event happened), sent later by a worker's delivery thread, retried with
+    backoff until it succeeds or `DDPM_WEBHOOK_RETRY_FOR_S` has passed. `event_key` (the event's
+    identity, e.g. `job.checkpoint:<job>:<step>`) is unique per endpoint, so an event re-done by a
+    resumed attempt is not delivered twice. The id is the `webhook-id` header of every try."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("webhook_id", "event_key", name="uq_webhook_deliveries_webhook_id_event_key"),
+        CheckConstraint(f"status IN {DELIVERY_STATUSES!r}", name="status_valid"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    webhook_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    event_key: Mapped[str] = mapped_column(String(255))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)  # not a key: deliveries outlive jobs
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    # A sender holds a delivery until this time while it tries it (a killed sender's hold expires).
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class WebhookAttempt(Base):
+    """One try of a delivery: the receiver's status code, or why there was none."""
+
+    __tablename__ = "webhook_attempts"
+
+    delivery_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), primary_key=True
+    )
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)  # 1, 2, ...
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    seconds: Mapped[float] = mapped_column(Float)

@@ -20,6 +20,9 @@ BetaSchedule = Literal["linear", "cosine"]
 Prediction = Literal["x0", "eps", "v"]
 LossWeighting = Literal["none", "min_snr"]
 EvaluationSampler = Literal["ddim", "dpm++"]
+Priority = Literal["low", "normal", "high"]
+# jobs.priority, the number the claim orders by (higher first).
+PRIORITY_RANK: dict[str, int] = {"low": -1, "normal": 0, "high": 1}
 
 
 class _Section(BaseModel):
@@ -182,6 +185,27 @@ class DiffusionSpec(_Section):
         return self
 
 
+class InitFromSpec(_Section):
+    """Start from another job's weights (and its EMA weights), with a fresh optimizer: a fine-tune."""
+
+    job: str = Field(pattern=UUID_PATTERN, description="The id of one of your jobs whose checkpoint to start from.")
+    checkpoint: int | Literal["latest", "best"] = Field(
+        "latest", description="Its checkpoint: a step, `latest` (the newest) or `best` (the lowest FID)."
+    )
+    step: int | None = Field(
+        None,
+        ge=0,
+        description="Filled in by the service (what you send is replaced): the step `checkpoint` named at submit.",
+    )
+
+    @model_validator(mode="after")
+    def _lower_case_id(self) -> InitFromSpec:
+        object.__setattr__(self, "job", self.job.lower())  # one spelling per job
+        if isinstance(self.checkpoint, int) and not 0 <= self.checkpoint <= 2**31 - 1:
+            raise ValueError(f"training.init_from.checkpoint: {self.checkpoint} is not a step (0..2147483647)")
+        return self
+
+
 class TrainingSpec(_Section):
     # 500 steps at batch 64 draw recognisable digits with `tiny` at 8x8 (the {} demo: about a minute).
     steps: int = Field(500, ge=1, le=10_000_000, description="Optimizer steps to train for.")
@@ -210,6 +234,11 @@ class TrainingSpec(_Section):
         False,
         description="Keep the checkpoint with the best (lowest) FID besides the newest keep_checkpoints; every "
         "evaluation step then also saves a checkpoint. Needs evaluation.every > 0.",
+    )
+    init_from: InitFromSpec | None = Field(
+        None,
+        description="Fine-tune: start from the weights and EMA weights of a checkpoint of another job of yours "
+        "(same model and image shape), with a fresh optimizer and step 0.",
     )
     compile: Literal["auto", "on", "off", "graphs"] = Field(
         "auto",
@@ -258,6 +287,11 @@ class ResourcesSpec(_Section):
         le=64,
         description="GPUs the job trains on, one process each (DistributedDataParallel); training.batch_size "
         "is the global batch, split evenly across them. On a CPU worker each 'GPU' is a CPU process.",
+    )
+    priority: Priority = Field(
+        "normal",
+        description="Among waiting jobs, `high` starts before `normal` before `low`; within one priority, users "
+        "take turns (the user with the fewest running jobs, then the one who started a job least recently).",
     )
 
 

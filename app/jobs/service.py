@@ -20,7 +20,7 @@ from app.jobs.schemas import JobOut
 from app.models import Job, JobStatus, User, Worker, utcnow
 from app.queue import Sender, Task, send_after_commit
 from app.routing import Resources, can_hold, job_resources, queue_name, train_queue
-from app.spec import JobSpec
+from app.spec import PRIORITY_RANK, JobSpec
 from app.workers.repository import WorkerRepository
 
 
@@ -82,6 +82,7 @@ def create_job(
             f"(DDPM_MAX_QUEUED_JOBS_PER_USER={settings.max_queued_jobs_per_user}); "
             "wait for one to finish or cancel one"
         )
+    queue = train_queue(settings.queue, spec)
     job = Job(
         owner_id=owner.id,
         name=spec.name,
@@ -92,6 +93,8 @@ def create_job(
         idempotency_key=idempotency_key,
         request_sha256=digest,
         dataset_id=dataset_id,
+        queue=queue,
+        priority=PRIORITY_RANK[spec.resources.priority],
     )
     try:
         with session.begin_nested():
@@ -103,7 +106,7 @@ def create_job(
             raise
         return _replay(existing, digest, idempotency_key), False
     if dispatcher is not None:
-        send_after_commit(session, dispatcher, Task.train(job.id, train_queue(settings.queue, spec)))
+        send_after_commit(session, dispatcher, Task.train(job.id, queue))
     return job, True
 
 
