@@ -49,6 +49,7 @@ from worker.datasets.cache import TrainingImagesError, training_images
 from worker.ddpm.evaluation.cache import EvaluationSetup
 from worker.ddpm.sink import StopReason
 from worker.evaluation_cache import StoreCache
+from worker.init_from import SourceCheckpoint
 from worker.job_log import capture_job_log
 from worker.lease import Lease
 from worker.shutdown import stop_consuming
@@ -71,6 +72,7 @@ class ClaimedAttempt:
     cancel_requested: bool
     images: Path | None = None  # a `dataset` job's decoded training set on this host (worker/datasets/cache.py)
     unusable: str | None = None  # why this attempt cannot train (its data set was deleted...): it fails with it
+    init_from: Path | None = None  # a fine-tune's first attempt: its source checkpoint's training state
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ class AttemptRunner:
             claimed.resume_from,
         )
         self._collect_garbage(job_id, committed)
-        if prepared is None or claimed.cancel_requested:  # not on a user's data set, or ending at once
+        if prepared is None or claimed.cancel_requested or claimed.unusable:  # no data set, or ending at once
             return claimed
         if isinstance(prepared, str):
             return dataclasses.replace(claimed, unusable=prepared)
@@ -151,11 +153,24 @@ class AttemptRunner:
             committed |= {sample.path for sample in samples}
             spec, cancel_requested = JobSpec.model_validate(job.spec), job.cancel_requested
             prepared = PreparedSet.of(session, spec)
+            source = SourceCheckpoint.of(session, spec) if latest is None else None  # a fine-tune's start
         # Committed: the claim is ours. Fetch the files to resume from (S3: downloaded into the
         # checkpoint root unless this host still has them). If the store is away this raises, the
         # lease runs out and the sweeper hands the job to another attempt.
         resume_from = self._resume_files(job_id, *resume_keys) if resume_keys else None
-        return ClaimedAttempt(job_id, attempt, spec, resume_from, cancel_requested), committed, prepared
+        claimed = ClaimedAttempt(job_id, attempt, spec, resume_from, cancel_requested)
+        return self._with_source(claimed, source), committed, prepared
+
+    def _with_source(self, claimed: ClaimedAttempt, source: SourceCheckpoint | str | None) -> ClaimedAttempt:
+        """A fine-tune's first attempt with its source checkpoint's training state on this host
+        (worker/init_from.py), or unusable when the source is gone."""
+        if source is None or claimed.cancel_requested:
+            return claimed
+        found = source if isinstance(source, str) else source.fetch(self.store)
+        if isinstance(found, str):
+            log.error("job %s: %s", claimed.job_id, found)
+            return dataclasses.replace(claimed, unusable=found)
+        return dataclasses.replace(claimed, init_from=found)
 
     def _with_training_images(self, claimed: ClaimedAttempt, prepared: PreparedSet) -> ClaimedAttempt:
         """The claim with its data set's decoded images on this host (decoding 50,000 images takes
@@ -225,6 +240,7 @@ class AttemptRunner:
                 job_dir,
                 sink,
                 resume_from=claimed.resume_from,
+                init_from=claimed.init_from,
                 device=device,
                 ranks=ranks,
                 images_file=claimed.images,

@@ -106,6 +106,7 @@ def _rank_main(
                 job_dir,
                 NullSink(),
                 resume_from=claimed.resume_from,
+                init_from=claimed.init_from,
                 device=device,
                 ranks=ranks,
                 images_file=claimed.images,

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from app.auth.repository import UserRepository
 from app.config import Settings
 from app.datasets.repository import DatasetRepository
+from app.jobs.init_from import with_init_from
 from app.jobs.limits import SpecRefused, check_spec
 from app.jobs.repository import JobRepository
 from app.jobs.schemas import JobOut
@@ -74,6 +75,7 @@ def create_job(
         if existing is not None:
             return _replay(existing, digest, idempotency_key), False
     spec, dataset_id = with_dataset(session, spec, owner)
+    spec = with_init_from(session, spec, owner)  # a fine-tune: its source checkpoint's step
     check_spec(spec, settings)
     active = repo.count_active(owner.id)
     if active >= settings.max_queued_jobs_per_user:

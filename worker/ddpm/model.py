@@ -7,6 +7,7 @@ from typing import Any
 from diffusers import UNet2DModel
 from torch import nn
 
+from app.model_shape import attention_levels
 from app.spec import JobSpec
 
 
@@ -18,7 +19,8 @@ def unet_config(spec: JobSpec) -> dict[str, Any]:
     """
     m, d = spec.model, spec.dataset
     assert m.channels is not None and m.attention_resolutions is not None  # filled from the preset
-    attention = [d.image_size // 2**i in m.attention_resolutions for i in range(len(m.channels))]
+    levels = attention_levels(spec)  # app/model_shape.py: what decides the parameters, checked at submit
+    attention = [i in levels for i in range(len(m.channels))]
     down = ["AttnDownBlock2D" if attn else "DownBlock2D" for attn in attention]
     up = ["AttnUpBlock2D" if attn else "UpBlock2D" for attn in reversed(attention)]
     return {

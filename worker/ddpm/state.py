@@ -22,6 +22,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from torch.nn.parallel import DistributedDataParallel
 
+from app.model_shape import shape_differences
 from app.spec import JobSpec
 from worker.ddpm.checkpoint import TrainingState, load_state, state_path_for
 from worker.ddpm.distributed import Ranks, sum_over_ranks
@@ -210,9 +211,11 @@ class LiveState:
         ranks: Ranks,
         distributed: bool,
         resume_from: Path | None,
+        init_from: Path | None = None,
     ) -> LiveState:
-        """A fresh run from `training.seed`, or the run saved beside `resume_from` (a served
-        ``step-XXXXXXXX.safetensors``); with `distributed`, the U-Net under DistributedDataParallel.
+        """A fresh run from `training.seed` (starting from `init_from`'s weights for a fine-tune),
+        or the run saved beside `resume_from` (a served ``step-XXXXXXXX.safetensors``); with
+        `distributed`, the U-Net under DistributedDataParallel.
 
         Fused AdamW (CPU and CUDA): one kernel per step, and its `found_inf` input skips a
         non-finite step on the device, without a host branch.
@@ -238,6 +241,8 @@ class LiveState:
         )
         if resume_from is not None:
             state.start_step = state.restore(Path(resume_from))
+        elif init_from is not None:
+            state.start_from(Path(init_from))
         if not ranks.is_main:
             # Dropout draws from the global RNG: other ranks draw other masks (rank 0 keeps the
             # single-process stream, which is what the checkpoint saves), reproducibly per resume step.
@@ -297,6 +302,19 @@ class LiveState:
 
         self.window.restore(saved.tensors, saved.values)
         return saved.step
+
+    def start_from(self, state_path: Path) -> None:
+        """A fine-tune: the raw and EMA weights of another run's checkpoint (`state_path`, its
+        ``.state.safetensors``), into this freshly built run, which keeps its own optimizer (fresh),
+        seed, RNG streams and step 0. The EMA goes on from the source's (its update count too, so
+        its warm-up is not redone: a fresh warm-up would replace it by the raw weights at the first
+        step), with this spec's ema_decay."""
+        saved = load_state(state_path)
+        differences = shape_differences(JobSpec.model_validate_json(saved.spec_json), self.spec)
+        if differences:
+            raise ValueError(f"cannot start from {state_path}: {'; '.join(differences)}")
+        self.unet.load_state_dict(saved.model)  # copies into the parameters, keeping their memory format
+        self.ema.load_state_dict(saved.ema | {"decay": self.spec.training.ema_decay})
 
     def _rng_states(self) -> dict[str, torch.Tensor]:
         rng = {"torch": torch.get_rng_state(), "noise": self.noise.get_state()}

@@ -139,6 +139,7 @@ def train(
     sink: TrainingSink,
     *,
     resume_from: Path | None = None,
+    init_from: Path | None = None,
     device: str | None = None,
     max_nonfinite: int = 5,
     ranks: Ranks | None = None,
@@ -150,6 +151,7 @@ def train(
 
     `resume_from`: a served ``step-XXXXXXXX.safetensors``; its ``.state.safetensors`` sibling
     restores weights, optimizer, EMA and RNGs: training goes on exactly as if it had never stopped.
+    `init_from`: a fine-tune's source ``.state.safetensors`` (unused when resuming): `LiveState.start_from`.
     `ranks`: a process of a distributed job (worker/ddpm/distributed.py), in a joined process group.
     `images_file`, `data_on_device`: see `_NoisyBatches`. `evaluation`: `_evaluator`.
     """
@@ -160,8 +162,9 @@ def train(
 
     # Data: the whole set on the device, or streamed from the host a step ahead; noised on the device.
     data = _NoisyBatches(spec, dev, ranks, images_file, data_on_device)
-    # Model, optimizer, EMA, noise generator and metric window: fresh, or resumed from a checkpoint.
-    state = LiveState.build(spec, dev, data.layout, ranks=ranks, distributed=distributed, resume_from=resume_from)
+    # Model, optimizer, EMA, noise generator and metric window: fresh (a fine-tune: its source's weights) or resumed.
+    start = {"resume_from": resume_from, "init_from": init_from}
+    state = LiveState.build(spec, dev, data.layout, ranks=ranks, distributed=distributed, **start)
     forward_backward = _ForwardBackward(state.model, state.optimizer, dev, compile_options(cfg, dev, distributed))
     step = state.start_step  # optimizer steps done so far
 

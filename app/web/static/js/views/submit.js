@@ -15,6 +15,7 @@ const FIELDS = [
   { path: "training.steps", label: "Steps", type: "int", placeholder: "500" },
   { path: "training.batch_size", label: "Batch size", type: "int", placeholder: "64" },
   { path: "training.learning_rate", label: "Learning rate", type: "float", placeholder: "2e-4" },
+  { path: "training.init_from.job", label: "Start from job", type: "text", placeholder: "none (a job id: fine-tune)" },
   { path: "training.checkpoint_every", label: "Checkpoint every", type: "int", placeholder: "500" },
   { path: "training.sample_every", label: "Samples every", type: "int", placeholder: "250" },
   { path: "evaluation.every", label: "FID every", type: "int", placeholder: "0 = none (tiny)" },
@@ -30,7 +31,7 @@ const FIELDS = [
 const DRAFT = "ddpm-jobs.draft-spec";
 
 function inputFor(field) {
-  const id = `field-${field.path.replace(".", "-")}`;
+  const id = `field-${field.path.replaceAll(".", "-")}`;
   let input;
   if (field.options) {
     input = el(
