@@ -4,6 +4,7 @@ durations by route template. Several API processes: tests/e2e/test_metrics_proce
 
 from __future__ import annotations
 
+import os
 import uuid
 from datetime import timedelta
 
@@ -192,3 +193,25 @@ class TestFromTheProcess:
         assert count("/v1/jobs/{job_id}", "404") == 1
         assert count("<unmatched>", "404") == 1
         assert str(job_id) not in text and "/no/such/path" not in text
+
+
+class TestServeMetricsFolder:
+    def test_serve_starts_with_an_empty_folder_of_its_own(self, tmp_path, monkeypatch) -> None:
+        from app.cli import MULTIPROC_VARIABLE, fresh_metrics_folder
+
+        monkeypatch.setenv(MULTIPROC_VARIABLE, "restored-after-the-test")  # so the value set below goes
+        monkeypatch.delenv(MULTIPROC_VARIABLE)
+        stale = tmp_path / "prometheus" / "histogram_123.db"
+        stale.parent.mkdir()
+        stale.write_bytes(b"an earlier run's process")
+        fresh_metrics_folder(Settings(data_dir=tmp_path))
+        folder = tmp_path / "prometheus"
+        assert os.environ[MULTIPROC_VARIABLE] == str(folder.resolve()) and list(folder.iterdir()) == []
+
+    def test_a_folder_given_is_used_and_left_as_it_is(self, tmp_path, monkeypatch) -> None:
+        from app.cli import MULTIPROC_VARIABLE, fresh_metrics_folder
+
+        given = tmp_path / "given"
+        monkeypatch.setenv(MULTIPROC_VARIABLE, str(given))
+        fresh_metrics_folder(Settings(data_dir=tmp_path))
+        assert given.is_dir() and not (tmp_path / "prometheus").exists()
