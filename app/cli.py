@@ -12,6 +12,7 @@ DDPM_WORKER_ROLE=samples makes one that only draws on-demand samples.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,9 +34,12 @@ from app.client.cli import Column, print_json, print_table
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, session_scope, upgrade_database
 from app.embedded import PARENT_VARIABLE, api_key_path
+from app.log_format import configure_logging
 from app.models import Worker
 from app.server import serve_api
 
+# prometheus-client's multiprocess mode: the folder where each API process keeps its metrics.
+MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 # One process per GPU, solo pool: CUDA is never initialised in a forked parent.
 WORKER_COMMAND = ["celery", "-A", "worker.celery_app", "worker", "--pool=solo", "--concurrency=1", "--loglevel=INFO"]
 # `serve`'s workers: without Celery's banner, so the dashboard link stays in view. One trains
@@ -72,8 +76,11 @@ def api() -> None:
 
     Without DDPM_BOOTSTRAP_API_KEY, a first start (no key stored) prints a new admin key once."""
     settings = get_settings()
+    configure_logging(settings)
     if not settings.bootstrap_api_key:
         announce_first_key(settings)
+    if (folder := os.environ.get(MULTIPROC_VARIABLE)) is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)  # empty at each start: compose mounts a tmpfs
     serve_api(settings)
 
 
@@ -125,6 +132,8 @@ def serve() -> None:
     and a samples-only worker. SIGTERM or Ctrl-C stops all three: a running job checkpoints and
     goes back to the queue (DDPM_STOP_GRACE_S to do so, then its worker is killed)."""
     settings = get_settings()
+    configure_logging(settings)
+    fresh_metrics_folder(settings)
     upgrade_database(settings)
     ensure_local_key(settings)
     settings.checkpoint_root.mkdir(parents=True, exist_ok=True)
@@ -132,6 +141,19 @@ def serve() -> None:
         default_root.mkdir(parents=True, exist_ok=True)  # where `folder` data sets go by default
     with _exit_on_stop_signals(), embedded_workers(settings) as workers:
         serve_api(settings, on_started=lambda: _announce_when_ready(settings, workers))
+
+
+def fresh_metrics_folder(settings: Settings) -> None:
+    """GET /metrics in multiprocess mode (app/monitoring/process.py), in an empty folder of its own
+    under DDPM_DATA_DIR unless PROMETHEUS_MULTIPROC_DIR names one (which must start empty); its
+    workers inherit the setting. Set before prometheus_client is first imported, which reads it then."""
+    if (given := os.environ.get(MULTIPROC_VARIABLE)) is not None:
+        Path(given).mkdir(parents=True, exist_ok=True)  # the caller's to keep empty between runs
+        return
+    folder = settings.data_dir / "prometheus"
+    shutil.rmtree(folder, ignore_errors=True)  # files of an earlier run's processes would be counted
+    folder.mkdir(parents=True)
+    os.environ[MULTIPROC_VARIABLE] = str(folder.resolve())
 
 
 @contextmanager

@@ -32,6 +32,8 @@ from app.jobs.limits import SpecRefused
 from app.jobs.service import IdempotencyConflict, InvalidTransition, JobNotFound, QuotaExceeded
 from app.logs import endpoints as log_endpoints
 from app.metrics import endpoints as metric_endpoints
+from app.monitoring import endpoints as monitoring_endpoints
+from app.monitoring.process import RequestDurations, process_exited
 from app.queue import Dispatcher
 from app.samples import endpoints as sample_endpoints
 from app.web import mount_dashboard
@@ -96,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         app.state.dispatcher.drain()  # tasks handed to its sender thread still go out
         app.state.engine.dispose()  # the pool's connections close now, not when the app is collected
+        process_exited()  # its live SSE watchers stop counting in GET /metrics
 
     app = FastAPI(
         title="ddpm-jobs",
@@ -129,6 +132,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(event_endpoints.router)
     app.include_router(log_endpoints.router)
     app.include_router(dataset_endpoints.router)
+    app.include_router(monitoring_endpoints.router)
+    app.add_middleware(RequestDurations)
     mount_dashboard(app)
     mount_docs(app)
 

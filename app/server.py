@@ -37,6 +37,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.config import Settings
 from app.datasets.uploads import is_upload_request
+from app.log_format import uvicorn_log_config
 
 Reading = Literal["head", "body"]
 # What the client is sending while the server waits for it, by h11's state of the client.
@@ -179,6 +180,8 @@ def serve_api(settings: Settings, on_started: Callable[[], None] | None = None) 
     A SIGTERM or SIGINT stops it gracefully; uvicorn then raises the signal again with the
     handler that was in place before it started (the default one ends the process at once: a
     caller with cleanup to do installs its own, as `ddpm-jobs serve` does)."""
+    # DDPM_LOG_FORMAT=json: uvicorn's loggers and the service's own write JSON lines (app/log_format.py).
+    logs = {"log_config": log_config} if (log_config := uvicorn_log_config(settings)) else {}
     config = uvicorn.Config(
         "app.main:create_app",
         factory=True,
@@ -186,6 +189,7 @@ def serve_api(settings: Settings, on_started: Callable[[], None] | None = None) 
         port=settings.port,
         log_level="info",
         http=partial(DeadlineH11Protocol, limits=ReadLimits.of(settings)),  # type: ignore[arg-type]
+        **logs,
     )
     server = _Server(config, on_started)
     with contextlib.suppress(KeyboardInterrupt):  # SIGINT, raised again after shutdown (as uvicorn.run)

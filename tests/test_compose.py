@@ -36,6 +36,8 @@ WORKER_DOCKERFILE = ROOT / "docker" / "worker.Dockerfile"
 # The forms of interpolation this file may use (compose also knows others; we keep to these).
 INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|:\?)(?P<arg>[^}$]*))?\}")
 SECRET_VARS = {"POSTGRES_PASSWORD", "DDPM_SECRET_KEY"}
+# Secrets a deployment may leave out, which turns their feature off: the metrics scrape's token.
+OPTIONAL_SECRETS = {"DDPM_METRICS_TOKEN"}
 SECRETS = {
     "POSTGRES_PASSWORD": "pw",
     "DDPM_SECRET_KEY": "Jq3vW9xLm2Tz7RkP0cYh5NfB8sDg4AeU",
@@ -109,6 +111,8 @@ def test_services_and_volumes(compose: dict[str, Any], services: dict[str, dict[
         "worker-samples",
         "worker-gpu1",
         "worker-node",
+        "prometheus",  # profile monitoring (tests/test_monitoring_stack.py)
+        "grafana",
     }
     # Only the default set starts with a plain `docker compose up`; the other workers are opt-in.
     assert {name for name, svc in services.items() if "profiles" not in svc} == {
@@ -119,7 +123,7 @@ def test_services_and_volumes(compose: dict[str, Any], services: dict[str, dict[
         "worker",
         "worker-samples",
     }
-    assert set(compose["volumes"]) == {"pgdata", "redisdata", "checkpoints", "datasets"}
+    assert set(compose["volumes"]) == {"pgdata", "redisdata", "checkpoints", "datasets", "prometheus", "grafana"}
     assert services["postgres"]["image"].startswith("postgres:16")
     assert services["redis"]["image"].startswith("redis:7")
     assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
@@ -203,7 +207,9 @@ def test_secrets_are_required_and_never_literal(raw: str, compose: dict[str, Any
     envs = [compose["x-ddpm-env"]] + [svc.get("environment", {}) for svc in compose["services"].values()]
     for env in envs:
         for key, value in env.items():
-            if re.search("PASSWORD|SECRET|TOKEN", key):
+            if key in OPTIONAL_SECRETS:  # off when empty, never a literal
+                assert value == f"${{{key}:-}}", f"{key} must be ${{{key}:-}}, not {value!r}"
+            elif re.search("PASSWORD|SECRET|TOKEN", key):
                 assert required.match(str(value)), f"{key} must be ${{VAR:?message}}, not {value!r}"
             for userinfo in re.findall(r"://([^@/\s]+)@", str(value)):
                 _, _, password = userinfo.partition(":")

@@ -38,6 +38,7 @@ from app.evaluations.repository import EvaluationRepository
 from app.jobs import service as jobs
 from app.jobs.data_roots import resolve_dataset_folder
 from app.jobs.repository import JobRepository
+from app.log_format import bind_log
 from app.models import JobStatus, utcnow
 from app.queue import Dispatcher, Task, send_after_commit
 from app.routing import train_queue
@@ -114,6 +115,7 @@ class AttemptRunner:
         if result is None:
             return None
         claimed, committed, prepared = result
+        bind_log(job_id=job_id, attempt=claimed.attempt)
         log.info(
             "job %s: attempt %d claimed by %s (resume from %s)",
             job_id,
@@ -213,6 +215,7 @@ class AttemptRunner:
     # --- train ----------------------------------------------------------------------------
     def train(self, claimed: ClaimedAttempt, ranks: Ranks | None = None) -> str:
         """Train a claimed attempt here, holding its lease (in rank 0's process for a multi-GPU job)."""
+        bind_log(job_id=claimed.job_id, attempt=claimed.attempt)  # a rank's process binds here
         lease = Lease(claimed.job_id, claimed.attempt, self.settings.lease_timeout_s)
         training = claimed.spec.training
         sink = DatabaseSink(self.sessionmaker, self.store, lease, training.keep_checkpoints, training.keep_best)

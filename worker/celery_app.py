@@ -16,9 +16,10 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_ready, worker_shutting_down
 
 from app.config import get_settings
+from app.log_format import set_worker, use_json
 from app.queue import celery_config, celery_queue
 from app.routing import sample_queue, worker_queues
 from worker.capacity import detect_capacity, worker_name
@@ -37,6 +38,16 @@ if not SAMPLES_ONLY:
     _queues += worker_queues(_settings.queue, CAPACITY)
 celery_app.conf.task_queues = [celery_queue(name) for name in _queues]
 app = celery_app  # `celery -A worker.celery_app` looks for `app` or `celery`
+set_worker(worker_name())  # the `worker` field of its JSON log lines
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _json_logs(logger: logging.Logger, **_: object) -> None:
+    """DDPM_LOG_FORMAT=json: Celery's handlers write JSON lines (app/log_format.py)."""
+    if get_settings().log_format == "json":
+        for handler in logger.handlers:
+            use_json(handler)
 
 
 @worker_ready.connect

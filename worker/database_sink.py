@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 import uuid
 
 from sqlalchemy.exc import DBAPIError
@@ -132,6 +133,7 @@ class DatabaseSink:
         self.store.discard_scratch(key)
 
     def on_checkpoint(self, saved: SavedCheckpoint) -> None:
+        publishing = time.perf_counter()
         try:
             # Stored whole before the row that names it (invariant 3); S3: uploaded here.
             keys = [self.store.publish(saved.state_path), self.store.publish(saved.path, saved.sha256)]
@@ -141,6 +143,9 @@ class DatabaseSink:
             # the last recorded checkpoint (and removes these files as garbage).
             log.warning("job %s: checkpoint at step %d not stored (%s)", self.job_id, saved.step, exc)
             raise StopTraining(StopReason.storage_unavailable, str(exc)) from exc
+        # checkpoints.write_seconds (GET /metrics): writing the files, then storing them; not the
+        # time the written checkpoint waited for the loop's next report.
+        saved = dataclasses.replace(saved, write_s=saved.write_s + time.perf_counter() - publishing)
         try:
             removed = self._record_checkpoint(saved, *keys)
         except StopTraining:
@@ -176,6 +181,7 @@ class DatabaseSink:
                     size_bytes=saved.size_bytes,
                     sha256=saved.sha256,
                     state_path=state_key,
+                    write_seconds=saved.write_s,
                 )
             )
             session.flush()

@@ -9,6 +9,7 @@ writes a heartbeat thread renews the lease, so a slow step does not look like a 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -67,7 +68,10 @@ class Lease:
     @contextmanager
     def heartbeat(self, factory: sessionmaker[Session], interval_s: float) -> Iterator[None]:
         """Renew the lease every `interval_s` in a thread, while the block runs."""
-        thread = threading.Thread(target=self._beat, args=(factory, interval_s), daemon=True)
+        # In a copy of this thread's context: its log lines carry the attempt's job_id (app/log_format.py).
+        thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._beat, factory, interval_s), daemon=True
+        )
         thread.start()
         try:
             yield

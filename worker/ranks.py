@@ -19,6 +19,7 @@ from multiprocessing.synchronize import Event
 from app.config import Settings
 from app.db import session_scope
 from app.jobs.repository import JobRepository
+from app.log_format import configure_logging
 from app.models import JobStatus
 from worker.attempt import AttemptRunner, ClaimedAttempt
 from worker.ddpm.sink import NullSink
@@ -88,6 +89,7 @@ def _rank_main(
     from worker.ddpm.trainer import resolve_device, train
 
     logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s: %(levelname)s/rank-{rank}] %(name)s: %(message)s")
+    configure_logging(settings)  # DDPM_LOG_FORMAT=json: JSON lines instead
     # SIGTERM to the whole process group (a terminal, a test harness) means the same as to the
     # worker: rank 0 checkpoints and re-queues at its next log point, and the others follow it.
     signal.signal(signal.SIGTERM, lambda *_: request_shutdown() if rank == 0 else None)

@@ -8,12 +8,14 @@ import uuid
 from functools import lru_cache
 
 from app.config import get_settings
+from app.log_format import log_scope
 from app.models import JobStatus
 from worker.attempt import AttemptRunner
 from worker.ranks import run_ranks
 
 
 class JobRunner(AttemptRunner):
+    @log_scope()  # the claim binds the job's id and attempt to this delivery's log lines
     def run(self, job_id: uuid.UUID) -> str:
         """The delivery's outcome: skipped (not queued), or how the attempt ended."""
         claimed = self.claim(job_id)

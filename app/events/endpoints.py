@@ -14,6 +14,7 @@ from app.db import session_scope
 from app.deps import CurrentUser, bearer_scheme
 from app.events.hub import EventHub, EventKey, InvalidEventId
 from app.jobs import service
+from app.monitoring.process import watched
 from app.openapi import AUTHENTICATED, error_responses
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"], responses=AUTHENTICATED)
@@ -81,7 +82,7 @@ def job_events(
         raise HTTPException(422, detail=[{"loc": loc, "msg": str(exc), "type": "value_error"}]) from exc
     hub: EventHub = request.app.state.event_hub
     return StreamingResponse(
-        hub.stream(job_id, start, key_prefix=key_prefix(credentials.credentials)),
+        watched(hub.stream(job_id, start, key_prefix=key_prefix(credentials.credentials))),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

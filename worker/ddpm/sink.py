@@ -51,6 +51,7 @@ class SavedCheckpoint:
     sha256: str  # of `path`
     size_bytes: int  # of `path`
     state_path: Path  # step-XXXXXXXX.state.safetensors (resume only; never served)
+    write_s: float = 0.0  # from the snapshot handed to the writer to both files written
 
 
 @dataclass(frozen=True)

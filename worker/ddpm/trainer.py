@@ -509,7 +509,7 @@ class _CheckpointWriter:
 
     def submit(self, snapshot: tuple[dict[str, torch.Tensor], TrainingState]) -> None:
         assert self._pending is None, "take() the previous checkpoint first"
-        self._pending = self._pool.submit(self._write, *snapshot)
+        self._pending = self._pool.submit(self._write, *snapshot, submitted=time.perf_counter())
 
     def take(self) -> SavedCheckpoint | None:
         pending, self._pending = self._pending, None
@@ -526,7 +526,7 @@ class _CheckpointWriter:
         """Wait for a write still running (so no file appears after `train` returns)."""
         self._pool.shutdown(wait=True)
 
-    def _write(self, served: dict[str, torch.Tensor], state: TrainingState) -> SavedCheckpoint:
+    def _write(self, served: dict[str, torch.Tensor], state: TrainingState, submitted: float) -> SavedCheckpoint:
         written = write_checkpoint(self.checkpoint_dir, served_weights=served, unet_config=self.config, state=state)
         return SavedCheckpoint(
             step=state.step,
@@ -534,6 +534,7 @@ class _CheckpointWriter:
             sha256=written.sha256,
             size_bytes=written.size_bytes,
             state_path=written.state_path,
+            write_s=time.perf_counter() - submitted,
         )
 
 
