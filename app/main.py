@@ -34,6 +34,7 @@ from app.logs import endpoints as log_endpoints
 from app.metrics import endpoints as metric_endpoints
 from app.queue import Dispatcher
 from app.samples import endpoints as sample_endpoints
+from app.usage import endpoints as usage_endpoints
 from app.web import mount_dashboard
 from app.web.docs import mount_docs
 
@@ -129,6 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(event_endpoints.router)
     app.include_router(log_endpoints.router)
     app.include_router(dataset_endpoints.router)
+    app.include_router(usage_endpoints.router)
     mount_dashboard(app)
     mount_docs(app)
 
