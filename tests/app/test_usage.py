@@ -115,6 +115,7 @@ class TestUsage:
         ("params", "loc"),
         [
             ({"since": "last tuesday"}, ["query", "since"]),
+            ({"since": "1700000000"}, ["query", "since"]),  # not read as Unix seconds
             ({"until": "2026-13-01T00:00:00Z"}, ["query", "until"]),
             ({"since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"}, ["query", "since"]),
             ({"since": "2026-01-01T00:00:00Z", "until": "2026-01-01T00:00:00Z"}, ["query", "since"]),
