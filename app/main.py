@@ -36,6 +36,7 @@ from app.monitoring import endpoints as monitoring_endpoints
 from app.monitoring.process import RequestDurations, process_exited
 from app.queue import Dispatcher
 from app.samples import endpoints as sample_endpoints
+from app.usage import endpoints as usage_endpoints
 from app.web import mount_dashboard
 from app.web.docs import mount_docs
 
@@ -132,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(event_endpoints.router)
     app.include_router(log_endpoints.router)
     app.include_router(dataset_endpoints.router)
+    app.include_router(usage_endpoints.router)
     app.include_router(monitoring_endpoints.router)
     app.add_middleware(RequestDurations)
     mount_dashboard(app)

@@ -18,6 +18,7 @@ run(job_id) (worker/runner.py):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 import uuid
@@ -44,7 +45,8 @@ from app.queue import Dispatcher, Task, send_after_commit
 from app.routing import train_queue
 from app.samples.repository import SampleRepository
 from app.spec import JobSpec
-from worker.capacity import worker_name
+from app.usage.repository import REQUEUED, AttemptRepository
+from worker.capacity import device_type, worker_name
 from worker.database_sink import DatabaseSink, finite_or_none, remove_files
 from worker.datasets.cache import TrainingImagesError, training_images
 from worker.ddpm.evaluation.cache import EvaluationSetup
@@ -108,6 +110,11 @@ class AttemptRunner:
         self.worker_name = worker_name()
         self.dispatcher = Dispatcher(settings)  # re-queued jobs are sent through it after commit
 
+    @functools.cached_property
+    def device_type(self) -> str:
+        """The device type this worker trains on, recorded with each attempt (job_attempts.device)."""
+        return device_type(self.settings)
+
     # --- claim ----------------------------------------------------------------------------
     def claim(self, job_id: uuid.UUID) -> ClaimedAttempt | None:
         """A new attempt of a queued job, ready to train; None when the job is not queued."""
@@ -149,11 +156,14 @@ class AttemptRunner:
             repo.drop_metrics_after(job_id, resume_step)
             samples = SampleRepository(session).drop_after(job_id, resume_step)
             EvaluationRepository(session).drop_after(job_id, resume_step)
-            repo.fenced_update(job_id, attempt, step=resume_step)
+            repo.fenced_update(job_id, attempt, step=resume_step, steps_per_s=None)  # measured anew (ETA)
             resume_keys = (latest.state_path, latest.path) if latest else None
             committed = {path for row in rows for path in (row.path, row.state_path)}
             committed |= {sample.path for sample in samples}
             spec, cancel_requested = JobSpec.model_validate(job.spec), job.cancel_requested
+            AttemptRepository(session).start(
+                job, attempt, worker=self.worker_name, device=self.device_type, gpus=spec.resources.gpus
+            )
             prepared = PreparedSet.of(session, spec)
             source = SourceCheckpoint.of(session, spec) if latest is None else None  # a fine-tune's start
         # Committed: the claim is ours. Fetch the files to resume from (S3: downloaded into the
@@ -218,7 +228,9 @@ class AttemptRunner:
         bind_log(job_id=claimed.job_id, attempt=claimed.attempt)  # a rank's process binds here
         lease = Lease(claimed.job_id, claimed.attempt, self.settings.lease_timeout_s)
         training = claimed.spec.training
-        sink = DatabaseSink(self.sessionmaker, self.store, lease, training.keep_checkpoints, training.keep_best)
+        sink = DatabaseSink(
+            self.sessionmaker, self.store, lease, training.keep_checkpoints, training.keep_best, training.batch_size
+        )
         job_log = capture_job_log(self.sessionmaker, claimed.job_id, claimed.attempt, self.settings.job_log_max_lines)
         with job_log:
             with lease.heartbeat(self.sessionmaker, self.settings.heartbeat_interval_s):
@@ -307,10 +319,13 @@ class AttemptRunner:
 
         def write() -> None:
             with session_scope(self.sessionmaker) as session:
+                now = utcnow()
                 if not JobRepository(session).fenced_update(
-                    job_id, attempt, status=status, finished_at=utcnow(), heartbeat_at=utcnow(), **values
+                    job_id, attempt, status=status, finished_at=now, heartbeat_at=now, **values
                 ):
                     log.warning("job %s: attempt %d fenced off; final status %s not written", job_id, attempt, status)
+                    return
+                AttemptRepository(session).end(job_id, attempt, status.value, now)
 
         self.retry_db(write)
         log.info("job %s: attempt %d ended %s", job_id, attempt, status.value)
@@ -329,6 +344,7 @@ class AttemptRunner:
             with session_scope(self.sessionmaker) as session:
                 requeued = JobRepository(session).requeue_for_shutdown(job_id, attempt)
                 if requeued:
+                    AttemptRepository(session).end(job_id, attempt, REQUEUED, utcnow())
                     self._send_after_commit(session, job_id, spec)
                 return requeued
 

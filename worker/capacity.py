@@ -36,7 +36,7 @@ def detect_capacity(settings: Settings) -> tuple[Resources, str]:
     override either."""
     import torch
 
-    use_cuda = settings.device.startswith("cuda") or (settings.device == "auto" and torch.cuda.is_available())
+    use_cuda = device_type(settings) == "cuda"
     if use_cuda:
         found = torch.cuda.device_count()
         memory = min(math.ceil(torch.cuda.get_device_properties(i).total_memory / 2**30) for i in range(found))
@@ -49,6 +49,15 @@ def detect_capacity(settings: Settings) -> tuple[Resources, str]:
         memory = cpu_memory_offer_gib(host_memory_bytes() / 2**30, gpus)
     capacity = Resources(gpus, settings.worker_gpu_memory_gb or memory)
     return capacity, "cuda" if use_cuda else "cpu"
+
+
+def device_type(settings: Settings) -> str:
+    """What this worker trains on, "cuda" or "cpu" (DDPM_DEVICE; "auto": CUDA when there is one)."""
+    if settings.device != "auto":
+        return "cuda" if settings.device.startswith("cuda") else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cpu_memory_offer_gib(host_gib: float, processes: int) -> float:

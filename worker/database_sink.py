@@ -2,7 +2,8 @@
 
 Each report of the loop (worker/ddpm/sink.py) becomes rows, written through the attempt's lease
 (worker/lease.py) so that a fenced-off attempt writes nothing more:
-  on_log: the metric points (and the job's step and loss), then the cancel, lease and shutdown checks;
+  on_log: the metric points (and the job's step, loss and steps/s), then the cancel, lease and
+     shutdown checks;
   on_sample: the grid's file into the store, then its row;
   on_checkpoint: both files into the store, then the row (the checkpoint's commit point), then the
      rows and files of checkpoints older than `keep_checkpoints` (retention);
@@ -71,7 +72,13 @@ class DatabaseSink:
     """The ML core's TrainingSink, writing under one attempt's lease."""
 
     def __init__(
-        self, factory: sessionmaker[Session], store: CheckpointStore, lease: Lease, keep: int, keep_best: bool = False
+        self,
+        factory: sessionmaker[Session],
+        store: CheckpointStore,
+        lease: Lease,
+        keep: int,
+        keep_best: bool = False,
+        batch_size: int | None = None,
     ) -> None:
         self.sessionmaker = factory
         self.store = store
@@ -79,6 +86,7 @@ class DatabaseSink:
         self.job_id, self.attempt = lease.job_id, lease.attempt
         self.keep = keep  # training.keep_checkpoints
         self.keep_best = keep_best  # training.keep_best
+        self.batch_size = batch_size  # training.batch_size: images per step, for `jobs.steps_per_s`
         self.cancel_requested = False
         # Points not yet written (the database was briefly away); written with the next batch.
         self._pending: list[MetricPoint] = []
@@ -87,7 +95,8 @@ class DatabaseSink:
         self._pending.append(point)
         try:
             with session_scope(self.sessionmaker) as session:
-                self.lease.write_or_stop(session, step=point.step, loss=finite_or_none(point.loss))
+                rate = self._steps_per_s(point)
+                self.lease.write_or_stop(session, step=point.step, loss=finite_or_none(point.loss), **rate)
                 repo = JobRepository(session)
                 repo.add_metric_points([self._row(p) for p in self._pending])
                 self.cancel_requested = repo.is_cancel_requested(self.job_id)
@@ -102,6 +111,13 @@ class DatabaseSink:
         self.lease.check()
         if shutdown_requested():
             raise StopTraining(StopReason.shutdown, "the worker is shutting down")
+
+    def _steps_per_s(self, point: MetricPoint) -> dict[str, float]:
+        """The job's measured rate (its ETA, app/usage/service.py) from this point's images/s;
+        nothing to write when there is no batch size or no usable measure."""
+        if not self.batch_size or not math.isfinite(point.images_per_s) or point.images_per_s <= 0:
+            return {}
+        return {"steps_per_s": point.images_per_s / self.batch_size}
 
     def _row(self, point: MetricPoint) -> MetricRow:
         loss = finite_or_none(point.loss)

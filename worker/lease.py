@@ -2,7 +2,8 @@
 
 A claimed attempt owns the row while the row is running and `jobs.attempt` is still its number.
 Every write is conditional on that (`JobRepository.fenced_update`) and stamps `heartbeat_at`, which
-renews the lease. A write that matches no row means a newer attempt owns the job (the sweeper found
+renews the lease, and the attempt's `job_attempts.seen_at` (GPU-seconds of a running or lost attempt
+count up to it). A write that matches no row means a newer attempt owns the job (the sweeper found
 the lease expired and re-queued it): the lease is fenced and the attempt writes nothing more. Between
 writes a heartbeat thread renews the lease, so a slow step does not look like a dead worker.
 """
@@ -24,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db import session_scope
 from app.jobs.repository import JobRepository
 from app.models import utcnow
+from app.usage.repository import AttemptRepository
 from worker.ddpm.sink import StopReason, StopTraining
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,9 @@ class Lease:
     def write(self, session: Session, **values: object) -> bool:
         """Write `values` and a fresh heartbeat to the job row while this attempt owns it. False,
         and fenced from now on, when a newer attempt does. The caller's session_scope commits."""
-        if JobRepository(session).fenced_update(self.job_id, self.attempt, heartbeat_at=utcnow(), **values):
+        now = utcnow()
+        if JobRepository(session).fenced_update(self.job_id, self.attempt, heartbeat_at=now, **values):
+            AttemptRepository(session).seen(self.job_id, self.attempt, now)  # GPU-seconds run to here
             return True
         self.fenced = True
         return False

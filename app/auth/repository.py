@@ -24,6 +24,10 @@ class UserRepository:
         self.session.flush()
         return user
 
+    def list(self) -> list[User]:
+        """Every user, by name."""
+        return list(self.session.scalars(select(User).order_by(User.name)))
+
     def lock(self, user_id: uuid.UUID) -> None:
         """Serialise one user's job submissions (the quota count and the insert) on PostgreSQL."""
         self.session.execute(select(User.id).where(User.id == user_id).with_for_update())

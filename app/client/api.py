@@ -186,6 +186,13 @@ class DdpmClient:
         """Queued: cancelled at once; running: at its next log point. 409 once it has finished."""
         return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
 
+    def usage(self, since: str | None = None, until: str | None = None) -> dict[str, Any]:
+        """GPU-seconds, attempts and jobs per user in [since, until) (ISO 8601; default: the last
+        30 days): `{"since", "until", "items": [{"user_id", "user", "gpu_seconds", "attempts", "jobs"}]}`,
+        yours only, or an admin's: every user."""
+        params = {name: value for name, value in (("since", since), ("until", until)) if value}
+        return self._request("GET", "/v1/usage", params=params).json()
+
     def metrics(self, job_id: str, page_size: int = 1000) -> Iterator[dict[str, Any]]:
         """The loss history in step order, every page."""
         params: dict[str, Any] = {"limit": page_size}

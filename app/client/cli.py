@@ -5,6 +5,7 @@
     ddpm list / status / cancel / metrics  tables (metrics --csv); --json prints the API's objects
     ddpm checkpoints / samples ID          what a job has saved; samples --out DIR fetches the grids
     ddpm evaluations ID                    FID and KID measured during training (evaluation.every)
+    ddpm usage [--since 7d]                GPU-seconds per user (yours; an admin's key: everyone's)
     ddpm download / export ID --out runs/  a checkpoint (--step N or --best, default the newest), or a diffusers zip
     ddpm sample ID --wait --out DIR        draw new samples, then fetch the PNG grid and the .npz
     ddpm datasets upload PATH --wait       your images (an archive or a folder) as a data set;
@@ -216,6 +217,10 @@ def job_panel(job: dict[str, Any]) -> Panel:
     gpus = (spec.get("resources") or {}).get("gpus", 1)
     if job.get("worker") or gpus > 1:
         rows.add_row("worker", f"{_escape(job.get('worker') or '-')} ({gpus} GPU{'s' if gpus > 1 else ''})")
+    if job.get("eta_seconds") is not None:
+        rows.add_row("ETA", _duration(job["eta_seconds"]))
+    if job.get("gpu_seconds"):
+        rows.add_row("GPU time", _gpu_time(job["gpu_seconds"]))
     if job.get("waiting_reason"):
         rows.add_row("waiting", f"[yellow]{_escape(job['waiting_reason'])}[/]")
     if job.get("error"):
@@ -535,9 +540,10 @@ class WatchView:
             self.move(data.get("step", 0), description=description)
             if data.get("loss") is not None:
                 self.bar.update(self.task, loss=_loss(data["loss"]))
-            if event.is_terminal:
-                self.bar.update(self.task, eta="-")
-            self.note(f"status {_status(data['status'])} at step {data.get('step', 0)}")
+            eta = data.get("eta_seconds")  # the server's, from the rate at the latest metric point
+            self.bar.update(self.task, eta="-" if event.is_terminal or eta is None else _duration(eta))
+            at = f" (ETA {_duration(eta)})" if eta is not None else ""
+            self.note(f"status {_status(data['status'])} at step {data.get('step', 0)}{at}")
         elif event.event == "metric":
             speed = data.get("images_per_s")
             eta = self.eta(data["step"], speed)
@@ -569,8 +575,8 @@ class WatchView:
     def eta(self, step: int, images_per_s: float | None) -> str:
         if not images_per_s or not self.batch_size or not self.total:
             return "-"
-        seconds = max(self.total - step, 0) * self.batch_size / images_per_s
-        return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 86400:.1f} d"
+        # The server's eta_seconds, the same way: steps left at images/s over images per step.
+        return _duration(max(self.total - step, 0) * self.batch_size / images_per_s)
 
     def on_reconnect(self, reason: str, delay_s: float) -> None:
         self.note(f"[yellow]connection lost ({_escape(reason)}); reconnecting in {delay_s:.1f}s[/]")
@@ -671,6 +677,15 @@ def _kid(value: float, std: float | None = None) -> str:
     return f"{value:.4f}" + ("" if std is None else f" ± {std:.4f}")
 
 
+def _duration(seconds: float) -> str:
+    """An ETA: HH:MM:SS under a day, else days."""
+    return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 86400:.1f} d"
+
+
+def _gpu_time(seconds: float) -> str:
+    return f"{seconds / 3600:,.2f} GPU-hours ({seconds:,.0f} GPU-seconds)"
+
+
 def _percent(job: dict[str, Any]) -> str:
     return f"{100 * job['step'] / job['total_steps']:.0f}%" if job.get("total_steps") else "-"
 
@@ -694,6 +709,6 @@ def main() -> None:
     app(prog_name="ddpm")
 
 
-# `ddpm datasets ...` lives in its own module, which uses this one's helpers and adds itself to
-# `app`: imported last, so it works whichever of the two is imported first.
-from app.client import datasets_cli  # noqa: E402, F401
+# `ddpm datasets ...` and `ddpm usage` live in their own modules, which use this one's helpers and
+# add themselves to `app`: imported last, so it works whichever is imported first.
+from app.client import datasets_cli, usage_cli  # noqa: E402, F401

@@ -37,6 +37,16 @@ class JobOut(BaseModel):
         description="While queued: why the job has not started (e.g. no running worker can hold it). "
         "GET /v1/jobs/{id}, the job list and the status events of GET /v1/jobs/{id}/events fill it in.",
     )
+    gpu_seconds: float = Field(
+        0.0,
+        description="GPUs x seconds of all the job's attempts (a running one up to its latest heartbeat); "
+        "GET /v1/usage sums them per user.",
+    )
+    eta_seconds: float | None = Field(
+        None,
+        description="While running: the seconds its remaining steps take at the rate measured at its latest "
+        "metric point; null before the first point and when not running.",
+    )
 
 
 class JobPage(BaseModel):

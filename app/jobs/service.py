@@ -22,6 +22,8 @@ from app.models import Job, JobStatus, User, Worker, utcnow
 from app.queue import Sender, Task, send_after_commit
 from app.routing import Resources, can_hold, job_resources, queue_name, train_queue
 from app.spec import PRIORITY_RANK, JobSpec
+from app.usage import service as usage
+from app.usage.repository import AttemptRepository
 from app.workers.repository import WorkerRepository
 
 
@@ -182,6 +184,7 @@ def requeue_expired(session: Session, expired_before: datetime, max_attempts: in
     requeued = []
     for job in JobRepository(session).expired_leases(expired_before):
         reason = f"the worker running attempt {job.attempt} ({job.worker}) stopped renewing its lease"
+        AttemptRepository(session).end_lost(job.id, job.attempt)
         if release_attempt(job, max_attempts, reason) is JobStatus.queued:
             requeued.append(job.id)
     session.flush()
@@ -194,6 +197,7 @@ def release_lost(session: Session, job_id: uuid.UUID, attempt: int, max_attempts
     job = JobRepository(session).get_running_attempt(job_id, attempt)
     if job is None:
         return None
+    AttemptRepository(session).end_lost(job_id, attempt)
     status = release_attempt(job, max_attempts, reason)
     session.flush()
     return status
@@ -220,8 +224,10 @@ def job_out(session: Session, job: Job, settings: Settings) -> JobOut:
 
 
 def jobs_out(session: Session, jobs: list[Job], settings: Settings) -> list[JobOut]:
-    """Jobs as the API shows them: with their queue, and for queued ones why they wait."""
+    """Jobs as the API shows them: with their queue, for queued ones why they wait, their
+    GPU-seconds (one query per page) and a running job's ETA."""
     workers: list[Worker] | None = None
+    used = usage.jobs_gpu_seconds(session, [job.id for job in jobs])
     shown = []
     for job in jobs:
         needs = job_resources(JobSpec.model_validate(job.spec))
@@ -232,7 +238,8 @@ def jobs_out(session: Session, jobs: list[Job], settings: Settings) -> list[JobO
                 workers = WorkerRepository(session).live(settings.queue, seen_after)
             reason = waiting_reason(needs, workers)
         routed = {"queue": queue_name(settings.queue, needs), "waiting_reason": reason}
-        shown.append(JobOut.model_validate({**_attributes(job), **routed}))
+        measured = {"gpu_seconds": used[job.id], "eta_seconds": usage.eta_seconds(job)}
+        shown.append(JobOut.model_validate({**_attributes(job), **routed, **measured}))
     return shown
 
 
@@ -252,4 +259,5 @@ def waiting_reason(needs: Resources, workers: list[Worker]) -> str:
 
 
 def _attributes(job: Job) -> dict[str, object]:
-    return {name: getattr(job, name) for name in JobOut.model_fields if name not in ("queue", "waiting_reason")}
+    computed = ("queue", "waiting_reason", "gpu_seconds", "eta_seconds")
+    return {name: getattr(job, name) for name in JobOut.model_fields if name not in computed}

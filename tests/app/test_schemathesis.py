@@ -49,7 +49,8 @@ SETTINGS = hypothesis.settings(
 #   returned are valid (and an `attempt` past the job's own is 422);
 # - POST /v1/jobs/{job_id}/sample: `steps` is for ddim only, and integers are strict (60.0 is not 60);
 # - POST /v1/datasets: a source URI's full form (hf ids, bucket names, no private hosts, s3:// only
-#   with S3 storage) and a form's parts are beyond JSON Schema; GET /v1/datasets: `cursor` as above.
+#   with S3 storage) and a form's parts are beyond JSON Schema; GET /v1/datasets: `cursor` as above;
+# - GET /v1/usage: `since` must come before `until`, and both must be times in UTC's years 1-9999.
 ACCEPTS_VALID_OR_422 = {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "404", "409", "422", "429"]}}
 # An upload's headers are beyond JSON Schema too: a body longer than its Upload-Length is 413.
 UPLOAD_ACCEPTS_VALID_OR_4XX = {
@@ -78,6 +79,7 @@ def fuzzer_config(key: str) -> schemathesis.config.SchemathesisConfig:
                         "POST /v1/jobs/{job_id}/sample",
                         "GET /v1/jobs/{job_id}/logs",
                         "GET /v1/datasets",
+                        "GET /v1/usage",
                     )
                 ),
                 {"include-name": "POST /v1/datasets", "checks": UPLOAD_ACCEPTS_VALID_OR_4XX},

@@ -166,6 +166,7 @@ def test_the_matrix_covers_every_route(world: World) -> None:
         ("GET", "/v1/datasets/{dataset_id}/preview.png"),
         ("PATCH", "/v1/datasets/{dataset_id}/upload"),
         ("DELETE", "/v1/datasets/{dataset_id}"),
+        ("GET", "/v1/usage"),
     }
     paths = world.app.openapi()["paths"]
     for method, path in world.routes():

@@ -13,9 +13,11 @@ import hashlib
 import json
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,6 +25,8 @@ import httpx
 import pytest
 
 from app.config import Settings
+from app.db import make_engine, make_sessionmaker, session_scope
+from app.models import Job, JobAttempt, utcnow
 from tests.conftest import ARTIFACTS, MakeUser
 from tests.e2e.conftest import api_argv, free_port, process, wait_for_status, wait_ready, worker_argv
 
@@ -186,6 +190,45 @@ def test_a_queued_job_says_why_it_waits(api_only: Stack, browser) -> None:
     stats = page.inner_text("#job-stats")
     assert re.search(r"GPUs\s+2", stats, re.IGNORECASE), stats  # dt text is upper-cased by CSS
     shoot(page, "09-job-waiting")
+    assert errors.page_errors == []
+
+
+def test_a_running_job_shows_its_eta_and_gpu_time(api_only: Stack, browser, service_settings: Settings) -> None:
+    """Before a metric point reaches the page, the ETA is the API's eta_seconds: (7210 - 10) steps
+    at 2 steps/s is an hour; GPU time is its attempt's 1 GPU x 90 minutes."""
+    with api_only.client() as client:
+        created = client.post("/v1/jobs", json={"training": {"batch_size": 8, "steps": 7210}})
+        assert created.status_code == 201, created.text
+    job_id = uuid.UUID(created.json()["id"])
+    engine = make_engine(service_settings)
+    with session_scope(make_sessionmaker(engine)) as s:
+        job = s.get(Job, job_id)
+        job.status, job.step, job.steps_per_s, job.attempt, job.started_at = "running", 10, 2.0, 1, utcnow()
+        job.heartbeat_at = utcnow()
+        start = utcnow() - timedelta(minutes=90)
+        s.add(
+            JobAttempt(
+                job_id=job_id,
+                owner_id=job.owner_id,
+                attempt=1,
+                worker="w",
+                device="cpu",
+                gpus=1,
+                started_at=start,
+                seen_at=start + timedelta(minutes=90),
+            )
+        )
+    engine.dispose()
+    errors = BrowserErrors()
+    page = new_page(browser, errors)
+    page.goto(f"{api_only.base}/#key={api_only.key}")
+    page.wait_for_selector("#job-table")
+    page.goto(f"{api_only.base}/#/jobs/{job_id}")
+    page.wait_for_selector(f'{STATUS_BADGE}[data-status="running"]')
+    stats = page.inner_text("#job-stats")
+    assert re.search(r"ETA\s+1h 00m", stats, re.IGNORECASE), stats
+    assert re.search(r"GPU time\s+1h 30m", stats, re.IGNORECASE), stats
+    shoot(page, "10-job-eta")
     assert errors.page_errors == []
 
 

@@ -92,6 +92,15 @@ export function elapsed(job) {
   return (end - new Date(job.started_at)) / 1000;
 }
 
+// A running job's remaining seconds at its measured rate: the latest metric point's images/s over
+// its batch size (as the API's eta_seconds, which is used until a point arrives here); else null.
+export function etaSeconds(job, imagesPerSec) {
+  const batch = job.spec?.training?.batch_size;
+  const left = Math.max(job.total_steps - job.step, 0);
+  if (imagesPerSec && batch) return left / (imagesPerSec / batch);
+  return job.eta_seconds ?? null;
+}
+
 export function progressFraction(job) {
   if (!job.total_steps) return 0;
   if (job.status === "succeeded") return 1;

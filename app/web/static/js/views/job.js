@@ -11,6 +11,7 @@ import {
   card,
   el,
   elapsed,
+  etaSeconds,
   fmtBytes,
   fmtDuration,
   fmtLoss,
@@ -190,16 +191,15 @@ export function jobView(root, jobId) {
     );
     const secs = elapsed(job);
     const rate = latest.images_per_s;
-    const stepsPerSec = secs && job.step ? job.step / secs : null;
-    const eta =
-      job.status === "running" && stepsPerSec ? fmtDuration((job.total_steps - job.step) / stepsPerSec) : null;
+    const eta = job.status === "running" ? etaSeconds(job, rate) : null;
     const items = [
       ["Loss", fmtLoss(job.loss)],
       fidChart.latest ? ["FID", fidChart.latest.fid.toFixed(2)] : null,
       ["Learning rate", latest.lr === null ? "–" : latest.lr.toExponential(2)],
       ["Images/s", rate === null ? "–" : fmtNumber(rate, 1)],
       ["Elapsed", fmtDuration(secs)],
-      eta ? ["ETA", eta] : null,
+      eta !== null ? ["ETA", fmtDuration(eta)] : null,
+      job.gpu_seconds ? ["GPU time", fmtDuration(job.gpu_seconds)] : null,
       ["Attempt", String(job.attempt)],
       ["GPUs", String(job.spec?.resources?.gpus ?? 1)],
       ["Created", fmtTime(job.created_at)],
