@@ -36,6 +36,8 @@ from app.queue import Dispatcher
 from app.samples import endpoints as sample_endpoints
 from app.web import mount_dashboard
 from app.web.docs import mount_docs
+from app.webhooks import endpoints as webhook_endpoints
+from app.webhooks.service import TooManyWebhooks, WebhookNotFound
 
 log = logging.getLogger(__name__)
 # Seconds a client is asked to wait after a 503: no free database connection, or none at all.
@@ -129,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(event_endpoints.router)
     app.include_router(log_endpoints.router)
     app.include_router(dataset_endpoints.router)
+    app.include_router(webhook_endpoints.router)
     mount_dashboard(app)
     mount_docs(app)
 
@@ -147,7 +150,8 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": _echo(exc.errors())}, status_code=422)
 
     @app.exception_handler(JobNotFound)
-    def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:
+    @app.exception_handler(WebhookNotFound)
+    def _not_found(_: Request, exc: LookupError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
 
     @app.exception_handler(SpecRefused)
@@ -155,7 +159,8 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": _echo(exc.errors)}, status_code=422)
 
     @app.exception_handler(QuotaExceeded)
-    def _quota(_: Request, exc: QuotaExceeded) -> JSONResponse:
+    @app.exception_handler(TooManyWebhooks)
+    def _quota(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=429)
 
     @app.exception_handler(IdempotencyConflict)

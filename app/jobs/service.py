@@ -21,6 +21,7 @@ from app.models import Job, JobStatus, User, Worker, utcnow
 from app.queue import Sender, Task, send_after_commit
 from app.routing import Resources, can_hold, job_resources, queue_name, train_queue
 from app.spec import PRIORITY_RANK, JobSpec
+from app.webhooks import service as webhooks
 from app.workers.repository import WorkerRepository
 
 
@@ -163,6 +164,7 @@ def cancel_job(session: Session, job_id: uuid.UUID, user: User) -> Job:
         job.status = JobStatus.cancelled
         job.cancel_requested = True
         job.finished_at = utcnow()
+        webhooks.record_job_end(session, job)
     elif status is JobStatus.running:
         job.cancel_requested = True
     elif status is not JobStatus.cancelled:
@@ -182,6 +184,8 @@ def requeue_expired(session: Session, expired_before: datetime, max_attempts: in
         reason = f"the worker running attempt {job.attempt} ({job.worker}) stopped renewing its lease"
         if release_attempt(job, max_attempts, reason) is JobStatus.queued:
             requeued.append(job.id)
+        else:
+            webhooks.record_job_end(session, job)
     session.flush()
     return requeued
 
@@ -193,6 +197,8 @@ def release_lost(session: Session, job_id: uuid.UUID, attempt: int, max_attempts
     if job is None:
         return None
     status = release_attempt(job, max_attempts, reason)
+    if status is not JobStatus.queued:
+        webhooks.record_job_end(session, job)
     session.flush()
     return status
 
