@@ -31,7 +31,7 @@ class Received:
 
 def _handler(received: Received) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             headers = {k: v for k, v in self.headers.items()}
             try:
@@ -65,5 +65,3 @@ def receiving(received: Received, port: int = 0) -> Iterator[int]:
     finally:
         server.shutdown()
         server.server_close()
-
-
