@@ -4,6 +4,7 @@ recorded in the event's own transaction (one delivery per endpoint and event key
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -11,8 +12,10 @@ from sqlalchemy import select
 
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
+from app.jobs import service as jobs
+from app.jobs.repository import JobRepository
 from app.main import create_app
-from app.models import WEBHOOK_EVENTS, Job, WebhookDelivery
+from app.models import WEBHOOK_EVENTS, Job, WebhookDelivery, utcnow
 from app.webhooks.service import event_key, record_event
 from tests.conftest import ApiUser, MakeUser
 
@@ -147,3 +150,23 @@ class TestRecording:
             rest = c.get(f"/v1/webhooks/{hook}/deliveries", params={"limit": 2, "cursor": first["next_cursor"]}).json()
         assert [d["job_id"] for d in first["items"] + rest["items"]] == jobs[::-1]
         assert rest["next_cursor"] is None
+
+    def test_a_lost_attempt_that_ends_the_job_records_its_event(self, clean_db: Settings, alice: ApiUser) -> None:
+        with TestClient(create_app(clean_db), headers=alice.headers) as c:
+            c.post("/v1/webhooks", json={"url": PUBLIC_URL, "events": ["job.failed"]})
+            job_id = uuid.UUID(c.post("/v1/jobs", json={}).json()["id"])
+        factory = make_sessionmaker(make_engine(clean_db))
+        with session_scope(factory) as s:
+            assert JobRepository(s).claim(job_id, "w1") == 1
+        with session_scope(factory) as s:  # its worker stopped renewing the lease; one attempt allowed
+            assert jobs.requeue_expired(s, utcnow() + timedelta(seconds=1), max_attempts=1) == []
+        [row] = deliveries(clean_db)
+        assert (row.event, row.event_key, row.payload["data"]["status"]) == (
+            "job.failed",
+            f"job.failed:{job_id}:0",
+            "failed",
+        )
+        assert "gave up after 1 attempts" in row.payload["data"]["error"]
+        with session_scope(factory) as s:
+            job = s.get(Job, job_id)
+            assert job is not None and job.runs_finished == 1  # a continue would start run 1
