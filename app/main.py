@@ -39,6 +39,8 @@ from app.samples import endpoints as sample_endpoints
 from app.usage import endpoints as usage_endpoints
 from app.web import mount_dashboard
 from app.web.docs import mount_docs
+from app.webhooks import endpoints as webhook_endpoints
+from app.webhooks.service import TooManyWebhooks, WebhookNotFound
 
 log = logging.getLogger(__name__)
 # Seconds a client is asked to wait after a 503: no free database connection, or none at all.
@@ -134,6 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(log_endpoints.router)
     app.include_router(dataset_endpoints.router)
     app.include_router(usage_endpoints.router)
+    app.include_router(webhook_endpoints.router)
     app.include_router(monitoring_endpoints.router)
     app.add_middleware(RequestDurations)
     mount_dashboard(app)
@@ -154,7 +157,8 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": _echo(exc.errors())}, status_code=422)
 
     @app.exception_handler(JobNotFound)
-    def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:
+    @app.exception_handler(WebhookNotFound)
+    def _not_found(_: Request, exc: LookupError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
 
     @app.exception_handler(SpecRefused)
@@ -162,7 +166,8 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": _echo(exc.errors)}, status_code=422)
 
     @app.exception_handler(QuotaExceeded)
-    def _quota(_: Request, exc: QuotaExceeded) -> JSONResponse:
+    @app.exception_handler(TooManyWebhooks)
+    def _quota(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=429)
 
     @app.exception_handler(IdempotencyConflict)

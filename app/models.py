@@ -147,6 +147,10 @@ class Job(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     # When its metric points were thinned to DDPM_METRICS_RETENTION_POINTS (metric retention).
     metrics_downsampled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # How many times the job has ended (succeeded, failed, cancelled): a continue starts run
+    # number runs_finished. Webhook event keys carry it, so each run's job.started and final
+    # event are delivered once (app/webhooks/service.py), however many attempts the run takes.
+    runs_finished: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     checkpoints: Mapped[list[Checkpoint]] = relationship(
         back_populates="job", lazy="raise", order_by="Checkpoint.step", passive_deletes=True

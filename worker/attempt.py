@@ -46,6 +46,7 @@ from app.routing import train_queue
 from app.samples.repository import SampleRepository
 from app.spec import JobSpec
 from app.usage.repository import REQUEUED, AttemptRepository
+from app.webhooks import service as webhooks
 from worker.capacity import device_type, worker_name
 from worker.database_sink import DatabaseSink, finite_or_none, remove_files
 from worker.datasets.cache import TrainingImagesError, training_images
@@ -157,6 +158,7 @@ class AttemptRunner:
             samples = SampleRepository(session).drop_after(job_id, resume_step)
             EvaluationRepository(session).drop_after(job_id, resume_step)
             repo.fenced_update(job_id, attempt, step=resume_step, steps_per_s=None)  # measured anew (ETA)
+            webhooks.record_job_started(session, job, attempt, resume_step)  # once per run
             resume_keys = (latest.state_path, latest.path) if latest else None
             committed = {path for row in rows for path in (row.path, row.state_path)}
             committed |= {sample.path for sample in samples}
@@ -319,13 +321,14 @@ class AttemptRunner:
 
         def write() -> None:
             with session_scope(self.sessionmaker) as session:
-                now = utcnow()
-                if not JobRepository(session).fenced_update(
-                    job_id, attempt, status=status, finished_at=now, heartbeat_at=now, **values
-                ):
+                now, repo = utcnow(), JobRepository(session)
+                if not repo.fenced_update(job_id, attempt, status=status, finished_at=now, heartbeat_at=now, **values):
                     log.warning("job %s: attempt %d fenced off; final status %s not written", job_id, attempt, status)
                     return
                 AttemptRepository(session).end(job_id, attempt, status.value, now)
+                job = repo.get(job_id)
+                assert job is not None
+                webhooks.record_job_end(session, job)  # committed with the status
 
         self.retry_db(write)
         log.info("job %s: attempt %d ended %s", job_id, attempt, status.value)

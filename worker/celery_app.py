@@ -53,6 +53,7 @@ def _json_logs(logger: logging.Logger, **_: object) -> None:
 @worker_ready.connect
 def _start_sweeper(sender: Any = None, **_: object) -> None:
     from worker.sweeper import start_sweeper
+    from worker.webhooks import start_delivery
 
     if sender is not None:  # the worker's Consumer: how a shutting-down job stops further deliveries
         on_stop_consuming(lambda: sender.task_consumer.cancel())
@@ -61,12 +62,15 @@ def _start_sweeper(sender: Any = None, **_: object) -> None:
     else:
         log.info("worker %s offers %s (%s)", worker_name(), CAPACITY.describe(), DEVICE)
     start_sweeper(get_settings(), worker_name(), CAPACITY, DEVICE, sweep=not SAMPLES_ONLY)
+    start_delivery(get_settings())  # webhook deliveries: every worker sends them
 
 
 @worker_shutting_down.connect
 def _shut_down(**_: object) -> None:
     """SIGTERM: the running job checkpoints at its next log point and is re-queued."""
     from worker.sweeper import stop_sweeper
+    from worker.webhooks import stop_delivery
 
     request_shutdown()
     stop_sweeper()
+    stop_delivery()

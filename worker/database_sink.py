@@ -35,6 +35,7 @@ from app.jobs.repository import JobRepository
 from app.models import Checkpoint, Evaluation, Sample
 from app.models import MetricPoint as MetricRow
 from app.samples.repository import SampleRepository
+from app.webhooks import service as webhooks
 from worker.ddpm.sink import (
     EvaluationPoint,
     MetricPoint,
@@ -142,6 +143,7 @@ class DatabaseSink:
                         job_id=self.job_id, step=saved.step, path=key, size_bytes=saved.size_bytes, sha256=saved.sha256
                     )
                 )
+                webhooks.record_step_event(session, self.job_id, "job.sample", saved.step, {})
         except DBAPIError as exc:  # a grid is a convenience: training goes on without it
             log.warning("job %s: sample grid at step %d not recorded (%s)", self.job_id, saved.step, exc.orig)
             self.lease.check()
@@ -201,6 +203,8 @@ class DatabaseSink:
                 )
             )
             session.flush()
+            data = {"sha256": saved.sha256, "size_bytes": saved.size_bytes}
+            webhooks.record_step_event(session, self.job_id, "job.checkpoint", saved.step, data)
             return self._retain(repo)
 
     def _retain(self, repo: CheckpointRepository) -> list[Checkpoint]:
@@ -214,6 +218,8 @@ class DatabaseSink:
                 self.lease.write_or_stop(session)
                 EvaluationRepository(session).add(self._evaluation_row(point))
                 session.flush()
+                figures = {"fid": finite_or_none(point.fid), "kid": finite_or_none(point.kid)}
+                webhooks.record_step_event(session, self.job_id, "job.evaluation", point.step, figures)
                 removed = self._retain(CheckpointRepository(session)) if self.keep_best else []
         except DBAPIError as exc:  # a measurement is a convenience: training goes on without it
             log.warning("job %s: evaluation at step %d not recorded (%s)", self.job_id, point.step, exc.orig)

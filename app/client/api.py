@@ -417,6 +417,33 @@ class DdpmClient:
         """Delete a data set and its files; 409 while a queued or running job uses it."""
         self._request("DELETE", f"/v1/datasets/{dataset_id}")
 
+    # --- webhooks ---------------------------------------------------------------------------
+    def add_webhook(self, url: str, events: list[str] | None = None) -> dict[str, Any]:
+        """Register an endpoint for your jobs' events; the answer holds its signing `secret` (shown once)."""
+        body: dict[str, Any] = {"url": url}
+        if events:
+            body["events"] = events
+        return self._request("POST", "/v1/webhooks", json=body).json()
+
+    def list_webhooks(self, limit: int = 50) -> Iterator[dict[str, Any]]:
+        """Every endpoint the key may see, newest first."""
+        yield from self._pages("/v1/webhooks", {"limit": limit})
+
+    def delete_webhook(self, webhook_id: str) -> None:
+        self._request("DELETE", f"/v1/webhooks/{webhook_id}")
+
+    def webhook_deliveries(self, webhook_id: str, limit: int = 50) -> Iterator[dict[str, Any]]:
+        """The endpoint's deliveries, newest first, each with its tries."""
+        yield from self._pages(f"/v1/webhooks/{webhook_id}/deliveries", {"limit": limit})
+
+    def _pages(self, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        while True:
+            page = self._request("GET", path, params=params).json()
+            yield from page["items"]
+            if not page.get("next_cursor"):
+                return
+            params = {**params, "cursor": page["next_cursor"]}
+
     def wait_for_dataset(
         self,
         dataset_id: str,

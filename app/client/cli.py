@@ -626,7 +626,7 @@ def print_table(columns: list[Column], rows: list[list[str]]) -> None:
     """Rows of plain cells. Piped or redirected (stdout not a terminal): aligned text columns,
     nothing cut or wrapped, like `docker ps`. At a terminal: a rich table whose cells never wrap
     mid-word; when it is too narrow, columns shrink or go as `Column` says."""
-    widths = [max(len(c.header), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+    widths = [max([len(c.header), *(len(row[i]) for row in rows)]) for i, c in enumerate(columns)]  # no rows too
     if not out.is_terminal:
         for line in [[c.header for c in columns], *rows]:
             typer.echo((" " * GAP).join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
@@ -709,6 +709,6 @@ def main() -> None:
     app(prog_name="ddpm")
 
 
-# `ddpm datasets ...` and `ddpm usage` live in their own modules, which use this one's helpers and
-# add themselves to `app`: imported last, so it works whichever is imported first.
-from app.client import datasets_cli, usage_cli  # noqa: E402, F401
+# `ddpm datasets ...`, `ddpm usage` and `ddpm webhooks ...` live in their own modules, which use
+# this one's helpers and add themselves to `app`: imported last, so it works whichever is imported first.
+from app.client import datasets_cli, usage_cli, webhooks_cli  # noqa: E402, F401

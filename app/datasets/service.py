@@ -10,9 +10,7 @@ Files are removed by the caller after the commit that forgot them (`delete_datas
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import socket
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +26,7 @@ from app.datasets.schemas import DatasetSourceIn, source_form
 from app.jobs.limits import SpecRefused
 from app.jobs.service import QuotaExceeded, visible_owner
 from app.models import Dataset, User
+from app.net import private_host
 from app.queue import Sender, Task, send_after_commit
 
 log = logging.getLogger(__name__)
@@ -207,7 +206,7 @@ def check_source(source: str, settings: Settings) -> None:
         refused.add(("source",), "s3:// sources need this service's S3 storage (DDPM_STORAGE=s3)", source)
     elif parts.scheme == "s3" and _own_storage(parts.netloc, parts.path.lstrip("/"), settings):
         refused.add(("source",), "this is where the service keeps its own files: name another bucket or prefix", source)
-    elif parts.scheme == "https" and not settings.dataset_url_allow_private and _private_host(parts.hostname or ""):
+    elif parts.scheme == "https" and not settings.dataset_url_allow_private and private_host(parts.hostname or ""):
         refused.add(
             ("source",),
             f"host {parts.hostname!r} is a loopback, private, link-local or reserved address: refused "
@@ -224,24 +223,6 @@ def _own_storage(bucket: str, prefix: str, settings: Settings) -> bool:
     own = settings.s3_prefix.strip("/")
     own = f"{own}/" if own else ""
     return bucket == settings.s3_bucket and (prefix.startswith(own) or own.startswith(prefix))
-
-
-def _private_host(host: str) -> bool:
-    """`localhost`, or a literal IP address (also IPv4's short forms, 127.1, 0x7f.1) that is not
-    global. Names are resolved, and every address checked again, by the worker."""
-    host = host.lower().rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        try:
-            address = ipaddress.ip_address(socket.inet_aton(host))  # 127.1, 2130706433, 0x7f000001
-        except OSError:
-            return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return not address.is_global or address.is_multicast
 
 
 def create_from_source(

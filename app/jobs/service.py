@@ -24,6 +24,7 @@ from app.routing import Resources, can_hold, job_resources, queue_name, train_qu
 from app.spec import PRIORITY_RANK, JobSpec
 from app.usage import service as usage
 from app.usage.repository import AttemptRepository
+from app.webhooks import service as webhooks
 from app.workers.repository import WorkerRepository
 
 
@@ -167,6 +168,7 @@ def cancel_job(session: Session, job_id: uuid.UUID, user: User) -> Job:
         job.status = JobStatus.cancelled
         job.cancel_requested = True
         job.finished_at = utcnow()
+        webhooks.record_job_end(session, job)
     elif status is JobStatus.running:
         job.cancel_requested = True
     elif status is not JobStatus.cancelled:
@@ -187,6 +189,8 @@ def requeue_expired(session: Session, expired_before: datetime, max_attempts: in
         AttemptRepository(session).end_lost(job.id, job.attempt)
         if release_attempt(job, max_attempts, reason) is JobStatus.queued:
             requeued.append(job.id)
+        else:
+            webhooks.record_job_end(session, job)
     session.flush()
     return requeued
 
@@ -199,6 +203,8 @@ def release_lost(session: Session, job_id: uuid.UUID, attempt: int, max_attempts
         return None
     AttemptRepository(session).end_lost(job_id, attempt)
     status = release_attempt(job, max_attempts, reason)
+    if status is not JobStatus.queued:
+        webhooks.record_job_end(session, job)
     session.flush()
     return status
 

@@ -1,5 +1,6 @@
 """team operations: jobs.queue/priority (fair claims), steps_per_s (ETA), deleted_at (crash-safe
-delete), metrics_downsampled_at (retention); job_attempts (GPU-seconds); webhooks, their deliveries
+delete), metrics_downsampled_at (retention),
+runs_finished (webhook event keys); job_attempts (GPU-seconds); webhooks, their deliveries
 and attempts; checkpoints.write_seconds
 
 Revision ID: 0012
@@ -115,12 +116,14 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("steps_per_s", sa.Float(), nullable=True))
         batch_op.add_column(sa.Column("deleted_at", app.models.UTCDateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("metrics_downsampled_at", app.models.UTCDateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column("runs_finished", sa.Integer(), server_default="0", nullable=False))
         batch_op.create_index(batch_op.f("ix_jobs_deleted_at"), ["deleted_at"], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_jobs_deleted_at"))
+        batch_op.drop_column("runs_finished")
         batch_op.drop_column("metrics_downsampled_at")
         batch_op.drop_column("deleted_at")
         batch_op.drop_column("steps_per_s")

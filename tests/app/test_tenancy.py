@@ -50,6 +50,9 @@ class World:
             r = c.post(f"/v1/datasets?name={SECRET_NAME}", content=b"PK\x05\x06" + bytes(18), headers=ZIP)
             assert r.status_code == 201, r.text
             self.dataset_id = r.json()["id"]
+            r = c.post("/v1/webhooks", json={"url": f"https://{SECRET_NAME}.example.com/hook"})
+            assert r.status_code == 201, r.text
+            self.webhook_id = r.json()["id"]
         job_id = self.job["id"]
         (settings.checkpoint_root / job_id).mkdir(parents=True, exist_ok=True)
         (settings.checkpoint_root / job_id / "step-00000010.safetensors").write_bytes(PAYLOAD)
@@ -129,9 +132,12 @@ class World:
         paths = self.app.openapi()["paths"]
         return [(m.upper(), path) for path, ops in paths.items() if path not in PUBLIC for m in ops]
 
-    def url(self, path: str, job_id: str | None = None, dataset_id: str | None = None) -> str:
+    def url(
+        self, path: str, job_id: str | None = None, dataset_id: str | None = None, webhook_id: str | None = None
+    ) -> str:
         path = path.replace("{job_id}", job_id or self.job["id"]).replace("{step}", "10")
         path = path.replace("{dataset_id}", dataset_id or self.dataset_id)
+        path = path.replace("{webhook_id}", webhook_id or self.webhook_id)
         return path.replace("{request_id}", self.request_id)
 
 
@@ -167,10 +173,15 @@ def test_the_matrix_covers_every_route(world: World) -> None:
         ("PATCH", "/v1/datasets/{dataset_id}/upload"),
         ("DELETE", "/v1/datasets/{dataset_id}"),
         ("GET", "/v1/usage"),
+        ("POST", "/v1/webhooks"),
+        ("GET", "/v1/webhooks"),
+        ("GET", "/v1/webhooks/{webhook_id}"),
+        ("DELETE", "/v1/webhooks/{webhook_id}"),
+        ("GET", "/v1/webhooks/{webhook_id}/deliveries"),
     }
     paths = world.app.openapi()["paths"]
     for method, path in world.routes():
-        taught = r"\{(?!job_id\}|step\}|request_id\}|dataset_id\})"
+        taught = r"\{(?!job_id\}|step\}|request_id\}|dataset_id\}|webhook_id\})"
         assert not re.search(taught, path), f"{method} {path}: teach this test"
         assert paths[path][method.lower()]["security"] == [{"HTTPBearer": []}], (method, path)
     assert {p for p in paths if p in PUBLIC} == {"/healthz", "/readyz"}
@@ -237,6 +248,27 @@ def test_another_tenant_gets_404_on_every_dataset_route_and_sees_nothing(world: 
         mine = c.get(world.url("/v1/datasets/{dataset_id}")).json()
         assert (mine["status"], mine["name"]) == ("ready", SECRET_NAME), "bob's requests changed nothing"
         assert c.get(world.url("/v1/datasets/{dataset_id}/preview.png")).content == PREVIEW
+
+
+def test_another_tenant_gets_404_on_every_webhook_route_and_sees_nothing(world: World) -> None:
+    """As for jobs: the answer for an endpoint that does not exist, and alice's endpoint stays."""
+    wrong, unknown = [], str(uuid.uuid4())
+    with TestClient(world.app, headers=world.bob.headers) as c:
+        for method, path in world.routes():
+            if "{webhook_id}" not in path:
+                continue
+            r = c.request(method, world.url(path))
+            nobody = c.request(method, world.url(path, webhook_id=unknown))
+            same = r.text.replace(world.webhook_id, unknown) == nobody.text
+            if r.status_code != 404 or not same or SECRET_NAME in r.text:
+                wrong.append((method, path, r.status_code, r.text[:200]))
+        assert c.get("/v1/webhooks").json() == {"items": [], "next_cursor": None}
+    assert wrong == []
+    with TestClient(world.app, headers=world.alice.headers) as c:
+        assert c.get(world.url("/v1/webhooks/{webhook_id}")).status_code == 200, "bob's DELETE did nothing"
+        assert c.get(world.url("/v1/webhooks/{webhook_id}/deliveries")).json()["items"] == []
+    with TestClient(world.app, headers=world.admin.headers) as c:  # an admin sees every user's, as for jobs
+        assert [w["id"] for w in c.get("/v1/webhooks").json()["items"]] == [world.webhook_id]
 
 
 def test_the_owner_and_an_admin_see_the_job(world: World) -> None:

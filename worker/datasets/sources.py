@@ -18,10 +18,8 @@ Any failure is PreparationFailed with a reason the user can act on.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import re
-import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -32,6 +30,7 @@ import httpx
 from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
+from app import net
 from app.checkpoints.store import make_s3_client
 from worker.datasets import Limits, Member, PreparationFailed, Skipped, images
 from worker.datasets.archive import archive_members
@@ -150,41 +149,14 @@ def _s3_archive(  # type: ignore[no-untyped-def]
 
 
 # --- https:// --------------------------------------------------------------------------------
-def refused_address(address: str) -> str | None:
-    """Why `address` may not be fetched from (it is not a global unicast address), or None."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone: fe80::1%eth0
-    embedded: list[ipaddress.IPv4Address] = []
-    if isinstance(ip, ipaddress.IPv6Address):
-        # IPv4 carried in IPv6 (mapped, 6to4, Teredo's client, NAT64) reaches that IPv4 address.
-        embedded = [a for a in (ip.ipv4_mapped, ip.sixtofour, ip.teredo and ip.teredo[1]) if a]
-        if ip in ipaddress.ip_network("64:ff9b::/96"):
-            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-    for candidate in (*embedded, ip):
-        for kind in ("loopback", "link_local", "unspecified", "multicast", "private", "reserved"):
-            if getattr(candidate, f"is_{kind}"):
-                return f"{kind.replace('_', '-')} address {candidate}"
-        if not candidate.is_global:
-            return f"non-global address {candidate}"
-    return None
-
-
 def checked_address(host: str, port: int, allow_private: bool) -> str:
-    """The address to connect to: the host's first, once every address it resolves to passed."""
+    """The address to connect to (app/net.py: every address the host resolves to is public)."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise PreparationFailed(f"cannot resolve {host}: {exc}") from exc
-    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-    if not addresses:
-        raise PreparationFailed(f"cannot resolve {host}: no address")
-    if not allow_private:
-        for address in addresses:
-            if (why := refused_address(address)) is not None:
-                raise PreparationFailed(
-                    f"refusing to fetch from {host}: it resolves to a {why}, not a public one "
-                    "(DDPM_DATASET_URL_ALLOW_PRIVATE allows it)"
-                )
-    return addresses[0]
+        return net.checked_address(host, port, allow_private, "DDPM_DATASET_URL_ALLOW_PRIVATE")
+    except net.HostUnresolved as exc:
+        raise PreparationFailed(str(exc)) from exc
+    except net.AddressRefused as exc:
+        raise PreparationFailed(f"refusing to fetch from {host}: {exc}") from exc
 
 
 def _checked_url(raw: str, allow_private: bool) -> httpx.URL:
@@ -212,11 +184,8 @@ def download(source: str, settings: Settings, target: Path, verify: ssl.SSLConte
         for _ in range(MAX_REDIRECTS + 1):
             host = url.raw_host.decode("ascii")  # IDNA-encoded, as DNS and TLS know it
             address = checked_address(host, url.port or (443 if url.scheme == "https" else 80), allow_private)
-            # To the checked address; the server sees the original name in Host and in TLS (SNI),
-            # and the certificate is verified against that name.
-            extensions = {"sni_hostname": host} if url.scheme == "https" else {}
-            headers = {"Host": url.netloc.decode("ascii"), "Accept-Encoding": "identity"}
-            request = client.build_request("GET", url.copy_with(host=address), headers=headers, extensions=extensions)
+            # To the checked address, with the original name in Host and TLS (app/net.py).
+            request = net.pinned_request(client, "GET", url, address, headers={"Accept-Encoding": "identity"})
             try:
                 response = client.send(request, stream=True)
             except httpx.HTTPError as exc:

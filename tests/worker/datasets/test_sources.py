@@ -24,10 +24,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from PIL import Image
 
+from app import net
 from app.config import Settings
+from app.net import refused_address
 from tests.conftest import s3_client
 from worker.datasets import Member, PreparationFailed, Skipped, sources
-from worker.datasets.sources import download, refused_address, source_members
+from worker.datasets.sources import download, source_members
 
 
 def png(width: int = 10, height: int = 12, shade: int = 0) -> bytes:
@@ -304,7 +306,7 @@ def certificate(name: str, tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLConte
 def test_https_connects_to_the_checked_address_with_the_original_name(
     service_settings: Settings, tmp_path: Path, fake_dns: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sources, "refused_address", _only_loopback_is_public)
+    monkeypatch.setattr(net, "refused_address", _only_loopback_is_public)
     fake_dns["public.test"] = ["127.0.0.1"]
     server_tls, client_tls = certificate("public.test", tmp_path)
     names: list[str | None] = []
@@ -329,7 +331,7 @@ def test_https_connects_to_the_checked_address_with_the_original_name(
 def test_a_redirect_to_a_private_address_is_refused(
     service_settings: Settings, tmp_path: Path, fake_dns: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sources, "refused_address", _only_loopback_is_public)
+    monkeypatch.setattr(net, "refused_address", _only_loopback_is_public)
     fake_dns["public.test"] = ["127.0.0.1"]
     fake_dns["internal.test"] = ["192.168.1.20"]
     server_tls, client_tls = certificate("public.test", tmp_path)
