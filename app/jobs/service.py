@@ -16,6 +16,7 @@ from app.config import Settings
 from app.datasets.repository import DatasetRepository
 from app.jobs.limits import SpecRefused, check_spec
 from app.jobs.repository import JobRepository
+from app.jobs.scheduling import Places, ahead_reason
 from app.jobs.schemas import JobOut
 from app.models import Job, JobStatus, User, Worker, utcnow
 from app.queue import Sender, Task, send_after_commit
@@ -220,6 +221,7 @@ def job_out(session: Session, job: Job, settings: Settings) -> JobOut:
 def jobs_out(session: Session, jobs: list[Job], settings: Settings) -> list[JobOut]:
     """Jobs as the API shows them: with their queue, and for queued ones why they wait."""
     workers: list[Worker] | None = None
+    places = Places.of(session, jobs, settings.max_running_gpus_per_user)
     shown = []
     for job in jobs:
         needs = job_resources(JobSpec.model_validate(job.spec))
@@ -228,14 +230,15 @@ def jobs_out(session: Session, jobs: list[Job], settings: Settings) -> list[JobO
             if workers is None:  # one query per page, only when a queued job needs it
                 seen_after = utcnow() - timedelta(seconds=settings.lease_timeout_s)
                 workers = WorkerRepository(session).live(settings.queue, seen_after)
-            reason = waiting_reason(needs, workers)
+            reason = places.over_cap(job) or waiting_reason(needs, workers, places.jobs_ahead(job))
         routed = {"queue": queue_name(settings.queue, needs), "waiting_reason": reason}
         shown.append(JobOut.model_validate({**_attributes(job), **routed}))
     return shown
 
 
-def waiting_reason(needs: Resources, workers: list[Worker]) -> str:
-    """Why a queued job has not started, from the live workers' advertised capacity."""
+def waiting_reason(needs: Resources, workers: list[Worker], ahead: int = 0) -> str:
+    """Why a queued job has not started, from the live workers' advertised capacity, then the jobs
+    the claim order puts before it (app/jobs/scheduling.py)."""
     if not workers:
         return "no worker is running: the job starts when one that can hold it checks in"
     capable = [w for w in workers if can_hold(Resources(w.gpus, w.gpu_memory_gb), needs)]
@@ -246,6 +249,8 @@ def waiting_reason(needs: Resources, workers: list[Worker]) -> str:
             f"(the largest of {len(workers)} running worker{'s' if len(workers) > 1 else ''} offers "
             f"{Resources(largest.gpus, largest.gpu_memory_gb).describe()}); it starts when one that can checks in"
         )
+    if ahead > 0:
+        return ahead_reason(ahead)
     return f"waiting for one of {len(capable)} running worker{'s' if len(capable) > 1 else ''} that can hold it"
 
 
