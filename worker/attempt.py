@@ -36,6 +36,7 @@ from app.config import Settings
 from app.datasets.repository import DatasetRepository
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.evaluations.repository import EvaluationRepository
+from app.jobs import scheduling
 from app.jobs import service as jobs
 from app.jobs.data_roots import resolve_dataset_folder
 from app.jobs.repository import JobRepository
@@ -118,11 +119,13 @@ class AttemptRunner:
 
     # --- claim ----------------------------------------------------------------------------
     def claim(self, job_id: uuid.UUID) -> ClaimedAttempt | None:
-        """A new attempt of a queued job, ready to train; None when the job is not queued."""
+        """A new attempt of the next job of `job_id`'s queue (a delivery is a turn of its queue:
+        app/jobs/scheduling.py), ready to train; None when no job there can start."""
         result = self.retry_db(lambda: self._claim(job_id))
         if result is None:
             return None
         claimed, committed, prepared = result
+        job_id = claimed.job_id  # the turn may have gone to another job of the queue
         bind_log(job_id=job_id, attempt=claimed.attempt)
         log.info(
             "job %s: attempt %d claimed by %s (resume from %s)",
@@ -141,12 +144,12 @@ class AttemptRunner:
     def _claim(self, job_id: uuid.UUID) -> tuple[ClaimedAttempt, set[str], PreparedSet | str | None] | None:
         with session_scope(self.sessionmaker) as session:
             repo = JobRepository(session)
-            attempt = repo.claim(job_id, self.worker_name)
-            if attempt is None:
-                job = repo.get(job_id)
-                state = job.status if job else "missing"
-                log.info("job %s is %s, not queued: nothing to do for this delivery", job_id, state)
+            cap = self.settings.max_running_gpus_per_user
+            taken = scheduling.claim_turn(session, job_id, self.worker_name, cap)
+            if taken is None:
+                log.info("delivery of job %s: no job of its queue can start now; nothing to do", job_id)
                 return None
+            job_id, attempt = taken
             job = repo.get(job_id)
             assert job is not None
             rows = CheckpointRepository(session).list(job_id)
@@ -317,7 +320,8 @@ class AttemptRunner:
 
     # --- end ------------------------------------------------------------------------------
     def finish(self, job_id: uuid.UUID, attempt: int, *, status: JobStatus, **values: object) -> None:
-        """The attempt's final status, written only while it is still the job's current one."""
+        """The attempt's final status, written only while it is still the job's current one; its
+        GPUs are free, so a waiting job of its queue gets a turn (app/jobs/scheduling.py)."""
 
         def write() -> None:
             with session_scope(self.sessionmaker) as session:
@@ -329,6 +333,7 @@ class AttemptRunner:
                 job = repo.get(job_id)
                 assert job is not None
                 webhooks.record_job_end(session, job)  # committed with the status
+                self._send_next_turn(session, job_id)
 
         self.retry_db(write)
         log.info("job %s: attempt %d ended %s", job_id, attempt, status.value)
@@ -363,6 +368,8 @@ class AttemptRunner:
                 status = jobs.release_lost(session, job_id, attempt, self.settings.max_attempts, reason)
                 if status is JobStatus.queued:
                     self._send_after_commit(session, job_id, spec)
+                elif status is not None:  # failed or cancelled: its GPUs are free
+                    self._send_next_turn(session, job_id)
                 return status
 
         status = self.retry_db(write)
@@ -376,6 +383,9 @@ class AttemptRunner:
         """Hand a re-queued job to the broker once its row commits, on the queue of workers that
         can hold it (if the broker is away, the sweeper sends it later)."""
         send_after_commit(session, self.dispatcher, Task.train(job_id, train_queue(self.settings.queue, spec)))
+
+    def _send_next_turn(self, session: Session, ended: uuid.UUID) -> None:
+        scheduling.send_next_turn(session, self.dispatcher, ended, self.settings.max_running_gpus_per_user)
 
     def retry_db(self, fn: Callable[[], T]) -> T:
         """Retry a short database step while the database is away, up to the lease timeout."""

@@ -17,10 +17,11 @@ from worker.ranks import run_ranks
 class JobRunner(AttemptRunner):
     @log_scope()  # the claim binds the job's id and attempt to this delivery's log lines
     def run(self, job_id: uuid.UUID) -> str:
-        """The delivery's outcome: skipped (not queued), or how the attempt ended."""
-        claimed = self.claim(job_id)
+        """The delivery's outcome: skipped (no job of its queue can start), or how the attempt ended."""
+        claimed = self.claim(job_id)  # this job, or another of its queue whose turn it is
         if claimed is None:
             return "skipped"
+        job_id = claimed.job_id
         if claimed.cancel_requested:
             self.finish(job_id, claimed.attempt, status=JobStatus.cancelled)
             return "cancelled"

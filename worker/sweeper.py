@@ -62,7 +62,9 @@ def sweep_once(  # type: ignore[no-untyped-def]
     for job_id in requeued:
         log.warning("job %s: lease expired; re-queued to resume from its latest checkpoint", job_id)
     with session_scope(factory) as session:
-        to_send = {job.id for job in JobRepository(session).queued_needing_dispatch(older_than)} | set(requeued)
+        cap = settings.max_running_gpus_per_user
+        waiting = JobRepository(session).queued_needing_dispatch(older_than, cap=cap)
+        to_send = {job.id for job in waiting} | set(requeued)
         jobs = [Task.train(job_id, job_queue(settings, session.get(Job, job_id))) for job_id in to_send]
     sent = sum(dispatch(engine, dispatcher, task) for task in jobs)
     with session_scope(factory) as session:

@@ -5,13 +5,18 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import and_, delete, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Select, Subquery, and_, case, delete, func, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
-from app.models import Job, JobStatus, MetricPoint, utcnow
+from app.models import Job, JobStatus, MetricPoint, User, utcnow
+
+# claim_next gives up after this many candidates lost to a race (another claim, a cap reached
+# meanwhile); the delivery then claims nothing and the job's end or the sweeper sends another turn.
+CLAIM_TRIES = 5
 
 
 class InvalidCursor(ValueError):
@@ -54,6 +59,20 @@ def _parse_cursor(cursor: str) -> tuple[datetime, uuid.UUID] | None:
     # once moved to UTC is an OverflowError.
     except (ValueError, OverflowError):
         return None
+
+
+class WaitingJob(NamedTuple):
+    id: uuid.UUID
+    owner_id: uuid.UUID
+    priority: int
+    gpus: int
+    created_at: datetime
+
+
+class OwnerLoad(NamedTuple):
+    gpus: int  # running now, on any queue
+    jobs: int
+    latest_start: datetime | None  # of any of their jobs; None: never
 
 
 class JobRepository:
@@ -102,8 +121,10 @@ class JobRepository:
             return jobs[:limit], encode_cursor(jobs[limit - 1])
         return jobs, None
 
-    def queued_needing_dispatch(self, older_than: datetime, limit: int = 100) -> list[Job]:
-        """Queued jobs never sent, or sent long ago and still not claimed (message lost)."""
+    def queued_needing_dispatch(self, older_than: datetime, limit: int = 100, cap: int = 0) -> list[Job]:
+        """Queued jobs never sent, or sent long ago and still not claimed (message lost). With a
+        cap (DDPM_MAX_RUNNING_GPUS_PER_USER), not those whose owner is at it: they start when
+        one of the owner's jobs ends, which sends them a turn (app/jobs/scheduling.py)."""
         stmt = (
             select(Job)
             .where(Job.status == JobStatus.queued)
@@ -112,6 +133,12 @@ class JobRepository:
             .order_by(Job.created_at)
             .limit(limit)
         )
+        if cap > 0:
+            running = aliased(Job)
+            held = select(func.coalesce(func.sum(_gpus(running)), 0)).where(
+                running.owner_id == Job.owner_id, running.status == JobStatus.running
+            )
+            stmt = stmt.where(held.scalar_subquery() + _gpus(Job) <= cap)
         return list(self.session.scalars(stmt))
 
     # --- the worker's side: every write is fenced by the attempt number -------------------
@@ -135,6 +162,67 @@ class JobRepository:
             .returning(Job.attempt)
         )
         return result.scalar_one_or_none()
+
+    # --- scheduling: a delivery is a turn of its queue (app/jobs/scheduling.py) -------------
+    def claim_next(
+        self, queue: str, worker: str, *, hint: uuid.UUID | None = None, cap: int = 0
+    ) -> tuple[uuid.UUID, int] | None:
+        """Claim the queue's next job in the claim order (`_claim_order`), one whose owner stays
+        within `cap` running GPUs (0: no cap); (job id, attempt), or None when none can start.
+
+        On PostgreSQL the claims of one queue take turns (a transaction-level advisory lock), so
+        each sees the ones before it; the owner's row is locked and their running GPUs counted
+        again before the update, so claims on two queues never exceed the cap together."""
+        if self.session.get_bind().dialect.name == "postgresql":
+            self.session.execute(select(func.pg_advisory_xact_lock(func.hashtext(queue))))
+        passed_owners: set[uuid.UUID] = set()
+        lost: set[uuid.UUID] = set()
+        for _ in range(CLAIM_TRIES):
+            stmt = _waiting(queue, cap, hint, lambda _: [Job.id, Job.owner_id, _gpus(Job)])
+            stmt = stmt.where(Job.owner_id.not_in(passed_owners), Job.id.not_in(lost))
+            row = self.session.execute(stmt.limit(1).with_for_update(of=Job, skip_locked=True)).first()
+            if row is None:
+                return None
+            job_id, owner_id, gpus = row
+            if cap > 0:
+                self.session.execute(select(User.id).where(User.id == owner_id).with_for_update())
+                if self.running_gpus([owner_id]).get(owner_id, 0) + gpus > cap:
+                    passed_owners.add(owner_id)
+                    continue
+            attempt = self.claim(job_id, worker)
+            if attempt is not None:
+                return job_id, attempt
+            lost.add(job_id)
+        return None
+
+    def next_waiting(self, queue: str, cap: int) -> uuid.UUID | None:
+        """The job the queue's next turn would claim among those with no task in the broker
+        (dispatched_at null: a turn found nothing for them); None when each has one, or none can
+        start."""
+        stmt = _waiting(queue, cap, None, lambda _: [Job.id]).where(Job.dispatched_at.is_(None))
+        return self.session.scalar(stmt.limit(1))
+
+    def waiting_in(self, queue: str) -> tuple[list[WaitingJob], dict[uuid.UUID, OwnerLoad]]:
+        """The queue's waiting jobs, and what each of their owners has running and when one of
+        their jobs last started: what the claim order reads (app/jobs/scheduling.py `Places`)."""
+        load = _owner_load(queue)
+        loads = {
+            row.owner_id: OwnerLoad(int(row.gpus), int(row.jobs), row.latest_start)
+            for row in self.session.execute(select(load))
+        }
+        stmt = select(Job.id, Job.owner_id, Job.priority, _gpus(Job), Job.created_at).where(
+            Job.status == JobStatus.queued, Job.queue == queue, Job.deleted_at.is_(None)
+        )
+        return [WaitingJob(*row) for row in self.session.execute(stmt)], loads
+
+    def running_gpus(self, owner_ids: list[uuid.UUID]) -> dict[uuid.UUID, int]:
+        """The GPUs (resources.gpus) each of these users' running jobs hold together."""
+        stmt = (
+            select(Job.owner_id, func.sum(_gpus(Job)))
+            .where(Job.owner_id.in_(owner_ids), Job.status == JobStatus.running)
+            .group_by(Job.owner_id)
+        )
+        return {owner: int(total) for owner, total in self.session.execute(stmt)}
 
     def fenced_update(self, job_id: uuid.UUID, attempt: int, **values: Any) -> bool:
         """Write to a running job only while `attempt` is current; False when fenced off."""
@@ -179,3 +267,62 @@ class JobRepository:
         """The job, locked, while `attempt` is its current running one; None once it is over."""
         stmt = select(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.running)
         return self.session.scalars(stmt.with_for_update()).one_or_none()
+
+
+# --- the claim order ----------------------------------------------------------------------------
+def _gpus(job: type[Job]) -> ColumnElement[int]:
+    """A job's resources.gpus, read from its stored spec (always filled in: the spec is dumped whole)."""
+    return job.spec[("resources", "gpus")].as_integer()
+
+
+def _owner_load(queue: str) -> Subquery:
+    """For each user with a job waiting in `queue`: the GPUs and jobs they have running now (on
+    any queue), and when one of their jobs last started (null: never)."""
+    other, waiting = aliased(Job), aliased(Job)
+    running = other.status == JobStatus.running
+    owners = select(waiting.owner_id).where(waiting.status == JobStatus.queued, waiting.queue == queue)
+    return (
+        select(
+            other.owner_id.label("owner_id"),
+            func.coalesce(func.sum(case((running, _gpus(other)), else_=0)), 0).label("gpus"),
+            func.count(case((running, 1))).label("jobs"),
+            func.max(other.started_at).label("latest_start"),
+        )
+        .where(other.owner_id.in_(owners), other.deleted_at.is_(None))
+        .group_by(other.owner_id)
+        .subquery("owner_load")
+    )
+
+
+def _waiting(
+    queue: str, cap: int, hint: uuid.UUID | None, columns: Callable[[Subquery], list[ColumnElement[Any]]]
+) -> Select[Any]:
+    """`columns` of the queue's waiting jobs that may start (within the cap), in the claim order."""
+    load = _owner_load(queue)
+    stmt = (
+        select(*columns(load))
+        .select_from(Job)
+        .outerjoin(load, load.c.owner_id == Job.owner_id)
+        .where(Job.status == JobStatus.queued, Job.queue == queue, Job.deleted_at.is_(None))
+        .order_by(*_claim_order(load, hint))
+    )
+    if cap > 0:
+        stmt = stmt.where(func.coalesce(load.c.gpus, 0) + _gpus(Job) <= cap)
+    return stmt
+
+
+def _claim_order(load: Subquery, hint: uuid.UUID | None) -> list[ColumnElement[Any]]:
+    """Which waiting job starts first: higher priority; then the user with the fewest GPUs (then
+    jobs) running; then the user whose latest start is oldest (never started first): users take
+    turns; then the delivered job before its owner's others (Celery's order, as before 0012);
+    then the oldest job."""
+    hinted = [case((Job.id == hint, 0), else_=1)] if hint is not None else []
+    return [
+        Job.priority.desc(),
+        func.coalesce(load.c.gpus, 0),
+        func.coalesce(load.c.jobs, 0),
+        load.c.latest_start.asc().nulls_first(),
+        *hinted,
+        Job.created_at,
+        Job.id,
+    ]

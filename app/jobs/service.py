@@ -17,6 +17,7 @@ from app.datasets.repository import DatasetRepository
 from app.jobs.init_from import with_init_from
 from app.jobs.limits import SpecRefused, check_spec
 from app.jobs.repository import JobRepository
+from app.jobs.scheduling import Places, ahead_reason
 from app.jobs.schemas import JobOut
 from app.models import Job, JobStatus, User, Worker, utcnow
 from app.queue import Sender, Task, send_after_commit
@@ -234,6 +235,7 @@ def jobs_out(session: Session, jobs: list[Job], settings: Settings) -> list[JobO
     GPU-seconds (one query per page) and a running job's ETA."""
     workers: list[Worker] | None = None
     used = usage.jobs_gpu_seconds(session, [job.id for job in jobs])
+    places = Places.of(session, jobs, settings.max_running_gpus_per_user)
     shown = []
     for job in jobs:
         needs = job_resources(JobSpec.model_validate(job.spec))
@@ -242,15 +244,16 @@ def jobs_out(session: Session, jobs: list[Job], settings: Settings) -> list[JobO
             if workers is None:  # one query per page, only when a queued job needs it
                 seen_after = utcnow() - timedelta(seconds=settings.lease_timeout_s)
                 workers = WorkerRepository(session).live(settings.queue, seen_after)
-            reason = waiting_reason(needs, workers)
+            reason = places.over_cap(job) or waiting_reason(needs, workers, places.jobs_ahead(job))
         routed = {"queue": queue_name(settings.queue, needs), "waiting_reason": reason}
         measured = {"gpu_seconds": used[job.id], "eta_seconds": usage.eta_seconds(job)}
         shown.append(JobOut.model_validate({**_attributes(job), **routed, **measured}))
     return shown
 
 
-def waiting_reason(needs: Resources, workers: list[Worker]) -> str:
-    """Why a queued job has not started, from the live workers' advertised capacity."""
+def waiting_reason(needs: Resources, workers: list[Worker], ahead: int = 0) -> str:
+    """Why a queued job has not started, from the live workers' advertised capacity, then the jobs
+    the claim order puts before it (app/jobs/scheduling.py)."""
     if not workers:
         return "no worker is running: the job starts when one that can hold it checks in"
     capable = [w for w in workers if can_hold(Resources(w.gpus, w.gpu_memory_gb), needs)]
@@ -261,6 +264,8 @@ def waiting_reason(needs: Resources, workers: list[Worker]) -> str:
             f"(the largest of {len(workers)} running worker{'s' if len(workers) > 1 else ''} offers "
             f"{Resources(largest.gpus, largest.gpu_memory_gb).describe()}); it starts when one that can checks in"
         )
+    if ahead > 0:
+        return ahead_reason(ahead)
     return f"waiting for one of {len(capable)} running worker{'s' if len(capable) > 1 else ''} that can hold it"
 
 
