@@ -98,7 +98,7 @@ def delete_job(job_id: uuid.UUID, user: CurrentUser, request: Request) -> Respon
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/{job_id}/continue", response_model=JobOut, responses=error_responses(404, 409, 422, 429))
+@router.post("/{job_id}/continue", response_model=JobOut, responses=error_responses(400, 404, 409, 422, 429))
 def continue_job(
     job_id: uuid.UUID,
     user: CurrentUser,
