@@ -17,7 +17,8 @@ Phases: (1) the API alone with a queued job watched by 0, 1 and 10 SSE clients (
 so every read in the database is the API's event poller); (2) the worker trains that job (the
 default `log_every` 10, a checkpoint every 50 steps, samples off); (3) the worker idle (its
 sweeper and Celery's polling). Then a pgbench run of the metric-point transaction's shape says
-how many such commits this machine's PostgreSQL takes per second.
+how many such commits this machine's PostgreSQL takes per second, and the retention section
+(bench/retention.py) what thinning a long job's metric points saves.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from app.cli import WORKER_COMMAND
 from app.config import Settings
 from app.db import upgrade_database
 from app.spec import TrainingSpec
+from bench import retention
 from bench.api import BIN, free_port, wait_ready, wait_status
 from bench.common import PG_ADMIN_URL, REDIS_URL, machine, process, service_env, throwaway_database
 
@@ -446,7 +448,10 @@ def run(short: bool = False) -> dict[str, Any]:
 
     print("-- pgbench: the metric-point transaction's shape, one job row per client")
     commit_rates, row_bytes = pgbench_commit_rate([2] if short else [1, 4, 16], 2 if short else 8)
-    return report(meter, train_windows, idle_windows, sizes, ckpt_bytes, state_files, commit_rates, row_bytes, window_s)
+    kept = retention.measure(short)
+    return report(
+        meter, train_windows, idle_windows, sizes, ckpt_bytes, state_files, commit_rates, row_bytes, window_s, kept
+    )
 
 
 def report(
@@ -459,6 +464,7 @@ def report(
     commit_rates: dict[int, float] | str,
     row_bytes: float,
     window_s: float,
+    retention_figures: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     def per(windows: list[Window], fn: Any) -> float:
         return _median([fn(w) for w in windows])
@@ -595,6 +601,7 @@ def report(
             f"  {s:>3} steps/s: {p['writes_per_s']:.2f} writing transactions/s, "
             f"{p['wal_bytes_per_s'] / 1e3:.2f} kB WAL/s, {p['table_bytes_per_day'] / 1e6:.1f} MB of metric_points a day"
         )
+    figures.update(retention_figures or {})
     print("JSON " + json.dumps(figures, default=str))
     return figures
 

@@ -22,6 +22,7 @@ from app.checkpoints.repository import CheckpointRepository
 from app.checkpoints.store import CheckpointStore, make_store
 from app.config import Settings
 from app.db import session_scope
+from app.jobs.lifecycle import remove_prefix
 from app.jobs.repository import JobRepository
 from app.samples.repository import SampleRepository
 from app.spec import JobSpec
@@ -44,7 +45,8 @@ class _StoredImages(NamedTuple):
 
 
 def draw_requested_samples(settings: Settings, factory: sessionmaker[Session], request_id: uuid.UUID) -> str:
-    """Run one sample request to its end; returns skipped (not queued), failed or succeeded."""
+    """Run one sample request to its end; returns skipped (not queued), failed, deleted (its job was,
+    meanwhile) or succeeded."""
     from worker.ddpm.checkpoint import load_unet
     from worker.ddpm.sampling import sample_images
     from worker.ddpm.trainer import resolve_device
@@ -61,9 +63,9 @@ def draw_requested_samples(settings: Settings, factory: sessionmaker[Session], r
         job = JobRepository(session).get(job_id)
         session.expunge_all()
 
-    def finish(**values: object) -> None:
+    def finish(**values: object) -> bool:
         with session_scope(factory) as session:
-            SampleRepository(session).finish(request_id, **values)
+            return SampleRepository(session).finish(request_id, **values)
 
     if checkpoint is None or job is None or request is None:
         finish(status="failed", error=f"the checkpoint at step {step} is gone (pruned by keep_checkpoints?)")
@@ -88,7 +90,10 @@ def draw_requested_samples(settings: Settings, factory: sessionmaker[Session], r
         log.exception("sample request %s failed", request_id)
         finish(status="failed", error=describe_failure(exc, spec))
         return "failed"
-    finish(status="succeeded", **stored._asdict())
+    if not finish(status="succeeded", **stored._asdict()):
+        log.info("sample request %s: its job was deleted meanwhile; removing what it drew", request_id)
+        remove_prefix(store, f"sample-requests/{request_id}/")
+        return "deleted"
     store.discard_scratch(stored.png_path)
     store.discard_scratch(stored.npz_path)
     return "succeeded"

@@ -8,6 +8,8 @@
   API reads to explain why a job waits, and
 - re-queues sample requests whose worker stopped checking in mid-draw, and sends them and the
   queued requests never sent or whose message went missing, as for jobs, and
+- finishes job deletions that a crash (or a store away) interrupted, and thins the metric points
+  of finished jobs older than DDPM_METRICS_RETENTION_DAYS (app/metrics/retention.py), and
 - for data sets: deletes uploads broken off and idle for DDPM_DATASET_UPLOAD_EXPIRY_S (row and
   bytes), frees preparations whose worker stopped checking in, and sends the prepare task of
   those never sent, sent long ago and never taken, or freed.
@@ -33,8 +35,9 @@ from app.config import Settings
 from app.datasets import service as datasets
 from app.datasets.repository import DatasetRepository
 from app.db import make_engine, make_sessionmaker, session_scope
-from app.jobs import service
+from app.jobs import lifecycle, service
 from app.jobs.repository import JobRepository
+from app.metrics.retention import thin_job_metrics
 from app.models import Job, utcnow
 from app.queue import Dispatcher, Sender, Task, dispatch, engine_of
 from app.routing import Resources, sample_queue, train_queue
@@ -74,8 +77,38 @@ def sweep_once(  # type: ignore[no-untyped-def]
         log.warning("sample request %s: its worker is gone; re-queued", request_id)
     for request_id in sorted(unsent | set(orphaned)):
         dispatch(engine, dispatcher, Task.sample(request_id))
-    sweep_datasets(settings, factory, dispatcher, store or make_store(settings))
+    store = store or make_store(settings)
+    sweep_datasets(settings, factory, dispatcher, store)
+    finish_deletions(factory, store)
+    downsample_metrics(settings, factory)
     return len(requeued), sent
+
+
+def finish_deletions(factory, store: CheckpointStore, grace_s: float = lifecycle.DELETION_GRACE_S) -> int:  # type: ignore[no-untyped-def]
+    """Jobs marked deleted more than `grace_s` ago whose row is still there (the API died between
+    the mark and the row, or the store was away): their files, then their rows; how many finished."""
+    with session_scope(factory) as session:
+        marked = JobRepository(session).deleted_before(utcnow() - timedelta(seconds=grace_s))
+    for job_id in marked:
+        log.warning("job %s: finishing its interrupted deletion", job_id)
+    return sum(lifecycle.remove_job(factory, store, job_id) for job_id in marked)
+
+
+def downsample_metrics(settings: Settings, factory) -> int:  # type: ignore[no-untyped-def]
+    """Finished jobs older than DDPM_METRICS_RETENTION_DAYS (when > 0) keep at most
+    DDPM_METRICS_RETENTION_POINTS metric points, one job per transaction; how many were thinned."""
+    if settings.metrics_retention_days <= 0:
+        return 0
+    with session_scope(factory) as session:
+        due = JobRepository(session).due_for_downsampling(utcnow() - timedelta(days=settings.metrics_retention_days))
+    done = 0
+    for job_id in due:
+        with session_scope(factory) as session:
+            thinned = thin_job_metrics(session, job_id, settings.metrics_retention_points)
+        if thinned is not None:
+            log.info("job %s: metric points downsampled, %d -> %d", job_id, thinned.before, thinned.after)
+            done += 1
+    return done
 
 
 def sweep_datasets(settings: Settings, factory, dispatcher: Sender, store: CheckpointStore) -> tuple[int, int]:  # type: ignore[no-untyped-def]

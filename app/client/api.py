@@ -193,6 +193,14 @@ class DdpmClient:
         params = {name: value for name, value in (("since", since), ("until", until)) if value}
         return self._request("GET", "/v1/usage", params=params).json()
 
+    def delete(self, job_id: str) -> None:
+        """Delete a finished job and everything it owns (rows and files); 409 while it is queued or running."""
+        self._request("DELETE", f"/v1/jobs/{job_id}")
+
+    def continue_job(self, job_id: str, steps: int) -> dict[str, Any]:
+        """Queue a finished job again to train to `steps` in all, from its latest checkpoint."""
+        return self._request("POST", f"/v1/jobs/{job_id}/continue", json={"steps": steps}).json()
+
     def metrics(self, job_id: str, page_size: int = 1000) -> Iterator[dict[str, Any]]:
         """The loss history in step order, every page."""
         params: dict[str, Any] = {"limit": page_size}

@@ -3,6 +3,8 @@
     ddpm submit spec.yaml                  prints the new job's id (`-` reads the spec from stdin)
     ddpm watch ID                          a live progress bar until the job ends; exit 0 if it succeeded
     ddpm list / status / cancel / metrics  tables (metrics --csv); --json prints the API's objects
+    ddpm continue ID --steps N             train a finished job on to N steps from its latest checkpoint
+    ddpm delete ID [--yes]                 a finished job and everything it stored, for good
     ddpm checkpoints / samples ID          what a job has saved; samples --out DIR fetches the grids
     ddpm evaluations ID                    FID and KID measured during training (evaluation.every)
     ddpm usage [--since 7d]                GPU-seconds per user (yours; an admin's key: everyone's)
@@ -239,6 +241,35 @@ def cancel(ctx: typer.Context, job_id: JobId) -> None:
         out.print(f"job {job_id} {_status('cancelled')}")
     else:
         out.print(f"job {job_id} is {_status(job['status'])}; it stops at its next log point")
+
+
+@app.command("continue")
+@reports_errors
+def continue_(
+    ctx: typer.Context,
+    job_id: JobId,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="The new total of steps: more than it has done.")],
+) -> None:
+    """Train a finished job on to --steps in all, resuming from its latest checkpoint."""
+    with client_for(ctx) as client:
+        job = client.continue_job(job_id, steps)
+    status = _status(job["status"])
+    out.print(f"job {job_id} {status} to {job['total_steps']} steps; follow it with: ddpm watch {job_id}")
+
+
+@app.command()
+@reports_errors
+def delete(
+    ctx: typer.Context,
+    job_id: JobId,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a finished job with its checkpoints, samples and metrics, for good."""
+    if not yes and not typer.confirm(f"delete job {job_id} and all its files?"):
+        raise typer.Exit(1)
+    with client_for(ctx) as client:
+        client.delete(job_id)
+    out.print(f"job {job_id} deleted")
 
 
 # --- metrics, checkpoints, samples ---------------------------------------------------------------

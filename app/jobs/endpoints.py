@@ -5,12 +5,14 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, status
 
+from app.checkpoints.files import checkpoint_store
+from app.db import session_scope
 from app.deps import CurrentUser, DispatcherDep, SessionDep, SettingsDep
-from app.jobs import service
+from app.jobs import lifecycle, service
 from app.jobs.repository import InvalidCursor
-from app.jobs.schemas import JobOut, JobPage
+from app.jobs.schemas import ContinueIn, JobOut, JobPage
 from app.models import JobStatus
 from app.openapi import AUTHENTICATED, error_responses
 from app.spec import JobSpec
@@ -82,3 +84,35 @@ def get_job(job_id: uuid.UUID, user: CurrentUser, session: SessionDep, settings:
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409, 422))
 def cancel_job(job_id: uuid.UUID, user: CurrentUser, session: SessionDep, settings: SettingsDep) -> JobOut:
     return service.job_out(session, service.cancel_job(session, job_id, user), settings)
+
+
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404, 409, 422))
+def delete_job(job_id: uuid.UUID, user: CurrentUser, request: Request) -> Response:
+    """Delete a finished job and everything it owns: its rows, checkpoints, sample grids and drawn
+    samples, in every store. 409 while it is queued or running (cancel it first); repeating it is
+    a 204 again."""
+    factory = request.app.state.sessionmaker
+    with session_scope(factory) as session:  # the mark commits here: the job is gone from now on
+        lifecycle.mark_deleted(session, job_id, user)
+    lifecycle.remove_job(factory, checkpoint_store(request), job_id)  # files, then the row
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/{job_id}/continue", response_model=JobOut, responses=error_responses(400, 404, 409, 422, 429))
+def continue_job(
+    job_id: uuid.UUID,
+    user: CurrentUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    dispatcher: DispatcherDep,
+    body: Annotated[ContinueIn | None, Body(description='{"steps": N}: the new total')] = None,
+) -> JobOut:
+    """Queue a finished job again to train to `steps` in all, resuming from its latest checkpoint:
+    its losses go on as if it had asked for that many steps from the start."""
+    service.get_job(session, job_id, user)  # 404 before anything about the body
+    if body is None:
+        raise HTTPException(
+            422, detail=[{"loc": ["body", "steps"], "msg": "Field required", "type": "missing", "input": None}]
+        )
+    job = lifecycle.continue_job(session, job_id, user, body.steps, settings=settings, dispatcher=dispatcher)
+    return service.job_out(session, job, settings)

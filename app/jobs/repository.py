@@ -12,7 +12,8 @@ from typing import Any, NamedTuple
 from sqlalchemy import ColumnElement, Select, Subquery, and_, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
-from app.models import Job, JobStatus, MetricPoint, User, utcnow
+from app.models import Job, JobStatus, MetricPoint, SampleRequest, User, utcnow
+from app.status import TERMINAL_STATUSES
 
 # claim_next gives up after this many candidates lost to a race (another claim, a cap reached
 # meanwhile); the delivery then claims nothing and the job's end or the sweeper sends another turn.
@@ -85,8 +86,18 @@ class JobRepository:
         self.session.flush()
         return job
 
-    def get(self, job_id: uuid.UUID, *, owner_id: uuid.UUID | None = None, for_update: bool = False) -> Job | None:
+    def get(
+        self,
+        job_id: uuid.UUID,
+        *,
+        owner_id: uuid.UUID | None = None,
+        for_update: bool = False,
+        include_deleted: bool = False,
+    ) -> Job | None:
+        """The job; a deleted one (deleted_at set) is gone for every reader unless `include_deleted`."""
         stmt = select(Job).where(Job.id == job_id)
+        if not include_deleted:
+            stmt = stmt.where(Job.deleted_at.is_(None))
         if owner_id is not None:
             stmt = stmt.where(Job.owner_id == owner_id)
         if for_update:
@@ -108,7 +119,8 @@ class JobRepository:
         self, *, owner_id: uuid.UUID | None, limit: int, status: JobStatus | None, cursor: str | None
     ) -> tuple[list[Job], str | None]:
         """Newest first; the cursor is the last job of the previous page."""
-        stmt = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+        stmt = select(Job).where(Job.deleted_at.is_(None))
+        stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
         if owner_id is not None:
             stmt = stmt.where(Job.owner_id == owner_id)
         if status is not None:
@@ -267,6 +279,45 @@ class JobRepository:
         """The job, locked, while `attempt` is its current running one; None once it is over."""
         stmt = select(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.running)
         return self.session.scalars(stmt.with_for_update()).one_or_none()
+
+    # --- lifecycle: deletion (marked, files removed, row deleted) and metric retention -------
+    def deleted_before(self, before: datetime, limit: int = 20) -> list[uuid.UUID]:
+        """Jobs marked deleted before `before` whose deletion has not finished (the API that
+        marked them crashed, or their storage was away): the sweeper finishes them."""
+        stmt = select(Job.id).where(Job.deleted_at < before).order_by(Job.deleted_at).limit(limit)
+        return list(self.session.scalars(stmt))
+
+    def sample_request_ids(self, job_id: uuid.UUID) -> list[uuid.UUID]:
+        """Every sample request of the job: their files live outside the job's folder."""
+        return list(self.session.scalars(select(SampleRequest.id).where(SampleRequest.job_id == job_id)))
+
+    def delete_marked(self, job_id: uuid.UUID) -> bool:
+        """The row of a job marked deleted, gone (its metric points, checkpoint, sample, evaluation,
+        sample request and log rows with it, by ON DELETE CASCADE; its attempts stay, job_id null)."""
+        result = self.session.execute(delete(Job).where(Job.id == job_id, Job.deleted_at.is_not(None)))
+        return result.rowcount == 1
+
+    def due_for_downsampling(self, finished_before: datetime, limit: int = 20) -> list[uuid.UUID]:
+        """Finished, not deleted jobs that ended before `finished_before` and still keep every point."""
+        stmt = (
+            select(Job.id)
+            .where(Job.status.in_(sorted(TERMINAL_STATUSES)), Job.finished_at < finished_before)
+            .where(Job.deleted_at.is_(None), Job.metrics_downsampled_at.is_(None))
+            .order_by(Job.finished_at)
+            .limit(limit)
+        )
+        return list(self.session.scalars(stmt))
+
+    def lock_for_downsampling(self, job_id: uuid.UUID) -> Job | None:
+        """The job, locked, while it is finished, not deleted and not yet downsampled; None when
+        another sweeper holds it or it changed (continued, deleted) since it was listed."""
+        stmt = (
+            select(Job)
+            .where(Job.id == job_id, Job.status.in_(sorted(TERMINAL_STATUSES)))
+            .where(Job.deleted_at.is_(None), Job.metrics_downsampled_at.is_(None))
+            .with_for_update(skip_locked=True)
+        )
+        return self.session.scalars(stmt).one_or_none()
 
 
 # --- the claim order ----------------------------------------------------------------------------

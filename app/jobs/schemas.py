@@ -7,7 +7,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.models import JobStatus
+from app.models import MAX_STEP, JobStatus
 from app.spec import JobSpec
 
 
@@ -46,6 +46,19 @@ class JobOut(BaseModel):
         None,
         description="While running: the seconds its remaining steps take at the rate measured at its latest "
         "metric point; null before the first point and when not running.",
+    )
+
+
+class ContinueIn(BaseModel):
+    """POST /v1/jobs/{id}/continue: the job's new total of optimizer steps."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    steps: int = Field(
+        ge=1,
+        le=MAX_STEP,
+        description="The new training.steps: more than the job has done, at most DDPM_MAX_STEPS. "
+        "Training resumes from its latest checkpoint.",
     )
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from app.models import MetricPoint
@@ -27,3 +27,8 @@ class MetricRepository:
             .limit(limit)
         )
         return list(self.session.scalars(stmt))
+
+    def replace_all(self, job_id: uuid.UUID, points: list[MetricPoint]) -> None:
+        """The job's points, every one of them replaced by `points` (metric retention)."""
+        self.session.execute(delete(MetricPoint).where(MetricPoint.job_id == job_id))
+        self.session.add_all(points)

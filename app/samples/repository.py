@@ -6,7 +6,7 @@ from datetime import datetime
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.models import Sample, SampleRequest, Worker, utcnow
+from app.models import Job, Sample, SampleRequest, Worker, utcnow
 
 
 class SampleRepository:
@@ -38,6 +38,7 @@ class SampleRepository:
         claimed = self.session.execute(
             update(SampleRequest)
             .where(SampleRequest.id == request_id, SampleRequest.status == "queued")
+            .where(SampleRequest.job_id.in_(_live_jobs()))
             .values(status="running", worker=worker)
             .returning(SampleRequest.job_id, SampleRequest.checkpoint_step)
         ).one_or_none()
@@ -46,11 +47,15 @@ class SampleRepository:
     def get_request(self, request_id: uuid.UUID) -> SampleRequest | None:
         return self.session.get(SampleRequest, request_id)
 
-    def finish(self, request_id: uuid.UUID, **values: object) -> None:
-        """A request's ending: its status, and its files or error (`values`), stamped finished."""
-        self.session.execute(
-            update(SampleRequest).where(SampleRequest.id == request_id).values(finished_at=utcnow(), **values)
+    def finish(self, request_id: uuid.UUID, **values: object) -> bool:
+        """A request's ending: its status, and its files or error (`values`), stamped finished.
+        False when its job was deleted meanwhile: the caller removes the files it stored."""
+        result = self.session.execute(
+            update(SampleRequest)
+            .where(SampleRequest.id == request_id, SampleRequest.job_id.in_(_live_jobs()))
+            .values(finished_at=utcnow(), **values)
         )
+        return result.rowcount == 1
 
     def add_request(self, request: SampleRequest) -> SampleRequest:
         self.session.add(request)
@@ -61,13 +66,18 @@ class SampleRepository:
         """Queued requests never sent, or sent long ago and still not claimed (message lost)."""
         stmt = (
             select(SampleRequest)
-            .where(SampleRequest.status == "queued")
+            .where(SampleRequest.status == "queued", SampleRequest.job_id.in_(_live_jobs()))
             .where(or_(SampleRequest.dispatched_at.is_(None), SampleRequest.dispatched_at < older_than))
             .where(SampleRequest.created_at < older_than)
             .order_by(SampleRequest.created_at)
             .limit(limit)
         )
         return list(self.session.scalars(stmt))
+
+
+def _live_jobs():  # type: ignore[no-untyped-def]
+    """The ids of jobs not marked deleted (app/jobs/lifecycle.py)."""
+    return select(Job.id).where(Job.deleted_at.is_(None))
 
 
 def requeue_orphaned_requests(session: Session, seen_after: datetime) -> list[uuid.UUID]:

@@ -48,6 +48,8 @@ SETTINGS = hypothesis.settings(
 # - GET /v1/jobs and GET /v1/jobs/{job_id}/logs: `cursor` is opaque; only cursors this API
 #   returned are valid (and an `attempt` past the job's own is 422);
 # - POST /v1/jobs/{job_id}/sample: `steps` is for ddim only, and integers are strict (60.0 is not 60);
+# - POST /v1/jobs/{job_id}/continue: `steps` must exceed the steps the job has done and stay within
+#   DDPM_MAX_STEPS (the job's state and the service's configuration), and it is a strict integer too;
 # - POST /v1/datasets: a source URI's full form (hf ids, bucket names, no private hosts, s3:// only
 #   with S3 storage) and a form's parts are beyond JSON Schema; GET /v1/datasets: `cursor` as above;
 # - GET /v1/usage: `since` must come before `until`, and both must be times in UTC's years 1-9999.
@@ -77,6 +79,7 @@ def fuzzer_config(key: str) -> schemathesis.config.SchemathesisConfig:
                         "POST /v1/jobs",
                         "GET /v1/jobs",
                         "POST /v1/jobs/{job_id}/sample",
+                        "POST /v1/jobs/{job_id}/continue",
                         "GET /v1/jobs/{job_id}/logs",
                         "GET /v1/datasets",
                         "GET /v1/usage",

@@ -152,6 +152,8 @@ def test_the_matrix_covers_every_route(world: World) -> None:
         ("GET", "/v1/jobs"),
         ("GET", "/v1/jobs/{job_id}"),
         ("POST", "/v1/jobs/{job_id}/cancel"),
+        ("DELETE", "/v1/jobs/{job_id}"),
+        ("POST", "/v1/jobs/{job_id}/continue"),
         ("GET", "/v1/jobs/{job_id}/metrics"),
         ("GET", "/v1/jobs/{job_id}/checkpoints"),
         ("GET", "/v1/jobs/{job_id}/checkpoints/{step}"),  # a step, `latest` or `best`

@@ -690,3 +690,35 @@ def test_fid_and_loss_by_timestep_charts(api_only: Stack, browser, service_setti
     assert page.is_hidden("#fid-chart") and page.is_hidden("#download-best")
     assert page.inner_text("#loss-by-t-empty") == "No loss by timestep yet."
     assert errors.page_errors == [] and errors.console == []
+
+
+def test_continue_and_delete_a_finished_job(api_only: Stack, browser) -> None:
+    """A finished job offers Continue (to a new total) and Delete (confirmed); a running or queued one neither."""
+    with api_only.client() as client:
+        job_id = client.post("/v1/jobs", json={"training": {"steps": 10}}).json()["id"]
+        client.post(f"/v1/jobs/{job_id}/cancel").raise_for_status()
+    errors = BrowserErrors()
+    page = new_page(browser, errors)
+    page.goto(f"{api_only.base}/#key={api_only.key}")
+    page.wait_for_selector("#job-table")
+    page.goto(f"{api_only.base}/#/jobs/{job_id}")
+    page.wait_for_selector("#delete-job:not([hidden])")
+    assert page.input_value("#continue-steps") == "20"  # twice the total, by default
+    page.fill("#continue-steps", "30")
+    page.click("#continue-job")
+    page.wait_for_selector(f"{STATUS_BADGE}[data-status=queued]")
+    assert page.is_hidden("#delete-job") and page.is_hidden("#continue-steps")
+    with api_only.client() as client:
+        assert client.get(f"/v1/jobs/{job_id}").json()["total_steps"] == 30
+        client.post(f"/v1/jobs/{job_id}/cancel").raise_for_status()
+    page.wait_for_selector("#delete-job:not([hidden])")
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    page.click("#delete-job")
+    with api_only.client() as client:
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 200, "a dismissed confirm deletes nothing"
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#delete-job")
+    page.wait_for_selector("#job-table")
+    with api_only.client() as client:
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 404
+    assert errors.page_errors == []

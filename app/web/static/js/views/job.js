@@ -47,12 +47,25 @@ export function jobView(root, jobId) {
   const title = el("h1", { id: "job-title" }, "Loading…");
   const badge = el("span");
   const cancelButton = el("button", { type: "button", id: "cancel-job", class: "danger", hidden: true });
+  // A finished job: train it on to more steps (POST …/continue), or delete it (DELETE, confirmed).
+  const continueSteps = el("input", {
+    type: "number",
+    id: "continue-steps",
+    min: "1",
+    step: "1",
+    "aria-label": "Total steps to continue to",
+  });
+  const continueButton = el("button", { type: "button", id: "continue-job", class: "secondary" }, "Continue");
+  const continueForm = el("span", { class: "continue-job", hidden: true }, continueSteps, continueButton);
+  const deleteButton = el("button", { type: "button", id: "delete-job", class: "danger", hidden: true }, "Delete job");
   const header = card({ class: "job-head" }, [
     el("a", { href: "#/", class: "back", "aria-label": "All jobs" }, "←"),
     title,
     badge,
     el("div", { class: "spacer" }),
     cancelButton,
+    continueForm,
+    deleteButton,
   ]);
   const progress = el("div", { class: "job-progress" });
   const stats = el("dl", { class: "stats", id: "job-stats" });
@@ -224,6 +237,13 @@ export function jobView(root, jobId) {
       cancelButton.disabled = false;
       cancelButton.textContent = "Cancel job";
     }
+    const finished = TERMINAL.has(job.status);
+    deleteButton.hidden = !finished;
+    if (finished && continueForm.hidden) {
+      continueSteps.min = String(job.step + 1);
+      continueSteps.value = String(Math.max(job.step + 1, job.total_steps * 2));
+    }
+    continueForm.hidden = !finished;
     specPre.textContent = JSON.stringify(job.spec, null, 2);
     if (!fidChart.size) renderEvaluations();
   }
@@ -575,6 +595,40 @@ export function jobView(root, jobId) {
       toast(`Cancel failed: ${e.message}`, "error");
       cancelButton.disabled = false;
       cancelButton.textContent = "Cancel job";
+    }
+  });
+
+  continueButton.addEventListener("click", async () => {
+    const steps = Number(continueSteps.value);
+    if (!Number.isInteger(steps) || steps <= job.step) {
+      toast(`Continue to more than the ${job.step} steps it has done`, "error");
+      return;
+    }
+    continueButton.disabled = true;
+    try {
+      await api(`${base}/continue`, { method: "POST", body: { steps } });
+      toast(`Continuing to ${steps} steps`);
+      window.dispatchEvent(new HashChangeEvent("hashchange")); // this page again, following it live
+    } catch (e) {
+      toast(`Continue failed: ${e.message}`, "error");
+    } finally {
+      continueButton.disabled = false;
+    }
+  });
+
+  deleteButton.addEventListener("click", async () => {
+    const what = job.name ? `"${job.name}"` : jobId;
+    if (!window.confirm(`Delete job ${what} with its checkpoints, samples and metrics? This cannot be undone.`)) {
+      return;
+    }
+    deleteButton.disabled = true;
+    try {
+      await api(base, { method: "DELETE" });
+      toast("Job deleted");
+      location.hash = "#/";
+    } catch (e) {
+      toast(`Delete failed: ${e.message}`, "error");
+      deleteButton.disabled = false;
     }
   });
 
