@@ -88,7 +88,6 @@ def test_deleting_removes_every_file_in_s3_and_the_rows_but_not_the_attempts(s3_
         )
         request_id = request.id
         owner = s.get(Job, job_id).owner_id  # type: ignore[union-attr]
-        s.add(JobAttempt(job_id=job_id, owner_id=owner, attempt=1, worker="w", device="cpu", gpus=1))
     assert draw_requested_samples(s3_settings, factory, request_id) == "succeeded"
     mine = {k for k in bucket_keys(s3_settings) if str(job_id) in k or str(request_id) in k}
     assert len(mine) >= 6  # 2 checkpoints x (weights, state), 2 grids, the request's PNG and .npz
