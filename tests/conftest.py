@@ -4,6 +4,7 @@ one machine never consume each other's tasks. Everything started here is stopped
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
@@ -69,6 +70,24 @@ def clean_db(service_settings: Settings) -> Iterator[Settings]:
         conn.execute(text("TRUNCATE jobs, metric_points, checkpoints, datasets, api_keys, users, workers CASCADE"))
     engine.dispose()
     yield service_settings
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    """What the root logger writes at INFO through a DDPM_LOG_FORMAT=json handler while the test runs."""
+    from app.log_format import use_json
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    use_json(handler)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    level, root.level = root.level, logging.INFO
+    try:
+        yield out
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 @dataclass(frozen=True)

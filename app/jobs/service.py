@@ -187,11 +187,8 @@ def requeue_expired(session: Session, expired_before: datetime, max_attempts: in
     requeued = []
     for job in JobRepository(session).expired_leases(expired_before):
         reason = f"the worker running attempt {job.attempt} ({job.worker}) stopped renewing its lease"
-        AttemptRepository(session).end_lost(job.id, job.attempt)
-        if release_attempt(job, max_attempts, reason) is JobStatus.queued:
+        if _release(session, job, max_attempts, reason) is JobStatus.queued:
             requeued.append(job.id)
-        else:
-            webhooks.record_job_end(session, job)
     session.flush()
     return requeued
 
@@ -202,11 +199,18 @@ def release_lost(session: Session, job_id: uuid.UUID, attempt: int, max_attempts
     job = JobRepository(session).get_running_attempt(job_id, attempt)
     if job is None:
         return None
-    AttemptRepository(session).end_lost(job_id, attempt)
+    status = _release(session, job, max_attempts, reason)
+    session.flush()
+    return status
+
+
+def _release(session: Session, job: Job, max_attempts: int, reason: str) -> JobStatus:
+    """A lost attempt ended (its attempt row, at its last sign of life) and the job released; a job
+    that ends there (failed, cancelled) records its webhook event in the same transaction."""
+    AttemptRepository(session).end_lost(job.id, job.attempt)
     status = release_attempt(job, max_attempts, reason)
     if status is not JobStatus.queued:
         webhooks.record_job_end(session, job)
-    session.flush()
     return status
 
 

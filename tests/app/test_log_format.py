@@ -15,27 +15,17 @@ import pytest
 
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker
-from app.log_format import bind_log, log_scope, set_worker, use_json, uvicorn_log_config
+from app.log_format import bind_log, log_scope, set_worker, uvicorn_log_config
 from worker.lease import Lease
 
 JOB = uuid.uuid4()
 
 
 @pytest.fixture
-def lines() -> Iterator[io.StringIO]:
+def lines(json_log: io.StringIO) -> Iterator[io.StringIO]:
     """What the root logger writes through a JSON handler while the test runs."""
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    use_json(handler)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    level, root.level = root.level, logging.INFO
-    try:
-        yield out
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-        set_worker(None)
+    yield json_log
+    set_worker(None)
 
 
 def records(out: io.StringIO) -> list[dict]:

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pytest
 import torch
 from sqlalchemy import select
 
 from app.config import Settings
-from app.db import make_engine, make_sessionmaker, session_scope
+from app.db import session_scope
 from app.jobs.service import job_out, requeue_expired
 from app.models import Job, JobAttempt, JobStatus, utcnow
 from app.spec import JobSpec
@@ -20,16 +19,6 @@ from worker.lease import Lease
 from worker.runner import JobRunner
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture
-def factory(clean_db: Settings):
-    return make_sessionmaker(make_engine(clean_db))
-
-
-@pytest.fixture
-def runner(clean_db: Settings, factory) -> JobRunner:
-    return JobRunner(clean_db, factory)
 
 
 def attempts(factory) -> list[JobAttempt]:

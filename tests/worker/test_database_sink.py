@@ -13,18 +13,13 @@ from sqlalchemy import select
 
 from app.checkpoints.store import LocalStore
 from app.config import Settings
-from app.db import make_engine, make_sessionmaker, session_scope
+from app.db import session_scope
 from app.jobs.service import requeue_expired
 from app.models import Checkpoint, Evaluation, MetricPoint, utcnow
 from tests.worker.test_lease import claimed_lease
 from worker.database_sink import DatabaseSink
 from worker.ddpm.sink import EvaluationPoint, SavedCheckpoint, StopReason, StopTraining
 from worker.ddpm.sink import MetricPoint as LoggedPoint
-
-
-@pytest.fixture
-def factory(clean_db: Settings):
-    return make_sessionmaker(make_engine(clean_db))
 
 
 def make_sink(settings: Settings, factory, *, keep: int = 2, keep_best: bool = True) -> DatabaseSink:

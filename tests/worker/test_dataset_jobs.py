@@ -24,16 +24,6 @@ from worker.runner import JobRunner
 IMAGES = [(gradient(12 + i, 10), "PNG") for i in range(6)] + [(Image.new("L", (9, 9), 200), "JPEG")]
 
 
-@pytest.fixture
-def factory(clean_db: Settings):
-    return make_sessionmaker(make_engine(clean_db))
-
-
-@pytest.fixture
-def runner(clean_db: Settings, factory) -> JobRunner:
-    return JobRunner(clean_db, factory)
-
-
 def ready_dataset(factory, settings: Settings) -> tuple[uuid.UUID, str]:
     """A ready data set of the submitting user, its prepared tar in the (local) store; (id, sha256).
     Its first image is of a colour of its own, so no other test's cached array has its sha256."""

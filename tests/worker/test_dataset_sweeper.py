@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.checkpoints.store import LocalStore
 from app.config import Settings
 from app.datasets.keys import upload_key
-from app.db import make_engine, make_sessionmaker, session_scope
+from app.db import session_scope
 from app.models import Dataset, User, utcnow
 from app.routing import Resources
 from worker.sweeper import check_in, sweep_datasets, sweep_once
@@ -35,11 +35,6 @@ class Recorder:
 
     def send_prepare(self, dataset_id: str) -> None:
         self.prepared.append(dataset_id)
-
-
-@pytest.fixture
-def factory(clean_db: Settings) -> sessionmaker[Session]:
-    return make_sessionmaker(make_engine(clean_db))
 
 
 @pytest.fixture

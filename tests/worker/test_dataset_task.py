@@ -10,7 +10,6 @@ import tarfile
 import threading
 import uuid
 import zipfile
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.checkpoints.store import make_store
 from app.config import Settings
 from app.datasets.keys import prepared_key, preview_key, upload_key
-from app.db import make_engine, make_sessionmaker, session_scope
+from app.db import session_scope
 from app.models import Dataset, User
 from tests.conftest import bucket_keys
 from worker import dataset_task
@@ -43,13 +42,6 @@ def images_zip(count: int, extra: dict[str, bytes] | None = None) -> bytes:
         for name, data in (extra or {}).items():
             archive.writestr(name, data)
     return buffer.getvalue()
-
-
-@pytest.fixture
-def factory(clean_db: Settings) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(clean_db)
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 def uploaded(settings: Settings, factory: sessionmaker[Session], owner: User, archive: bytes) -> uuid.UUID:

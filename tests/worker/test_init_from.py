@@ -46,16 +46,6 @@ TUNE = {
 }
 
 
-@pytest.fixture
-def factory(clean_db: Settings):
-    return make_sessionmaker(make_engine(clean_db))
-
-
-@pytest.fixture
-def runner(clean_db: Settings, factory) -> JobRunner:
-    return JobRunner(clean_db, factory)
-
-
 def submit(factory, spec: dict, init_from: dict | None = None) -> uuid.UUID:
     if init_from is not None:
         spec = spec | {"training": spec["training"] | {"init_from": init_from}}

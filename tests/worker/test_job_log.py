@@ -18,11 +18,6 @@ from worker.job_log import capture_job_log
 from worker.runner import JobRunner
 
 
-@pytest.fixture
-def factory(clean_db: Settings):
-    return make_sessionmaker(make_engine(clean_db))
-
-
 def lines(factory, job_id: uuid.UUID) -> list[tuple[int, int, str, str, str]]:
     with session_scope(factory) as s:
         rows = s.scalars(select(JobLogLine).where(JobLogLine.job_id == job_id).order_by("attempt", "seq"))

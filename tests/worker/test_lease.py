@@ -6,19 +6,13 @@ from datetime import timedelta
 
 import pytest
 
-from app.config import Settings
-from app.db import make_engine, make_sessionmaker, session_scope
+from app.db import session_scope
 from app.jobs.repository import JobRepository
 from app.jobs.service import requeue_expired
 from app.models import Job, utcnow
 from tests.worker.test_runner import TINY, submit
 from worker.ddpm.sink import StopReason, StopTraining
 from worker.lease import Lease
-
-
-@pytest.fixture
-def factory(clean_db: Settings):
-    return make_sessionmaker(make_engine(clean_db))
 
 
 def claimed_lease(factory) -> Lease:

@@ -147,15 +147,3 @@ def _far_future():  # type: ignore[no-untyped-def]
     from app.models import utcnow
 
     return utcnow() + timedelta(days=1)
-
-
-@pytest.fixture
-def factory(clean_db: Settings):  # type: ignore[no-untyped-def]
-    from app.db import make_engine, make_sessionmaker
-
-    return make_sessionmaker(make_engine(clean_db))
-
-
-@pytest.fixture
-def runner(clean_db: Settings, factory) -> JobRunner:  # type: ignore[no-untyped-def]
-    return JobRunner(clean_db, factory)

@@ -7,44 +7,27 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import select
 
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
-from app.log_format import use_json
 from app.models import Checkpoint
 from tests.worker.test_runner import TINY, submit
 from worker.runner import JobRunner
 
 
-@pytest.fixture
-def json_lines() -> Iterator[io.StringIO]:
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    use_json(handler)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    level, root.level = root.level, logging.INFO
-    try:
-        yield out
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-
-
 @pytest.mark.slow  # a tiny job end to end: ~20 s alone, minutes on a busy 2-core machine
 def test_a_job_logs_its_id_and_attempt_and_times_its_checkpoint_writes(
-    clean_db: Settings, json_lines: io.StringIO
+    clean_db: Settings, json_log: io.StringIO
 ) -> None:
     factory = make_sessionmaker(make_engine(clean_db))
     job_id = submit(factory, TINY)
     assert JobRunner(clean_db, factory).run(job_id) == "succeeded"
     logging.getLogger("tests.after").info("after the delivery")
 
-    records = [json.loads(line) for line in json_lines.getvalue().splitlines()]
+    records = [json.loads(line) for line in json_log.getvalue().splitlines()]
     claimed = next(r for r in records if "claimed by" in r["message"])
     ended = next(r for r in records if "ended succeeded" in r["message"])
     for record in (claimed, ended):

@@ -11,7 +11,6 @@ import time
 import uuid
 from datetime import timedelta
 
-import pytest
 import redis
 from PIL import Image
 from sqlalchemy import select
@@ -19,7 +18,7 @@ from sqlalchemy import select
 from app.auth.service import get_or_create_user
 from app.checkpoints.repository import CheckpointRepository
 from app.config import Settings
-from app.db import make_engine, make_sessionmaker, session_scope
+from app.db import session_scope
 from app.jobs.repository import JobRepository
 from app.jobs.service import cancel_job, create_job, requeue_expired
 from app.models import Checkpoint, Evaluation, Job, JobLogLine, MetricPoint, utcnow
@@ -35,16 +34,6 @@ TINY = {
     "dataset": {"image_size": 8},
     "training": {"steps": 40, "batch_size": 16, "log_every": 10, "checkpoint_every": 20, "keep_checkpoints": 5},
 }
-
-
-@pytest.fixture
-def factory(clean_db: Settings):
-    return make_sessionmaker(make_engine(clean_db))
-
-
-@pytest.fixture
-def runner(clean_db: Settings, factory) -> JobRunner:
-    return JobRunner(clean_db, factory)
 
 
 # The runner's tests submit folder data sets from tmp_path: any path is inside this root, and
