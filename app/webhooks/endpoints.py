@@ -10,7 +10,7 @@ from fastapi import APIRouter, Body, HTTPException, Query, Response, status
 
 from app.deps import CurrentUser, SessionDep, SettingsDep
 from app.jobs.repository import InvalidCursor
-from app.openapi import AUTHENTICATED, error_responses
+from app.openapi import AUTHENTICATED, ErrorOut, error_responses
 from app.webhooks import service
 from app.webhooks.schemas import DeliveryPage, WebhookCreated, WebhookIn, WebhookOut, WebhookPage
 
@@ -35,8 +35,8 @@ def _bad_cursor(exc: InvalidCursor) -> HTTPException:
     response_model=WebhookCreated,
     responses={
         201: {"description": "The endpoint, with its secret (shown this once)", "links": _LINKS},
-        429: {"description": "Over DDPM_MAX_WEBHOOKS_PER_USER"},
-        **error_responses(422),
+        **error_responses(400, 422),
+        429: {"model": ErrorOut, "description": "Over DDPM_MAX_WEBHOOKS_PER_USER"},
     },
 )
 def create_webhook(

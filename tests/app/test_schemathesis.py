@@ -45,14 +45,16 @@ SETTINGS = hypothesis.settings(
 # - POST /v1/jobs: some rules cannot be written in JSON Schema (beta_end > beta_start, channels
 #   divisible by norm_groups, image_size by the levels), and the service's limits (DDPM_MAX_*,
 #   the GPU memory estimate, data roots) depend on its configuration;
-# - GET /v1/jobs and GET /v1/jobs/{job_id}/logs: `cursor` is opaque; only cursors this API
+# - GET /v1/jobs, GET /v1/jobs/{job_id}/logs and the webhook lists: `cursor` is opaque; only cursors this API
 #   returned are valid (and an `attempt` past the job's own is 422);
 # - POST /v1/jobs/{job_id}/sample: `steps` is for ddim only, and integers are strict (60.0 is not 60);
 # - POST /v1/jobs/{job_id}/continue: `steps` must exceed the steps the job has done and stay within
 #   DDPM_MAX_STEPS (the job's state and the service's configuration), and it is a strict integer too;
 # - POST /v1/datasets: a source URI's full form (hf ids, bucket names, no private hosts, s3:// only
 #   with S3 storage) and a form's parts are beyond JSON Schema; GET /v1/datasets: `cursor` as above;
-# - GET /v1/usage: `since` must come before `until`, and both must be times in UTC's years 1-9999.
+# - GET /v1/usage: `since` must come before `until`, and both must be times in UTC's years 1-9999;
+# - POST /v1/webhooks: a URL's scheme (http(s) only), user info and host (no private address) are
+#   beyond JSON Schema's `format: uri`.
 ACCEPTS_VALID_OR_422 = {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "404", "409", "422", "429"]}}
 # An upload's headers are beyond JSON Schema too: a body longer than its Upload-Length is 413.
 UPLOAD_ACCEPTS_VALID_OR_4XX = {
@@ -83,6 +85,9 @@ def fuzzer_config(key: str) -> schemathesis.config.SchemathesisConfig:
                         "GET /v1/jobs/{job_id}/logs",
                         "GET /v1/datasets",
                         "GET /v1/usage",
+                        "POST /v1/webhooks",
+                        "GET /v1/webhooks",
+                        "GET /v1/webhooks/{webhook_id}/deliveries",
                     )
                 ),
                 {"include-name": "POST /v1/datasets", "checks": UPLOAD_ACCEPTS_VALID_OR_4XX},
