@@ -140,6 +140,9 @@ class Job(Base):
     # (null queue: a job stored before 0012, claimed only by its own delivery).
     queue: Mapped[str | None] = mapped_column(String(255))
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When the job last entered the queue: its submit, a continue, or an attempt that went back
+    # (a shutdown, a lost attempt). Each attempt row copies it: the queue wait is started - queued.
+    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Training speed measured at the latest metric point (for the ETA); null before the first.
     steps_per_s: Mapped[float | None] = mapped_column(Float)
     # DELETE /v1/jobs/{id}: the row is marked first (the job is gone for every reader), its files
@@ -349,6 +352,7 @@ class JobAttempt(Base):
     worker: Mapped[str] = mapped_column(String(255))
     device: Mapped[str] = mapped_column(String(16))  # "cuda" or "cpu"
     gpus: Mapped[int] = mapped_column(Integer)  # resources.gpus: processes on a CPU worker
+    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # jobs.queued_at at the claim
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     # Renewed with the lease: a worker killed mid-attempt is counted up to its last heartbeat.
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

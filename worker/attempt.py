@@ -350,9 +350,10 @@ class AttemptRunner:
 
         def write() -> bool:
             with session_scope(self.sessionmaker) as session:
-                requeued = JobRepository(session).requeue_for_shutdown(job_id, attempt)
+                now = utcnow()  # the attempt ends when the job is back in the queue
+                requeued = JobRepository(session).requeue_for_shutdown(job_id, attempt, now)
                 if requeued:
-                    AttemptRepository(session).end(job_id, attempt, REQUEUED, utcnow())
+                    AttemptRepository(session).end(job_id, attempt, REQUEUED, now)
                     self._send_after_commit(session, job_id, spec)
                 return requeued
 

@@ -126,7 +126,7 @@ def continue_job(
     queue = train_queue(settings.queue, spec)
     job.spec, job.total_steps, job.queue = spec.model_dump(mode="json"), steps, queue
     job.status, job.finished_at, job.error, job.cancel_requested = JobStatus.queued, None, None, False
-    job.worker, job.dispatched_at, job.metrics_downsampled_at = None, None, None
+    job.worker, job.dispatched_at, job.metrics_downsampled_at, job.queued_at = None, None, None, utcnow()
     job.stops = job.attempt  # the attempts so far no longer count against DDPM_MAX_ATTEMPTS
     session.flush()
     if dispatcher is not None:

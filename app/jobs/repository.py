@@ -245,14 +245,15 @@ class JobRepository:
         )
         return result.rowcount == 1
 
-    def requeue_for_shutdown(self, job_id: uuid.UUID, attempt: int) -> bool:
-        """running -> queued, not yet sent, after a graceful stop: counted in `stops`, so it does
-        not count against max_attempts (the next claim is a new attempt, as ever: attempt
-        numbers stay unique fencing tokens). False when fenced off."""
+    def requeue_for_shutdown(self, job_id: uuid.UUID, attempt: int, at: datetime | None = None) -> bool:
+        """running -> queued (at `at`, default now), not yet sent, after a graceful stop: counted in
+        `stops`, so it does not count against max_attempts (the next claim is a new attempt, as
+        ever: attempt numbers stay unique fencing tokens). False when fenced off."""
         result = self.session.execute(
             update(Job)
             .where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.running)
             .values(status=JobStatus.queued, worker=None, dispatched_at=None, stops=Job.stops + 1)
+            .values(queued_at=at or utcnow())
         )
         return result.rowcount == 1
 

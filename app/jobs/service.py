@@ -101,6 +101,7 @@ def create_job(
         dataset_id=dataset_id,
         queue=queue,
         priority=PRIORITY_RANK[spec.resources.priority],
+        queued_at=utcnow(),
     )
     try:
         with session.begin_nested():
@@ -225,7 +226,7 @@ def release_attempt(job: Job, max_attempts: int, reason: str) -> JobStatus:
         job.status, job.finished_at = JobStatus.failed, utcnow()
         job.error = f"gave up after {lost} attempts: {reason} at step {job.step}"
     else:
-        job.status, job.dispatched_at, job.worker = JobStatus.queued, None, None
+        job.status, job.dispatched_at, job.worker, job.queued_at = JobStatus.queued, None, None, utcnow()
     return JobStatus(job.status)
 
 

@@ -13,14 +13,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from app.models import Checkpoint, Job, JobAttempt, MetricPoint, WebhookAttempt, utcnow
 from app.status import JobStatus
 
 WINDOW = timedelta(hours=1)
-# The previous attempt's outcomes after which the job went straight back to the queue.
-REQUEUED_OUTCOMES = ("requeued", "lost")
 
 
 @dataclass(frozen=True)
@@ -64,27 +62,15 @@ class MonitoringRepository:
         return [RunningJob(job_id, _gpus(spec), rates.get(job_id)) for job_id, spec in jobs]
 
     def queue_waits(self, now: datetime | None = None) -> list[float]:
-        """Seconds each attempt started within WINDOW waited in the queue (see queued_from)."""
+        """Seconds each attempt started within WINDOW waited in the queue: from when its job last
+        entered the queue (a submit, a continue, a shutdown or a lost attempt) to its start."""
         since = (now or utcnow()) - WINDOW
-        previous = aliased(JobAttempt)
         rows = self.session.execute(
-            select(JobAttempt.started_at, Job.created_at, JobAttempt.attempt, previous.ended_at, previous.seen_at)
+            select(JobAttempt.started_at, JobAttempt.queued_at)
             .join(Job, Job.id == JobAttempt.job_id)
-            .outerjoin(
-                previous,
-                and_(
-                    previous.job_id == JobAttempt.job_id,
-                    previous.attempt == JobAttempt.attempt - 1,
-                    previous.outcome.in_(REQUEUED_OUTCOMES),
-                ),
-            )
-            .where(JobAttempt.started_at >= since, Job.deleted_at.is_(None))
-            .where(or_(JobAttempt.attempt == 1, previous.id.is_not(None)))
+            .where(JobAttempt.started_at >= since, JobAttempt.queued_at.is_not(None), Job.deleted_at.is_(None))
         )
-        return [
-            max(0.0, (started - queued_from(attempt, created, ended, seen)).total_seconds())
-            for started, created, attempt, ended, seen in rows
-        ]
+        return [max(0.0, (started - queued).total_seconds()) for started, queued in rows]
 
     def checkpoint_write_seconds(self, now: datetime | None = None) -> list[float]:
         """`write_seconds` of the checkpoints stored within WINDOW (of jobs not deleted)."""
@@ -105,17 +91,3 @@ class MonitoringRepository:
 
 def _gpus(spec: dict[str, Any]) -> int:
     return int(spec.get("resources", {}).get("gpus", 1))
-
-
-def queued_from(
-    attempt: int, created_at: datetime, previous_end: datetime | None, previous_seen: datetime | None
-) -> datetime:
-    """When the job entered the queue for this attempt: its creation for the first attempt; for a
-    later one, the end of the previous attempt, which went back to the queue (requeued for a
-    shutdown, or lost: then its last heartbeat, when it stopped making progress). An attempt after
-    a finished run (a continued job) has no known queue time and is left out by the query."""
-    if attempt == 1:
-        return created_at
-    end = previous_end or previous_seen
-    assert end is not None  # seen_at is never null
-    return end

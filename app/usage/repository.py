@@ -53,6 +53,7 @@ class AttemptRepository:
             worker=worker,
             device=device,
             gpus=gpus,
+            queued_at=job.queued_at or job.created_at,  # a job stored before 0012: its submit
             started_at=started,
             seen_at=started,
         )

@@ -75,6 +75,7 @@ def upgrade() -> None:
         sa.Column("worker", sa.String(length=255), nullable=False),
         sa.Column("device", sa.String(length=16), nullable=False),
         sa.Column("gpus", sa.Integer(), nullable=False),
+        sa.Column("queued_at", app.models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("started_at", app.models.UTCDateTime(timezone=True), nullable=False),
         sa.Column("seen_at", app.models.UTCDateTime(timezone=True), nullable=False),
         sa.Column("ended_at", app.models.UTCDateTime(timezone=True), nullable=True),
@@ -113,6 +114,7 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("queue", sa.String(length=255), nullable=True))
         batch_op.add_column(sa.Column("priority", sa.Integer(), server_default="0", nullable=False))
+        batch_op.add_column(sa.Column("queued_at", app.models.UTCDateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("steps_per_s", sa.Float(), nullable=True))
         batch_op.add_column(sa.Column("deleted_at", app.models.UTCDateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("metrics_downsampled_at", app.models.UTCDateTime(timezone=True), nullable=True))
@@ -127,6 +129,7 @@ def downgrade() -> None:
         batch_op.drop_column("metrics_downsampled_at")
         batch_op.drop_column("deleted_at")
         batch_op.drop_column("steps_per_s")
+        batch_op.drop_column("queued_at")
         batch_op.drop_column("priority")
         batch_op.drop_column("queue")
 

@@ -100,25 +100,25 @@ class TestFromTheDatabase:
                 MetricPoint(job_id=running, step=step, loss=0.1, lr=1e-4, images_per_s=rate)
                 for step, rate in ((10, 5.0), (20, 7.5))
             )
-            # Queue waits of first attempts from the job's creation (-600 s): 30, 480, 100 s; after a
-            # requeue from the previous attempt's end: 45 s; none for a continued job's attempt (its
-            # previous one succeeded), a deleted job's, or one older than the window.
+            # Queue waits, from when each attempt's job entered the queue: 30, 480, 45 (after a
+            # requeue), 100 (a continue) s; none for an attempt whose queue time is unknown (recorded
+            # before it was), a deleted job's, or one started before the window.
             start = now - timedelta(minutes=10)
             attempts = [
-                (running, 1, start + timedelta(seconds=30), None, None),
-                (finished, 1, now - timedelta(seconds=120), now - timedelta(seconds=75), "requeued"),
-                (finished, 2, now - timedelta(seconds=30), now, "succeeded"),
-                (continued, 1, now - timedelta(seconds=500), now - timedelta(seconds=400), "succeeded"),
-                (continued, 2, now - timedelta(seconds=100), None, None),
-                (deleted, 1, start + timedelta(seconds=1), now, "succeeded"),
-                (running_too, 1, now - timedelta(hours=2), None, None),
+                (running, 1, start, start + timedelta(seconds=30), None, None),
+                (finished, 1, start, now - timedelta(seconds=120), now - timedelta(seconds=75), "requeued"),
+                (finished, 2, now - timedelta(seconds=75), now - timedelta(seconds=30), now, "succeeded"),
+                (continued, 1, None, now - timedelta(seconds=500), now - timedelta(seconds=400), "succeeded"),
+                (continued, 2, now - timedelta(seconds=200), now - timedelta(seconds=100), None, None),
+                (deleted, 1, start, start + timedelta(seconds=1), now, "succeeded"),
+                (running_too, 1, start, now - timedelta(hours=2), None, None),
             ]
             s.add_all(
                 JobAttempt(
                     job_id=job_id, owner_id=alice.user.id, attempt=n, worker="w", device="cpu", gpus=1,
-                    started_at=started, seen_at=ended or now, ended_at=ended, outcome=outcome,
+                    queued_at=queued, started_at=started, seen_at=ended or now, ended_at=ended, outcome=outcome,
                 )
-                for job_id, n, started, ended, outcome in attempts
+                for job_id, n, queued, started, ended, outcome in attempts
             )  # fmt: skip
             # Checkpoint writes: two in the window, one without a figure, one of a deleted job, one old.
             for job_id, step, seconds, age in (

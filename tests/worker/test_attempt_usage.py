@@ -5,6 +5,7 @@ attempt ends; and one real tiny training run."""
 from __future__ import annotations
 
 from datetime import timedelta
+from itertools import pairwise
 
 import torch
 from sqlalchemy import select
@@ -72,6 +73,9 @@ class TestAttemptRows:
         assert rows[1].ended_at == rows[1].seen_at
         assert rows[3].ended_at == job_row(factory, job_id).finished_at
         assert all(r.started_at <= r.seen_at == r.ended_at for r in rows)
+        # Each attempt knows when its job entered the queue: the submit, then as each attempt ended.
+        assert rows[0].queued_at is not None and rows[0].queued_at <= rows[0].started_at
+        assert all(earlier.seen_at <= later.queued_at <= later.started_at for earlier, later in pairwise(rows))
 
     def test_a_trained_job_measures_its_rate_and_its_gpu_seconds(
         self,
