@@ -54,9 +54,10 @@ def bind_log(*, job_id: uuid.UUID | str | None = None, attempt: int | None = Non
 
 
 @contextmanager
-def log_scope() -> Iterator[None]:
-    """A scope for bind_log: on the way out the fields are what they were before it."""
-    tokens = [var.set(var.get()) for var in (_job_id, _attempt, _worker)]
+def log_scope(*, clear: bool = False) -> Iterator[None]:
+    """A scope for bind_log: on the way out the fields are what they were before it (`clear`:
+    inside it they start empty)."""
+    tokens = [var.set(None if clear else var.get()) for var in (_job_id, _attempt, _worker)]
     try:
         yield
     finally:

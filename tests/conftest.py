@@ -74,17 +74,20 @@ def clean_db(service_settings: Settings) -> Iterator[Settings]:
 
 @pytest.fixture
 def json_log() -> Iterator[io.StringIO]:
-    """What the root logger writes at INFO through a DDPM_LOG_FORMAT=json handler while the test runs."""
-    from app.log_format import use_json
+    """What the root logger writes at INFO through a DDPM_LOG_FORMAT=json handler while the test runs,
+    with no job bound by an earlier test (tests call the claim outside a delivery's scope)."""
+    from app.log_format import log_scope, use_json
 
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     use_json(handler)
     root = logging.getLogger()
     root.addHandler(handler)
-    level, root.level = root.level, logging.INFO
+    level = root.level
+    root.setLevel(logging.INFO)  # setLevel, not the attribute: loggers cache what a level lets through
     try:
-        yield out
+        with log_scope(clear=True):
+            yield out
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
