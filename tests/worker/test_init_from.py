@@ -6,7 +6,6 @@ a resumed fine-tune resumes from its own checkpoint, and a source gone by then f
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
 
 import pytest
 import torch
@@ -15,10 +14,11 @@ from sqlalchemy import delete, select, update
 from app.auth.service import get_or_create_user
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
-from app.jobs.service import create_job, requeue_expired
+from app.jobs.service import create_job
 from app.models import Checkpoint, Job, MetricPoint, utcnow
 from app.spec import JobSpec
 from tests.conftest import s3_client
+from tests.worker.conftest import expire_lease
 from worker.database_sink import DatabaseSink
 from worker.ddpm.checkpoint import load_state
 from worker.ddpm.distributed import Ranks
@@ -130,8 +130,7 @@ class TestFineTune:
         def lose_lease_after_step_3(self, point) -> None:
             original(self, point)
             if point.step == 3 and self.attempt == 1:
-                with session_scope(factory) as s:
-                    requeue_expired(s, utcnow() + timedelta(hours=1))
+                expire_lease(factory, self.job_id)
 
         monkeypatch.setattr(DatabaseSink, "on_log", lose_lease_after_step_3)
         assert runner.run(tune) == "fenced"

@@ -20,11 +20,12 @@ from app.checkpoints.repository import CheckpointRepository
 from app.config import Settings
 from app.db import session_scope
 from app.jobs.repository import JobRepository
-from app.jobs.service import cancel_job, create_job, requeue_expired
+from app.jobs.service import cancel_job, create_job
 from app.models import Checkpoint, Evaluation, Job, JobLogLine, MetricPoint, utcnow
 from app.routing import train_queue
 from app.samples.repository import SampleRepository
 from app.spec import JobSpec
+from tests.worker.conftest import expire_lease
 from worker import shutdown
 from worker.database_sink import DatabaseSink
 from worker.runner import JobRunner
@@ -85,8 +86,7 @@ class TestRun:
                 other = threading.Thread(target=logging.getLogger("worker.sweeper").warning, args=("another job",))
                 other.start()
                 other.join()
-                with session_scope(factory) as s:
-                    requeue_expired(s, utcnow() + timedelta(hours=1))
+                expire_lease(factory, self.job_id)
 
         monkeypatch.setattr(DatabaseSink, "on_log", lose_lease_at_step_50)
         assert runner.run(job_id) == "fenced"
@@ -229,8 +229,7 @@ class TestStopping:
             if point.step == 30:
                 # What the sweeper does when this worker's lease expires: the job goes back to
                 # the queue, and this attempt is no longer current.
-                with session_scope(factory) as s:
-                    assert requeue_expired(s, utcnow() + timedelta(hours=1)) == [job_id]
+                expire_lease(factory, job_id)
 
         monkeypatch.setattr(DatabaseSink, "on_log", on_log_then_lose_the_lease)
         assert runner.run(job_id) == "fenced"
@@ -251,8 +250,7 @@ class TestStopping:
         def lose_lease_after_step_30(self, point) -> None:
             original(self, point)
             if point.step == 30 and self.attempt == 1:
-                with session_scope(factory) as s:
-                    requeue_expired(s, utcnow() + timedelta(hours=1))
+                expire_lease(factory, self.job_id)
 
         monkeypatch.setattr(DatabaseSink, "on_log", lose_lease_after_step_30)
         assert runner.run(interrupted) == "fenced"

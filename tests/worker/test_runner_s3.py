@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import uuid
-from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,10 +14,10 @@ from sqlalchemy import select
 
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
-from app.jobs.service import requeue_expired
 from app.main import create_app
-from app.models import Sample, utcnow
+from app.models import Sample
 from tests.conftest import MakeUser, bucket_keys, s3_client
+from tests.worker.conftest import expire_lease
 from tests.worker.test_runner import TINY, load, submit
 from worker.database_sink import DatabaseSink
 from worker.runner import JobRunner
@@ -87,8 +86,7 @@ def test_a_new_attempt_resumes_from_the_bucket_and_collects_garbage(
     def lose_lease_after_step_30(self, point) -> None:  # type: ignore[no-untyped-def]
         original(self, point)
         if point.step == 30 and self.attempt == 1:
-            with session_scope(factory) as s:
-                requeue_expired(s, utcnow() + timedelta(hours=1))
+            expire_lease(factory, self.job_id)
 
     monkeypatch.setattr(DatabaseSink, "on_log", lose_lease_after_step_30)
     assert runner.run(interrupted) == "fenced"
