@@ -242,9 +242,25 @@ class TrainingSpec(_Section):
     )
     compile: Literal["auto", "on", "off", "graphs"] = Field(
         "auto",
-        description="torch.compile the forward pass and loss: `auto` = on for CUDA, off for CPU (compiling takes "
-        "minutes there); `graphs` = compiled and replayed as CUDA graphs (torch.compile's reduce-overhead mode; "
-        "single-GPU CUDA jobs, otherwise as `on`); if compilation fails the job trains without it.",
+        description="`auto` = `graphs` for a single-GPU CUDA job, `on` for a multi-GPU one, `off` on the CPU "
+        "(compiling takes minutes there). `on` = torch.compile the forward pass and loss; `graphs` = compiled, and "
+        "the whole step (forward, backward, clipping, AdamW, EMA) captured once and replayed as one CUDA graph "
+        "(single-GPU CUDA jobs, otherwise as `on`); `off` = eager. What fails to compile or capture falls back "
+        "(graphs -> on -> off), recorded as an event on the job.",
+    )
+    micro_batch: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Images per forward/backward pass. Each step's batch (each GPU's share of it) is split into "
+        "micro-batches whose gradients add up to the whole batch's (gradient accumulation): a batch too large for "
+        "memory trains with the same maths. Default: the whole share at once.",
+    )
+    on_oom: Literal["halve", "fail"] = Field(
+        "halve",
+        description="A step that runs out of GPU memory: `halve` redoes it with the micro-batch halved (the batch, "
+        "so the run's maths, unchanged), recorded as an event on the job, down to 1 image, then fails naming the "
+        "sizes tried; `fail` fails at once. Single-GPU jobs: a multi-GPU job fails (set micro_batch instead).",
     )
 
 
@@ -317,6 +333,12 @@ class JobSpec(_Section):
             raise ValueError(
                 f"training.batch_size ({self.training.batch_size}) must be divisible by resources.gpus "
                 f"({self.resources.gpus}): each GPU takes an equal share of the global batch"
+            )
+        share = self.training.batch_size // self.resources.gpus
+        if self.training.micro_batch is not None and self.training.micro_batch > share:
+            raise ValueError(
+                f"training.micro_batch ({self.training.micro_batch}) must be at most the images each GPU takes per "
+                f"step (training.batch_size / resources.gpus = {share})"
             )
         self._resolve_evaluation()
         levels = [self.dataset.image_size // 2**i for i in range(halvings + 1)]

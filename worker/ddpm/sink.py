@@ -28,6 +28,13 @@ class MetricPoint:
     # LOSS_BUCKETS equal ranges of [0, T), over the same steps as `loss`; None where none fell.
     # Empty when the loop does not measure it.
     loss_by_t: tuple[float | None, ...] = ()
+    # Model FLOP utilisation over the window: images/s x the training FLOPs of one image (forward and
+    # backward, counted once with torch.utils.flop_counter) / the device's dense bf16 peak. None where
+    # the peak is not known (the CPU, an unlisted GPU without DDPM_PEAK_TFLOPS).
+    mfu: float | None = None
+    # The most GPU memory the run's tensors have held since the attempt began
+    # (torch.cuda.max_memory_allocated); None on the CPU.
+    peak_memory_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,24 @@ class SavedSample:
     path: Path  # a PNG grid, samples/step-XXXXXXXX.png beside the checkpoints
     sha256: str
     size_bytes: int
+
+
+class EventKind(enum.StrEnum):
+    """What happened to a run that its owner should know of (kept on the job: GET /v1/jobs/{id}/events)."""
+
+    oom_halved = "oom_halved"  # a step ran out of GPU memory and was redone with the micro-batch halved
+    compile_failed = "compile_failed"  # torch.compile failed: the job trains eagerly
+    graphs_failed = "graphs_failed"  # capturing the step as a CUDA graph failed: the job trains compiled, step by step
+
+
+@dataclass(frozen=True)
+class TrainingEvent:
+    step: int  # the step it happened at (1-based; the step that was redone, for oom_halved)
+    kind: EventKind
+    message: str  # one line for people
+    # Facts for programs: oom_halved {"micro_batch": new, "was": old, "batch": per-GPU batch};
+    # compile_failed / graphs_failed {"error": "<type>: <message>"}.
+    detail: dict[str, int | str]
 
 
 class StopReason(enum.StrEnum):
@@ -98,6 +123,8 @@ class TrainingSink(Protocol):
 
     def on_evaluation(self, point: EvaluationPoint) -> None: ...
 
+    def on_event(self, event: TrainingEvent) -> None: ...
+
 
 class NullSink:
     """A sink that keeps nothing: ranks other than 0 of a multi-GPU job report through rank 0."""
@@ -112,6 +139,9 @@ class NullSink:
         pass
 
     def on_evaluation(self, point: EvaluationPoint) -> None:
+        pass
+
+    def on_event(self, event: TrainingEvent) -> None:
         pass
 
 
