@@ -166,6 +166,13 @@ class Settings(BaseSettings):
         "", pattern=r"^([0-9a-f]{64})?$", description="The sha256 fid_weights must have (lowercase hex)."
     )
 
+    # --- training speed -------------------------------------------------------------------------
+    # The worker's GPU's dense bf16 peak, for the MFU of metric points, when its name is not in
+    # worker/ddpm/efficiency.py's table (there, it overrides the table). Unset there: no MFU.
+    peak_tflops: float | None = Field(
+        None, gt=0, le=1e6, description="This worker's GPU's dense bf16 peak in TFLOP/s, for MFU."
+    )
+
     # --- team operations: fair scheduling, retention, webhooks, observability -------------------
     # A user's running jobs may hold at most this many GPUs together (resources.gpus; on a CPU
     # worker, processes); a job over it waits, with a waiting_reason saying so. 0: no cap.

@@ -265,6 +265,7 @@ class AttemptRunner:
                 ranks=ranks,
                 images_file=claimed.images,
                 evaluation=self.evaluation_setup(),
+                peak_flops=self.settings.peak_tflops * 1e12 if self.settings.peak_tflops else None,
             )
         except Exception as exc:
             if ranks is not None and is_peer_loss(exc):
@@ -405,6 +406,10 @@ class AttemptRunner:
 
 def describe_failure(exc: BaseException, spec: JobSpec) -> str:
     """A reason a user can act on, stored in the job's `error`."""
+    from worker.ddpm.step import StepOutOfMemoryError
+
+    if isinstance(exc, StepOutOfMemoryError):  # names the micro-batches tried and what to change
+        return str(exc)
     if "out of memory" in str(exc).lower():
         return (
             f"out of GPU memory with batch_size={spec.training.batch_size} and "

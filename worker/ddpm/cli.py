@@ -20,7 +20,8 @@ from worker.ddpm.checkpoint import CheckpointError, load_unet, prune_checkpoints
 from worker.ddpm.data import DatasetError
 from worker.ddpm.evaluation.cache import EvaluationSetup, FolderCache
 from worker.ddpm.sampling import sample_images, save_grid_png
-from worker.ddpm.sink import EvaluationPoint, MetricPoint, SavedCheckpoint, SavedSample, TrainResult
+from worker.ddpm.sink import EvaluationPoint, MetricPoint, SavedCheckpoint, SavedSample, TrainingEvent, TrainResult
+from worker.ddpm.step import StepOutOfMemoryError
 from worker.ddpm.trainer import NonFiniteLossError, resolve_device, train
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -45,10 +46,16 @@ class PrintingSink:
     def on_log(self, point: MetricPoint) -> None:
         self.points += 1
         steps = self.spec.training.steps
+        efficiency = f"  MFU {point.mfu:.1%}" if point.mfu is not None else ""
+        if point.peak_memory_bytes is not None:
+            efficiency += f"  peak {point.peak_memory_bytes / 2**30:.2f} GiB"
         typer.echo(
             f"step {point.step:>{len(str(steps))}d}/{steps}  loss {point.loss:.5f}  lr {point.lr:.2e}  "
-            f"{point.images_per_s:,.0f} images/s  ETA {self._eta(point)}"
+            f"{point.images_per_s:,.0f} images/s{efficiency}  ETA {self._eta(point)}"
         )
+
+    def on_event(self, event: TrainingEvent) -> None:
+        typer.echo(f"event {event.kind.value}: {event.message}")
 
     def on_checkpoint(self, saved: SavedCheckpoint) -> None:
         self.last = saved
@@ -125,7 +132,7 @@ def run(
         # Reference statistics (and the digits classifier) are kept beside the run, for the next one.
         evaluation = EvaluationSetup(FolderCache(out / "evaluation"), fid_weights, fid_weights_sha256.lower())
         result = train(spec, out, sink, resume_from=resume, device=device, images_file=images, evaluation=evaluation)
-    except (ValidationError, ValueError, DatasetError, CheckpointError, NonFiniteLossError) as e:
+    except (ValidationError, ValueError, DatasetError, CheckpointError, NonFiniteLossError, StepOutOfMemoryError) as e:
         typer.echo(f"ddpm-train: {e}", err=True)
         raise typer.Exit(1) from e
     typer.echo(_summary(result, sink))

@@ -68,20 +68,23 @@ class Window:
 
     def add(
         self,
-        step: int,
+        step: torch.Tensor,
         loss: torch.Tensor,
         finite: torch.Tensor,
         max_nonfinite: int,
         t: torch.Tensor,
         image_losses: torch.Tensor,
     ) -> None:
-        """Count one step; `finite` (0-d bool) says whether its update was applied. `t` and
+        """Count one step (`step`: its number, a 0-d int64 on the device, so that a captured step
+        reads the current one); `finite` (0-d bool) says whether its update was applied. `t` and
         `image_losses` ((B,) each) are this rank's images' timesteps and unweighted losses."""
         self.loss_sum.add_(torch.where(finite, loss, 0.0))
         self.loss_count.add_(finite)
         self.nonfinite_streak.add_(1).mul_(finite.logical_not())
         self.nonfinite_total.add_(finite.logical_not())
-        self.failed_at.masked_fill_((self.nonfinite_streak >= max_nonfinite) & (self.failed_at == 0), step)
+        # torch.where, not masked_fill_: a tensor fill value is read on the host.
+        failed_now = (self.nonfinite_streak >= max_nonfinite) & (self.failed_at == 0)
+        self.failed_at.copy_(torch.where(failed_now, step, self.failed_at))
         # A one-hot sum rather than index_add_/bincount: those add with atomics on CUDA (an order
         # that varies from run to run); this reduction is deterministic, and B x LOSS_BUCKETS is small.
         in_bucket = (t * LOSS_BUCKETS // self.timesteps)[:, None] == self._bucket_ids  # (B, LOSS_BUCKETS) bool
@@ -199,6 +202,7 @@ class LiveState:
     ema: DeviceEMA
     noise: torch.Generator  # draws every step's t and eps
     window: Window
+    micro_batch: int  # images per forward/backward pass (training.micro_batch, or halved after running out of memory)
     start_step: int = 0  # optimizer steps already done: 0, or the step of the checkpoint resumed from
 
     @classmethod
@@ -212,19 +216,24 @@ class LiveState:
         distributed: bool,
         resume_from: Path | None,
         init_from: Path | None = None,
+        capturable: bool = False,
     ) -> LiveState:
         """A fresh run from `training.seed` (starting from `init_from`'s weights for a fine-tune),
         or the run saved beside `resume_from` (a served ``step-XXXXXXXX.safetensors``); with
         `distributed`, the U-Net under DistributedDataParallel.
 
         Fused AdamW (CPU and CUDA): one kernel per step, and its `found_inf` input skips a
-        non-finite step on the device, without a host branch.
+        non-finite step on the device, without a host branch. `capturable` (a step replayed as a
+        CUDA graph): AdamW's capturable mode, with the learning rate a device tensor the graph reads
+        (`set_learning_rate` fills it).
         """
         cfg = spec.training
         torch.manual_seed(cfg.seed)
         unet = build_unet(spec).to(dev, memory_format=layout).train()
         params = list(unet.parameters())
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
+        # fp32 on the device: what the fused CUDA kernel reads a tensor learning rate as.
+        lr = torch.tensor(cfg.learning_rate, dtype=torch.float32, device=dev) if capturable else cfg.learning_rate
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=True, capturable=capturable)
         skip = torch.zeros((), device=dev)
         optimizer.found_inf = skip  # read by AdamW.step(): the fused kernel leaves everything as it was
         state = cls(
@@ -238,6 +247,7 @@ class LiveState:
             ema=DeviceEMA(params, cfg.ema_decay, dev),
             noise=torch.Generator(dev).manual_seed(derive_seed(cfg.seed, "noise")),
             window=Window(dev, spec.diffusion.timesteps, ranks if distributed else None),
+            micro_batch=cfg.micro_batch or cfg.batch_size // ranks.world_size,
         )
         if resume_from is not None:
             state.start_step = state.restore(Path(resume_from))
@@ -252,6 +262,13 @@ class LiveState:
             state.model = DistributedDataParallel(unet, gradient_as_bucket_view=True)
         return state
 
+    def set_learning_rate(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)  # in place: a captured step reads this tensor
+            else:
+                group["lr"] = lr
+
     def snapshot(self, step: int, values: WindowValues) -> tuple[dict[str, torch.Tensor], TrainingState]:
         """What a checkpoint of `step` writes (served EMA weights, training state), copied to the host."""
         # SYNC: copying the weights, optimizer moments and EMA to the host (and the EMA's update count).
@@ -263,7 +280,7 @@ class LiveState:
             model=_host_copy(self.unet.state_dict()),
             optimizer={
                 "state": {index: _host_copy(s) for index, s in optimizer_state["state"].items()},
-                "param_groups": optimizer_state["param_groups"],
+                "param_groups": [_with_float_lr(group) for group in optimizer_state["param_groups"]],
             },
             ema=ema_state | {"shadow_params": list(_host_copy(dict(enumerate(ema_state["shadow_params"]))).values())},
             rng=self._rng_states(),
@@ -272,6 +289,7 @@ class LiveState:
                 "loss_count": values.loss_count,
                 "nonfinite_streak": values.nonfinite_streak,
                 "nonfinite_total": values.nonfinite_total,
+                "micro_batch": self.micro_batch,
             },
         )
         return _host_copy(ema_state_dict(self.unet, self.ema.ema_model)), state
@@ -283,8 +301,9 @@ class LiveState:
         _check_resumable(JobSpec.model_validate_json(saved.spec_json), self.spec, state_path)
 
         self.unet.load_state_dict(saved.model)
-        # Keep this run's implementation flags (fused on CUDA, not on CPU); restore the rest.
-        flags = ("fused", "foreach", "capturable", "differentiable")
+        # Keep this run's implementation flags (fused, capturable) and its learning rate (a tensor a
+        # captured step reads, when capturable; set every step anyway); restore the rest.
+        flags = ("fused", "foreach", "capturable", "differentiable", "lr")
         groups = [
             saved_group | {k: group[k] for k in flags if k in group}
             for saved_group, group in zip(saved.optimizer["param_groups"], self.optimizer.param_groups, strict=True)
@@ -301,6 +320,8 @@ class LiveState:
         self.noise.set_state(saved.rng["noise"])
 
         self.window.restore(saved.tensors, saved.values)
+        # Go on with the micro-batch the run had come down to (checkpoints before micro-batches have none).
+        self.micro_batch = min(self.micro_batch, saved.values.get("micro_batch", self.micro_batch))
         return saved.step
 
     def start_from(self, state_path: Path) -> None:
@@ -321,6 +342,12 @@ class LiveState:
         if self.dev.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.dev)  # dropout on the GPU draws from here
         return rng
+
+
+def _with_float_lr(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group as checkpoints save it: a tensor learning rate (capturable) as a number."""
+    lr = group["lr"]
+    return group | {"lr": float(lr.item())} if isinstance(lr, torch.Tensor) else group  # SYNC (checkpoints only)
 
 
 def ema_state_dict(unet: torch.nn.Module, ema: EMAModel) -> dict[str, torch.Tensor]:
@@ -350,6 +377,8 @@ _RESUMABLE_CHANGES = frozenset(
         "training.checkpoint_every",
         "training.keep_checkpoints",
         "training.compile",  # the same computation, compiled or not
+        "training.micro_batch",  # the same gradient, summed in parts (a run may halve it itself)
+        "training.on_oom",
     }
 )
 

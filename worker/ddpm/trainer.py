@@ -14,7 +14,10 @@ Every CPU-GPU synchronisation is marked with ``# SYNC``: they decide the speed o
 has none: the loss is summed on the device and read once per metric point, a NaN/inf step is
 skipped by masking (fused AdamW's `found_inf`, a zero EMA weight) rather than by a host branch, and
 checkpoint files are serialised and fsynced on a background thread. On CUDA the forward pass runs
-in bf16 autocast with TF32 matmuls, channels_last and `torch.compile` (`training.compile`).
+in bf16 autocast with TF32 matmuls and channels_last; the step itself (worker/ddpm/step.py) splits
+the batch into micro-batches (`training.micro_batch`, halved when a step runs out of memory), and
+is compiled and, on one GPU, captured and replayed as one CUDA graph (`training.compile`).
+Each metric point carries images/s, MFU and peak GPU memory (worker/ddpm/efficiency.py).
 
 A multi-GPU job runs this loop in each of its k processes (`ranks`, worker/ddpm/distributed.py):
 each trains on its share of every global batch under DistributedDataParallel, the loss is
@@ -27,7 +30,7 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +43,8 @@ from app.spec import JobSpec, TrainingSpec
 from app.spec_size import dataset_on_device
 from worker.ddpm.checkpoint import TrainingState, write_checkpoint
 from worker.ddpm.data import BatchIndexer, DeviceBatches, HostBatches, load_images, to_model_range
-from worker.ddpm.distributed import Ranks, agree_to_stop, mean_over_ranks
+from worker.ddpm.distributed import Ranks, agree_to_stop
+from worker.ddpm.efficiency import Efficiency
 from worker.ddpm.evaluation.cache import EvaluationSetup, MemoryCache
 from worker.ddpm.evaluation.evaluate import Evaluator
 from worker.ddpm.model import unet_config
@@ -52,10 +56,12 @@ from worker.ddpm.sink import (
     SavedSample,
     StopReason,
     StopTraining,
+    TrainingEvent,
     TrainingSink,
     TrainResult,
 )
 from worker.ddpm.state import EMA_POWER, LiveState, WindowValues, derive_seed, ema_state_dict
+from worker.ddpm.step import StepPlan, TrainStep, step_plan
 
 __all__ = [
     "EMA_POWER",
@@ -63,7 +69,6 @@ __all__ = [
     "SAMPLE_GRID_SEED",
     "SAMPLE_GRID_STEPS",
     "NonFiniteLossError",
-    "compile_options",
     "derive_seed",
     "draw_sample_grid",
     "ema_state_dict",
@@ -100,20 +105,6 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def compile_options(cfg: TrainingSpec, dev: torch.device, distributed: bool) -> dict[str, Any] | None:
-    """torch.compile's keyword arguments for the forward pass and loss, or None to run eagerly.
-
-    `graphs` replays the compiled step as CUDA graphs (mode "reduce-overhead"): measured 1.44x
-    plain compilation for ddpm-cifar10 at batch 128 on an H200 (BENCHMARKS.md). Not under DDP,
-    whose gradient hooks a captured graph would skip, and not on the CPU: there it is plain `on`.
-    """
-    if cfg.compile == "off" or (cfg.compile == "auto" and dev.type != "cuda"):
-        return None
-    if cfg.compile == "graphs" and dev.type == "cuda" and not distributed:
-        return {"mode": "reduce-overhead"}
-    return {}
-
-
 def _use_fast_cuda_math() -> None:
     """TF32 matmuls and convolutions, and cuDNN's autotuner (fixed shapes: it picks the fastest kernels once)."""
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -146,6 +137,7 @@ def train(
     images_file: Path | None = None,
     data_on_device: bool | None = None,
     evaluation: EvaluationSetup | None = None,
+    peak_flops: float | None = None,
 ) -> TrainResult:
     """Train (or continue training) the job's U-Net; see the module docstring for one step.
 
@@ -154,6 +146,8 @@ def train(
     `init_from`: a fine-tune's source ``.state.safetensors`` (unused when resuming): `LiveState.start_from`.
     `ranks`: a process of a distributed job (worker/ddpm/distributed.py), in a joined process group.
     `images_file`, `data_on_device`: see `_NoisyBatches`. `evaluation`: `_evaluator`.
+    `peak_flops`: the device's dense bf16 peak (FLOP/s) for MFU, when its name is not in
+    `worker.ddpm.efficiency`'s table.
     """
     distributed = ranks is not None
     ranks = ranks or Ranks()
@@ -164,37 +158,32 @@ def train(
     data = _NoisyBatches(spec, dev, ranks, images_file, data_on_device)
     # Model, optimizer, EMA, noise generator and metric window: fresh (a fine-tune: its source's weights) or resumed.
     start = {"resume_from": resume_from, "init_from": init_from}
-    state = LiveState.build(spec, dev, data.layout, ranks=ranks, distributed=distributed, **start)
-    forward_backward = _ForwardBackward(state.model, state.optimizer, dev, compile_options(cfg, dev, distributed))
+    plan = step_plan(cfg.compile, dev, distributed)
+    state = LiveState.build(
+        spec, dev, data.layout, ranks=ranks, distributed=distributed, capturable=plan is StepPlan.captured, **start
+    )
+    share = cfg.batch_size // ranks.world_size
+    train_step = TrainStep(
+        state, data.schedule, plan, distributed=distributed, max_nonfinite=max_nonfinite, share=share
+    )
+    efficiency = Efficiency.measure(spec, dev, peak_flops, ranks.world_size) if ranks.is_main else None
     step = state.start_step  # optimizer steps done so far
 
-    with data, _Reporter(checkpoint_dir, sink, state, _evaluator(spec, evaluation, data, ranks)) as reporter:
+    evaluator = _evaluator(spec, evaluation, data, ranks)
+    with data, _Reporter(checkpoint_dir, sink, state, evaluator, train_step.events, efficiency) as reporter:
         while step < cfg.steps:
             step += 1
 
             # Learning rate for this step.
             lr = learning_rate(step, cfg)
-            for group in state.optimizer.param_groups:
-                group["lr"] = lr
+            state.set_learning_rate(lr)
 
             # Batch: clean images (random_flip: some mirrored), a timestep each, noise; x_t by eq. 4 of Ho et al. 2020.
             x_t, t, target = data.draw(step, state.noise)  # (B/k, C, H, W), (B/k,), (B/k, C, H, W)
 
-            # Forward / backward (compiled on CUDA; the first call compiles, and falls back to eager if that fails).
-            loss, image_losses = forward_backward(x_t, t, target, data.schedule.loss_weights(t))  # (), (B/k,)
-            loss = mean_over_ranks(loss) if distributed else loss.detach()  # the global batch's loss
-            grad_norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.grad_clip)
-
-            # Update, unless the loss or gradient is NaN/inf: skipping keeps weights, optimizer moments
-            # and EMA clean. No host read: the fused AdamW kernel skips itself when `found_inf` is 1
-            # (and undoes its step count), the EMA update gets weight 0, and the streak of skipped
-            # steps is checked at the next metric point or checkpoint.
-            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)  # 0-d bool, on the device
-            state.skip.copy_(finite.logical_not())
-            state.optimizer.step()
-            state.ema.step(finite)
-            state.window.add(step, loss, finite, max_nonfinite, t, image_losses)
-            state.optimizer.zero_grad(set_to_none=True)
+            # Forward / backward per micro-batch, clip, update unless NaN/inf, EMA, metric window:
+            # eager, compiled, or replayed as one CUDA graph (worker/ddpm/step.py).
+            train_step(step, x_t, t, target)
 
             # Report (metric point, checkpoint, sample grid) when one is due.
             due = _Due.at(step, spec)
@@ -288,69 +277,6 @@ def _device_memory(dev: torch.device) -> int | None:
     return torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
 
 
-class _ForwardBackward:
-    """The forward pass, the loss and its backward: compiled as `compile_options` says, else eager.
-
-    The loss is the batch mean of each image's MSE to the target (mean over C, H, W, in fp32)
-    times its weight (`NoiseSchedule.loss_weights`; all 1 without loss weighting, where it equals
-    `F.mse_loss` up to float rounding: the images are the same size). Each image's unweighted MSE
-    comes back too, detached, for the loss per range of t.
-
-    The first compiled call is checked: when compilation fails (inductor raises many kinds of
-    errors, hence the broad except), the step's gradients are dropped, it is redone eagerly, and
-    training goes on uncompiled: the same computation, so the same losses.
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        dev: torch.device,
-        options: dict[str, Any] | None,
-    ) -> None:
-        on_cuda = dev.type == "cuda"
-
-        def forward_loss(
-            x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            # bf16 autocast for the forward pass on CUDA; the loss is computed in fp32. CPU stays fp32.
-            # (The context is entered here, not built outside, so that torch.compile traces it.)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_cuda):
-                prediction = model(x_t, t, return_dict=False)[0]  # (B, C, H, W)
-            image_losses = (prediction.float() - target).square().mean(dim=(1, 2, 3))  # (B,)
-            return (image_losses * weights).mean(), image_losses.detach()
-
-        self.optimizer = optimizer
-        self.eager: Callable[..., tuple[torch.Tensor, torch.Tensor]] = forward_loss
-        self.loss_of: Callable[..., tuple[torch.Tensor, torch.Tensor]] = (
-            torch.compile(forward_loss, **options) if options is not None else forward_loss
-        )
-        self.checked = self.loss_of is forward_loss  # eager: nothing to check
-        self.graphs = options is not None and options.get("mode") == "reduce-overhead"  # CUDA graphs
-
-    def __call__(self, *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`batch` = (x_t, t, target, weights). This step's loss (0-d) and its images' unweighted
-        losses ((B,), detached), on the device; the loss's gradients accumulated into the parameters."""
-        if self.graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs are done with
-        if self.checked:
-            return self._loss_and_backward(*batch)
-        try:
-            losses = self._loss_and_backward(*batch)
-        except Exception as exc:
-            log.warning("torch.compile failed (%s: %s); training without compilation", type(exc).__name__, exc)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.loss_of = self.eager
-            losses = self._loss_and_backward(*batch)
-        self.checked = True
-        return losses
-
-    def _loss_and_backward(self, *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, image_losses = self.loss_of(*batch)
-        loss.backward()
-        return loss, image_losses
-
-
 @dataclass(frozen=True)
 class _Due:
     """Which reports fall on a step; the last step has all of them (a sample grid only if grids are on)."""
@@ -391,11 +317,19 @@ class _Reporter:
     """
 
     def __init__(
-        self, checkpoint_dir: Path, sink: TrainingSink, state: LiveState, evaluator: Evaluator | None = None
+        self,
+        checkpoint_dir: Path,
+        sink: TrainingSink,
+        state: LiveState,
+        evaluator: Evaluator | None = None,
+        events: list[TrainingEvent] | None = None,
+        efficiency: Efficiency | None = None,
     ) -> None:
         checkpoint_dir = Path(checkpoint_dir)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.sink, self.state, self.spec, self.evaluator = sink, state, state.spec, evaluator
+        self.events = events if events is not None else []  # the step's, told at the next report
+        self.efficiency = efficiency
         self.samples_dir = checkpoint_dir / "samples"
         self.writer = _CheckpointWriter(checkpoint_dir, unet_config(state.spec))
         self.last_loss: float | None = None  # of the latest metric point
@@ -417,6 +351,8 @@ class _Reporter:
             except StopTraining as stop:
                 return TrainResult(final_step=previous.step, last_loss=self.last_loss, stopped=stop.reason)
         try:
+            while self.events:  # they happened at this step or before it
+                self.sink.on_event(self.events.pop(0))
             if due.log:
                 values = self._log(step, lr, values)
             if due.checkpoint:
@@ -433,12 +369,15 @@ class _Reporter:
         """The window's metric point; starts the next window and returns its values."""
         now = time.perf_counter()
         images = (step - self._clock_step) * self.spec.training.batch_size
+        images_per_s = images / (now - self._clock_start)
         point = MetricPoint(
             step=step,
             loss=values.mean_loss,
             lr=lr,
-            images_per_s=images / (now - self._clock_start),
+            images_per_s=images_per_s,
             loss_by_t=values.loss_by_t,
+            mfu=self.efficiency.mfu(images_per_s) if self.efficiency else None,
+            peak_memory_bytes=self.efficiency.peak_memory_bytes() if self.efficiency else None,
         )
         values = self.state.window.start_next(values)
         self._clock_start, self._clock_step = now, step

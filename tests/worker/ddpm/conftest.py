@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from app.spec import JobSpec
-from worker.ddpm.sink import EvaluationPoint, MetricPoint, SavedCheckpoint, SavedSample, StopReason, StopTraining
+from worker.ddpm.sink import (
+    EvaluationPoint,
+    MetricPoint,
+    SavedCheckpoint,
+    SavedSample,
+    StopReason,
+    StopTraining,
+    TrainingEvent,
+)
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -65,6 +73,7 @@ class RecordingSink:
     points: list[MetricPoint] = field(default_factory=list)
     checkpoints: list[SavedCheckpoint] = field(default_factory=list)
     evaluations: list[EvaluationPoint] = field(default_factory=list)
+    events: list[TrainingEvent] = field(default_factory=list)
 
     def on_log(self, point: MetricPoint) -> None:
         self.points.append(point)
@@ -81,6 +90,9 @@ class RecordingSink:
 
     def on_evaluation(self, point: EvaluationPoint) -> None:
         self.evaluations.append(point)  # TINY evaluates nothing (evaluation.every 0)
+
+    def on_event(self, event: TrainingEvent) -> None:
+        self.events.append(event)
 
 
 @pytest.fixture

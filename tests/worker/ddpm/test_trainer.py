@@ -20,8 +20,9 @@ from worker.ddpm.checkpoint import load_state, serialize_state
 from worker.ddpm.distributed import Ranks
 from worker.ddpm.model import build_unet
 from worker.ddpm.schedule import NoiseSchedule
-from worker.ddpm.sink import LOSS_BUCKETS, MetricPoint, SavedCheckpoint, SavedSample, StopReason, TrainResult
+from worker.ddpm.sink import LOSS_BUCKETS, EventKind, MetricPoint, SavedCheckpoint, SavedSample, StopReason, TrainResult
 from worker.ddpm.state import NO_LOSS_BY_T, derive_seed
+from worker.ddpm.step import StepPlan, step_plan
 from worker.ddpm.trainer import NonFiniteLossError, learning_rate, train
 
 SpecFactory = Callable[..., JobSpec]
@@ -352,24 +353,23 @@ class TestFastPath:
         monkeypatch.setattr(torch, "compile", broken_compile)
         train(tiny_spec(training={"compile": "on"}), tmp_path / "compiled", compiled, device="cpu")
         assert [_no_rate(p) for p in compiled.points] == [_no_rate(p) for p in eager.points]
-        assert "torch.compile failed (RuntimeError: inductor: no C++ compiler); training without compilation" in (
-            caplog.text
-        )
+        message = "torch.compile failed: training without compilation (RuntimeError: inductor: no C++ compiler)"
+        assert message in caplog.text
+        assert [(e.step, e.kind, e.message) for e in compiled.events] == [(1, EventKind.compile_failed, message)]
 
-    def test_compile_auto_is_off_on_cpu(self, tiny_spec: SpecFactory) -> None:
+    def test_compile_auto_is_whole_step_graphs_on_one_gpu(self, tiny_spec: SpecFactory) -> None:
         cpu, cuda = torch.device("cpu"), torch.device("cuda")
-        cfg = tiny_spec().training
-        assert cfg.compile == "auto"
-        assert trainer.compile_options(cfg, cpu, distributed=False) is None
-        assert trainer.compile_options(cfg, cuda, distributed=False) == {}
-        assert trainer.compile_options(tiny_spec(training={"compile": "on"}).training, cpu, distributed=False) == {}
-        assert trainer.compile_options(tiny_spec(training={"compile": "off"}).training, cuda, distributed=False) is None
-
-    def test_cuda_graphs_only_for_a_single_process_on_cuda(self, tiny_spec: SpecFactory) -> None:
-        cfg = tiny_spec(training={"compile": "graphs"}).training
-        assert trainer.compile_options(cfg, torch.device("cuda"), distributed=False) == {"mode": "reduce-overhead"}
-        assert trainer.compile_options(cfg, torch.device("cuda"), distributed=True) == {}  # DDP's hooks
-        assert trainer.compile_options(cfg, torch.device("cpu"), distributed=False) == {}  # plain `on`
+        assert tiny_spec().training.compile == "auto"
+        expected = {
+            # setting: (CPU, one CUDA GPU, CUDA under DDP)
+            "auto": (StepPlan.eager, StepPlan.captured, StepPlan.compiled),
+            "graphs": (StepPlan.compiled, StepPlan.captured, StepPlan.compiled),
+            "on": (StepPlan.compiled, StepPlan.compiled, StepPlan.compiled),
+            "off": (StepPlan.eager, StepPlan.eager, StepPlan.eager),
+        }
+        for setting, plans in expected.items():
+            got = (step_plan(setting, cpu, False), step_plan(setting, cuda, False), step_plan(setting, cuda, True))
+            assert got == plans, setting
 
     def test_channels_last_resumes_exactly(
         self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any, monkeypatch: pytest.MonkeyPatch
