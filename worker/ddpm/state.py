@@ -122,6 +122,11 @@ class Window:
         self.loss_by_t.zero_()
         return WindowValues(float("nan"), 0, values.nonfinite_streak, values.nonfinite_total, 0, NO_LOSS_BY_T)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every accumulator a step changes."""
+        counters = [self.loss_count, self.nonfinite_streak, self.nonfinite_total, self.failed_at]
+        return [self.loss_sum, *counters, self.loss_by_t]
+
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         """The accumulators a checkpoint keeps (on rank 0, after `read`: the whole job's)."""
         return {"loss_sum": self.loss_sum, "loss_by_t": self.loss_by_t}
@@ -261,6 +266,13 @@ class LiveState:
             # DDP broadcasts rank 0's weights at construction and averages gradients in backward.
             state.model = DistributedDataParallel(unet, gradient_as_bucket_view=True)
         return state
+
+    def step_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a step changes in place: weights, AdamW's moments and step counts, the EMA, the
+        skip flag, the metric window (what checking a captured step compares)."""
+        moments = [v for p in self.params for v in self.optimizer.state[p].values() if isinstance(v, torch.Tensor)]
+        ema = [*self.ema.ema_model.shadow_params, self.ema.updates]
+        return [*self.params, *moments, *ema, self.skip, *self.window.tensors()]
 
     def set_learning_rate(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

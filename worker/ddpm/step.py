@@ -32,7 +32,7 @@ import contextlib
 import enum
 import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -97,9 +97,7 @@ class TrainStep:
         self.tried: list[int] = []  # micro-batch sizes that ran out of memory, in order
         self.step_number = torch.zeros((), dtype=torch.int64, device=state.dev)  # read by the window
         self.forward_backward = _ForwardBackward(state, plan is not StepPlan.eager, self._fell_back)
-        self.graph = (
-            _CapturedStep(self._body, self._fell_back, self._drop_gradients) if plan is StepPlan.captured else None
-        )
+        self.graph = _CapturedStep(self._body, self._fell_back, state) if plan is StepPlan.captured else None
 
     def __call__(self, step: int, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> None:
         """One optimizer step at 1-based `step` on this rank's batch ((B/k, C, H, W), (B/k,), (B/k, C, H, W))."""
@@ -264,66 +262,138 @@ class _ForwardBackward:
         return loss.detach(), image_losses
 
 
+class CudaGraphs:
+    """What `_CapturedStep` uses of torch.cuda, in one place (the CPU tests stand in for it)."""
+
+    @contextlib.contextmanager
+    def side_stream(self) -> Iterator[None]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream().wait_stream(side)
+
+    def new_graph(self) -> Any:
+        return torch.cuda.CUDAGraph()
+
+    def capturing(self, graph: Any) -> contextlib.AbstractContextManager[Any]:
+        return torch.cuda.graph(graph)
+
+    def rng_state(self) -> torch.Tensor:
+        return torch.cuda.get_rng_state()  # dropout's generator
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        torch.cuda.set_rng_state(state)
+
+    def release(self) -> None:
+        torch.cuda.empty_cache()
+
+
+CUDA_GRAPHS = CudaGraphs()
+
+# A captured step is trusted once its first replay on a new batch changed every state tensor as
+# the step run as usual does, to this relative difference of the changes: far above what
+# nondeterministic kernels leave (~1e-6), far below what a stale input or a number baked into the
+# graph gives (~1).
+CHECK_RTOL = 1e-2
+
+
 class _CapturedStep:
     """The whole step as one CUDA graph (see the module docstring): `WARMUP_STEPS` calls run the
-    step on a side stream, the next one captures it and replays it, and every later call copies the
-    batch into the graph's inputs and replays. `reset()` (after an out-of-memory pass, whose
-    micro-batch change makes a new step) drops the graph and warms up again."""
+    step on a side stream; the next one captures it and replays it; the one after checks it (the
+    first replay on a new batch, learning rate and step number: replayed, undone, run as usual,
+    compared; a mismatch drops the graph: an event, and the job goes on step by step); every later
+    call copies the batch into the graph's inputs and replays. `reset()` (after an out-of-memory
+    pass, whose micro-batch change makes a new step) drops the graph and warms up again."""
 
     def __init__(
         self,
         body: Callable[..., None],
         fell_back: Callable[[EventKind, BaseException], None],
-        drop_gradients: Callable[[], None],
+        state: LiveState,
+        cuda: CudaGraphs | None = None,
     ) -> None:
-        self.body, self.fell_back, self.drop_gradients = body, fell_back, drop_gradients
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.body, self.fell_back, self.state = body, fell_back, state
+        self.cuda = cuda or CUDA_GRAPHS
+        self.graph: Any = None
         self.inputs: tuple[torch.Tensor, ...] = ()  # the tensors the graph reads its batch from
         self.warm = 0
-        self.failed = False  # capturing failed once: run the body step by step from then on
+        self.checked = False
+        self.failed = False  # capturing or checking failed once: run the body step by step from then on
 
     def __call__(self, *batch: torch.Tensor) -> None:
-        if self.graph is not None:
-            for static, new in zip(self.inputs, batch, strict=True):
-                static.copy_(new)
-            self.graph.replay()
-        elif self.failed:
+        if self.failed:
             self.body(*batch)
-        elif self.warm < WARMUP_STEPS:
-            self._warm_up(*batch)
-        else:
+        elif self.graph is None and self.warm < WARMUP_STEPS:
+            with self.cuda.side_stream():
+                self.body(*batch)
+            self.warm += 1
+        elif self.graph is None:
             self._capture(*batch)
+        elif not self.checked:
+            self._check(*batch)
+        else:
+            self._replay(*batch)
 
-    def _warm_up(self, *batch: torch.Tensor) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.body(*batch)
-        torch.cuda.current_stream().wait_stream(side)
-        self.warm += 1
+    def _replay(self, *batch: torch.Tensor) -> None:
+        for static, new in zip(self.inputs, batch, strict=True):
+            static.copy_(new)
+        self.graph.replay()
 
     def _capture(self, *batch: torch.Tensor) -> None:
         """Capture this step (nothing runs while capturing), then replay it: this step's update."""
-        inputs = tuple(b.clone() for b in batch)  # the graph's own input tensors (same memory layout)
-        graph = torch.cuda.CUDAGraph()
+        self.inputs = tuple(b.clone() for b in batch)  # the graph's own input tensors (same memory layout)
+        graph = self.cuda.new_graph()
         try:
-            with torch.cuda.graph(graph):
-                self.body(*inputs)
+            with self.cuda.capturing(graph):
+                self.body(*self.inputs)
         except Exception as exc:  # capture raises many kinds of errors; nothing ran, so redo the step
             if _out_of_memory(exc):  # the caller halves the micro-batch and we warm up again
                 raise _GradientsOutOfMemory from exc
-            self.failed = True
-            self.fell_back(EventKind.graphs_failed, exc)
             del graph
-            self.drop_gradients()  # the ones the capture left point into its memory
-            torch.cuda.empty_cache()
+            self._give_up(exc)
             self.body(*batch)
             return
-        self.graph, self.inputs = graph, inputs
+        self.graph = graph
         graph.replay()
 
+    def _check(self, *batch: torch.Tensor) -> None:
+        """This step replayed, then undone and run as usual; the graph is kept if both changed the
+        state alike. Either way the state is the usual run's. Once per capture: a few copies of the
+        state and one host read."""
+        tensors = self.state.step_tensors()
+        before, rng = [t.detach().clone() for t in tensors], self.cuda.rng_state()
+        self._replay(*batch)
+        replayed = [t.detach().clone() for t in tensors]
+        with torch.no_grad():  # the weights are leaves that require grad
+            torch._foreach_copy_(tensors, before)
+        self.cuda.set_rng_state(rng)
+        self.body(*batch)
+        difference = _largest_relative_change_difference(before, replayed, tensors)  # SYNC (once)
+        self.checked = True
+        if difference > CHECK_RTOL:
+            self._give_up(RuntimeError(f"its first replay differs from the step by {difference:.2g} (relative)"))
+
+    def _give_up(self, exc: BaseException) -> None:
+        self.failed, self.graph, self.inputs = True, None, ()
+        self.fell_back(EventKind.graphs_failed, exc)
+        self.state.optimizer.zero_grad(set_to_none=True)  # gradients a failed capture left point into its memory
+        self.cuda.release()
+
     def reset(self) -> None:
-        self.graph, self.inputs, self.warm = None, (), 0
+        self.graph, self.inputs, self.warm, self.checked = None, (), 0, False
+
+
+def _largest_relative_change_difference(
+    before: list[torch.Tensor], replayed: list[torch.Tensor], usual: list[torch.Tensor]
+) -> float:
+    """max over tensors of |replayed - before - (usual - before)| / |usual - before| (norms; an
+    unchanged tensor must stay unchanged)."""
+    differences = []
+    for b, r, u in zip(before, replayed, usual, strict=True):
+        change = u.double() - b.double()
+        differences.append((r.double() - u.double()).norm() / change.norm().clamp(min=1e-30))
+    return float(torch.stack(differences).max().item()) if differences else 0.0
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -6,8 +6,10 @@ U-Net's forward pass, as the CUDA caching allocator does."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,6 +18,8 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from app.spec import JobSpec
+from worker.ddpm import step as step_module
+from worker.ddpm import trainer as trainer_module
 from worker.ddpm.checkpoint import load_state
 from worker.ddpm.efficiency import Efficiency, peak_bf16_flops, training_flops_per_image
 from worker.ddpm.sink import EventKind
@@ -213,3 +217,91 @@ def test_a_capturable_state_checkpoints_its_tensor_learning_rate_as_a_number(tin
     _, saved = state.snapshot(1, WindowValues(0.0, 0, 0, 0, 0))
     assert saved.optimizer["param_groups"][0]["lr"] == pytest.approx(1e-3)
     assert saved.values["micro_batch"] == 8
+
+
+class _CpuGraphs(step_module.CudaGraphs):
+    """CUDA graphs, played on the CPU: capturing runs the step and undoes it (a capture runs
+    nothing); a replay runs the step on the graph's input tensors, or with `stale`, on the batch it
+    was captured with (a graph that missed its input copies)."""
+
+    def __init__(self, runner: step_module._CapturedStep, stale: bool) -> None:
+        self.runner, self.stale, self.replays = runner, stale, 0
+
+    def side_stream(self) -> Any:
+        return contextlib.nullcontext()
+
+    def new_graph(self) -> Any:
+        return SimpleNamespace(replay=self._replay)
+
+    @contextlib.contextmanager
+    def capturing(self, graph: Any) -> Iterator[None]:
+        tensors = self.runner.state.step_tensors()
+        before, rng = [t.detach().clone() for t in tensors], torch.get_rng_state()
+        yield
+        with torch.no_grad():
+            torch._foreach_copy_(tensors, before)
+        torch.set_rng_state(rng)
+        self.captured = tuple(t.clone() for t in self.runner.inputs)
+
+    def _replay(self) -> None:
+        self.replays += 1
+        self.runner.body(*(self.captured if self.stale else self.runner.inputs))
+
+    def rng_state(self) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        torch.set_rng_state(state)
+
+    def release(self) -> None:
+        pass
+
+
+class TestCapturedStep:
+    """The whole-step graph's life (warm-up, capture, check, replays, fallback) with CUDA graphs
+    played on the CPU by `_CpuGraphs`; the real capture is checked on a GPU by `python -m bench gpu`."""
+
+    def _train_captured(
+        self, spec: JobSpec, out: Path, sink: Any, monkeypatch: pytest.MonkeyPatch, stale: bool
+    ) -> list[_CpuGraphs]:
+        graphs: list[_CpuGraphs] = []
+
+        class OnCpu(step_module._CapturedStep):
+            def __init__(self, *args: Any) -> None:
+                super().__init__(*args)
+                self.cuda = _CpuGraphs(self, stale)
+                graphs.append(self.cuda)
+
+        monkeypatch.setattr(step_module, "_CapturedStep", OnCpu)
+        monkeypatch.setattr(trainer_module, "step_plan", lambda *args: step_module.StepPlan.captured)
+        monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # compiling takes minutes on a CPU
+        train(spec, out, sink, device="cpu")
+        return graphs
+
+    @pytest.mark.parametrize("micro_batch", [None, 4])
+    def test_replays_train_as_the_usual_step(
+        self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any, monkeypatch: pytest.MonkeyPatch, micro_batch: Any
+    ) -> None:
+        spec = tiny_spec(model={"dropout": 0.1}, training={"steps": 8, "micro_batch": micro_batch})
+        usual, graphed = make_sink(), make_sink()
+        train(spec, tmp_path / "usual", usual, device="cpu")
+        (graphs,) = self._train_captured(spec, tmp_path / "graphed", graphed, monkeypatch, stale=False)
+        # Steps 1-3 warm up, 4 is captured and replayed, 5 replayed and checked, 6-8 replayed.
+        assert graphs.replays == 5 and graphed.events == []
+        assert _losses(graphed) == pytest.approx(_losses(usual), rel=1e-6)  # the learning rate as a float32 tensor
+
+    def test_a_replay_that_differs_from_the_step_drops_the_graph(
+        self, tmp_path: Path, tiny_spec: SpecFactory, make_sink: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        spec = tiny_spec(training={"steps": 8})
+        usual, graphed = make_sink(), make_sink()
+        train(spec, tmp_path / "usual", usual, device="cpu")
+        (graphs,) = self._train_captured(spec, tmp_path / "graphed", graphed, monkeypatch, stale=True)
+        assert graphs.replays == 2  # the capture's, and the check's, which found it wrong
+        ((event),) = graphed.events
+        assert (event.step, event.kind) == (5, EventKind.graphs_failed)
+        assert event.message.startswith(
+            "capturing the step as a CUDA graph failed: training compiled, step by step (RuntimeError: its first "
+            "replay differs from the step by"
+        )
+        assert _losses(graphed) == pytest.approx(_losses(usual), rel=1e-6)  # the checked step is the usual one
