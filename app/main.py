@@ -27,6 +27,7 @@ from app.db import make_engine, make_sessionmaker, session_scope
 from app.evaluations import endpoints as evaluation_endpoints
 from app.events import endpoints as event_endpoints
 from app.events.hub import EventHub
+from app.job_events import endpoints as job_event_endpoints
 from app.jobs import endpoints as job_endpoints
 from app.jobs.limits import SpecRefused
 from app.jobs.service import IdempotencyConflict, InvalidTransition, JobNotFound, QuotaExceeded
@@ -134,6 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(evaluation_endpoints.router)
     app.include_router(event_endpoints.router)
     app.include_router(log_endpoints.router)
+    app.include_router(job_event_endpoints.router)
     app.include_router(dataset_endpoints.router)
     app.include_router(usage_endpoints.router)
     app.include_router(webhook_endpoints.router)

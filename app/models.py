@@ -18,6 +18,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -224,7 +225,33 @@ class MetricPoint(Base):
     # The mean loss per timestep range (worker/ddpm/sink.py LOSS_BUCKETS), null entries where no t
     # fell; null for points recorded before it was measured.
     loss_by_t: Mapped[list[float | None] | None] = mapped_column(JSON)
+    # Model FLOP utilisation (0..1) over the window; null where the device's peak is not known
+    # (the CPU) and for points recorded before it was measured.
+    mfu: Mapped[float | None] = mapped_column(Float)
+    # The most GPU memory the attempt's tensors had held by then; null on the CPU.
+    peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class JobEvent(Base):
+    """Something that happened to a run that its owner should know of (worker/ddpm/sink.py
+    EventKind): an out-of-memory step redone with a smaller micro-batch, a compile that failed.
+    An attempt writes at most MAX_EVENTS_PER_ATTEMPT of them (worker/database_sink.py)."""
+
+    __tablename__ = "job_events"
+
+    # Orders a job's events (the list's cursor, the live stream's id): a sequence, not a step,
+    # since a resumed attempt re-does steps and one step can have several events.
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(32))  # an EventKind value
+    message: Mapped[str] = mapped_column(Text)  # one line for people
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)  # facts for programs (EventKind's doc)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
 
 
 class Evaluation(Base):

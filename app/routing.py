@@ -1,12 +1,13 @@
 """Which Celery queue a job goes to, and which queues a worker consumes.
 
 A job needs `resources.gpus` GPUs with about m GiB each (app/spec_size.py's estimate for its
-share of the global batch). Its queue says so: ``<DDPM_QUEUE>.gpus-<k>.mem-<c>``, where c is m
-rounded up to whole GiB up to 4, and to a multiple of `MEMORY_STEP_GIB` above. A worker with N
-GPUs of M GiB consumes every queue with k <= N and c <= M, so a job only ever reaches a worker
-that can hold it, and Celery with Redis spreads the jobs over all such workers, on any host.
-Workers also record what they hold in the `workers` table, which is how the API tells a user why
-a job is still waiting. Sample requests go to ``<DDPM_QUEUE>.samples`` (`sample_queue`).
+share of the global batch, or for one micro-batch of it when training.micro_batch is set). Its
+queue says so: ``<DDPM_QUEUE>.gpus-<k>.mem-<c>``, where c is m rounded up to whole GiB up to 4,
+and to a multiple of `MEMORY_STEP_GIB` above. A worker with N GPUs of M GiB consumes every queue
+with k <= N and c <= M, so a job only ever reaches a worker that can hold it, and Celery with
+Redis spreads the jobs over all such workers, on any host. Workers also record what they hold in
+the `workers` table, which is how the API tells a user why a job is still waiting. Sample
+requests go to ``<DDPM_QUEUE>.samples`` (`sample_queue`).
 """
 
 from __future__ import annotations

@@ -114,10 +114,17 @@ def dataset_on_device(spec: JobSpec, device_memory_bytes: int | None = None) -> 
     return size <= DEVICE_DATASET_MAX_BYTES
 
 
-def training_memory_bytes(spec: JobSpec, params: int | None = None) -> int:
-    """On each GPU: weights, gradients, optimizer state and EMA, its share of the batch's
-    activations, and the training set when it is kept there (each rank holds a whole copy)."""
-    params = unet_parameter_count(spec) if params is None else params
+def images_in_flight(spec: JobSpec) -> int:
+    """The images whose activations a GPU holds at once: one micro-batch when training.micro_batch
+    is set (its backward pass frees them before the next one's forward), else its whole share."""
     share = spec.training.batch_size // spec.resources.gpus
+    return min(spec.training.micro_batch or share, share)
+
+
+def training_memory_bytes(spec: JobSpec, params: int | None = None) -> int:
+    """On each GPU: weights, gradients, optimizer state and EMA, the activations of the images it
+    holds at once (`images_in_flight`), and the training set when it is kept there (each rank
+    holds a whole copy)."""
+    params = unet_parameter_count(spec) if params is None else params
     data = (dataset_bytes(spec) or 0) if dataset_on_device(spec) else 0
-    return params * BYTES_PER_PARAMETER + share * activation_bytes_per_image(spec) + data
+    return params * BYTES_PER_PARAMETER + images_in_flight(spec) * activation_bytes_per_image(spec) + data

@@ -8,7 +8,9 @@ Each report of the loop (worker/ddpm/sink.py) becomes rows, written through the 
   on_checkpoint: both files into the store, then the row (the checkpoint's commit point), then the
      rows and files of checkpoints older than `keep_checkpoints` (retention);
   on_evaluation: its row, then (with training.keep_best) retention again, since the evaluation of
-     a step arrives after its checkpoint and may make another one the best.
+     a step arrives after its checkpoint and may make another one the best;
+  on_event: its job_events row (the API's live stream reads it from there), at most
+     MAX_EVENTS_PER_ATTEMPT of them.
 Retention keeps the newest `keep_checkpoints` and, with keep_best, the checkpoint whose evaluation
 has the lowest FID (ties: the earliest step).
 Files are stored whole before the row that names them, and deleted only after it is gone
@@ -31,8 +33,9 @@ from app.checkpoints.repository import CheckpointRepository
 from app.checkpoints.store import CheckpointStore, StorageUnavailable
 from app.db import session_scope
 from app.evaluations.repository import EvaluationRepository
+from app.job_events.repository import JobEventRepository
 from app.jobs.repository import JobRepository
-from app.models import Checkpoint, Evaluation, Sample
+from app.models import Checkpoint, Evaluation, JobEvent, Sample
 from app.models import MetricPoint as MetricRow
 from app.samples.repository import SampleRepository
 from app.webhooks import service as webhooks
@@ -43,11 +46,18 @@ from worker.ddpm.sink import (
     SavedSample,
     StopReason,
     StopTraining,
+    TrainingEvent,
 )
 from worker.lease import Lease
 from worker.shutdown import shutdown_requested
 
 log = logging.getLogger(__name__)
+
+# Events one attempt records: a job that keeps failing the same way (an OOM at every step) cannot
+# fill the table; the rest go to the worker's log only.
+MAX_EVENTS_PER_ATTEMPT = 100
+# An event's message and detail strings are clipped to this: a compile error can run to pages.
+MAX_EVENT_TEXT = 2000
 
 
 def finite_or_none(value: float | None) -> float | None:
@@ -91,6 +101,7 @@ class DatabaseSink:
         self.cancel_requested = False
         # Points not yet written (the database was briefly away); written with the next batch.
         self._pending: list[MetricPoint] = []
+        self._events_recorded = 0  # of MAX_EVENTS_PER_ATTEMPT
 
     def on_log(self, point: MetricPoint) -> None:
         self._pending.append(point)
@@ -126,7 +137,14 @@ class DatabaseSink:
         # Four significant digits: enough for its chart, and the JSON stays ~80 B a row, not ~200.
         by_t = [_significant(finite_or_none(v)) for v in point.loss_by_t] or None
         return MetricRow(
-            job_id=self.job_id, step=point.step, loss=loss, lr=point.lr, images_per_s=point.images_per_s, loss_by_t=by_t
+            job_id=self.job_id,
+            step=point.step,
+            loss=loss,
+            lr=point.lr,
+            images_per_s=point.images_per_s,
+            loss_by_t=by_t,
+            mfu=_significant(finite_or_none(point.mfu)),
+            peak_memory_bytes=point.peak_memory_bytes,
         )
 
     def on_sample(self, saved: SavedSample) -> None:
@@ -231,3 +249,36 @@ class DatabaseSink:
 
     def _evaluation_row(self, point: EvaluationPoint) -> Evaluation:
         return Evaluation(job_id=self.job_id, **dataclasses.asdict(point))  # its columns are the point's fields
+
+    def on_event(self, event: TrainingEvent) -> None:
+        if self._events_recorded >= MAX_EVENTS_PER_ATTEMPT:
+            log.warning(
+                "job %s: event not recorded (%d already this attempt): %s",
+                self.job_id,
+                MAX_EVENTS_PER_ATTEMPT,
+                event.message,
+            )
+            return
+        try:
+            with session_scope(self.sessionmaker) as session:
+                self.lease.write_or_stop(session)  # a fenced attempt records nothing
+                JobEventRepository(session).add(self._event_row(event))
+        except DBAPIError as exc:  # a note for the owner: training goes on without it
+            log.warning(
+                "job %s: event at step %d not recorded (%s): %s", self.job_id, event.step, exc.orig, event.message
+            )
+            self.lease.check()
+            return
+        self._events_recorded += 1
+        self.lease.renewed()
+
+    def _event_row(self, event: TrainingEvent) -> JobEvent:
+        detail = {k: v[:MAX_EVENT_TEXT] if isinstance(v, str) else v for k, v in event.detail.items()}
+        return JobEvent(
+            job_id=self.job_id,
+            attempt=self.attempt,
+            step=event.step,
+            kind=str(event.kind),
+            message=event.message[:MAX_EVENT_TEXT],
+            detail=detail,
+        )

@@ -3,7 +3,7 @@
     from app.client import DdpmClient
     client = DdpmClient()                              # server and key from the environment
     job = client.submit({"training": {"steps": 500}})
-    for event in client.events(job["id"]):             # metric, checkpoint, sample, evaluation, status
+    for event in client.events(job["id"]):             # metric, checkpoint, sample, evaluation, ...
         print(event.event, event.data)
     client.download(job["id"], "runs/")                # the newest checkpoint into runs/, sha256 checked
 
@@ -87,8 +87,9 @@ def format_detail(detail: Any) -> str:
 class Event:
     """One Server-Sent Event of a job's stream. `data` is the decoded JSON.
 
-    `event` is `metric`, `checkpoint`, `sample`, `evaluation` or `status`; `id` is `<step>.<n>`
-    for all but status events (a snapshot of the whole job), whose id is None."""
+    `event` is `metric`, `checkpoint`, `sample`, `evaluation`, `training_event` or `status`; `id`
+    is `<step>.<n>` (a training event's: `<step>.4.<its id>`) for all but status events (a snapshot
+    of the whole job), whose id is None."""
 
     event: str
     id: str | None
@@ -223,6 +224,17 @@ class DdpmClient:
             if len(page) < page_size:
                 return
             after_step = page[-1]["step"]
+
+    def training_events(self, job_id: str, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """What happened to the job's runs, oldest first, every page: `{"id", "attempt", "step",
+        "kind", "message", "detail", "created_at"}` (kind: oom_halved, compile_failed, graphs_failed)."""
+        params: dict[str, Any] = {"limit": page_size}
+        while True:
+            page = self._request("GET", f"/v1/jobs/{job_id}/training-events", params=params).json()
+            yield from page["items"]
+            if page.get("next_after_id") is None:
+                return
+            params["after_id"] = page["next_after_id"]
 
     def logs(self, job_id: str, attempt: int | None = None, page_size: int = 1000) -> Iterator[dict[str, Any]]:
         """The worker's log lines for the job (one attempt's, or every attempt's in order), every
@@ -774,7 +786,8 @@ def _decode_event(name: str, event_id: str, data: str) -> Event | None:
 
 
 def _event_order(event_id: str | None) -> tuple[int, ...] | None:
-    """`"120.1"` -> (120, 1): event ids order by step, then by kind. None if not of that form."""
+    """`"120.1"` -> (120, 1), `"120.4.7"` -> (120, 4, 7): event ids order by step, then by kind (then
+    by a training event's id). None if not of that form."""
     if not event_id:
         return None
     try:

@@ -7,6 +7,7 @@
     ddpm delete ID [--yes]                 a finished job and everything it stored, for good
     ddpm checkpoints / samples ID          what a job has saved; samples --out DIR fetches the grids
     ddpm evaluations ID                    FID and KID measured during training (evaluation.every)
+    ddpm events ID                         what happened to its runs: OOM steps redone smaller, failed compiles
     ddpm usage [--since 7d]                GPU-seconds per user (yours; an admin's key: everyone's)
     ddpm download / export ID --out runs/  a checkpoint (--step N or --best, default the newest), or a diffusers zip
     ddpm sample ID --wait --out DIR        draw new samples, then fetch the PNG grid and the .npz
@@ -273,7 +274,8 @@ def delete(
 
 
 # --- metrics, checkpoints, samples ---------------------------------------------------------------
-METRIC_FIELDS = ("step", "loss", "lr", "images_per_s", "created_at")
+METRIC_FIELDS = ("step", "loss", "lr", "images_per_s", "mfu", "peak_memory_bytes", "created_at")
+GIB = 2**30
 
 
 @app.command()
@@ -300,17 +302,40 @@ def metrics(
     elif not points:
         err.print(f"job {job_id} has no metrics yet")
     else:
+        print_metrics(points)
+
+
+def print_metrics(points: list[dict[str, Any]]) -> None:
+    """The points as a table; the MFU and GPU memory columns only when a point has them (a CPU
+    job's have neither)."""
+    gpu = any(p.get("mfu") is not None or p.get("peak_memory_bytes") is not None for p in points)
+    columns = [Column("step"), Column("loss"), Column("lr"), Column("images/s")]
+    columns += [Column("MFU", drop=2), Column("peak GiB", drop=1)] if gpu else []
+    rows = []
+    for point in points:
+        row = [str(point["step"]), _loss(point.get("loss")), f"{point['lr']:.3g}", f"{point['images_per_s']:.1f}"]
+        row += [_mfu(point.get("mfu")) or "-", _gib(point.get("peak_memory_bytes")) or "-"] if gpu else []
+        rows.append([*row, _when(point.get("created_at"))])
+    print_table([*columns, Column("at")], rows)
+
+
+@app.command("events")
+@reports_errors
+def training_events(ctx: typer.Context, job_id: JobId, as_json: AsJson = False) -> None:
+    """What happened to the job's runs, oldest first: out-of-memory steps redone with a smaller
+    micro-batch (oom_halved), a compile or CUDA-graph capture that failed."""
+    with client_for(ctx) as client:
+        listed = list(client.training_events(job_id))
+    if as_json:
+        print_json(listed)
+    elif not listed:
+        err.print(f"job {job_id} has no training events")
+    else:
         rows = [
-            [
-                str(point["step"]),
-                _loss(point.get("loss")),
-                f"{point['lr']:.3g}",
-                f"{point['images_per_s']:.1f}",
-                _when(point.get("created_at")),
-            ]
-            for point in points
+            [str(e["step"]), str(e["attempt"]), e["kind"], e["message"], _when(e.get("created_at"))] for e in listed
         ]
-        print_table([Column("step"), Column("loss"), Column("lr"), Column("images/s"), Column("at")], rows)
+        columns = [Column("step"), Column("attempt", drop=2), Column("kind"), Column("message", shrink=True)]
+        print_table([*columns, Column("at", drop=1)], rows)
 
 
 # --- logs --------------------------------------------------------------------------------------
@@ -578,7 +603,7 @@ class WatchView:
         elif event.event == "metric":
             speed = data.get("images_per_s")
             eta = self.eta(data["step"], speed)
-            speed_text = f"{speed:,.0f} img/s" if speed else "- img/s"
+            speed_text = _speed(speed, data.get("mfu"), data.get("peak_memory_bytes"))
             self.move(data["step"], loss=_loss(data.get("loss")), speed=speed_text, eta=eta)
             if not self.console.is_terminal:  # a log file gets one line per point instead of a bar
                 loss = f"loss {_loss(data.get('loss'))}" + (f"  {self.quality}" if self.quality else "")
@@ -589,6 +614,8 @@ class WatchView:
             self.note(f"checkpoint at step {data['step']} ({size:,} bytes, sha256 {sha[:12]}…)")
         elif event.event == "sample":
             self.note(f"samples at step {data['step']}: {data.get('url', '')}")
+        elif event.event == "training_event":
+            self.note(f"[yellow]{_escape(data['kind'])} at step {data['step']}: {_escape(data['message'])}[/]")
         elif event.event == "evaluation":
             self.quality = f"FID {_fid(data['fid'])}  KID {_kid(data['kid'])}"
             self.bar.update(self.task, quality=self.quality)
@@ -693,6 +720,22 @@ def print_json(value: Any) -> None:
 
 def _status(value: str) -> str:
     return f"[{STATUS_STYLE.get(value, 'white')}]{value}[/]"
+
+
+def _speed(images_per_s: float | None, mfu: float | None, peak_memory_bytes: int | None) -> str:
+    """`1,234 img/s`, then the MFU and the peak GPU memory when the point has them."""
+    parts = [f"{images_per_s:,.0f} img/s" if images_per_s else "- img/s"]
+    parts += [f"MFU {text}" for text in [_mfu(mfu)] if text]
+    parts += [f"{text} GiB" for text in [_gib(peak_memory_bytes)] if text]
+    return "  ".join(parts)
+
+
+def _mfu(value: float | None) -> str | None:
+    return None if value is None else f"{value * 100:.1f}%"
+
+
+def _gib(value: int | None) -> str | None:
+    return None if value is None else f"{value / GIB:.1f}"
 
 
 def _loss(value: float | None) -> str:

@@ -20,11 +20,11 @@ from app.openapi import AUTHENTICATED, error_responses
 router = APIRouter(prefix="/v1/jobs", tags=["events"], responses=AUTHENTICATED)
 
 # STEP.ORDER, as the stream's `id:` lines write it (order 0 metric, 1 checkpoint, 2 sample,
-# 3 evaluation).
+# 3 evaluation), or STEP.4.ID for a training event (ID: its id in GET .../training-events).
 # Nine digits hold every step a job can reach (training.steps <= 10,000,000), and nothing
 # this pattern admits overflows the database's integer (EventKey.parse checks that too).
-EVENT_ID_PATTERN = r"^[0-9]{1,9}\.[0-3]$"
-EVENT_KINDS = ["metric", "checkpoint", "sample", "evaluation", "status"]
+EVENT_ID_PATTERN = r"^[0-9]{1,9}\.([0-3]|4\.[0-9]{1,18})$"
+EVENT_KINDS = ["metric", "checkpoint", "sample", "evaluation", "training_event", "status"]
 
 
 @router.get(
@@ -34,9 +34,11 @@ EVENT_KINDS = ["metric", "checkpoint", "sample", "evaluation", "status"]
         200: {
             "description": (
                 "text/event-stream. `metric` (id `STEP.0`), `checkpoint` (`STEP.1`), `sample` (`STEP.2`) and "
-                "`evaluation` (`STEP.3`) events, and `status` events (the whole job as GET shows it, no id) first "
-                "and on every change; the last event is the terminal status (sent again after a finished job's "
-                "history), then the stream ends. Reconnect with Last-Event-ID to continue without gaps."
+                "`evaluation` (`STEP.3`) events, `training_event` (`STEP.4.ID`: an item of GET "
+                "/v1/jobs/{id}/training-events without created_at) events, and `status` events (the whole "
+                "job as GET shows it, no id) first and on every change; the last event is the terminal status "
+                "(sent again after a finished job's history), then the stream ends. Reconnect with "
+                "Last-Event-ID to continue without gaps."
             ),
             # One schema per event, as SSE tooling (and schemathesis) reads a text/event-stream.
             "content": {

@@ -4,7 +4,7 @@ The worker publishes once: every metric point, checkpoint, sample, evaluation an
 makes is a database row, read here through the jobs, metrics, checkpoints, samples and evaluations
 repositories. The API keeps one poller per watched job (whatever the number of watchers) that
 reads what is new and hands it to every watcher's queue, so watchers cost the training nothing.
-Events are keyed by (step, order); the key is the SSE `id:`, so a reconnect with Last-Event-ID
+Events are keyed by (step, order[, seq]); the key is the SSE `id:`, so a reconnect with Last-Event-ID
 replays exactly what came after it from the database, then joins the live feed without repeats.
 A feed starts at the job's newest event, never at a watcher's position, and a watcher's own
 replay is its own read: one watcher's id (or a read that fails for it) never touches another's
@@ -32,10 +32,12 @@ from app.checkpoints.repository import CheckpointRepository
 from app.config import Settings
 from app.evaluations.repository import EvaluationRepository
 from app.evaluations.schemas import EvaluationOut
+from app.job_events.repository import JobEventRepository
+from app.job_events.schemas import JobEventOut
 from app.jobs.repository import JobRepository
 from app.jobs.service import job_out
 from app.metrics.repository import MetricRepository
-from app.models import MAX_STEP, Checkpoint, Evaluation, Job, MetricPoint, Sample
+from app.models import MAX_STEP, Checkpoint, Evaluation, Job, JobEvent, MetricPoint, Sample
 from app.samples.repository import SampleRepository
 from app.samples.schemas import sample_url
 from app.status import TERMINAL_STATUSES
@@ -44,9 +46,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Order of events within one step: the metric point, then the checkpoint, then the sample grid,
-# then the evaluation (the order the training loop reports them in, worker/ddpm/sink.py).
-METRIC, CHECKPOINT, SAMPLE, EVALUATION = 0, 1, 2, 3
-ORDERS = (METRIC, CHECKPOINT, SAMPLE, EVALUATION)
+# then the evaluation (the order the training loop reports them in, worker/ddpm/sink.py), then the
+# step's training events (job_events). A step can have several training events, and a resumed
+# attempt can add more to a step already streamed, so theirs is STEP.4.ID (ID: the row's id).
+METRIC, CHECKPOINT, SAMPLE, EVALUATION, TRAINING = 0, 1, 2, 3, 4
+ORDERS = (METRIC, CHECKPOINT, SAMPLE, EVALUATION, TRAINING)
+MAX_SEQ = 2**63 - 1  # job_events.id is a BigInteger
 
 
 class InvalidEventId(ValueError):
@@ -57,19 +62,22 @@ class InvalidEventId(ValueError):
 class EventKey:
     step: int
     order: int
+    seq: int = 0  # a training event's job_events.id; 0 for the other orders
 
     def __str__(self) -> str:
-        return f"{self.step}.{self.order}"
+        return f"{self.step}.{self.order}.{self.seq}" if self.order == TRAINING else f"{self.step}.{self.order}"
 
     @classmethod
     def parse(cls, raw: str) -> EventKey:
         try:
-            step, order = raw.split(".")
-            key = cls(int(step), int(order))
-        except ValueError as exc:
-            raise InvalidEventId(f"{raw!r} is not an event id this stream sent (STEP.ORDER)") from exc
-        if not 0 <= key.step <= MAX_STEP or key.order not in ORDERS:
+            step, order, *seq = (int(part) for part in raw.split("."))
+            key = cls(step, order, *seq)
+        except (ValueError, TypeError) as exc:
+            raise InvalidEventId(f"{raw!r} is not an event id this stream sent (STEP.ORDER or STEP.4.ID)") from exc
+        if not 0 <= key.step <= MAX_STEP or key.order not in ORDERS or not 0 <= key.seq <= MAX_SEQ:
             raise InvalidEventId(f"{raw!r} is not an event id this stream sent (STEP at most {MAX_STEP})")
+        if (key.order == TRAINING) != (len(seq) == 1):
+            raise InvalidEventId(f"{raw!r} is not an event id this stream sent (an ID with order 4 only)")
         return key
 
     def last_step_through(self, order: int) -> int:
@@ -79,7 +87,7 @@ class EventKey:
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # metric | checkpoint | sample | evaluation | status
+    kind: str  # metric | checkpoint | sample | evaluation | training_event | status
     data: dict[str, Any]
     key: EventKey | None = None  # status events are snapshots: no id
 
@@ -94,7 +102,15 @@ def _status_event(session: Session, job: Job, settings: Settings) -> Event:
 
 
 def _metric_event(p: MetricPoint) -> Event:
-    data = {"step": p.step, "loss": p.loss, "lr": p.lr, "images_per_s": p.images_per_s, "loss_by_t": p.loss_by_t}
+    data = {
+        "step": p.step,
+        "loss": p.loss,
+        "lr": p.lr,
+        "images_per_s": p.images_per_s,
+        "loss_by_t": p.loss_by_t,
+        "mfu": p.mfu,
+        "peak_memory_bytes": p.peak_memory_bytes,
+    }
     return Event("metric", data, EventKey(p.step, METRIC))
 
 
@@ -112,6 +128,12 @@ def _evaluation_event(e: Evaluation) -> Event:
     """GET /v1/jobs/{id}/evaluations' object without created_at (non-finite values as null)."""
     data = EvaluationOut.model_validate(e).model_dump(mode="json", exclude={"created_at"})
     return Event("evaluation", data, EventKey(e.step, EVALUATION))
+
+
+def _training_event(e: JobEvent) -> Event:
+    """GET /v1/jobs/{id}/training-events' object without created_at."""
+    data = JobEventOut.model_validate(e).model_dump(mode="json", exclude={"created_at"})
+    return Event("training_event", data, EventKey(e.step, TRAINING, e.id))
 
 
 def _signature(event: Event) -> tuple[Any, ...]:
@@ -141,10 +163,12 @@ def read_events(
         checkpoints = CheckpointRepository(session).list(job_id, after_step=after.last_step_through(CHECKPOINT))
         samples = SampleRepository(session).list(job_id, after_step=after.last_step_through(SAMPLE))
         evaluations = EvaluationRepository(session).list(job_id, after_step=after.last_step_through(EVALUATION))
+        training = JobEventRepository(session).since_step(job_id, after.step)
     events = [_metric_event(p) for p in points]
     events += [_checkpoint_event(c) for c in checkpoints]
     events += [_sample_event(s) for s in samples]
     events += [_evaluation_event(e) for e in evaluations]
+    events += [event for event in map(_training_event, training) if event.key > after]  # type: ignore[operator]
     events.sort(key=lambda e: e.key)  # type: ignore[arg-type, return-value]
     return status, events
 
@@ -160,7 +184,10 @@ def read_head(factory: sessionmaker[Session], job_id: uuid.UUID) -> EventKey | N
             (SampleRepository(session).last_step(job_id), SAMPLE),
             (EvaluationRepository(session).last_step(job_id), EVALUATION),
         ]
-    return max((EventKey(step, order) for step, order in last if step is not None), default=None)
+        training = JobEventRepository(session).last(job_id)
+    keys = [EventKey(step, order) for step, order in last if step is not None]
+    keys += [EventKey(training[0], TRAINING, training[1])] if training else []
+    return max(keys, default=None)
 
 
 def read_active_keys(factory: sessionmaker[Session], prefixes: set[str]) -> set[str]:

@@ -8,7 +8,7 @@ Deletion is crash-safe in three steps, each safe to repeat:
              and in this host's scratch: `<job id>/` (checkpoints, their resume state, sample
              grids) and `sample-requests/<request id>/` of each of its sample requests
     row      the jobs row deleted; ON DELETE CASCADE takes its metric points, checkpoint, sample,
-             evaluation, sample-request and log rows; its `job_attempts` stay (job_id set null),
+             evaluation, sample-request, log and event rows; its `job_attempts` stay (job_id set null),
              so usage stays true
 
 If the API dies (or the store is away) between the mark and the row, the sweeper finishes the

@@ -75,15 +75,19 @@ def check_spec(spec: JobSpec, settings: Settings) -> None:
     need = training_memory_bytes(spec, params)
     budget = int(settings.gpu_memory_gb * 2**30)
     if need > budget:
-        per_image = activation_bytes_per_image(spec)
+        per_gpu = max(0, (budget - params * BYTES_PER_PARAMETER) // activation_bytes_per_image(spec))
         gpus = spec.resources.gpus
-        fits = max(0, (budget - params * BYTES_PER_PARAMETER) // per_image) * gpus
-        refused.add(
-            ("training", "batch_size"),
-            f"training would need about {need / 2**30:.1f} GiB of memory on each GPU, more than a worker's "
-            f"{settings.gpu_memory_gb:g} GiB (DDPM_GPU_MEMORY_GB); at most {fits} images per batch fit "
-            f"on {gpus} GPU{'s' if gpus > 1 else ''} with this model and image_size",
-            spec.training.batch_size,
-            fits,
+        needs = f"training would need about {need / 2**30:.1f} GiB of memory on each GPU, more than a worker's "
+        needs += f"{settings.gpu_memory_gb:g} GiB (DDPM_GPU_MEMORY_GB)"
+        if spec.training.micro_batch is not None:  # the micro-batch is what the GPU holds at once
+            fit = f"at most {per_gpu} images per micro-batch fit with this model and image_size"
+            refused.add(("training", "micro_batch"), f"{needs}; {fit}", spec.training.micro_batch, per_gpu)
+            raise refused
+        fits = per_gpu * gpus
+        fit = (
+            f"at most {fits} images per batch fit on {gpus} GPU{'s' if gpus > 1 else ''} with this model and image_size"
         )
+        # A batch that does not fit whole can still train in micro-batches that do.
+        split = f", or keep the batch and set training.micro_batch to at most {per_gpu}" if per_gpu else ""
+        refused.add(("training", "batch_size"), f"{needs}; {fit}{split}", spec.training.batch_size, fits)
         raise refused

@@ -14,6 +14,9 @@ last step is kept too), holding
   window's steps when every step was finite;
 - loss_by_t: per timestep range, the same weighted mean over the points that have that entry;
 - images_per_s: the window's images over its time, i.e. the steps-weighted harmonic mean;
+- mfu: the same harmonic mean (it is images/s times a constant of the run, so it follows it; null
+  when no point of the window has one);
+- peak_memory_bytes: the window's largest (null when no point has one);
 - lr and created_at: those of its last point (the learning rate at that step).
 A thinned curve thinned again (a continued job that ends and ages) stays right: a merged point
 covers exactly the steps since the point before it.
@@ -70,6 +73,8 @@ def _merge(points: list[MetricPoint], *covers: int) -> MetricPoint:
         lr=last.lr,
         images_per_s=_harmonic_mean([p.images_per_s for p in points], covers),
         loss_by_t=_loss_by_t(points, covers),
+        mfu=_mfu(points, covers),
+        peak_memory_bytes=max((p.peak_memory_bytes for p in points if p.peak_memory_bytes is not None), default=None),
         created_at=last.created_at,
     )
 
@@ -85,6 +90,12 @@ def _harmonic_mean(rates: list[float], weights: tuple[int, ...]) -> float:
     pairs = [(r, w) for r, w in zip(rates, weights, strict=True) if r > 0 and w > 0]
     seconds = sum(w / r for r, w in pairs)
     return sum(w for _, w in pairs) / seconds if seconds else rates[-1]
+
+
+def _mfu(points: list[MetricPoint], covers: tuple[int, ...]) -> float | None:
+    """As images/s: a utilisation is images/s times the run's FLOPs per image over its peak."""
+    rows = [(p.mfu, c) for p, c in zip(points, covers, strict=True) if p.mfu is not None]
+    return _harmonic_mean([m for m, _ in rows], tuple(c for _, c in rows)) if rows else None
 
 
 def _loss_by_t(points: list[MetricPoint], covers: tuple[int, ...]) -> list[float | None] | None:

@@ -50,10 +50,18 @@ class DatabaseCollector(Collector):
             "Training throughput of each running job, from its latest metric point.",
             labels=["job_id"],
         )
+        utilisation = GaugeMetricFamily(
+            "ddpm_job_mfu",
+            "Model FLOP utilisation (0-1) of each running job on a GPU, from its latest metric point.",
+            labels=["job_id"],
+        )
         for job in running:
             if job.images_per_s is not None:
                 rates.add_metric([str(job.job_id)], job.images_per_s)
+            if job.mfu is not None:
+                utilisation.add_metric([str(job.job_id)], job.mfu)
         yield rates
+        yield utilisation
 
         yield gauge_histogram(
             "ddpm_queue_wait_seconds",

@@ -26,6 +26,7 @@ class RunningJob:
     job_id: uuid.UUID
     gpus: int  # resources.gpus (processes on a CPU worker)
     images_per_s: float | None  # of its latest metric point; None before the first
+    mfu: float | None = None  # of its latest metric point; None where the point has none (the CPU)
 
 
 class MonitoringRepository:
@@ -52,14 +53,15 @@ class MonitoringRepository:
             .group_by(MetricPoint.job_id)
             .subquery()
         )
-        rates = dict(
-            self.session.execute(
-                select(MetricPoint.job_id, MetricPoint.images_per_s).join(
+        points = {
+            job_id: (rate, mfu)
+            for job_id, rate, mfu in self.session.execute(
+                select(MetricPoint.job_id, MetricPoint.images_per_s, MetricPoint.mfu).join(
                     latest, and_(MetricPoint.job_id == latest.c.job_id, MetricPoint.step == latest.c.step)
                 )
-            ).all()
-        )
-        return [RunningJob(job_id, _gpus(spec), rates.get(job_id)) for job_id, spec in jobs]
+            )
+        }
+        return [RunningJob(job_id, _gpus(spec), *points.get(job_id, (None, None))) for job_id, spec in jobs]
 
     def queue_waits(self, now: datetime | None = None) -> list[float]:
         """Seconds each attempt started within WINDOW waited in the queue: from when its job last

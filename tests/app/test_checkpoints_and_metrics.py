@@ -9,7 +9,9 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
-from app.models import Checkpoint, MetricPoint
+from app.main import create_app
+from app.models import Checkpoint, JobEvent, MetricPoint
+from tests.conftest import MakeUser
 
 
 def _add_checkpoint(settings: Settings, job_id: str, step: int, payload: bytes) -> Path:
@@ -141,8 +143,45 @@ class TestMetrics:
         items = client.get(f"/v1/jobs/{job_id}/metrics").json()["items"]
         assert [p["loss_by_t"] for p in items] == [by_t, None]
 
+    def test_a_point_carries_its_mfu_and_peak_memory(self, client: TestClient, clean_db: Settings, job_id: str) -> None:
+        with session_scope(make_sessionmaker(make_engine(clean_db))) as s:
+            s.add(MetricPoint(job_id=uuid.UUID(job_id), step=10, loss=0.3, lr=1e-4, images_per_s=9.0,
+                              mfu=0.42, peak_memory_bytes=3 * 2**33))  # fmt: skip
+            s.add(MetricPoint(job_id=uuid.UUID(job_id), step=20, loss=0.3, lr=1e-4, images_per_s=9.0))
+        items = client.get(f"/v1/jobs/{job_id}/metrics").json()["items"]
+        assert [(p["mfu"], p["peak_memory_bytes"]) for p in items] == [(0.42, 3 * 2**33), (None, None)]
+
     def test_unknown_job_is_404(self, client: TestClient) -> None:
         assert client.get(f"/v1/jobs/{uuid.uuid4()}/metrics").status_code == 404
+
+
+class TestTrainingEvents:
+    def test_pages_oldest_first_and_bad_cursors_are_422(
+        self, client: TestClient, clean_db: Settings, job_id: str
+    ) -> None:
+        with session_scope(make_sessionmaker(make_engine(clean_db))) as s:
+            detail = {"micro_batch": 32, "was": 64, "batch": 128}
+            for attempt, step in [(1, 7), (1, 7), (2, 3)]:  # a resumed attempt re-does earlier steps
+                s.add(JobEvent(job_id=uuid.UUID(job_id), attempt=attempt, step=step, kind="oom_halved",
+                               message=f"halved at {step}", detail=detail))  # fmt: skip
+                s.flush()
+        first = client.get(f"/v1/jobs/{job_id}/training-events", params={"limit": 2}).json()
+        assert [(e["attempt"], e["step"]) for e in first["items"]] == [(1, 7), (1, 7)]
+        assert first["items"][0]["detail"] == {"micro_batch": 32, "was": 64, "batch": 128}
+        assert first["next_after_id"] == first["items"][1]["id"]
+        rest = client.get(f"/v1/jobs/{job_id}/training-events", params={"after_id": first["next_after_id"]}).json()
+        assert [(e["attempt"], e["step"], e["message"]) for e in rest["items"]] == [(2, 3, "halved at 3")]
+        assert rest["next_after_id"] is None
+        for crafted in ("-1", "x", str(2**63), "1.5"):
+            r = client.get(f"/v1/jobs/{job_id}/training-events", params={"after_id": crafted})
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "after_id"]
+
+    def test_an_unknown_or_another_users_job_is_404(
+        self, client: TestClient, clean_db: Settings, job_id: str, make_user: MakeUser
+    ) -> None:
+        assert client.get(f"/v1/jobs/{uuid.uuid4()}/training-events").status_code == 404
+        with TestClient(create_app(clean_db), headers=make_user("bob").headers) as bob:
+            assert bob.get(f"/v1/jobs/{job_id}/training-events").status_code == 404
 
 
 class TestLossPlot:

@@ -22,7 +22,7 @@ from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope, upgrade_database
 from app.events.hub import EventHub, EventKey, InvalidEventId
 from app.main import create_app
-from app.models import Checkpoint, Job, MetricPoint, Sample
+from app.models import Checkpoint, Job, JobEvent, MetricPoint, Sample
 from tests.conftest import ApiUser
 from tests.e2e.conftest import running_api
 
@@ -60,6 +60,15 @@ class Rows:
         with session_scope(self.factory) as s:
             s.add(Sample(job_id=self.job_id, step=step, path=f"x/{step}.png", size_bytes=1, sha256="b" * 64))
 
+    def training_event(self, step: int, attempt: int = 1) -> int:
+        """An oom_halved event of `attempt` at `step`; returns its id."""
+        with session_scope(self.factory) as s:
+            event = JobEvent(job_id=self.job_id, attempt=attempt, step=step, kind="oom_halved", message="halved",
+                             detail={"micro_batch": 32, "was": 64, "batch": 128})  # fmt: skip
+            s.add(event)
+            s.flush()
+            return event.id
+
     def status(self, status: str, **values: object) -> None:
         with session_scope(self.factory) as s:
             s.execute(update(Job).where(Job.id == self.job_id).values(status=status, **values))
@@ -83,6 +92,7 @@ class TestReplay:
             rows.metric(step)
         rows.checkpoint(20)
         rows.sample(20)
+        first, second = rows.training_event(20), rows.training_event(20)  # two halvings at one step
         rows.status("succeeded", step=30)
         r = client.get(f"/v1/jobs/{job_id}/events")
         assert r.status_code == 200
@@ -95,10 +105,31 @@ class TestReplay:
             ("metric", "20.0"),
             ("checkpoint", "20.1"),
             ("sample", "20.2"),
+            ("training_event", f"20.4.{first}"),
+            ("training_event", f"20.4.{second}"),
             ("metric", "30.0"),
             ("status", None),
         ]
-        assert events[1]["data"] == {"step": 10, "loss": 0.1, "lr": 1e-4, "images_per_s": 10.0, "loss_by_t": None}
+        assert events[1]["data"] == {
+            "step": 10,
+            "loss": 0.1,
+            "lr": 1e-4,
+            "images_per_s": 10.0,
+            "loss_by_t": None,
+            "mfu": None,
+            "peak_memory_bytes": None,
+        }
+        assert events[6]["data"] == {
+            "id": second,
+            "attempt": 1,
+            "step": 20,
+            "kind": "oom_halved",
+            "message": "halved",
+            "detail": {"micro_batch": 32, "was": 64, "batch": 128},
+        }
+        # Reconnecting after the first training event of a step sends the second, not the first.
+        r = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": f"20.4.{first}"})
+        assert keyed(parse_sse(r.text))[1:3] == [("training_event", f"20.4.{second}"), ("metric", "30.0")]
         assert events[4]["data"] == {"step": 20, "url": f"/v1/jobs/{job_id}/samples/20.png"}
         assert events[0]["data"] == events[-1]["data"]
         assert events[-1]["data"]["status"] == "succeeded" and events[-1]["data"]["id"] == job_id
@@ -145,14 +176,16 @@ class TestReplay:
         assert client.get(f"/v1/jobs/{job_id}/events", params={"after": "1.7"}).status_code == 422
         assert client.get(f"/v1/jobs/{uuid.uuid4()}/events").status_code == 404
 
-    @pytest.mark.parametrize("raw", ["", "1", "1.5", "-1.0", "a.b", "1.0.0", "2147483648.0", "9999999999.2"])
+    @pytest.mark.parametrize(
+        "raw", ["", "1", "1.5", "-1.0", "a.b", "1.0.0", "2147483648.0", "9999999999.2", "1.4", "1.4.-1", "1.4.1.1"]
+    )
     def test_event_key_parsing_refuses_what_the_stream_never_sends(self, raw: str) -> None:
         with pytest.raises(InvalidEventId):
             EventKey.parse(raw)
 
     def test_event_keys_order_metric_checkpoint_sample_within_a_step(self) -> None:
-        keys = [EventKey.parse(k) for k in ["20.2", "10.0", "20.0", "20.1", "3.2"]]
-        assert [str(k) for k in sorted(keys)] == ["3.2", "10.0", "20.0", "20.1", "20.2"]
+        keys = [EventKey.parse(k) for k in ["20.2", "10.0", "20.4.9", "20.0", "20.1", "3.2", "20.4.11", "3.4.12"]]
+        assert [str(k) for k in sorted(keys)] == ["3.2", "3.4.12", "10.0", "20.0", "20.1", "20.2", "20.4.9", "20.4.11"]
 
 
 @pytest.fixture

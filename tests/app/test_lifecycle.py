@@ -18,7 +18,18 @@ from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.jobs import lifecycle
 from app.main import create_app
-from app.models import Checkpoint, Job, JobAttempt, JobLogLine, MetricPoint, Sample, SampleRequest, User, utcnow
+from app.models import (
+    Checkpoint,
+    Job,
+    JobAttempt,
+    JobEvent,
+    JobLogLine,
+    MetricPoint,
+    Sample,
+    SampleRequest,
+    User,
+    utcnow,
+)
 from tests.conftest import ApiUser, MakeUser, evaluation_row
 
 
@@ -43,6 +54,7 @@ def _stored_job(settings: Settings, job_id: str) -> list[str]:
         s.add(Sample(job_id=jid, step=10, path=files[1], size_bytes=1, sha256="0" * 64))
         s.add(evaluation_row(job_id, 10, 1.0, kid=0.1, kid_std=0.0, samples=1, reference_images=1, seconds=1.0))
         s.add(JobLogLine(job_id=jid, attempt=1, seq=0, at=utcnow(), level="INFO", logger="w", message="hi"))
+        s.add(JobEvent(job_id=jid, attempt=1, step=3, kind="compile_failed", message="eager", detail={"error": "x"}))
         s.add(JobAttempt(job_id=jid, owner_id=owner, attempt=1, worker="w", device="cpu", gpus=1))
         s.add(
             SampleRequest(
@@ -55,7 +67,7 @@ def _stored_job(settings: Settings, job_id: str) -> list[str]:
 
 def _rows(settings: Settings, job_id: str) -> dict[str, int]:
     jid = uuid.UUID(job_id)
-    tables = (Job, MetricPoint, Checkpoint, Sample, SampleRequest, JobLogLine)
+    tables = (Job, MetricPoint, Checkpoint, Sample, SampleRequest, JobLogLine, JobEvent)
     with session_scope(make_sessionmaker(make_engine(settings))) as s:
         counts = {t.__tablename__: s.scalar(select(func.count()).where(_job_column(t) == jid)) or 0 for t in tables}
         counts["job_attempts (job_id null)"] = s.scalar(select(func.count()).where(JobAttempt.job_id.is_(None))) or 0
@@ -81,7 +93,7 @@ class TestDelete:
         assert not (clean_db.checkpoint_root / job_id).exists()
         assert _rows(clean_db, job_id) == {
             "jobs": 0, "metric_points": 0, "checkpoints": 0, "samples": 0, "sample_requests": 0,
-            "job_log_lines": 0, "job_attempts (job_id null)": 1,
+            "job_log_lines": 0, "job_events": 0, "job_attempts (job_id null)": 1,
         }  # fmt: skip
         assert client.delete(f"/v1/jobs/{job_id}").status_code == 404  # gone: nothing is left to name it
 

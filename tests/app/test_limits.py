@@ -107,6 +107,13 @@ class TestMemory:
         over = {"training": {"batch_size": 101}}
         msg = refused(limited(gpu_memory_gb=gpu_gb).post("/v1/jobs", json=over), ["body", "training", "batch_size"])
         assert "at most 100 images per batch fit" in msg and "DDPM_GPU_MEMORY_GB" in msg
+        assert "set training.micro_batch to at most 100" in msg
+        # The batch of 101 in micro-batches of 100 fits; of 101 (the whole share) it does not.
+        split = {"training": {"batch_size": 101, "micro_batch": 100}}
+        assert limited(gpu_memory_gb=gpu_gb).post("/v1/jobs", json=split).status_code == 201
+        whole = {"training": {"batch_size": 101, "micro_batch": 101}}
+        msg = refused(limited(gpu_memory_gb=gpu_gb).post("/v1/jobs", json=whole), ["body", "training", "micro_batch"])
+        assert "at most 100 images per micro-batch fit" in msg
 
     def test_the_estimate_grows_with_the_batch_and_with_attention(self) -> None:
         small = JobSpec.model_validate({"training": {"batch_size": 1}})

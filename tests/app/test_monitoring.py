@@ -97,7 +97,7 @@ class TestFromTheDatabase:
             s.execute(update(Job).values(created_at=now - timedelta(minutes=10)))
             # Throughput: the latest point of each running job.
             s.add_all(
-                MetricPoint(job_id=running, step=step, loss=0.1, lr=1e-4, images_per_s=rate)
+                MetricPoint(job_id=running, step=step, loss=0.1, lr=1e-4, images_per_s=rate, mfu=rate / 100)
                 for step, rate in ((10, 5.0), (20, 7.5))
             )
             # Queue waits, from when each attempt's job entered the queue: 30, 480, 45 (after a
@@ -156,6 +156,8 @@ class TestFromTheDatabase:
             dict(labels)["job_id"]: v for (name, labels), v in scraped.items() if name == "ddpm_job_images_per_second"
         }
         assert rates == {str(running): 7.5}  # the others have no point yet
+        mfu = {dict(labels)["job_id"]: v for (name, labels), v in scraped.items() if name == "ddpm_job_mfu"}
+        assert mfu == {str(running): 0.075}
 
         assert value(scraped, "ddpm_queue_wait_seconds_gcount") == 4
         assert value(scraped, "ddpm_queue_wait_seconds_gsum") == pytest.approx(30 + 480 + 45 + 100, abs=0.01)

@@ -49,6 +49,15 @@ class TestDownsample:
         kept = downsample(points, 2)
         assert [p.loss_by_t for p in kept] == [None, [pytest.approx((10 * 1.0 + 30 * 2.0) / 40), 4.0]]
 
+    def test_mfu_follows_images_per_s_and_peak_memory_is_the_windows_largest(self) -> None:
+        # mfu is images/s x a constant (0.001 here): the merged one is 0.001 x the merged images/s.
+        points = [MetricPoint(step=s, loss=1.0, lr=0.0, images_per_s=ips, mfu=ips / 1000, peak_memory_bytes=peak)
+                  for s, ips, peak in [(10, 100.0, 5), (20, 100.0, 9), (40, 50.0, 7), (60, 25.0, None)]]  # fmt: skip
+        points.append(MetricPoint(step=80, loss=1.0, lr=0.0, images_per_s=25.0))  # a point from before they were kept
+        kept = downsample(points, 3)  # windows (10, 45] and (45, 80]
+        assert [(p.step, p.peak_memory_bytes) for p in kept] == [(10, 5), (40, 9), (80, None)]
+        assert [p.mfu for p in kept] == [0.1, pytest.approx(kept[1].images_per_s / 1000), 0.025]
+
     def test_short_curves_are_kept_and_bounds_hold_for_long_ones(self) -> None:
         few = [_point(s, 1.0) for s in (5, 10)]
         assert downsample(few, 10) == few

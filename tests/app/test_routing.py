@@ -57,6 +57,21 @@ def test_a_job_needs_its_share_of_the_batch_on_each_gpu() -> None:
     assert train_queue("ddpm", four) == "ddpm.gpus-4.mem-1"
 
 
+def test_a_batch_too_big_for_a_gpu_class_routes_to_it_in_micro_batches_that_fit() -> None:
+    """The GPU holds one micro-batch's activations at a time: 256 images do not fit 8 GiB, 256 in
+    micro-batches of 32 do, and go to the 8 GiB class (whose workers consume it)."""
+    shape = {"dataset": {"image_size": 32}, "model": {"preset": "ddpm-cifar10"}}
+    whole = JobSpec.model_validate(shape | {"training": {"batch_size": 256}})
+    split = JobSpec.model_validate(shape | {"training": {"batch_size": 256, "micro_batch": 32}})
+    one_micro_batch = JobSpec.model_validate(shape | {"training": {"batch_size": 32}})
+    assert training_memory_bytes(split) == training_memory_bytes(one_micro_batch)
+    eight = Resources(gpus=1, memory_gib=8)
+    assert not can_hold(eight, job_resources(whole))
+    assert can_hold(eight, job_resources(split))
+    assert train_queue("q", split) in worker_queues("q", eight)
+    assert train_queue("q", whole) not in worker_queues("q", eight)
+
+
 class TestSpec:
     def test_the_batch_must_split_evenly(self) -> None:
         with pytest.raises(ValueError, match=r"training.batch_size \(10\) must be divisible by resources.gpus \(4\)"):

@@ -161,6 +161,7 @@ def test_the_matrix_covers_every_route(world: World) -> None:
         ("GET", "/v1/jobs/{job_id}/events"),
         ("GET", "/v1/jobs/{job_id}/evaluations"),
         ("GET", "/v1/jobs/{job_id}/logs"),
+        ("GET", "/v1/jobs/{job_id}/training-events"),
         ("GET", "/v1/jobs/{job_id}/loss.png"),
         ("GET", "/v1/jobs/{job_id}/samples"),
         ("GET", "/v1/jobs/{job_id}/samples/{step}.png"),

@@ -151,8 +151,8 @@ class TestAgainstTheApi:
         with DdpmClient(api.base, trained.key) as client:
             points = list(client.metrics(trained.job["id"]))
         rows = list(csv.reader(io.StringIO(result.stdout)))
-        assert rows[0] == ["step", "loss", "lr", "images_per_s", "created_at"]
-        assert rows[1:] == [[str(p[f]) for f in rows[0]] for p in points]
+        assert rows[0] == ["step", "loss", "lr", "images_per_s", "mfu", "peak_memory_bytes", "created_at"]
+        assert rows[1:] == [["" if p[f] is None else str(p[f]) for f in rows[0]] for p in points]
         assert [r[0] for r in rows[1:]] == ["10", "20", "30"]
 
     def test_metrics_table(self, api: RunningApi, trained: TrainedJob) -> None:
@@ -443,6 +443,16 @@ class TestWatch:
         assert "checkpoint at step 20 (1,234 bytes, sha256 abababababab…)" in out
         assert "job j1 succeeded at step 20/20" in out
 
+    def test_mfu_peak_memory_and_training_events_are_shown(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        halved = {"id": 7, "attempt": 1, "step": 12, "kind": "oom_halved", "message": "micro-batch 64 -> 32",
+                  "detail": {"micro_batch": 32, "was": 64, "batch": 128}}  # fmt: skip
+        events = [job_event("running", 0), sse("metric", GPU_POINT, "10.0"), sse("training_event", halved, "12.4.7")]
+        use_transport(monkeypatch, event_stream(*events, job_event("succeeded", 20)))
+        result = ddpm(None, "k", "watch", "j1")
+        assert result.exit_code == 0, result.output
+        assert "step 10/20  loss 0.5000  4,500 img/s  MFU 41.2%  3.0 GiB  ETA 00:00:00" in result.stdout
+        assert "oom_halved at step 12: micro-batch 64 -> 32" in result.stdout
+
     def test_exit_1_when_it_fails(self, monkeypatch: pytest.MonkeyPatch) -> None:
         use_transport(monkeypatch, event_stream(job_event("running", 0), job_event("failed", 3, error="loss is NaN")))
         result = ddpm(None, "k", "watch", "j1")
@@ -517,6 +527,67 @@ class TestEvaluations:
         for command in ("download", "export"):
             result = ddpm(None, "k", command, "j1", "--step", "10", "--best")
             assert_clean_error(result, "choose one of --step and --best")
+
+
+TRAINING_EVENTS = [
+    {"id": 3, "attempt": 1, "step": 12, "kind": "oom_halved", "message": "out of memory: micro-batch 64 -> 32",
+     "detail": {"micro_batch": 32, "was": 64, "batch": 128}, "created_at": "2026-11-30T06:28:57+00:00"},
+    {"id": 9, "attempt": 2, "step": 1, "kind": "graphs_failed", "message": "capture failed: trains without graphs",
+     "detail": {"error": "RuntimeError: boom"}, "created_at": "2026-11-30T06:30:00+00:00"},
+]  # fmt: skip
+GPU_POINT = {"step": 10, "loss": 0.5, "lr": 1e-3, "images_per_s": 4500.0, "mfu": 0.4123, "peak_memory_bytes": 3 * 2**30}
+
+
+class TestTrainingEvents:
+    """`ddpm events` against a mock server (two pages), and `ddpm metrics` with a GPU job's columns."""
+
+    def serve(self, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        seen: list[str] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(request.url.query.decode())
+            if request.url.path == "/v1/jobs/j1/metrics":
+                point = GPU_POINT | {"loss_by_t": None, "created_at": TRAINING_EVENTS[0]["created_at"]}
+                return httpx.Response(200, json={"items": [point], "next_after_step": None})
+            first = "after_id" not in request.url.params
+            page = TRAINING_EVENTS[:1] if first else TRAINING_EVENTS[1:]
+            return httpx.Response(200, json={"items": page, "next_after_id": 3 if first else None})
+
+        use_transport(monkeypatch, handler)
+        return seen
+
+    def test_piped_table_over_every_page_and_json(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        seen = self.serve(monkeypatch)
+        result = ddpm(None, "k", "events", "j1")
+        assert result.exit_code == 0, result.output
+        assert seen == ["limit=100", "limit=100&after_id=3"]
+        rows = [[c.strip() for c in line.split("  ") if c.strip()] for line in result.stdout.splitlines()]
+        assert rows == [
+            ["step", "attempt", "kind", "message", "at"],
+            [
+                "12",
+                "1",
+                "oom_halved",
+                "out of memory: micro-batch 64 -> 32",
+                cli_module._when(TRAINING_EVENTS[0]["created_at"]),
+            ],
+            [
+                "1",
+                "2",
+                "graphs_failed",
+                "capture failed: trains without graphs",
+                cli_module._when(TRAINING_EVENTS[1]["created_at"]),
+            ],
+        ]
+        as_json = ddpm(None, "k", "events", "j1", "--json")
+        assert json.loads(as_json.stdout) == TRAINING_EVENTS
+
+    def test_metrics_table_shows_mfu_and_peak_memory(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.serve(monkeypatch)
+        result = ddpm(None, "k", "metrics", "j1")
+        assert result.exit_code == 0, result.output
+        assert result.stdout.split()[:7] == ["step", "loss", "lr", "images/s", "MFU", "peak", "GiB"]
+        assert result.stdout.splitlines()[1].split()[:6] == ["10", "0.5000", "0.001", "4500.0", "41.2%", "3.0"]
 
 
 class TestHelp:

@@ -26,7 +26,7 @@ import pytest
 
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
-from app.models import Job, JobAttempt, utcnow
+from app.models import Job, JobAttempt, JobEvent, MetricPoint, utcnow
 from tests.conftest import ARTIFACTS, MakeUser
 from tests.e2e.conftest import api_argv, free_port, process, wait_for_status, wait_ready, worker_argv
 
@@ -193,9 +193,12 @@ def test_a_queued_job_says_why_it_waits(api_only: Stack, browser) -> None:
     assert errors.page_errors == []
 
 
-def test_a_running_job_shows_its_eta_and_gpu_time(api_only: Stack, browser, service_settings: Settings) -> None:
-    """Before a metric point reaches the page, the ETA is the API's eta_seconds: (7210 - 10) steps
-    at 2 steps/s is an hour; GPU time is its attempt's 1 GPU x 90 minutes."""
+def test_a_running_job_shows_its_eta_gpu_time_efficiency_and_events(
+    api_only: Stack, browser, service_settings: Settings
+) -> None:
+    """The ETA: (7210 - 10) steps at 2 steps/s (the API's eta_seconds, and the metric point's 16
+    images/s at batch 8) is an hour; GPU time is its attempt's 1 GPU x 90 minutes; the point's MFU
+    and peak GPU memory; the job's training events, and one more as it arrives live."""
     with api_only.client() as client:
         created = client.post("/v1/jobs", json={"training": {"batch_size": 8, "steps": 7210}})
         assert created.status_code == 201, created.text
@@ -218,18 +221,37 @@ def test_a_running_job_shows_its_eta_and_gpu_time(api_only: Stack, browser, serv
                 seen_at=start + timedelta(minutes=90),
             )
         )
-    engine.dispose()
+        s.add(MetricPoint(job_id=job_id, step=10, loss=0.5, lr=1e-4, images_per_s=16.0, mfu=0.4123,
+                          peak_memory_bytes=3 * 2**30))  # fmt: skip
+        s.add(training_event(job_id, 4, "out of memory at micro-batch 8: redone with 4"))
     errors = BrowserErrors()
     page = new_page(browser, errors)
     page.goto(f"{api_only.base}/#key={api_only.key}")
     page.wait_for_selector("#job-table")
     page.goto(f"{api_only.base}/#/jobs/{job_id}")
     page.wait_for_selector(f'{STATUS_BADGE}[data-status="running"]')
+    page.wait_for_selector("#job-events li[data-kind='oom_halved']")
     stats = page.inner_text("#job-stats")
     assert re.search(r"ETA\s+1h 00m", stats, re.IGNORECASE), stats
     assert re.search(r"GPU time\s+1h 30m", stats, re.IGNORECASE), stats
+    assert re.search(r"Images/s\s+16\b", stats, re.IGNORECASE), stats
+    assert re.search(r"MFU\s+41\.2%", stats, re.IGNORECASE), stats
+    assert re.search(r"Peak GPU memory\s+3(\.0)? GiB", stats, re.IGNORECASE), stats
+    with session_scope(make_sessionmaker(engine)) as s:  # one more, after the page has loaded: live
+        s.add(training_event(job_id, 12, "out of memory at micro-batch 4: redone with 2"))
+    page.wait_for_selector("#job-events li:has-text('step 12')")
+    assert page.inner_text("#job-events").splitlines() == [
+        "step 12 · oom_halved out of memory at micro-batch 4: redone with 2",  # newest first
+        "step 4 · oom_halved out of memory at micro-batch 8: redone with 4",
+    ]
+    engine.dispose()
     shoot(page, "10-job-eta")
     assert errors.page_errors == []
+
+
+def training_event(job_id: uuid.UUID, step: int, message: str) -> JobEvent:
+    detail = {"micro_batch": 4, "was": 8, "batch": 8}
+    return JobEvent(job_id=job_id, attempt=1, step=step, kind="oom_halved", message=message, detail=detail)
 
 
 def test_api_docs_render_offline(api_only: Stack, browser) -> None:

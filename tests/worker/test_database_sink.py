@@ -15,10 +15,10 @@ from app.checkpoints.store import LocalStore
 from app.config import Settings
 from app.db import session_scope
 from app.jobs.service import requeue_expired
-from app.models import Checkpoint, Evaluation, MetricPoint, utcnow
+from app.models import Checkpoint, Evaluation, JobEvent, MetricPoint, utcnow
 from tests.worker.test_lease import claimed_lease
-from worker.database_sink import DatabaseSink
-from worker.ddpm.sink import EvaluationPoint, SavedCheckpoint, StopReason, StopTraining
+from worker.database_sink import MAX_EVENTS_PER_ATTEMPT, DatabaseSink
+from worker.ddpm.sink import EvaluationPoint, EventKind, SavedCheckpoint, StopReason, StopTraining, TrainingEvent
 from worker.ddpm.sink import MetricPoint as LoggedPoint
 
 
@@ -125,3 +125,60 @@ class TestLossByT:
         with session_scope(factory) as s:
             rows = s.scalars(select(MetricPoint).where(MetricPoint.job_id == sink.job_id).order_by(MetricPoint.step))
             assert [r.loss_by_t for r in rows] == [[0.75, None, None, None, 0.25], None]
+
+
+class TestEfficiencyFields:
+    def test_mfu_and_peak_memory_are_stored_finite_or_null(self, clean_db: Settings, factory) -> None:
+        sink = make_sink(clean_db, factory)
+        sink.on_log(LoggedPoint(10, 0.5, 1e-4, 100.0, mfu=0.3141592, peak_memory_bytes=5 * 2**33))
+        sink.on_log(LoggedPoint(20, 0.5, 1e-4, 100.0, mfu=math.nan))
+        sink.on_log(LoggedPoint(30, 0.5, 1e-4, 100.0))  # the CPU: neither is known
+        with session_scope(factory) as s:
+            rows = s.execute(
+                select(MetricPoint.mfu, MetricPoint.peak_memory_bytes)
+                .where(MetricPoint.job_id == sink.job_id)
+                .order_by(MetricPoint.step)
+            )
+            assert [tuple(r) for r in rows] == [(0.3142, 5 * 2**33), (None, None), (None, None)]
+
+
+def oom(step: int) -> TrainingEvent:
+    detail: dict[str, int | str] = {"micro_batch": 32, "was": 64, "batch": 128}
+    return TrainingEvent(step, EventKind.oom_halved, "out of memory: micro-batch 64 -> 32", detail)
+
+
+def event_rows(factory, job_id) -> list[tuple]:
+    with session_scope(factory) as s:
+        stmt = select(JobEvent.attempt, JobEvent.step, JobEvent.kind, JobEvent.message, JobEvent.detail)
+        return [tuple(r) for r in s.execute(stmt.where(JobEvent.job_id == job_id).order_by(JobEvent.id))]
+
+
+class TestEvents:
+    def test_an_event_is_a_row_of_its_attempt_with_long_text_clipped(self, clean_db: Settings, factory) -> None:
+        sink = make_sink(clean_db, factory)
+        sink.on_event(oom(7))
+        failed = TrainingEvent(1, EventKind.compile_failed, "torch.compile failed", {"error": "E" * 5000})
+        sink.on_event(failed)
+        rows = event_rows(factory, sink.job_id)
+        assert rows[0] == (1, 7, "oom_halved", "out of memory: micro-batch 64 -> 32", oom(7).detail)
+        assert rows[1][:4] == (1, 1, "compile_failed", "torch.compile failed")
+        assert rows[1][4] == {"error": "E" * 2000}
+
+    def test_an_attempt_records_at_most_its_bound(
+        self, clean_db: Settings, factory, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        sink = make_sink(clean_db, factory)
+        with caplog.at_level(logging.WARNING, logger="worker.database_sink"):
+            for step in range(1, MAX_EVENTS_PER_ATTEMPT + 3):
+                sink.on_event(oom(step))
+        assert len(event_rows(factory, sink.job_id)) == MAX_EVENTS_PER_ATTEMPT
+        assert caplog.text.count("event not recorded") == 2
+
+    def test_a_fenced_attempt_stops_and_writes_nothing(self, clean_db: Settings, factory) -> None:
+        sink = make_sink(clean_db, factory)
+        with session_scope(factory) as s:  # the sweeper hands the job to a new attempt
+            assert requeue_expired(s, utcnow() + timedelta(hours=1)) == [sink.job_id]
+        with pytest.raises(StopTraining) as stopped:
+            sink.on_event(oom(3))
+        assert stopped.value.reason is StopReason.fenced
+        assert event_rows(factory, sink.job_id) == []

@@ -1,7 +1,8 @@
-// One job: status and progress, the live loss chart, FID by step and loss by timestep, sample
-// grids, checkpoints (the best by FID too), cancel. Live updates come from GET /v1/jobs/{id}/events
+// One job: status and progress (images/s, MFU and peak GPU memory of the latest metric point),
+// its training events, the live loss chart, FID by step and loss by timestep, sample grids,
+// checkpoints (the best by FID too), cancel. Live updates come from GET /v1/jobs/{id}/events
 // (SSE over fetch); where that route does not exist the page polls the job, its metrics,
-// evaluations, checkpoints and samples every 2 s instead.
+// evaluations, training events, checkpoints and samples every 2 s instead.
 
 import { api, ApiError, downloadName, readBlob, saveBlob, sha256Hex } from "../api.js";
 import { LossChart } from "../loss-chart.js";
@@ -26,13 +27,14 @@ import {
 } from "../util.js";
 
 const POLL_MS = 2000;
+const EVENTS_SHOWN = 5; // the newest training events listed under the stats (`ddpm events` has all)
 const LOG_SCALE = "ddpm-jobs.log-scale";
 
 export function jobView(root, jobId) {
   const base = `/v1/jobs/${jobId}`;
   const stop = new AbortController();
   let job = null;
-  let latest = { lr: null, images_per_s: null };
+  let latest = { lr: null, images_per_s: null, mfu: null, peak_memory_bytes: null };
   let stream = null;
   let samplesSupported = true;
   const samples = new Map(); // step -> {step, url}
@@ -42,6 +44,8 @@ export function jobView(root, jobId) {
   let selectedSample = null; // null: follow the newest grid
   let checkpointList = [];
   let evaluationsSupported = true;
+  let trainingEventsSupported = true;
+  const trainingEvents = new Map(); // id -> a training event (from the list or the stream)
 
   // ----- layout -----
   const title = el("h1", { id: "job-title" }, "Loading…");
@@ -71,7 +75,8 @@ export function jobView(root, jobId) {
   const stats = el("dl", { class: "stats", id: "job-stats" });
   const errorBox = el("pre", { class: "error", id: "job-error", hidden: true });
   const waitingBox = el("p", { class: "waiting", id: "job-waiting", hidden: true });
-  header.append(progress, stats, waitingBox, errorBox);
+  const eventList = el("ul", { class: "training-events", id: "job-events", hidden: true });
+  header.append(progress, stats, eventList, waitingBox, errorBox);
 
   const liveState = el("span", { class: "live", id: "live-state" }, "connecting");
   const logToggle = el("input", { type: "checkbox", id: "log-scale" });
@@ -210,6 +215,8 @@ export function jobView(root, jobId) {
       fidChart.latest ? ["FID", fidChart.latest.fid.toFixed(2)] : null,
       ["Learning rate", latest.lr === null ? "–" : latest.lr.toExponential(2)],
       ["Images/s", rate === null ? "–" : fmtNumber(rate, 1)],
+      latest.mfu !== null ? ["MFU", `${(latest.mfu * 100).toFixed(1)}%`] : null,
+      latest.peak_memory_bytes !== null ? ["Peak GPU memory", fmtBytes(latest.peak_memory_bytes)] : null,
       ["Elapsed", fmtDuration(secs)],
       eta !== null ? ["ETA", fmtDuration(eta)] : null,
       job.gpu_seconds ? ["GPU time", fmtDuration(job.gpu_seconds)] : null,
@@ -246,6 +253,25 @@ export function jobView(root, jobId) {
     continueForm.hidden = !finished;
     specPre.textContent = JSON.stringify(job.spec, null, 2);
     if (!fidChart.size) renderEvaluations();
+  }
+
+  // The newest few training events, newest first: an OOM step redone smaller, a failed compile.
+  function renderTrainingEvents() {
+    const all = [...trainingEvents.values()].sort((a, b) => a.id - b.id);
+    eventList.hidden = all.length === 0;
+    const shown = all.slice(-EVENTS_SHOWN).reverse();
+    const items = shown.map((e) =>
+      el(
+        "li",
+        { "data-kind": e.kind, title: `attempt ${e.attempt}` },
+        el("span", { class: "muted" }, `step ${fmtNumber(e.step)} · ${e.kind}`),
+        " ",
+        e.message,
+      ),
+    );
+    const earlier = all.length - shown.length;
+    if (earlier > 0) items.push(el("li", { class: "muted" }, `and ${earlier} earlier (ddpm events ${jobId})`));
+    eventList.replaceChildren(...items);
   }
 
   function renderEvaluations() {
@@ -404,12 +430,41 @@ export function jobView(root, jobId) {
       chart.add(page.items);
       if (page.items.length) {
         const last = page.items[page.items.length - 1];
-        latest = { lr: last.lr ?? latest.lr, images_per_s: last.images_per_s ?? latest.images_per_s };
+        noteLatest(last);
         const measured = page.items.findLast((p) => p.loss_by_t?.length);
         if (measured) showLossByT(measured.step, measured.loss_by_t);
       }
       if (page.next_after_step === null || page.next_after_step === undefined) return;
       after = page.next_after_step;
+    }
+  }
+
+  function noteLatest(point) {
+    latest = {
+      lr: point.lr ?? latest.lr,
+      images_per_s: point.images_per_s ?? latest.images_per_s,
+      mfu: point.mfu ?? latest.mfu,
+      peak_memory_bytes: point.peak_memory_bytes ?? latest.peak_memory_bytes,
+    };
+  }
+
+  async function loadTrainingEvents() {
+    if (!trainingEventsSupported) return;
+    for (;;) {
+      const after = Math.max(0, ...trainingEvents.keys());
+      let page;
+      try {
+        page = await api(`${base}/training-events?after_id=${after}&limit=1000`, { signal: stop.signal });
+      } catch (e) {
+        if (e instanceof ApiError && e.status === 404 && e.message === "Not Found") {
+          trainingEventsSupported = false; // FastAPI's own 404: the route does not exist
+          return;
+        }
+        throw e;
+      }
+      for (const event of page.items) trainingEvents.set(event.id, event);
+      renderTrainingEvents();
+      if (page.next_after_id === null || page.next_after_id === undefined) return;
     }
   }
 
@@ -477,7 +532,7 @@ export function jobView(root, jobId) {
     } else if (event.type === "metric") {
       chart.add([data]);
       showLossByT(data.step, data.loss_by_t);
-      latest = { lr: data.lr ?? latest.lr, images_per_s: data.images_per_s ?? latest.images_per_s };
+      noteLatest(data);
       if (job && data.step > job.step) job = { ...job, step: data.step, loss: data.loss };
       if (job) renderJob();
       if (checkpointDue(data.step)) loadCheckpoints().catch((e) => reportError("checkpoints", e));
@@ -486,6 +541,9 @@ export function jobView(root, jobId) {
     } else if (event.type === "sample") {
       samples.set(data.step, data);
       renderSamples();
+    } else if (event.type === "training_event") {
+      trainingEvents.set(data.id, data);
+      renderTrainingEvents();
     } else if (event.type === "evaluation") {
       fidChart.add([data]);
       renderEvaluations();
@@ -514,6 +572,7 @@ export function jobView(root, jobId) {
         job = await api(base, { signal: stop.signal });
         await loadMetrics();
         await loadEvaluations();
+        await loadTrainingEvents();
         renderJob();
         await Promise.all([loadCheckpoints(), loadSamples()]);
         if (TERMINAL.has(job.status)) {
@@ -540,12 +599,17 @@ export function jobView(root, jobId) {
     }
     renderJob();
     await Promise.all([
-      // Evaluations after metrics: the stream starts after the newest metric point read, and
-      // an evaluation is sent after its step's metric point, so none falls between the two.
+      // Evaluations and training events after metrics: the stream starts after the newest
+      // metric point read, and both are sent after their step's metric point, so none falls
+      // between the two (a training event both read and streamed is kept once, by its id).
       loadMetrics()
         .catch((e) => reportError("metrics", e))
-        .then(() => loadEvaluations())
-        .catch((e) => reportError("evaluations", e)),
+        .then(() =>
+          Promise.all([
+            loadEvaluations().catch((e) => reportError("evaluations", e)),
+            loadTrainingEvents().catch((e) => reportError("training events", e)),
+          ]),
+        ),
       loadCheckpoints().catch((e) => reportError("checkpoints", e)),
       loadSamples().catch((e) => reportError("samples", e)),
     ]);
