@@ -31,7 +31,7 @@ from typing import Any
 
 from app.spec import JobSpec
 from bench.common import default_threads, machine, torch_threads
-from worker.ddpm.sink import EvaluationPoint, MetricPoint, SavedCheckpoint, SavedSample
+from worker.ddpm.sink import EvaluationPoint, MetricPoint, SavedCheckpoint, SavedSample, TrainingEvent
 
 PREDICTIONS = ("x0", "eps", "v")
 SCHEDULES = ("linear", "cosine")
@@ -117,6 +117,9 @@ class _Recorder:
 
     def on_evaluation(self, point: EvaluationPoint) -> None:
         self.evaluations.append(point)
+
+    def on_event(self, event: TrainingEvent) -> None:
+        print(f"   event: {event.message}")
 
 
 def train_and_evaluate(recipe: Recipe, steps: int, samples: int, seed: int, cache_dir: Path, device: str) -> dict:

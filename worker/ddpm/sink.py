@@ -70,7 +70,8 @@ class SavedSample:
 
 
 class EventKind(enum.StrEnum):
-    """What happened to a run that its owner should know of (kept on the job: GET /v1/jobs/{id}/events)."""
+    """What happened to a run that its owner should know of: kept on the job (GET
+    /v1/jobs/{id}/training-events) and sent live as the event stream's `training_event`."""
 
     oom_halved = "oom_halved"  # a step ran out of GPU memory and was redone with the micro-batch halved
     compile_failed = "compile_failed"  # torch.compile failed: the job trains eagerly
