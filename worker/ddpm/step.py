@@ -359,17 +359,19 @@ class _CapturedStep:
 
     def _check(self, *batch: torch.Tensor) -> None:
         """This step replayed, then undone and run as usual; the graph is kept if both changed the
-        state alike. Either way the state is the usual run's. Once per capture: a few copies of the
-        state and one host read."""
+        state alike. Either way the state is the usual run's. Once per capture; the copies of the
+        state go to host memory (a GPU near full could not hold two more), and the host reads
+        wait for the device."""
         tensors = self.state.step_tensors()
-        before, rng = [t.detach().clone() for t in tensors], self.cuda.rng_state()
+        before, rng = _host_copies(tensors), self.cuda.rng_state()  # SYNC (once)
         self._replay(*batch)
-        replayed = [t.detach().clone() for t in tensors]
+        replayed = _host_copies(tensors)  # SYNC (once)
         with torch.no_grad():  # the weights are leaves that require grad
-            torch._foreach_copy_(tensors, before)
+            for tensor, saved in zip(tensors, before, strict=True):
+                tensor.copy_(saved)  # host to device
         self.cuda.set_rng_state(rng)
         self.body(*batch)
-        difference = _largest_relative_change_difference(before, replayed, tensors)  # SYNC (once)
+        difference = _largest_relative_change_difference(before, replayed, _host_copies(tensors))  # SYNC (once)
         self.checked = True
         if difference > CHECK_RTOL:
             self._give_up(RuntimeError(f"its first replay differs from the step by {difference:.2g} (relative)"))
@@ -382,6 +384,10 @@ class _CapturedStep:
 
     def reset(self) -> None:
         self.graph, self.inputs, self.warm, self.checked = None, (), 0, False
+
+
+def _host_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.detach().to("cpu", copy=True) for t in tensors]
 
 
 def _largest_relative_change_difference(
