@@ -94,7 +94,17 @@ class TestTrainedJob:
             points = list(c.metrics(trained.job["id"], page_size=1))
             assert [p["step"] for p in points] == [10, 20, 30]
             assert points == list(c.metrics(trained.job["id"]))
-        assert set(points[0]) == {"step", "loss", "lr", "images_per_s", "loss_by_t", "created_at"}
+        assert set(points[0]) == {
+            "step",
+            "loss",
+            "lr",
+            "images_per_s",
+            "loss_by_t",
+            "mfu",
+            "peak_memory_bytes",
+            "created_at",
+        }
+        assert (points[0]["mfu"], points[0]["peak_memory_bytes"]) == (None, None)  # a CPU worker measures neither
         assert points[-1]["loss"] == pytest.approx(trained.job["loss"])
 
     def test_checkpoints(self, api: RunningApi, trained: TrainedJob) -> None:
