@@ -124,4 +124,4 @@ def test_the_sections_run_at_tiny_sizes_on_the_cpu(tmp_path: Path) -> None:
     assert runs["off resumed"]["steps"] == [3, 4] and all(math.isfinite(v) for v in runs["auto"]["losses"])
     assert sections["small"]["params"] == 3_990_017  # the 4.0M-parameter U-Net
     assert set(sections["ddpm-cifar10"]["images_per_s"]) == {"ddpm-jobs auto", "diffusers fp32"}
-    assert sections["ddp"]["overhead"] < 1 and len(sections["ddp"]["rank_runs"]) == 1
+    assert sections["ddp"]["overhead"] < 1 and len(sections["ddp"]["rank_runs"]["1 DDP rank (off)"]) == 1
