@@ -387,7 +387,10 @@ def cifar_case(dev: torch.device, plan: Plan, report: Report, note: Note) -> dic
     ratios = {name: rounds.ratio("ddpm-jobs auto", name) for name in contenders if name != "ddpm-jobs auto"}
     for name, ratio in ratios.items():
         print(f"   ratio ddpm-jobs auto / {name}: {ratio:.2f}", flush=True)
+    steps_per_s = medians["ddpm-jobs auto"] / plan.cifar_batch  # capacity input: metric points/s = this / log_every
+    print(f"   steps/s {steps_per_s:.1f} -> metric points/s at log_every=10: {steps_per_s / 10:.2f}", flush=True)
     return {
+        "steps_per_s": steps_per_s,
         "batch": plan.cifar_batch,
         "steps": n,
         "first_run": first,
