@@ -1,12 +1,10 @@
 """python -m bench [train|service|api|capacity|ddp|upload|prepare_images|stream|recipes|gpu] [--short]: one
-benchmark, or all but gpu in turn."""
+benchmark, or all but gpu in turn. On a lent GPU: python -m bench gpu --quick (5 minutes)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
-from pathlib import Path
 
 BENCHMARKS = ("train", "service", "api", "capacity", "ddp", "upload", "prepare_images", "stream", "recipes")
 GPU_ONLY = ("gpu",)  # the lent-GPU checks (bench/gpu.py): only when asked for
@@ -20,8 +18,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="train/service/recipes: torch threads (1 on CPU)")
     parser.add_argument("--api-key", default=None, help="api: Bearer key (default: $DDPM_API_KEY, else a new one)")
     parser.add_argument(
-        "--json", default=None, help="gpu, recipes: also write the results to this file (recipes: after every run)"
+        "--json",
+        default=None,
+        help="gpu, recipes: write the results to this file as they come (gpu: default bench-gpu.json)",
     )
+    parser.add_argument("--quick", action="store_true", help="gpu: the 5-minute check (a 270 s budget)")
+    parser.add_argument("--budget", type=float, default=None, help="gpu: seconds after which no section starts")
     parser.add_argument("--steps", type=int, default=None, help="recipes: training steps per run (default 400)")
     parser.add_argument("--samples", type=int, default=None, help="recipes: images drawn per FID (default 1000)")
     parser.add_argument("--seeds", type=int, default=1, help="recipes: seeds 0..N-1 per recipe, figures averaged")
@@ -51,10 +53,11 @@ def main(argv: list[str] | None = None) -> None:
             )
         elif name in ("capacity", "ddp", "upload", "prepare_images"):
             module.run(short=args.short)
+        elif name == "gpu":
+            json_path = args.json or module.DEFAULT_JSON
+            module.run(args.short, args.device, quick=args.quick, json_path=json_path, budget_s=args.budget)
         else:
-            results = module.run(short=args.short, device=args.device, threads=args.threads)
-            if args.json and name == "gpu":
-                Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+            module.run(short=args.short, device=args.device, threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -47,14 +47,16 @@ class Rounds:
 
     samples: dict[str, list[float]] = field(default_factory=dict)
 
-    def run(self, rounds: int, contenders: dict[str, Callable[[], float]]) -> Rounds:
+    def run(self, rounds: int, contenders: dict[str, Callable[[], float]], first: int = 0) -> Rounds:
+        """Rounds `first` .. `first + rounds - 1` (a caller that decides round by round whether
+        another fits passes its round's index, so that the order still rotates)."""
         names = list(contenders)
-        for i in range(rounds):
+        for i in range(first, first + rounds):
             shift = i % len(names)
             for name in names[shift:] + names[:shift]:
                 value = contenders[name]()
                 self.samples.setdefault(name, []).append(value)
-                print(f"     round {i + 1}/{rounds} {name}: {value:.4g}", flush=True)
+                print(f"     round {i + 1}/{first + rounds} {name}: {value:.4g}", flush=True)
         return self
 
     def median(self, name: str) -> float:

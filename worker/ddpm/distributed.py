@@ -46,6 +46,11 @@ class Ranks:
         return global_batch[self.rank * size : (self.rank + 1) * size]
 
 
+# DistributedDataParallel's options for the U-Net (bench/ddp.py measures them; BENCHMARKS.md).
+# gradient_as_bucket_view: the gradients live in the reducer's buckets, no copy into them.
+DDP_OPTIONS: dict[str, Any] = {"gradient_as_bucket_view": True}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

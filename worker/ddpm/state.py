@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from app.model_shape import shape_differences
 from app.spec import JobSpec
 from worker.ddpm.checkpoint import TrainingState, load_state, state_path_for
-from worker.ddpm.distributed import Ranks, sum_over_ranks
+from worker.ddpm.distributed import DDP_OPTIONS, Ranks, sum_over_ranks
 from worker.ddpm.model import build_unet
 from worker.ddpm.sink import LOSS_BUCKETS
 
@@ -264,7 +264,7 @@ class LiveState:
             torch.manual_seed(derive_seed(cfg.seed, f"rank-{ranks.rank}-from-{state.start_step}"))
         if distributed:
             # DDP broadcasts rank 0's weights at construction and averages gradients in backward.
-            state.model = DistributedDataParallel(unet, gradient_as_bucket_view=True)
+            state.model = DistributedDataParallel(unet, **DDP_OPTIONS)
         return state
 
     def step_tensors(self) -> list[torch.Tensor]:
