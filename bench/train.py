@@ -27,7 +27,7 @@ from app.spec import JobSpec
 from bench.common import Rounds, default_threads, machine, torch_threads
 from worker.ddpm.data import load_images
 from worker.ddpm.model import build_unet, count_parameters, unet_config
-from worker.ddpm.sink import MetricPoint, SavedCheckpoint
+from worker.ddpm.sink import MetricPoint, SavedCheckpoint, TrainingEvent
 from worker.ddpm.trainer import resolve_device, train
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name substring.
@@ -83,6 +83,9 @@ class _Stopwatch:
 
     def on_checkpoint(self, saved: SavedCheckpoint) -> None:
         pass
+
+    def on_event(self, event: TrainingEvent) -> None:
+        print(f"   event: {event.message}")  # a fallback (compile, CUDA graph) changes what is timed
 
 
 def ours(case: Case, dev: torch.device) -> float:
