@@ -173,12 +173,7 @@ class DdpmClient:
         params: dict[str, Any] = {"limit": limit}
         if status:
             params["status"] = status
-        while True:
-            page = self._request("GET", "/v1/jobs", params=params).json()
-            yield from page["items"]
-            if not page.get("next_cursor"):
-                return
-            params["cursor"] = page["next_cursor"]
+        yield from self._pages("/v1/jobs", params)
 
     def get(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{job_id}").json()
@@ -204,13 +199,7 @@ class DdpmClient:
 
     def metrics(self, job_id: str, page_size: int = 1000) -> Iterator[dict[str, Any]]:
         """The loss history in step order, every page."""
-        params: dict[str, Any] = {"limit": page_size}
-        while True:
-            page = self._request("GET", f"/v1/jobs/{job_id}/metrics", params=params).json()
-            yield from page["items"]
-            if page.get("next_after_step") is None:
-                return
-            params["after_step"] = page["next_after_step"]
+        yield from self._pages(f"/v1/jobs/{job_id}/metrics", {"limit": page_size}, "after_step", "next_after_step")
 
     def evaluations(self, job_id: str, page_size: int = 1000) -> Iterator[dict[str, Any]]:
         """FID and KID measured during training, in step order, every page: `{"step", "fid",
@@ -228,13 +217,7 @@ class DdpmClient:
     def training_events(self, job_id: str, page_size: int = 100) -> Iterator[dict[str, Any]]:
         """What happened to the job's runs, oldest first, every page: `{"id", "attempt", "step",
         "kind", "message", "detail", "created_at"}` (kind: oom_halved, compile_failed, graphs_failed)."""
-        params: dict[str, Any] = {"limit": page_size}
-        while True:
-            page = self._request("GET", f"/v1/jobs/{job_id}/training-events", params=params).json()
-            yield from page["items"]
-            if page.get("next_after_id") is None:
-                return
-            params["after_id"] = page["next_after_id"]
+        yield from self._pages(f"/v1/jobs/{job_id}/training-events", {"limit": page_size}, "after_id", "next_after_id")
 
     def logs(self, job_id: str, attempt: int | None = None, page_size: int = 1000) -> Iterator[dict[str, Any]]:
         """The worker's log lines for the job (one attempt's, or every attempt's in order), every
@@ -242,12 +225,7 @@ class DdpmClient:
         params: dict[str, Any] = {"limit": page_size}
         if attempt is not None:
             params["attempt"] = attempt
-        while True:
-            page = self._request("GET", f"/v1/jobs/{job_id}/logs", params=params).json()
-            yield from page["items"]
-            if not page.get("next_cursor"):
-                return
-            params["cursor"] = page["next_cursor"]
+        yield from self._pages(f"/v1/jobs/{job_id}/logs", params)
 
     # --- samples ------------------------------------------------------------------------------
     def samples(self, job_id: str) -> list[dict[str, Any]]:
@@ -423,12 +401,7 @@ class DdpmClient:
         params: dict[str, Any] = {"limit": limit}
         if status:
             params["status"] = status
-        while True:
-            page = self._request("GET", "/v1/datasets", params=params).json()
-            yield from page["items"]
-            if not page.get("next_cursor"):
-                return
-            params["cursor"] = page["next_cursor"]
+        yield from self._pages("/v1/datasets", params)
 
     def get_dataset(self, dataset_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/datasets/{dataset_id}").json()
@@ -456,13 +429,17 @@ class DdpmClient:
         """The endpoint's deliveries, newest first, each with its tries."""
         yield from self._pages(f"/v1/webhooks/{webhook_id}/deliveries", {"limit": limit})
 
-    def _pages(self, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _pages(
+        self, path: str, params: dict[str, Any], cursor: str = "cursor", next_key: str = "next_cursor"
+    ) -> Iterator[dict[str, Any]]:
+        """Every item of a paged list: each page's `next_key` is the next request's `cursor`
+        parameter; a page without one (null, or empty) is the last."""
         while True:
             page = self._request("GET", path, params=params).json()
             yield from page["items"]
-            if not page.get("next_cursor"):
+            if page.get(next_key) in (None, ""):
                 return
-            params = {**params, "cursor": page["next_cursor"]}
+            params = {**params, cursor: page[next_key]}
 
     def wait_for_dataset(
         self,
