@@ -432,10 +432,12 @@ def run(short: bool = False) -> dict[str, Any]:
         client.post(f"/v1/jobs/{job_id}/cancel").raise_for_status()
         wait_status(client, job_id, {"cancelled", "failed", "succeeded"}, timeout=60, poll_s=0.2)
 
-        # 3. The worker idle.
-        time.sleep(settle_s)
-        print(f"-- worker idle, {rounds} x {window_s:.0f} s windows")
-        idle_windows = [meter.measure("worker idle", window_s) for _ in range(rounds)]
+        # 3. The worker idle, in windows as long as the training ones, once the attempt's end
+        # (its status, log lines, webhook records, the next turn) is written: on a loaded machine
+        # that takes seconds, and counted as idle it would be subtracted from training.
+        time.sleep(max(settle_s, 6.0))
+        print(f"-- worker idle, {rounds} x {window_s * 1.5:.0f} s windows")
+        idle_windows = [meter.measure("worker idle", window_s * 1.5) for _ in range(rounds)]
 
         with psycopg.connect(_plain(url), autocommit=True) as conn:
             sizes = conn.execute(
