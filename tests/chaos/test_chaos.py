@@ -248,6 +248,9 @@ def test_kill_in_the_middle_of_a_checkpoint_write(
     job_id = submit(api, body)
     log = tmp_path / "worker.log"
     job_dir = clean_db.checkpoint_root / job_id / "attempt-1"
+    # A lease of 15 s, not 4: writing ~570 MB stalled the heartbeat past 4 s once in CI, and a
+    # second attempt wrote where this test does not look.
+    chaos_env = chaos_env | {"DDPM_LEASE_TIMEOUT_S": "15"}
     with process(worker_argv(), chaos_env, log) as worker:
         wait_until(api, job_id, lambda j: last_checkpoint_step(api, job_id) >= 2, 300, [log])
         deadline = time.monotonic() + 300

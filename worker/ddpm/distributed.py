@@ -75,6 +75,9 @@ def process_group(ranks: Ranks, device_type: str, init_method: str, timeout_s: f
     )
     try:
         yield
+        # Leave together: a rank that tore its group down while another was still finishing its
+        # last collective made that one abort (gloo, once in CI). Not after an error: a peer may be gone.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
