@@ -4,11 +4,16 @@ with batch B, so their loss curve matches the single-process one to float roundi
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from app.spec import JobSpec
 from worker.ddpm.checkpoint import load_state
@@ -118,3 +123,32 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path: Path, spec:
     # Bit for bit, loss_by_t included: same shards, same reduction order, and the window of step
     # 25 (steps 21-25) carried over the resume at 22 by rank 0's checkpoint.
     assert resumed["points"] == whole["points"][4:]
+
+
+def test_the_group_is_destroyed_only_after_the_ddp_modules_left_in_reference_cycles_are_freed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """train() leaves the job's DDP module (whose reducer holds the group) in reference cycles.
+    Left to the interpreter's exit, the group's teardown aborted a gloo rank now and then
+    (SIGABRT), so leaving the group frees such modules before it destroys the group."""
+    alive_at_destroy: list[bool] = []
+    destroy = dist.destroy_process_group
+
+    def destroy_and_record() -> None:
+        alive_at_destroy.append(module() is not None)
+        destroy()
+
+    monkeypatch.setattr(dist, "destroy_process_group", destroy_and_record)
+    threads = torch.get_num_threads()
+    gc.disable()  # no automatic collection may free the cycle by chance
+    try:
+        with process_group(Ranks(), "cpu", f"tcp://127.0.0.1:{free_port()}", timeout_s=60):
+            cycle: list[Any] = [DistributedDataParallel(torch.nn.Linear(2, 2))]
+            cycle.append(cycle)
+            module = weakref.ref(cycle[0])
+            del cycle
+            assert module() is not None, "only a collection frees a cycle"
+    finally:
+        gc.enable()
+        torch.set_num_threads(threads)
+    assert alive_at_destroy == [False]
